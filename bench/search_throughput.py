@@ -1,0 +1,60 @@
+"""Trials per hour and Ray overhead at concurrency 1 and 2 (cifar_resnet20 on cifar10-5k).
+
+overhead = 1 - (sum of trial compute time) / (span x concurrency), where a trial's compute
+time is the wall_s it reports (from entering the trainable to its last report) and the span
+runs from the first trial's start to the last trial's end (Ray start-up and preparing the
+experiment excluded; they are reported separately as "setup s").
+
+    python bench/search_throughput.py [--quick] [--data npz:PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import DEFAULT_DATA, base_checkpoint  # noqa: E402
+
+from widthsearch.config import SearchConfig  # noqa: E402
+from widthsearch.search import run_search  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--data", default=f"npz:{DEFAULT_DATA}")
+    parser.add_argument("--model", default="cifar_resnet20")
+    args = parser.parse_args()
+    trials, steps, epochs = (6, 20, 3) if args.quick else (16, 100, 15)
+    ckpt, info = base_checkpoint(args.model, args.data, epochs)
+    print(f"base {args.model}: test acc {info['test_acc']:.4f}, trained in {info['train_s']:.0f}s")
+    rows = []
+    with tempfile.TemporaryDirectory() as storage:
+        for concurrency in (1, 2):
+            cfg = SearchConfig(name=f"throughput-c{concurrency}", storage=storage, model=args.model,
+                               checkpoint=str(ckpt), data=args.data, searcher="random", budget=0.5,
+                               num_samples=trials, concurrency=concurrency, finetune_steps=steps,
+                               cpus_per_trial=1)
+            start = time.time()
+            _, table = run_search(cfg, progress=False)
+            total = time.time() - start
+            began = min(table.column("started_at").to_pylist())
+            ended = max(table.column("finished_at").to_pylist())
+            span = (ended - began).total_seconds()
+            compute = sum(table.column("wall_s").to_pylist())
+            rows.append((concurrency, table.num_rows, total - span, span, compute, 3600 * table.num_rows / span,
+                         1 - compute / (span * concurrency)))
+    print(f"\n{trials} trials of {steps} fine-tune steps each, {args.model}, data {args.data}\n")
+    print("| concurrency | trials | setup s | span s | summed trial s | trials/hour | Ray overhead |")
+    print("|---|---|---|---|---|---|---|")
+    for c, n, setup, span, compute, per_hour, overhead in rows:
+        print(f"| {c} | {n} | {setup:.1f} | {span:.1f} | {compute:.1f} | {per_hour:.0f} | {overhead:.1%} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""WidthSearcher: the Ray Tune Searcher every width-search algorithm derives from.
+
+A searcher proposes *width profiles* of a :class:`~widthsearch.space.WidthSpace` as Tune
+configs ``{"widths": [int, ...] (group order), "payload": JSON text or None}``.
+
+Two modes:
+
+* **target-budget mode** (``budget`` in (0, 1]): every suggested profile costs at most
+  ``budget`` times the dense model's FLOPs. The base class checks each proposal with the
+  :class:`~widthsearch.cost.CostModel` before handing it to Tune and repairs (with
+  :func:`project_to_budget`) any proposal a subclass got wrong, so no infeasible profile is
+  ever trained.
+* **Pareto mode** (``budget=None``): any in-bounds profile; the searcher trades the metric
+  against the FLOPs ratio (read from the result's ``"flops_ratio"``, else computed).
+
+Subclasses set ``name`` and ``OPTIONS`` (accepted extra options and their defaults) and
+implement ``_propose`` (and optionally ``_observe``). ``save``/``restore`` pickle the
+searcher's own state (never the space, the cost model or the model).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pickle
+import tempfile
+from typing import Any, ClassVar, Mapping
+
+import numpy as np
+from ray.tune.search import Searcher
+from torch import nn
+
+from widthsearch.cost import CostModel
+from widthsearch.errors import ConfigError, WidthSearchError
+from widthsearch.importance import CRITERIA
+from widthsearch.space import WidthSpace
+
+logger = logging.getLogger(__name__)
+
+FLOPS_KEY = "flops_ratio"  # result key read in Pareto mode (computed from the widths when absent)
+_TRANSIENT = ("_space", "_cost", "_model")  # never pickled by save()
+
+# A proposal: widths in group order and an optional JSON-able payload.
+Proposal = tuple[np.ndarray, Any]
+
+
+# ----------------------------------------------------------------------------- projection
+def _widths_at(scales: np.ndarray, ratios: np.ndarray, full: np.ndarray, low: np.ndarray,
+               divisor: np.ndarray) -> np.ndarray:
+    """Vectorised ChannelGroup.round(s * ratio * W): rows = scales x profiles, int64."""
+    channels = scales[..., None] * ratios * full
+    rounded = np.rint(channels / divisor) * divisor
+    widths = np.where(channels >= full, full, np.clip(rounded, low, full))
+    return widths.astype(np.int64)
+
+
+def project_to_budget(space: WidthSpace, cost: CostModel, ratios: np.ndarray, target: float,
+                      *, iterations: int = 6, grid: int = 33) -> np.ndarray:
+    """Scale keep-ratio direction(s) onto a FLOPs budget.
+
+    ``widths(s) = clip(round(s * ratios * W to multiples of the divisor), min, W)``; returns
+    the widths at the largest ``s`` whose FLOPs ratio is <= ``target`` (int64; one row per
+    row of ``ratios`` when it is 2-D). The search is a vectorised bisection: each round
+    evaluates ``grid`` scales per row in one ``cost.flops_many`` call and keeps the bracket
+    around the feasibility boundary (FLOPs grow monotonically with ``s``). A direction that
+    fits entirely gives the full widths; one that cannot meet the target (even at ``s = 0``)
+    falls back to the minimal widths.
+    """
+    return project_with_scale(space, cost, ratios, target, iterations=iterations, grid=grid)[0]
+
+
+def project_with_scale(space: WidthSpace, cost: CostModel, ratios: np.ndarray, target: float,
+                       *, iterations: int = 6, grid: int = 33) -> tuple[np.ndarray, np.ndarray | float]:
+    """`project_to_budget` that also returns the scale(s) ``s`` found."""
+    ratios = np.asarray(ratios, dtype=np.float64)
+    single = ratios.ndim == 1
+    r = np.atleast_2d(ratios)
+    if r.shape[1] != len(space):
+        raise WidthSearchError(f"expected {len(space)} ratios per profile, got {r.shape[1]}")
+    if not np.all(np.isfinite(r)) or np.any(r < 0):
+        raise WidthSearchError("keep ratios must be finite and non-negative")
+    full = space.widths.astype(np.float64)
+    low = space.min_widths.astype(np.float64)
+    div = np.array([g.divisor for g in space.groups], dtype=np.float64)
+    limit = float(target) * cost.base_flops
+    n = len(r)
+
+    def feasible(widths: np.ndarray) -> np.ndarray:
+        return cost.flops_many(widths.reshape(-1, len(space))).reshape(widths.shape[:-1]) <= limit
+
+    # Scale at which every group with a positive ratio reaches its full width.
+    positive = np.where(r > 0, r, np.inf)
+    hi = np.where(np.isfinite(positive.min(axis=1)), 1.0 / positive.min(axis=1), 0.0) * 1.000001 + 1e-12
+    lo = np.zeros(n)
+    steps = np.linspace(0.0, 1.0, grid)
+    for _ in range(iterations):
+        scales = lo[:, None] + (hi - lo)[:, None] * steps  # (n, grid)
+        ok = feasible(np.stack([_widths_at(scales[:, k], r, full, low, div) for k in range(grid)], axis=1))
+        # Largest feasible grid index per row (-1 when none is feasible, not even s = lo).
+        last = np.where(ok.any(axis=1), grid - 1 - np.argmax(ok[:, ::-1], axis=1), -1)
+        new_lo = np.where(last >= 0, scales[np.arange(n), np.maximum(last, 0)], lo)
+        nxt = np.minimum(last + 1, grid - 1)
+        new_hi = np.where(last < grid - 1, scales[np.arange(n), nxt], hi)
+        lo, hi = new_lo, new_hi
+    widths = _widths_at(lo, r, full, low, div)
+    # Rows infeasible even at s = lo (only possible when the target is below the minimal
+    # profile's cost): fall back to the minimal widths.
+    bad = ~feasible(widths)
+    widths[bad] = space.min_widths
+    lo = np.where(bad, 0.0, lo)
+    return (widths[0], float(lo[0])) if single else (widths, lo)
+
+
+# ----------------------------------------------------------------------------- base class
+class WidthSearcher(Searcher):
+    """Base: proposes width profiles within a FLOPs budget checked with the CostModel before suggesting."""
+
+    name: ClassVar[str] = ""
+    OPTIONS: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, space: WidthSpace, cost: CostModel, *, budget: float | None = 0.5,
+                 metric: str = "score", mode: str = "max", seed: int = 0, model: nn.Module | None = None,
+                 criterion: str = "l1", **options: Any):
+        label = self.name or type(self).__name__
+        unknown = [k for k in options if k not in self.OPTIONS]
+        if unknown:
+            accepted = ", ".join(sorted(self.OPTIONS)) or "none"
+            raise ConfigError(f"unknown option {unknown[0]!r} for searcher {label!r}; accepted options: {accepted}")
+        if not isinstance(metric, str) or not metric:
+            raise ConfigError(f"metric must be a non-empty string, got {metric!r}")
+        if mode not in ("min", "max"):
+            raise ConfigError(f"mode must be 'min' or 'max', got {mode!r}")
+        if criterion not in CRITERIA:
+            raise ConfigError(f"unknown importance criterion {criterion!r}; expected one of: "
+                              f"{', '.join(sorted(CRITERIA))}")
+        if cost.space is not space and cost.space.names != space.names:
+            raise ConfigError("the cost model was built for a different width space")
+        super().__init__(metric=metric, mode=mode)
+        self._space = space
+        self._cost = cost
+        self._model = model
+        self.budget = None if budget is None else self._check_budget(budget)
+        self.seed = int(seed)
+        self.criterion = criterion
+        self.options: dict[str, Any] = {**self.OPTIONS, **options}
+        self._live: dict[str, np.ndarray] = {}        # trial_id -> widths suggested, not yet complete
+        self._seen: set[tuple[int, ...]] = set()       # every profile suggested
+        self.history: list[dict[str, Any]] = []       # completed trials: widths, value, flops_ratio, error
+        self._finished = False
+        self._signature = (self.name, tuple(space.names), tuple(int(w) for w in space.widths), self.budget)
+
+    # -- properties -------------------------------------------------------------------
+    @property
+    def space(self) -> WidthSpace:
+        return self._space
+
+    @property
+    def cost(self) -> CostModel:
+        return self._cost
+
+    @property
+    def model(self) -> nn.Module | None:
+        return self._model
+
+    @property
+    def pareto(self) -> bool:
+        """True in Pareto mode (no budget)."""
+        return self.budget is None
+
+    @property
+    def min_ratios(self) -> np.ndarray:
+        """Per-group smallest keep ratio (min_width / width)."""
+        return self._space.min_widths / self._space.widths
+
+    @property
+    def min_flops_ratio(self) -> float:
+        """FLOPs ratio of the smallest profile."""
+        return self._cost.flops(self._space.minimal()) / self._cost.base_flops
+
+    def _check_budget(self, budget: float) -> float:
+        try:
+            budget = float(budget)
+        except (TypeError, ValueError):
+            raise ConfigError(f"budget must be a number in (0, 1] or None, got {budget!r}") from None
+        if not 0.0 < budget <= 1.0 or math.isnan(budget):
+            raise ConfigError(f"budget must be in (0, 1], got {budget!r}")
+        smallest = self.min_flops_ratio
+        if smallest > budget:
+            raise ConfigError(f"budget {budget:g} is unreachable: the smallest profile of this model has "
+                              f"FLOPs ratio {smallest:.4g}")
+        return budget
+
+    def flops_ratio(self, widths) -> float:
+        """FLOPs ratio of a width vector (validated)."""
+        return self._cost.flops(self._space.from_vector(widths)) / self._cost.base_flops
+
+    def project(self, ratios: np.ndarray, target: float | None = None) -> np.ndarray:
+        """project_to_budget on this searcher's space and cost (default target: the budget)."""
+        return project_to_budget(self._space, self._cost, ratios, self.budget if target is None else target)
+
+    # -- Tune API ---------------------------------------------------------------------
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec) -> bool:
+        """Adopt Tune's metric/mode; refuse configs with their own search variables."""
+        from ray.tune.search.variant_generator import parse_spec_vars
+
+        if config:
+            _, domains, grids = parse_spec_vars(config)
+            if domains or grids:
+                return False
+        if mode is not None and mode not in ("min", "max"):
+            return False
+        if metric:
+            self._metric = metric
+        if mode:
+            self._mode = mode
+        return True
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if self._finished:
+            return Searcher.FINISHED
+        proposal = self._propose(trial_id)
+        if proposal is None:
+            return None
+        if isinstance(proposal, str) and proposal == Searcher.FINISHED:
+            self._finished = True
+            return Searcher.FINISHED
+        widths, payload = proposal
+        widths = self._checked(np.asarray(widths))
+        self._live[trial_id] = widths
+        self._seen.add(tuple(int(w) for w in widths))
+        return {"widths": [int(w) for w in widths],
+                "payload": None if payload is None else json.dumps(payload, sort_keys=True)}
+
+    def _checked(self, widths: np.ndarray) -> np.ndarray:
+        """Validate bounds and, in budget mode, the FLOPs budget (repairing if needed)."""
+        vector = self._space.vector(self._space.from_vector(widths))
+        if self.budget is not None and self.flops_ratio(vector) > self.budget:
+            logger.warning("searcher %r proposed a profile over budget %g; projecting it onto the budget",
+                           self.name, self.budget)
+            vector = self.project(vector / self._space.widths)
+            if self.flops_ratio(vector) > self.budget:  # pragma: no cover - defensive
+                vector = self._space.min_widths.copy()
+        return vector
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        widths = self._live.pop(trial_id, None)
+        if widths is None:
+            logger.warning("searcher %r: completion of unknown trial %r ignored", self.name, trial_id)
+            return
+        value = self._metric_value(result)
+        flops = self._flops_value(result, widths)
+        self.history.append({"trial_id": trial_id, "widths": [int(w) for w in widths], "value": value,
+                             "flops_ratio": flops, "error": bool(error)})
+        self._observe(trial_id, widths, result, error, value, flops)
+
+    def _metric_value(self, result: Mapping | None) -> float | None:
+        if not result or self.metric not in result:
+            return None
+        try:
+            value = float(result[self.metric])
+        except (TypeError, ValueError):
+            return None
+        return value if math.isfinite(value) else None
+
+    def _flops_value(self, result: Mapping | None, widths: np.ndarray) -> float:
+        if result and FLOPS_KEY in result:
+            try:
+                value = float(result[FLOPS_KEY])
+                if math.isfinite(value):
+                    return value
+            except (TypeError, ValueError):
+                pass
+        return self.flops_ratio(widths)
+
+    # -- subclass hooks -----------------------------------------------------------------
+    def _propose(self, trial_id: str) -> Proposal | str | None:
+        """(widths, payload), None to wait, or Searcher.FINISHED."""
+        raise NotImplementedError
+
+    def _observe(self, trial_id: str, widths: np.ndarray, result: dict | None, error: bool,
+                 value: float | None, flops_ratio: float) -> None:
+        """React to a completed trial (default: nothing beyond the history)."""
+
+    # -- checkpointing --------------------------------------------------------------------
+    def get_state(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in _TRANSIENT}
+
+    def set_state(self, state: dict) -> None:
+        signature = state.get("_signature")
+        if signature != self._signature:
+            name, groups, _, budget = signature if signature else ("?", (), None, "?")
+            raise WidthSearchError(
+                f"searcher checkpoint does not match: it was written by searcher {name!r} for {len(groups)} "
+                f"groups with budget {budget}; this is searcher {self.name!r} for {len(self._space)} groups "
+                f"with budget {self.budget}")
+        self.__dict__.update({k: v for k, v in state.items() if k not in _TRANSIENT})
+
+    def save(self, checkpoint_path: str) -> None:
+        """Pickle the searcher's own state (atomically)."""
+        directory = os.path.dirname(os.path.abspath(checkpoint_path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".searcher-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                pickle.dump(self.get_state(), f)
+            os.replace(tmp, checkpoint_path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Load a state written by ``save`` from a searcher of the same name, space and budget."""
+        try:
+            with open(checkpoint_path, "rb") as f:
+                state = pickle.load(f)
+        except (OSError, pickle.UnpicklingError, EOFError) as exc:
+            raise WidthSearchError(f"cannot read searcher checkpoint {checkpoint_path}: {exc}") from exc
+        if not isinstance(state, dict):
+            raise WidthSearchError(f"{checkpoint_path} is not a searcher checkpoint")
+        self.set_state(state)

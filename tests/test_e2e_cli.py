@@ -1,0 +1,150 @@
+"""End to end through the real CLI (subprocesses, real Ray Tune trials) on digits, CI-sized."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "widthsearch.cli"]
+FAST = ["--finetune-steps", "10", "--bn-batches", "5", "--concurrency", "2", "--quiet"]
+
+
+def cli(*args: str, ok: bool = True, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(CLI + list(args), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    if ok and proc.returncode != 0:
+        raise AssertionError(f"widthsearch {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def rows(exp_dir: Path):
+    return ds.dataset(exp_dir / "widthsearch" / "rows", format="parquet").to_table().to_pylist()
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("base") / "small_cnn.pt"
+    out = cli("train-base", "--model", "small_cnn", "--data", "digits", "--epochs", "4", "--out", str(path))
+    assert "val accuracy" in out.stdout and path.is_file()
+    return path
+
+
+def test_search_results_retrain_export(base_ckpt, tmp_path):
+    out = cli("search", "--name", "e2e", "--storage", str(tmp_path), "--checkpoint", str(base_ckpt),
+              "--searcher", "optuna", "--budget", "0.5", "--num-samples", "4", *FAST)
+    assert "next: widthsearch retrain e2e" in out.stdout
+    table = rows(tmp_path / "e2e")  # plain Parquet, read without widthsearch
+    assert len(table) == 4 and len({r["trial_id"] for r in table}) == 4
+    assert all(r["status"] == "ok" and r["flops_ratio"] <= 0.5 and len(r["widths"]) == 3 for r in table)
+    assert all(0 <= r["val_acc"] <= 1 and r["finetune_steps"] == 10 for r in table)
+
+    listed = json.loads(cli("results", "e2e", "--storage", str(tmp_path), "--format", "json").stdout)
+    assert len(listed) == 4 and listed[0]["score"] == max(r["score"] for r in table)
+    front = json.loads(cli("results", "e2e", "--storage", str(tmp_path), "--pareto", "--format", "json").stdout)
+    assert 1 <= len(front) <= 4
+
+    export_dir = tmp_path / "export"
+    summary = json.loads(cli("retrain", "e2e", "--storage", str(tmp_path), "--best", "--epochs", "2",
+                             "--out", str(export_dir), "--quiet").stdout)
+    assert summary["flops_ratio"] <= 0.5 and 0 < summary["test_acc"] <= 1
+    assert summary["trial_id"] == listed[0]["trial_id"]
+    for name in ("weights.pt", "profile.json", "model.json", "metrics.json", "model.torchscript.pt", "latency.json"):
+        assert (export_dir / name).is_file(), name
+
+    from widthsearch import load_data
+    from widthsearch.export import load_exported
+
+    model = load_exported(export_dir)
+    scripted = torch.jit.load(str(export_dir / "model.torchscript.pt"))
+    x = load_data("digits").normalize(load_data("digits").test.x[:32])
+    with torch.no_grad():
+        assert torch.allclose(model(x), scripted(x), atol=1e-5)
+    assert json.loads((export_dir / "profile.json").read_text()) == dict(
+        zip(json.loads((tmp_path / "e2e" / "widthsearch" / "experiment.json").read_text())["groups"],
+            listed[0]["widths"]))
+
+    again = cli("retrain", "e2e", "--storage", str(tmp_path), "--best", "--epochs", "2", "--out", str(export_dir),
+                ok=False)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_crashing_trial_is_recorded_and_the_search_goes_on(tmp_path):
+    from searchers import make_searcher
+    from widthsearch import CostModel, build_space, load_data, load_model
+
+    data = load_data("digits")
+    model = load_model("tests.fixtures.faulty_model:make", data.num_classes)
+    space = build_space(model, data.example_input)
+    searcher = make_searcher("uniform", space, CostModel(space), budget=None, points=3)
+    widths = [searcher.suggest(f"t{i}")["widths"] for i in range(3)]
+    fault = widths[1][0]  # the first conv's width in the second proposal: only that trial crashes
+    assert fault not in (widths[0][0], widths[2][0], space.groups[0].width)
+
+    out = cli("search", "--name", "faulty", "--storage", str(tmp_path), "--model", "tests.fixtures.faulty_model:make",
+              "--searcher", "uniform", "--pareto", "--option", "points=3", "--num-samples", "3", "--base-epochs", "1",
+              "--max-failures", "1", *FAST, env={"WIDTHSEARCH_TEST_FAULT_WIDTH": str(fault)})
+    table = rows(tmp_path / "faulty")
+    assert sorted(r["status"] for r in table) == ["error", "ok", "ok"]
+    bad = next(r for r in table if r["status"] == "error")
+    assert f"injected fault at width {fault}" in bad["error"] and bad["widths"][0] == fault
+    assert "3 trials (2 ok)" in out.stdout
+
+
+def test_killed_driver_resumes_without_duplicates(base_ckpt, tmp_path):
+    args = ["search", "--name", "killed", "--storage", str(tmp_path), "--checkpoint", str(base_ckpt),
+            "--searcher", "random", "--num-samples", "6", "--finetune-steps", "40", "--bn-batches", "5",
+            "--concurrency", "1", "--quiet"]
+    driver = subprocess.Popen(CLI + args, cwd=ROOT, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows_dir = tmp_path / "killed" / "widthsearch" / "rows"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(rows_dir.glob("*.parquet"))) < 2:
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    driver.wait()
+    before = {p.name: p.read_bytes() for p in rows_dir.glob("*.parquet")}
+    assert 2 <= len(before) < 6, "the driver should have been killed mid-search"
+
+    cli("search", "--resume", "--name", "killed", "--storage", str(tmp_path), "--quiet")
+    table = rows(tmp_path / "killed")
+    ids = [r["trial_id"] for r in table]
+    assert len(ids) == 6 and len(set(ids)) == 6
+    assert all(r["status"] == "ok" for r in table)
+    assert set(before) <= {p.name for p in rows_dir.glob("*.parquet")}
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--searcher", "nope"], "unknown searcher 'nope'"),
+    (["--budget", "0.0001"], "unreachable"),
+    (["--data", "npz:/no/such/file.npz"], "data file not found: /no/such/file.npz"),
+    (["--num-samples", "0"], "'num_samples' must be at least 1, got 0"),
+    (["--criterion", "l7"], "unknown importance criterion 'l7'"),
+    (["--gpus-per-trial", "1"], "no CUDA GPU"),
+])
+def test_bad_input_fails_before_any_trial(base_ckpt, tmp_path, args, text):
+    if "--gpus-per-trial" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = cli("search", "--name", "bad", "--storage", str(tmp_path), "--checkpoint", str(base_ckpt), *args, ok=False)
+    assert proc.returncode == 2 and text in proc.stderr, proc.stderr
+    assert not (tmp_path / "bad" / "widthsearch" / "rows").exists()
+
+
+def test_mismatched_checkpoint_and_existing_name(base_ckpt, tmp_path):
+    proc = cli("search", "--name", "x", "--storage", str(tmp_path), "--model", "cifar_resnet20",
+               "--checkpoint", str(base_ckpt), ok=False)
+    assert proc.returncode == 2 and str(base_ckpt) in proc.stderr
+    meta = tmp_path / "taken" / "widthsearch"
+    meta.mkdir(parents=True)
+    (meta / "experiment.json").write_text("{}")
+    proc = cli("search", "--name", "taken", "--storage", str(tmp_path), "--checkpoint", str(base_ckpt), ok=False)
+    assert proc.returncode == 2 and "already exists" in proc.stderr and "--resume" in proc.stderr

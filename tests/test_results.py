@@ -1,0 +1,268 @@
+"""ResultsStore, queries and formats (fast, no Ray cluster); one real Ray Tune run (marked slow)."""
+
+import csv
+import io
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from widthsearch.errors import ConfigError, WidthSearchError
+from widthsearch.results import (
+    SCHEMA, ResultsCallback, ResultsStore, format_table, load, load_metadata, pareto_front, query,
+)
+
+META = {"experiment": "exp", "groups": ["conv1", "conv2"], "widths": [4, 8], "min_widths": [1, 1],
+        "base_flops": 1000, "base_params": 100, "base_val_acc": 0.9, "config": {"searcher": "random"}}
+
+
+def row(trial_id: str, flops_ratio: float | None, score: float | None, **extra) -> dict:
+    return {"experiment": "exp", "trial_id": trial_id, "searcher": "random", "status": "ok", "widths": [2, 4],
+            "flops_ratio": flops_ratio, "score": score, "val_acc": score, **extra}
+
+
+@pytest.fixture
+def exp_dir(tmp_path) -> str:
+    return str(tmp_path / "exp")
+
+
+@pytest.fixture
+def store(exp_dir) -> ResultsStore:
+    return ResultsStore.create(exp_dir, META)
+
+
+@pytest.fixture
+def table(store, exp_dir) -> pa.Table:
+    for r in [row("a", 0.2, 0.5), row("b", 0.4, 0.7), row("c", 0.5, 0.6), row("d", 0.9, 0.9),
+              row("e", None, None, status="error", error="ValueError: boom", searcher="grid")]:
+        store.write_row(r)
+    return load(exp_dir)
+
+
+def test_write_load_roundtrip_and_overwrite(store, exp_dir):
+    store.write_row(row("a", 0.5, 0.1))
+    store.write_row(row("b", 0.6, 0.2))
+    store.write_row(row("a", 0.5, 0.3))  # the same trial again (resume): replaces, no duplicate
+    table = load(exp_dir)
+    assert table.schema.remove_metadata().equals(SCHEMA)
+    assert json.loads(table.schema.metadata[b"widthsearch.groups"]) == ["conv1", "conv2"]
+    assert json.loads(table.schema.metadata[b"widthsearch.widths"]) == [4, 8]
+    assert table.column("trial_id").to_pylist() == ["a", "b"]
+    assert table.column("score").to_pylist() == [0.3, 0.2]
+    assert table.column("error").to_pylist() == [None, None]
+    meta = load_metadata(exp_dir)
+    assert meta["groups"] == ["conv1", "conv2"] and meta["version"] and meta["created_at"]
+
+
+def test_empty_experiment_and_file_uri(tmp_path):
+    uri = (tmp_path / "exp").as_uri()
+    store = ResultsStore.create(uri, META)
+    assert load(uri).num_rows == 0 and load(uri).schema.remove_metadata().equals(SCHEMA)
+    store.write_row(row("a", 0.5, 0.1))
+    assert load(str(tmp_path / "exp")).column("trial_id").to_pylist() == ["a"]
+
+
+def test_rows_are_plain_parquet(store, exp_dir):
+    store.write_row(row("a", 0.5, 0.1))
+    store.write_row(row("b", 0.6, 0.2))
+    direct = ds.dataset(f"{exp_dir}/widthsearch/rows", format="parquet").to_table()
+    assert sorted(direct.column("trial_id").to_pylist()) == ["a", "b"]
+    assert direct.schema.remove_metadata().equals(SCHEMA)
+    assert b"widthsearch.groups" in direct.schema.metadata
+
+
+def test_rows_readable_by_duckdb(store, exp_dir):
+    duckdb = pytest.importorskip("duckdb")
+    store.write_row(row("a", 0.5, 0.1))
+    assert duckdb.sql(f"select trial_id from '{exp_dir}/widthsearch/rows/*.parquet'").fetchall() == [("a",)]
+
+
+def test_rows_readable_by_polars(store, exp_dir):
+    polars = pytest.importorskip("polars")
+    store.write_row(row("a", 0.5, 0.1))
+    assert polars.read_parquet(f"{exp_dir}/widthsearch/rows/*.parquet")["trial_id"].to_list() == ["a"]
+
+
+def test_stray_temp_files_are_ignored(store, exp_dir):
+    store.write_row(row("a", 0.5, 0.1))
+    rows = f"{exp_dir}/widthsearch/rows"
+    for name in ("b.parquet.tmp", ".c.parquet.1234.tmp"):  # a crash mid-write leaves these behind
+        with open(f"{rows}/{name}", "wb") as f:
+            f.write(b"PAR1 truncat")
+    assert load(exp_dir).column("trial_id").to_pylist() == ["a"]
+
+
+class FailingMove:
+    """A filesystem whose rename fails, as when the driver dies between write and rename."""
+
+    def __init__(self, fs):
+        self.fs, self.temp = fs, None
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+    def move(self, src, dest):
+        self.temp = src
+        raise OSError("killed before rename")
+
+
+def test_failed_rename_never_leaves_a_final_file(store, exp_dir):
+    store.write_row(row("a", 0.5, 0.1))
+    store.fs = FailingMove(store.fs)
+    with pytest.raises(OSError, match="killed"):
+        store.write_row(row("a", 0.5, 0.9))
+    with pytest.raises(OSError, match="killed"):
+        store.write_row(row("b", 0.5, 0.9))
+    assert store.fs.temp.rsplit("/", 1)[1].startswith(".b.parquet.")  # hidden: pyarrow.dataset skips it
+    assert sorted(p.name for p in Path(exp_dir, "widthsearch", "rows").iterdir()) == ["a.parquet"]
+    assert load(exp_dir).column("score").to_pylist() == [0.1]  # the earlier row survives intact
+
+
+def test_write_row_rejects_unknown_keys_and_missing_trial_id(store):
+    with pytest.raises(ValueError, match="bogus"):
+        store.write_row({**row("a", 0.5, 0.1), "bogus": 1})
+    with pytest.raises(ValueError, match="trial_id"):
+        store.write_row({"score": 0.5})
+
+
+def test_create_twice_needs_resume(store, exp_dir):
+    with pytest.raises(ConfigError, match="already exists at .*pass --resume to continue it or choose another --name"):
+        ResultsStore.create(exp_dir, META)
+    created = load_metadata(exp_dir)["created_at"]
+    resumed = ResultsStore.create(exp_dir, {**META, "base_val_acc": 0.8}, resume=True)
+    assert resumed.metadata()["base_val_acc"] == 0.8 and resumed.metadata()["created_at"] == created
+
+
+def test_load_missing_experiment(tmp_path):
+    with pytest.raises(WidthSearchError, match="no widthsearch experiment at .*nowhere"):
+        load(str(tmp_path / "nowhere"))
+    assert not ResultsStore(str(tmp_path / "nowhere")).exists()
+
+
+def ids(table: pa.Table) -> list:
+    return table.column("trial_id").to_pylist()
+
+
+def test_pareto_front(table):
+    assert ids(query(table, pareto=True, sort="flops_ratio")) == ["a", "b", "d"]  # c is beaten by b; e failed
+    assert ids(pareto_front(table)) == ["a", "b", "d"]
+    twins = pa.Table.from_pylist([row("x", 0.4, 0.7), row("y", 0.4, 0.7), row("z", 0.5, 0.7)], schema=SCHEMA)
+    assert ids(pareto_front(twins)) == ["x", "y"]
+    assert ids(pareto_front(table, maximize="val_acc", minimize="score")) == ["a", "c", "b", "d"]
+
+
+def test_query_filters_sort_limit(table):
+    assert ids(query(table)) == ["d", "b", "c", "a", "e"]  # default -score, nulls last
+    assert ids(query(table, sort="flops_ratio", limit=2)) == ["a", "b"]
+    assert ids(query(table, max_flops=0.45)) == ["b", "a"]
+    assert ids(query(table, where=["val_acc>=0.6", "status=ok"])) == ["d", "b", "c"]
+    assert ids(query(table, where=["searcher!=random"])) == ["e"]
+    assert ids(query(table, where=["score < 0.6", "flops_ratio==0.2"])) == ["a"]
+    assert ids(query(table, where=["status = error"])) == ["e"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"where": ["nope>1"]}, "unknown column 'nope'"),
+    ({"where": ["score>high"]}, "not a number"),
+    ({"where": ["score"]}, "bad filter"),
+    ({"sort": "-nope"}, "unknown column 'nope'"),
+    ({"limit": -1}, "limit"),
+])
+def test_query_errors(table, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        query(table, **kwargs)
+
+
+def test_format_table(table):
+    text = format_table(query(table))
+    lines = text.splitlines()
+    assert lines[0].split() == ["trial_id", "searcher", "status", "flops_ratio", "params", "val_acc", "score",
+                                "finetune_steps", "wall_s", "widths"]
+    assert len(lines) == 6 and lines[1].split()[:4] == ["d", "random", "ok", "0.9000"] and "[2,4]" in lines[1]
+    records = list(csv.DictReader(io.StringIO(format_table(table, "csv"))))
+    assert list(records[0]) == SCHEMA.names and len(records) == 5
+    assert json.loads(records[0]["widths"]) == [2, 4] and records[0]["error"] == ""
+    data = json.loads(format_table(table, "json"))
+    assert data[0]["widths"] == [2, 4] and data[4]["error"] == "ValueError: boom"
+    back = pq.read_table(pa.BufferReader(format_table(table, "parquet")))
+    assert back.equals(table) and back.schema.metadata[b"widthsearch.groups"]
+    with pytest.raises(ConfigError, match="unknown format 'xml'"):
+        format_table(table, "xml")
+
+
+ERROR_FILE = """Failure # 1 (occurred at 2025-01-01_00-00-00)
+ray::ImplicitFunc.train() (pid=1, ip=10.0.0.1)
+  File "trainable.py", line 3, in train
+    raise RuntimeError("first")
+RuntimeError: first
+Failure # 2 (occurred at 2025-01-01_00-00-05)
+ray::ImplicitFunc.train() (pid=2, ip=10.0.0.1)
+  File "function_trainable.py", line 45, in train
+    return self._trainable_func(self.config)
+  File "trainable.py", line 3, in train
+    raise ValueError("boom")
+ValueError: boom
+"""
+
+
+def fake_trial(tmp_path, trial_id: str, last_result: dict, error: str | None = None) -> SimpleNamespace:
+    error_file = None
+    if error is not None:
+        error_file = tmp_path / f"{trial_id}-error.txt"
+        error_file.write_text(error)
+    return SimpleNamespace(trial_id=trial_id, config={"widths": [2, 4], "payload": {"arm": 3}},
+                           last_result=last_result, error_file=error_file and str(error_file))
+
+
+def test_callback_rows(store, exp_dir, tmp_path):
+    callback = ResultsCallback(store, "exp", "random", [4, 8])
+    started = time.time() - 5
+    result = {"score": 0.8, "val_acc": 0.8, "val_loss": 0.5, "flops": 250, "params": 30, "flops_ratio": 0.25,
+              "widths": [2, 4], "finetune_steps": 10, "criterion": "l1", "wall_s": 5.0, "node": "10.0.0.2",
+              "started_at": started, "payload": '{"arm": 3}', "training_iteration": 1}
+    callback.on_trial_complete(iteration=1, trials=[], trial=fake_trial(tmp_path, "t1", result))
+    callback.on_trial_error(iteration=2, trials=[], trial=fake_trial(tmp_path, "t2", {}, ERROR_FILE))
+    callback.on_trial_complete(iteration=3, trials=[], trial=fake_trial(tmp_path, "t3", {"training_iteration": 0}))
+    ok, failed, silent = load(exp_dir).to_pylist()
+    assert ok["status"] == "ok" and ok["error"] is None and ok["searcher"] == "random"
+    assert ok["keep_ratios"] == [0.5, 0.5] and ok["flops"] == 250 and ok["finetune_steps"] == 10
+    assert ok["node"] == "10.0.0.2" and ok["payload"] == '{"arm": 3}'
+    assert abs(ok["started_at"].timestamp() - started) < 1e-3 and ok["finished_at"] > ok["started_at"]
+    assert failed["status"] == "error" and failed["error"] == "ValueError: boom"
+    assert failed["widths"] == [2, 4] and failed["payload"] == '{"arm": 3}' and failed["score"] is None
+    assert isinstance(failed["finished_at"], datetime)
+    assert silent["status"] == "error" and "without reporting" in silent["error"]
+
+
+@pytest.mark.slow
+def test_real_tune_run(tmp_path):
+    ray = pytest.importorskip("ray")
+    from ray import tune
+
+    def trainable(config):
+        if config["widths"] == [2, 2]:
+            raise ValueError("boom")
+        tune.report({"score": 0.5, "val_acc": 0.5, "val_loss": 1.0, "flops": 10, "params": 2, "flops_ratio": 0.5,
+                     "widths": config["widths"], "finetune_steps": 0, "criterion": "l1", "wall_s": 0.1,
+                     "node": "local", "started_at": time.time(), "payload": None})
+
+    exp_dir = str(tmp_path / "run")
+    store = ResultsStore.create(exp_dir, {**META, "widths": [3, 3]})
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        tune.Tuner(trainable, param_space={"widths": tune.grid_search([[1, 2], [2, 2], [3, 3]])},
+                   run_config=tune.RunConfig(name="run", storage_path=str(tmp_path), verbose=0,
+                                             callbacks=[ResultsCallback(store, "run", "grid", [3, 3])],
+                                             failure_config=tune.FailureConfig(max_failures=0))).fit()
+    finally:
+        ray.shutdown()
+    rows = {tuple(r["widths"]): r for r in load(exp_dir).to_pylist()}
+    assert set(rows) == {(1, 2), (2, 2), (3, 3)}
+    assert rows[(2, 2)]["status"] == "error" and "boom" in rows[(2, 2)]["error"]
+    assert rows[(1, 2)]["status"] == "ok" and rows[(1, 2)]["keep_ratios"] == pytest.approx([1 / 3, 2 / 3])

@@ -1,0 +1,311 @@
+"""Width searchers: budgets, registry, options, checkpoints (suggest/on_trial_complete called directly)."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune.search import Searcher
+
+from searchers import SEARCHERS, WidthSearcher, make_searcher, project_to_budget, register
+from widthsearch import CostModel, build_space, load_model
+from widthsearch.errors import ConfigError, WidthSearchError
+
+BUILTIN = ["uniform", "random", "global", "optuna"]
+
+
+def _setup(source, shape):
+    torch.manual_seed(0)
+    model = load_model(source, 10, in_channels=shape[1])
+    space = build_space(model, torch.randn(*shape))
+    return model, space, CostModel(space)
+
+
+@pytest.fixture(scope="module")
+def small():
+    return _setup("small_cnn", (1, 1, 8, 8))
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return _setup("cifar_resnet20", (1, 3, 32, 32))
+
+
+@pytest.fixture(params=["small", "resnet"])
+def setup(request):
+    return request.getfixturevalue(request.param)
+
+
+def _ratio(space, cost, widths):
+    return cost.flops(space.from_vector(widths)) / cost.base_flops  # from_vector validates the bounds
+
+
+def _score(space, widths):
+    return float(np.sum(np.asarray(widths) / space.widths))
+
+
+def _run(searcher, space, n, start=0, feed=True):
+    """Suggest up to n profiles (stopping at FINISHED), feeding back a synthetic score."""
+    out = []
+    for i in range(start, start + n):
+        config = searcher.suggest(f"t{i}")
+        if config == Searcher.FINISHED:
+            out.append(Searcher.FINISHED)
+            break
+        assert config is not None
+        out.append(config)
+        if feed:
+            searcher.on_trial_complete(f"t{i}", {"score": _score(space, config["widths"])})
+    return out
+
+
+# -- budgets --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", BUILTIN)
+def test_every_suggestion_is_within_budget_and_bounds(setup, name):
+    model, space, cost = setup
+    searcher = make_searcher(name, space, cost, budget=0.5, model=model, seed=1)
+    configs = _run(searcher, space, 20)
+    profiles = [c for c in configs if c != Searcher.FINISHED]
+    assert profiles
+    for config in profiles:
+        assert set(config) == {"widths", "payload"}
+        assert len(config["widths"]) == len(space)
+        assert all(isinstance(w, int) for w in config["widths"])
+        assert _ratio(space, cost, config["widths"]) <= 0.5
+        assert config["payload"] is None or isinstance(json.loads(config["payload"]), dict)
+    if name in ("random", "optuna"):
+        assert len(profiles) == 20  # never FINISHED on their own
+    assert len(searcher.history) == len(profiles)
+
+
+def test_optuna_keeps_proposing_feasible_profiles_after_feedback(resnet):
+    model, space, cost = resnet
+    searcher = make_searcher("optuna", space, cost, budget=0.5, seed=0, startup_trials=5)
+    _run(searcher, space, 15)
+    done = [t for t in searcher.study.trials if t.state == TrialState.COMPLETE]
+    assert len(done) >= 15 and searcher.study.user_attrs["groups"] == space.names
+    assert set(done[0].params) == {f"r{i}" for i in range(len(space))}
+    for config in _run(searcher, space, 10, start=15):  # TPE phase
+        assert _ratio(space, cost, config["widths"]) <= 0.5
+
+
+def test_project_to_budget_lands_just_under_the_budget(resnet):
+    _, space, cost = resnet
+    rng = np.random.default_rng(0)
+    ratios = rng.uniform(space.min_widths / space.widths, 1.0, size=(16, len(space)))
+    batch = project_to_budget(space, cost, ratios, 0.5)
+    assert batch.shape == ratios.shape and batch.dtype == np.int64
+    for row, widths in zip(ratios, batch):
+        assert np.array_equal(project_to_budget(space, cost, row, 0.5), widths)  # 1-D = one row of 2-D
+        assert 0.45 <= _ratio(space, cost, widths) <= 0.5
+    # monotone in the target, full widths when everything fits, minimal as the fallback
+    lower = project_to_budget(space, cost, ratios, 0.3)
+    assert np.all(lower <= batch)
+    assert np.array_equal(project_to_budget(space, cost, np.ones(len(space)), 1.0), space.widths)
+    assert np.array_equal(project_to_budget(space, cost, np.ones(len(space)), 1e-9), space.min_widths)
+
+
+def test_project_to_budget_respects_divisor():
+    torch.manual_seed(0)
+    model = load_model("small_cnn", 10, in_channels=1)
+    space = build_space(model, torch.randn(1, 1, 8, 8), divisor=8)
+    cost = CostModel(space)
+    widths = project_to_budget(space, cost, np.array([1.0, 0.7, 0.4]), 0.4)
+    space.from_vector(widths)  # multiples of 8 or full
+    assert _ratio(space, cost, widths) <= 0.4
+
+
+# -- baselines -------------------------------------------------------------------------------
+def test_uniform_budget_mode_suggests_once_then_finishes(resnet):
+    _, space, cost = resnet
+    searcher = make_searcher("uniform", space, cost, budget=0.5)
+    first = searcher.suggest("a")
+    assert searcher.suggest("b") == Searcher.FINISHED
+    assert searcher.suggest("c") == Searcher.FINISHED
+    ratio = json.loads(first["payload"])["ratio"]
+    assert first["widths"] == list(space.vector(space.uniform(ratio)))
+    assert 0.45 <= _ratio(space, cost, first["widths"]) <= 0.5
+
+
+def test_uniform_pareto_mode_spans_ratios(small):
+    _, space, cost = small
+    searcher = make_searcher("uniform", space, cost, budget=None, points=5)
+    configs = _run(searcher, space, 10)
+    assert configs[-1] == Searcher.FINISHED and len(configs) == 6
+    assert configs[-2]["widths"] == list(space.widths)
+    ratios = [json.loads(c["payload"])["ratio"] for c in configs[:-1]]
+    assert ratios == sorted(ratios) and ratios[-1] == 1.0
+
+
+def test_random_pareto_mode_and_no_duplicates(small):
+    _, space, cost = small
+    searcher = make_searcher("random", space, cost, budget=None, seed=3)
+    configs = _run(searcher, space, 20)
+    widths = [tuple(c["widths"]) for c in configs]
+    assert len(set(widths)) == len(widths)
+    targets = [json.loads(c["payload"])["target"] for c in configs]
+    for w, t in zip(widths, targets):
+        assert _ratio(space, cost, w) <= t + 1e-9
+
+
+def test_global_one_candidate_per_normalizer_then_finished(resnet):
+    model, space, cost = resnet
+    searcher = make_searcher("global", space, cost, budget=0.5, model=model)
+    configs = _run(searcher, space, 10)
+    assert configs[-1] == Searcher.FINISHED
+    candidates = configs[:-1]
+    assert 1 <= len(candidates) <= 3
+    assert len({tuple(c["widths"]) for c in candidates}) == len(candidates)
+    covered = sorted(n for c in candidates for n in json.loads(c["payload"])["normalizers"])
+    assert covered == ["max", "mean", "none"]
+    for c in candidates:
+        assert 0.45 <= _ratio(space, cost, c["widths"]) <= 0.5  # removal stops right at the budget
+
+
+def test_global_removes_least_important_channels_first(small):
+    model, space, cost = small
+    searcher = make_searcher("global", space, cost, budget=0.5, model=model, normalizers=["max"])
+    (config, finished) = _run(searcher, space, 5)
+    assert finished == Searcher.FINISHED
+    # Removing one more step (from any group) must already fit; one step fewer must not.
+    profiles = searcher._removal_order(searcher._score(None), "max")
+    ratios = cost.flops_many(profiles) / cost.base_flops
+    k = int(np.argmax(ratios <= 0.5))
+    assert config["widths"] == list(profiles[k]) and ratios[k - 1] > 0.5
+    assert np.all(np.diff(profiles, axis=0) <= 0) and np.array_equal(profiles[-1], space.min_widths)
+
+
+def test_global_pareto_targets(small):
+    model, space, cost = small
+    searcher = make_searcher("global", space, cost, budget=None, model=model, normalizers=["mean"],
+                             targets=[0.2, 0.6])
+    configs = _run(searcher, space, 5)
+    assert configs[-1] == Searcher.FINISHED and len(configs) == 3
+    for c in configs[:-1]:
+        assert _ratio(space, cost, c["widths"]) <= json.loads(c["payload"])["target"]
+
+
+def test_global_needs_model(small):
+    _, space, cost = small
+    with pytest.raises(ConfigError, match="needs the model"):
+        make_searcher("global", space, cost, budget=0.5)
+
+
+# -- errors ----------------------------------------------------------------------------------
+def test_unreachable_budget(small):
+    _, space, cost = small
+    with pytest.raises(ConfigError, match="budget 1e-06 is unreachable: the smallest profile"):
+        make_searcher("random", space, cost, budget=1e-6)
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ConfigError, match=r"\(0, 1\]"):
+            make_searcher("random", space, cost, budget=bad)
+
+
+def test_unknown_option_and_searcher(small):
+    _, space, cost = small
+    with pytest.raises(ConfigError, match="unknown option 'pointz' for searcher 'uniform'; accepted options: points"):
+        make_searcher("uniform", space, cost, pointz=3)
+    with pytest.raises(ConfigError) as info:
+        make_searcher("nope", space, cost)
+    assert "unknown searcher 'nope'" in str(info.value)
+    for name in BUILTIN:
+        assert name in str(info.value)
+    with pytest.raises(ConfigError, match="sampler"):
+        make_searcher("optuna", space, cost, sampler="cmaes")
+    with pytest.raises(ConfigError, match="mode"):
+        make_searcher("random", space, cost, mode="best")
+
+
+def test_register_plugs_in_by_name(small):
+    _, space, cost = small
+
+    @register
+    class Fixed(WidthSearcher):
+        name = "test_fixed"
+
+        def _propose(self, trial_id):
+            return self.space.widths, None  # full widths: over budget, must be repaired
+
+    try:
+        searcher = make_searcher("test_fixed", space, cost, budget=0.5)
+        config = searcher.suggest("x")
+        assert _ratio(space, cost, config["widths"]) <= 0.5
+    finally:
+        SEARCHERS.pop("test_fixed")
+
+
+# -- Tune integration --------------------------------------------------------------------------
+def test_set_search_properties(small):
+    _, space, cost = small
+    searcher = make_searcher("optuna", space, cost, metric="score", mode="max")
+    assert searcher.set_search_properties("loss", "min", {"epochs": 2})
+    assert searcher.metric == "loss" and searcher.mode == "min"
+    assert searcher.study.directions[0].name == "MINIMIZE"
+    assert not searcher.set_search_properties(None, None, {"lr": tune.uniform(0.1, 1.0)})
+
+
+def test_optuna_errored_trials_fail(small):
+    _, space, cost = small
+    searcher = make_searcher("optuna", space, cost, seed=0)
+    searcher.suggest("a")
+    searcher.suggest("b")
+    searcher.on_trial_complete("a", None, error=True)
+    searcher.on_trial_complete("b", {"other": 1.0})
+    assert [t.state for t in searcher.study.trials] == [TrialState.FAIL, TrialState.FAIL]
+
+
+def test_optuna_pareto_nsga2(small):
+    _, space, cost = small
+    searcher = make_searcher("optuna", space, cost, budget=None, seed=0, population_size=4)
+    assert type(searcher.study.sampler).__name__ == "NSGAIISampler"
+    for i in range(16):
+        config = searcher.suggest(f"p{i}")
+        widths = config["widths"]
+        space.from_vector(widths)
+        result = {"score": _score(space, widths)}
+        if i % 2:
+            result["flops_ratio"] = _ratio(space, cost, widths)  # else computed by the searcher
+        searcher.on_trial_complete(f"p{i}", result)
+    done = [t for t in searcher.study.trials if t.state == TrialState.COMPLETE]
+    assert len(done) >= 16 and all(len(t.values) == 2 for t in done)
+    assert searcher.study.best_trials  # a Pareto front exists
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["random", "optuna", "uniform"])
+def test_save_restore_continues_like_an_uninterrupted_run(small, tmp_path, name):
+    _, space, cost = small
+    kwargs = dict(budget=0.5, seed=7)
+    if name == "optuna":
+        kwargs["startup_trials"] = 3
+    if name == "uniform":
+        kwargs["budget"] = None
+    straight = make_searcher(name, space, cost, **kwargs)
+    expected = _run(straight, space, 8)
+
+    first = make_searcher(name, space, cost, **kwargs)
+    head = _run(first, space, 4)
+    pending = first.suggest("t4")  # a trial in flight at checkpoint time
+    path = tmp_path / "searcher.pkl"
+    first.save(str(path))
+    state = pickle.loads(path.read_bytes())
+    assert not {"_space", "_cost", "_model"} & set(state)
+
+    second = make_searcher(name, space, cost, **{**kwargs, "seed": 99})
+    second.restore(str(path))
+    second.on_trial_complete("t4", {"score": _score(space, pending["widths"])})
+    tail = _run(second, space, 3, start=5)
+    assert head + [pending] + tail == expected
+
+
+def test_restore_refuses_another_searchers_checkpoint(small, tmp_path):
+    _, space, cost = small
+    path = str(tmp_path / "s.pkl")
+    make_searcher("random", space, cost, budget=0.5).save(path)
+    with pytest.raises(WidthSearchError, match="does not match"):
+        make_searcher("random", space, cost, budget=0.4).restore(path)
+    with pytest.raises(WidthSearchError, match="does not match"):
+        make_searcher("optuna", space, cost, budget=0.5).restore(path)

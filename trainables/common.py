@@ -1,0 +1,55 @@
+"""What every trainable shares: the job description, thread/device setup, data cache."""
+
+from __future__ import annotations
+
+import functools
+import socket
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from widthsearch.cost import CostModel
+from widthsearch.data import DataSplits, load_data
+from widthsearch.importance import get_criterion
+from widthsearch.space import WidthSpace
+from widthsearch.training import pick_device, set_threads
+
+
+@dataclass
+class Job:
+    """Everything a trial needs besides its config; shipped once through the object store."""
+
+    model: nn.Module            # base model, CPU
+    space: WidthSpace
+    cost: CostModel
+    data: str
+    val_fraction: float
+    seed: int
+    criterion: str
+    importance_batches: int
+    bn_batches: int
+    batch_size: int
+
+
+@functools.lru_cache(maxsize=2)
+def cached_data(source: str, val_fraction: float, seed: int) -> DataSplits:
+    """Load a data source once per worker process (trials reuse actors)."""
+    return load_data(source, val_fraction=val_fraction, seed=seed)
+
+
+def setup_trial() -> tuple[torch.device, str]:
+    """Torch threads = CPUs of this trial; CUDA when it has a GPU. Returns (device, node)."""
+    from ray import tune
+
+    resources = tune.get_context().get_trial_resources().required_resources
+    set_threads(resources.get("CPU", 1))
+    return pick_device(resources.get("GPU", 0)), socket.gethostname()
+
+
+def importance_batches(job: Job, data: DataSplits, device: torch.device) -> list | None:
+    """Training batches for a data-driven criterion (taylor, frs); None for the others."""
+    if not get_criterion(job.criterion).needs_batches:
+        return None
+    stream = data.stream("train", job.batch_size, seed=job.seed, augment=False, device=device)
+    return [next(stream) for _ in range(max(1, job.importance_batches))]

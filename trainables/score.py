@@ -1,0 +1,53 @@
+"""`score_profile`: the trial that scores one width profile on the validation split."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ray import tune
+
+from widthsearch.surgery import prune
+from widthsearch.training import TrainConfig, evaluate, recalibrate_bn, train
+
+from .common import Job, cached_data, importance_batches, setup_trial
+
+
+@dataclass
+class ScoreJob(Job):
+    finetune_steps: int
+    finetune_lr: float
+    report_every: int | None = None   # fine-tune in chunks and report each (for ASHA)
+
+
+def score_profile(config: dict, job: ScoreJob) -> None:
+    """Prune to config["widths"] -> adaptive BN -> fine-tune k steps -> evaluate on val -> report.
+
+    Reports score (= val accuracy), val_acc, val_loss, flops, params, flops_ratio, widths,
+    finetune_steps, criterion, wall_s, node, started_at and the searcher's payload.
+    """
+    started = time.time()
+    device, node = setup_trial()
+    data = cached_data(job.data, job.val_fraction, job.seed)
+    profile = job.space.from_vector(config["widths"])
+    model = prune(job.model, job.space, profile, job.criterion,
+                  importance_batches(job, data, device), seed=job.seed).to(device)
+    recalibrate_bn(model, data, job.bn_batches, job.batch_size, seed=job.seed, device=device)
+    fixed = {
+        "widths": list(config["widths"]), "flops": job.cost.flops(profile), "params": job.cost.params(profile),
+        "flops_ratio": job.cost.flops_ratio(profile), "criterion": job.criterion, "node": node,
+        "started_at": started, "payload": config.get("payload"),
+    }
+    chunk = job.report_every or job.finetune_steps
+    done = 0
+    while True:
+        step = min(chunk, job.finetune_steps - done)
+        if step > 0:
+            train(model, data, steps=step, config=TrainConfig(lr=job.finetune_lr, batch_size=job.batch_size),
+                  seed=job.seed + done, device=device)
+            done += step
+        acc, loss = evaluate(model, data, "val", device=device)
+        tune.report({**fixed, "score": acc, "val_acc": acc, "val_loss": loss, "finetune_steps": done,
+                     "wall_s": time.time() - started})
+        if done >= job.finetune_steps:
+            return

@@ -1,0 +1,192 @@
+"""`widthsearch` command line: search, results, retrain, train-base."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Sequence
+
+import yaml
+
+from .config import SearchConfig
+from .errors import WidthSearchError
+
+_BOOL_FLAGS = {"pareto", "asha", "allow_cpu"}
+
+
+def _add_search(sub) -> None:
+    p = sub.add_parser("search", help="search widths (no CONFIG: the embedded demo on digits)")
+    p.add_argument("config", nargs="?", help="YAML file with any of the keys below")
+    defaults = SearchConfig()
+    for f in dataclasses.fields(SearchConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in _BOOL_FLAGS:
+            p.add_argument(flag, action="store_true", default=None, help=f"(default {getattr(defaults, f.name)})")
+        elif f.name == "searcher_options":
+            p.add_argument("--option", dest="searcher_options", action="append", metavar="KEY=VALUE",
+                           help="searcher option (repeatable)")
+        elif f.name == "frozen":
+            p.add_argument(flag, help="comma-separated module names never pruned")
+        else:
+            p.add_argument(flag, default=None, help=f"(default {getattr(defaults, f.name)!r})")
+    p.add_argument("--resume", action="store_true", help="continue the experiment --name")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _search_overrides(args: argparse.Namespace) -> dict:
+    out = {}
+    for f in dataclasses.fields(SearchConfig):
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        if f.name == "searcher_options":
+            value = dict(_key_value(item) for item in value)
+        elif f.name == "frozen":
+            value = [v for v in value.split(",") if v]
+        elif f.name not in _BOOL_FLAGS and not f.type.startswith("str"):
+            value = yaml.safe_load(value)  # numbers and booleans typed as in YAML; checked by SearchConfig
+        out[f.name] = value
+    return out
+
+
+def _key_value(item: str) -> tuple[str, object]:
+    if "=" not in item:
+        raise WidthSearchError(f"--option takes KEY=VALUE, got {item!r}")
+    key, value = item.split("=", 1)
+    return key, yaml.safe_load(value)
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .results import format_table, query
+    from .search import run_search
+
+    cfg = load_config(args.config, _search_overrides(args))
+    if args.resume and not cfg.name:
+        raise WidthSearchError("--resume needs --name of the experiment to continue")
+    exp_dir, table = run_search(cfg, resume=args.resume, progress=not args.quiet)
+    name = exp_dir.rstrip("/").rsplit("/", 1)[-1]
+    storage = exp_dir.rstrip("/").rsplit("/", 1)[0]
+    print(format_table(query(table, limit=10)))
+    ok = sum(1 for s in table.column("status").to_pylist() if s == "ok")
+    print(f"\n{table.num_rows} trials ({ok} ok) in {exp_dir}")
+    print(f"next: widthsearch retrain {name} --storage {storage} --best --epochs 30 --out {name}-export")
+
+
+def cmd_results(args: argparse.Namespace) -> None:
+    from .results import format_table, load, query
+    from .search import experiment_dir
+
+    table = query(load(experiment_dir(_storage(args.storage), args.experiment)), pareto=args.pareto,
+                  max_flops=args.max_flops, where=args.where or [], sort=args.sort, limit=args.limit)
+    text = format_table(table, args.format)
+    if isinstance(text, bytes):
+        if args.out is None:
+            raise WidthSearchError("--format parquet needs --out FILE")
+        with open(args.out, "wb") as f:
+            f.write(text)
+        print(f"wrote {table.num_rows} rows to {args.out}")
+    elif args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    else:
+        print(text)
+
+
+def cmd_retrain(args: argparse.Namespace) -> None:
+    from .search import experiment_dir, run_retrain
+
+    if args.best and args.trial:
+        raise WidthSearchError("give --trial ID or --best, not both")
+    summary = run_retrain(experiment_dir(_storage(args.storage), args.experiment), trial=args.trial,
+                          epochs=args.epochs, lr=args.lr, from_scratch=args.from_scratch, out=args.out,
+                          address=args.address, cpus=args.cpus_per_trial, gpus=args.gpus_per_trial,
+                          progress=not args.quiet)
+    print(json.dumps(summary, indent=1))
+
+
+def cmd_train_base(args: argparse.Namespace) -> None:
+    import torch
+
+    from .data import load_data
+    from .models import load_model, save_checkpoint
+    from .training import TrainConfig, evaluate, set_threads, train
+
+    set_threads(args.threads)
+    data = load_data(args.data, val_fraction=args.val_fraction, seed=args.seed)
+    torch.manual_seed(args.seed)
+    model = load_model(args.model, data.num_classes, in_channels=data.in_channels)
+    train(model, data, epochs=args.epochs, config=TrainConfig(lr=args.lr, batch_size=args.batch_size),
+          seed=args.seed, progress=f"train {args.model}")
+    acc, loss = evaluate(model, data, "val")
+    save_checkpoint(model, args.out, model_source=args.model, data=args.data, epochs=args.epochs, val_acc=acc)
+    print(f"val accuracy {acc:.4f} (loss {loss:.4f}); saved {args.out}")
+
+
+def _storage(storage: str) -> str:
+    from .config import SearchConfig
+
+    return SearchConfig(storage=storage).resolved().storage
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="widthsearch", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_search(sub)
+
+    p = sub.add_parser("results", help="query an experiment's results table")
+    p.add_argument("experiment")
+    p.add_argument("--storage", default="runs")
+    p.add_argument("--pareto", action="store_true", help="only the accuracy-FLOPs Pareto front")
+    p.add_argument("--max-flops", type=float, help="only rows with flops_ratio <= this")
+    p.add_argument("--where", action="append", help="filter such as 'val_acc>=0.9' (repeatable)")
+    p.add_argument("--sort", help="column, '-column' for descending (default -score)")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--format", default="table", choices=["table", "csv", "json", "parquet"])
+    p.add_argument("--out", help="write to this file instead of standard output")
+
+    p = sub.add_parser("retrain", help="retrain a chosen profile and export it")
+    p.add_argument("experiment")
+    p.add_argument("--storage", default="runs")
+    p.add_argument("--trial", help="trial id (default: --best)")
+    p.add_argument("--best", action="store_true", help="the best trial by validation score")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--from-scratch", action="store_true", help="random init instead of the pruned base weights")
+    p.add_argument("--out", help="export folder")
+    p.add_argument("--address")
+    p.add_argument("--cpus-per-trial", type=float)
+    p.add_argument("--gpus-per-trial", type=float)
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("train-base", help="train a base model and save a checkpoint")
+    p.add_argument("--model", default="small_cnn")
+    p.add_argument("--data", default="digits")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", required=True)
+    return parser
+
+
+COMMANDS = {"search": cmd_search, "results": cmd_results, "retrain": cmd_retrain, "train-base": cmd_train_base}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `widthsearch` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except WidthSearchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

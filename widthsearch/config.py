@@ -1,0 +1,131 @@
+"""Search configuration: every key has a default, a type and a check; unknown keys are errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class SearchConfig:
+    """What `widthsearch search` runs. YAML keys and CLI flags have the same names (flags use dashes)."""
+
+    name: str = ""                      # experiment name; default: MODEL-SEARCHER-TIMESTAMP
+    storage: str = "runs"               # folder (or URI) holding experiments
+    model: str = "small_cnn"            # model source: builtin, torchvision:NAME, package.module:factory
+    checkpoint: str | None = None       # base weights; without one a base model is trained first
+    data: str = "digits"                # data source: digits, npz:PATH, cifar10:ROOT, imagefolder:ROOT
+    val_fraction: float = 0.1
+    seed: int = 0
+    searcher: str = "optuna"
+    searcher_options: dict = field(default_factory=dict)
+    budget: float = 0.5                 # max FLOPs as a fraction of the base model
+    pareto: bool = False                # search the accuracy-FLOPs front instead of one budget
+    num_samples: int = 16               # trials to run
+    concurrency: int = 2                # trials at once
+    finetune_steps: int = 50            # fine-tuning steps per trial before scoring on val
+    finetune_lr: float = 0.01
+    batch_size: int = 128
+    bn_batches: int = 20                # adaptive-BN batches after pruning
+    criterion: str = "l1"               # which channels go: l1, bn_scale, taylor, frs, random
+    importance_batches: int = 4         # batches for data-driven criteria (taylor, frs)
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    allow_cpu: bool = False             # run a GPU config on CPU when no GPU is present
+    asha: bool = False                  # early-stop weak trials over fine-tune steps (ASHA)
+    base_epochs: int = 8                # epochs of base training when no checkpoint is given
+    base_lr: float = 0.05
+    max_failures: int = 1               # retries of a crashed trial
+    min_width: int = 1
+    divisor: int = 1                    # widths rounded to multiples of this (e.g. 8)
+    frozen: list = field(default_factory=list)  # module names never pruned
+    address: str | None = None          # Ray cluster address; default RAY_ADDRESS or a local Ray
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> "SearchConfig":
+        """Type- and range-check every field; raise ConfigError naming the key and the value."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            setattr(self, f.name, _coerce(f.name, value, f.type))
+        _require(0 < self.budget <= 1, "budget", self.budget, "a FLOPs fraction in (0, 1]")
+        _require(0 < self.val_fraction <= 0.5, "val_fraction", self.val_fraction, "in (0, 0.5]")
+        _require(self.num_samples >= 1, "num_samples", self.num_samples, "at least 1")
+        _require(self.concurrency >= 1, "concurrency", self.concurrency, "at least 1")
+        for key in ("finetune_steps", "bn_batches", "importance_batches", "base_epochs", "max_failures"):
+            _require(getattr(self, key) >= 0, key, getattr(self, key), "at least 0")
+        for key in ("finetune_lr", "base_lr", "cpus_per_trial"):
+            _require(getattr(self, key) > 0, key, getattr(self, key), "positive")
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
+        _require(self.gpus_per_trial >= 0, "gpus_per_trial", self.gpus_per_trial, "at least 0")
+        _require(self.min_width >= 1 and self.divisor >= 1, "min_width/divisor", (self.min_width, self.divisor),
+                 "at least 1")
+        if self.name and (os.sep in self.name or self.name.startswith(".")):
+            raise ConfigError(f"name {self.name!r} must be a plain folder name")
+        return self
+
+    def resolved(self) -> "SearchConfig":
+        """A copy with derived defaults filled in (name, absolute storage path)."""
+        name = self.name or f"{self.model.replace(':', '_').replace('.', '_')}-{self.searcher}-{time.strftime('%Y%m%d-%H%M%S')}"
+        storage = self.storage if "://" in self.storage else str(Path(self.storage).expanduser().resolve())
+        return dataclasses.replace(self, name=name, storage=storage)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_TYPES = {"str": str, "float": float, "int": int, "bool": bool, "dict": dict, "list": list}
+
+
+def _coerce(key: str, value: Any, annotation: str) -> Any:
+    optional = "None" in annotation
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"config key {key!r} must not be empty")
+    kind = _TYPES[annotation.split("|")[0].strip()]
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ConfigError(f"config key {key!r} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _require(ok: bool, key: str, value: Any, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key {key!r} must be {what}, got {value!r}")
+
+
+KEYS = [f.name for f in dataclasses.fields(SearchConfig)]
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None) -> SearchConfig:
+    """Read a YAML config (optional), apply overrides (e.g. CLI flags), check everything."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of keys to values")
+        values.update(loaded)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = sorted(set(values) - set(KEYS))
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r}; known keys: {', '.join(KEYS)}")
+    return SearchConfig(**values)

@@ -1,0 +1,230 @@
+"""CostModel: exact, analytic FLOPs and parameter counts of any width profile.
+
+Units follow torch-pruning's `count_ops_and_params` exactly, so that the two agree to the
+operation on a physically pruned model: *FLOPs* are multiply-accumulates of convolutions
+and linear layers, plus one operation per output element for biases, activations and
+pooling inputs, and two per element for affine normalisation layers; per example image.
+
+How it works. Every counted layer call costs a product of at most two quantities that are
+affine in the widths: a conv costs (k / groups) * c_in * numel(output) + bias * numel(output),
+a linear layer numel(input) * out_features + bias * out_features, a BN/activation/pool a
+multiple of numel. One trace records those quantities on the dense model; then, on a copy,
+one channel is physically removed from each group in turn and the trace repeated, which
+gives the exact coefficient of that group's width in every quantity (1 per channel, or
+H*W after a flatten, summed over concat parts). Expanding the products gives
+cost(w) = c0 + b.w + w.Q.w, evaluated in microseconds and vectorised over many profiles.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch_pruning.utils import op_counter
+
+from .errors import WidthSearchError
+from .space import WidthSpace, dependency_graph, eval_mode, root_group
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_ACTIVATIONS = (nn.ReLU, nn.PReLU, nn.ELU, nn.LeakyReLU, nn.ReLU6, nn.GELU)
+_POOLS = tuple(m for m in op_counter.MODULES_MAPPING if "Pool" in m.__name__)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
+          nn.InstanceNorm3d, nn.GroupNorm)
+
+# A term is coefficient * product of named quantities; quantities are affine in widths.
+_Term = tuple[float, tuple[str, ...]]
+
+
+def _call_terms(module: nn.Module, inputs: tuple, output: torch.Tensor) -> tuple[dict[str, float], list[_Term]]:
+    """The quantities one counted layer call depends on, and its FLOPs as terms over them."""
+    x = inputs[0]
+    q = {"in": float(x.numel()), "out": float(output.numel())}
+    if isinstance(module, _CONV):
+        kernel = float(np.prod(module.kernel_size))
+        bias = [(1.0, ("out",))] if module.bias is not None else []
+        if module.groups == module.in_channels and module.groups > 1:  # depthwise: c_in/groups stays 1
+            return q, [(kernel * module.in_channels / module.groups, ("out",))] + bias
+        q["c_in"] = float(module.in_channels)
+        q["groups"] = float(module.groups)
+        return q, [(kernel / module.groups, ("c_in", "out"))] + bias
+    if isinstance(module, nn.Linear):
+        q["features"] = float(output.shape[-1])
+        return q, [(1.0, ("in", "features"))] + ([(1.0, ("features",))] if module.bias is not None else [])
+    if isinstance(module, _ACTIVATIONS):
+        return q, [(1.0, ("out",))]
+    if isinstance(module, _POOLS):
+        return q, [(1.0, ("in",))]
+    if isinstance(module, _NORMS):
+        return q, [(2.0 if module.affine else 1.0, ("in",))]
+    if isinstance(module, nn.LayerNorm):
+        return q, [(2.0 if module.elementwise_affine else 1.0, ("in",))]
+    if isinstance(module, nn.Upsample):
+        return q, [(1.0 / x.shape[0], ("out",))]
+    raise WidthSearchError(f"CostModel cannot model layer type {type(module).__name__}")
+
+
+class _Recorder:
+    """Forward hooks that record, per counted layer call, the quantities its cost depends on."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.names = {m: n for n, m in model.named_modules()}
+
+    def run(self, example_input: torch.Tensor) -> tuple[list[tuple[str, dict, list[_Term]]], list[tuple[int, ...]]]:
+        calls: list[tuple[str, dict, list[_Term]]] = []
+
+        def hook(module, inputs, output):
+            if not isinstance(output, torch.Tensor):
+                raise WidthSearchError(f"CostModel cannot model layer {self.names[module]!r} (non-tensor output)")
+            quantities, terms = _call_terms(module, inputs, output)
+            calls.append((self.names[module], quantities, terms))
+
+        handles = [m.register_forward_hook(hook) for m in self.model.modules()
+                   if type(m) in op_counter.MODULES_MAPPING]
+        try:
+            with eval_mode(self.model), torch.no_grad():
+                self.model(example_input)
+        finally:
+            for h in handles:
+                h.remove()
+        shapes = [tuple(p.shape) for p in self.model.parameters()]
+        return calls, shapes
+
+
+@dataclass
+class _Affine:
+    """value(w) = const + coef . w"""
+
+    const: float
+    coef: np.ndarray
+
+
+class CostModel:
+    """FLOPs and params of any profile of `space`, exactly as torch-pruning counts them.
+
+    `flops(profile)` / `params(profile)` take one profile (a mapping) and return ints;
+    `flops_many(W)` / `params_many(W)` take an array of width vectors (rows in group order).
+    """
+
+    def __init__(self, space: WidthSpace, model: nn.Module | None = None):
+        model = model if model is not None else space.model
+        if model is None:
+            raise WidthSearchError("CostModel needs the model: pass it, or a space fresh from build_space")
+        self.space = space
+        self.batch = int(space.example_input.shape[0])
+        calls, shapes, slopes_calls, slopes_shapes = self._trace(space, model)
+        widths = space.widths.astype(np.float64)
+        g = len(space)
+
+        def affine(value: float, slope: np.ndarray) -> _Affine:
+            return _Affine(value - float(slope @ widths), slope)
+
+        flops_terms: list[tuple[float, list[_Affine]]] = []
+        for (name, quantities, terms), slopes in zip(calls, slopes_calls):
+            if "groups" in quantities and np.any(slopes["groups"]):
+                raise WidthSearchError(f"CostModel cannot model grouped convolution {name!r}")
+            for coef, keys in terms:
+                flops_terms.append((coef, [affine(quantities[k], slopes[k]) for k in keys]))
+        params_terms: list[tuple[float, list[_Affine]]] = []
+        for shape, slopes in zip(shapes, slopes_shapes):
+            varying = [affine(float(d), s) for d, s in zip(shape, slopes) if np.any(s)]
+            fixed = float(np.prod([d for d, s in zip(shape, slopes) if not np.any(s)]))
+            if len(varying) > 2:
+                raise WidthSearchError(f"CostModel cannot model a parameter of shape {shape} (>2 pruned dims)")
+            params_terms.append((fixed, varying))
+        self._flops = _Polynomial.expand(flops_terms, g)
+        self._params = _Polynomial.expand(params_terms, g)
+        self.base_flops = self.flops(space.full())
+        self.base_params = self.params(space.full())
+
+    @staticmethod
+    def _trace(space: WidthSpace, model: nn.Module):
+        """Record the dense quantities, then their slope per group by one-channel removals."""
+        work = copy.deepcopy(model).cpu()
+        example = space.example_input.cpu()
+        recorder = _Recorder(work)
+        calls, shapes = recorder.run(example)
+        g = len(space)
+        slopes_calls = [{k: np.zeros(g) for k in q} for _, q, _ in calls]
+        slopes_shapes = [[np.zeros(g) for _ in s] for s in shapes]
+        graph = dependency_graph(work, example)
+        modules = dict(work.named_modules())
+        previous_calls, previous_shapes = calls, shapes
+        for j, group in enumerate(space.groups):
+            root_group(graph, modules[group.name], [0]).prune()
+            now_calls, now_shapes = recorder.run(example)
+            if len(now_calls) != len(calls) or len(now_shapes) != len(shapes):
+                raise WidthSearchError(f"pruning group {group.name!r} changed the model's structure")
+            for slope, (_, before, _), (_, after, _) in zip(slopes_calls, previous_calls, now_calls):
+                for k in slope:
+                    slope[k][j] = before[k] - after[k]
+            for slope, before, after in zip(slopes_shapes, previous_shapes, now_shapes):
+                for d in range(len(slope)):
+                    slope[d][j] = before[d] - after[d]
+            previous_calls, previous_shapes = now_calls, now_shapes
+        return calls, shapes, slopes_calls, slopes_shapes
+
+    # -- evaluation -------------------------------------------------------------------
+    def _vector(self, profile: Mapping[str, int]) -> np.ndarray:
+        return self.space.vector(profile).astype(np.float64)
+
+    def flops(self, profile: Mapping[str, int]) -> float:
+        """FLOPs per image of `profile` (an int when the example input has batch 1)."""
+        return self._per_image(self._flops(self._vector(profile)))
+
+    def params(self, profile: Mapping[str, int]) -> int:
+        """Parameter count of `profile`."""
+        return int(round(self._params(self._vector(profile))))
+
+    def flops_ratio(self, profile: Mapping[str, int]) -> float:
+        """FLOPs of `profile` as a fraction of the dense model's."""
+        return self.flops(profile) / self.base_flops
+
+    def flops_many(self, widths: np.ndarray) -> np.ndarray:
+        """FLOPs per image of many width vectors (rows in group order); no validation."""
+        return self._flops.many(np.asarray(widths, dtype=np.float64)).round() / self.batch
+
+    def params_many(self, widths: np.ndarray) -> np.ndarray:
+        """Parameter counts of many width vectors (rows in group order); no validation."""
+        return self._params.many(np.asarray(widths, dtype=np.float64)).round()
+
+    def _per_image(self, total: float) -> float:
+        total = int(round(total))
+        return total // self.batch if total % self.batch == 0 else total / self.batch
+
+
+@dataclass
+class _Polynomial:
+    """c0 + b.w + w.Q.w"""
+
+    c0: float
+    b: np.ndarray
+    q: np.ndarray
+
+    @classmethod
+    def expand(cls, terms: Sequence[tuple[float, list[_Affine]]], g: int) -> "_Polynomial":
+        c0, b, q = 0.0, np.zeros(g), np.zeros((g, g))
+        for coef, factors in terms:
+            if not factors:
+                c0 += coef
+            elif len(factors) == 1:
+                (f,) = factors
+                c0 += coef * f.const
+                b += coef * f.coef
+            else:
+                f, h = factors
+                c0 += coef * f.const * h.const
+                b += coef * (f.const * h.coef + h.const * f.coef)
+                q += coef * np.outer(f.coef, h.coef)
+        return cls(c0, b, q)
+
+    def __call__(self, w: np.ndarray) -> float:
+        return float(self.c0 + self.b @ w + w @ self.q @ w)
+
+    def many(self, w: np.ndarray) -> np.ndarray:
+        w = np.atleast_2d(w)
+        return self.c0 + w @ self.b + np.einsum("pg,gh,ph->p", w, self.q, w)

@@ -1,0 +1,331 @@
+"""The results store: one Parquet row per finished or failed trial, written atomically by one driver-side callback.
+
+    EXP_DIR/widthsearch/experiment.json         experiment metadata (groups, widths, costs, config)
+    EXP_DIR/widthsearch/rows/<trial_id>.parquet one row per trial; rewritten, never duplicated, on resume
+
+All I/O goes through pyarrow.fs, so EXP_DIR may be a local path, a file:// or an s3:// URI.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from importlib import metadata as importlib_metadata
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from ray import tune
+
+from .errors import ConfigError, WidthSearchError
+
+_TIMESTAMP = pa.timestamp("us", tz="UTC")
+SCHEMA = pa.schema([
+    ("experiment", pa.string()), ("trial_id", pa.string()), ("searcher", pa.string()), ("status", pa.string()),
+    ("error", pa.string()), ("widths", pa.list_(pa.int32())), ("keep_ratios", pa.list_(pa.float32())),
+    ("flops", pa.int64()), ("params", pa.int64()), ("flops_ratio", pa.float64()), ("val_acc", pa.float64()),
+    ("val_loss", pa.float64()), ("score", pa.float64()), ("finetune_steps", pa.int32()), ("criterion", pa.string()),
+    ("wall_s", pa.float64()), ("node", pa.string()), ("started_at", _TIMESTAMP), ("finished_at", _TIMESTAMP),
+    ("checkpoint", pa.string()), ("payload", pa.string()),
+])
+FORMATS = ("table", "csv", "json", "parquet")
+_TABLE_COLUMNS = ("trial_id", "searcher", "status", "flops_ratio", "params", "val_acc", "score", "finetune_steps",
+                  "wall_s")
+_WHERE = re.compile(r"^\s*(\w+)\s*(==|!=|<=|>=|=|<|>)\s*(.*?)\s*$")
+_OPS = {"=": pc.equal, "==": pc.equal, "!=": pc.not_equal, "<": pc.less, "<=": pc.less_equal,
+        ">": pc.greater, ">=": pc.greater_equal}
+_ERROR_CHARS = 2000
+
+
+def _json_default(value):
+    """Datetimes -> ISO text, numpy scalars and arrays -> Python; anything else is a bug in the caller."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _version() -> str:
+    try:
+        return importlib_metadata.version("widthsearch")
+    except importlib_metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path on it) for a URI such as s3://bucket/x, or for a local path (made absolute)."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path):
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def _schema(meta: dict) -> pa.Schema:
+    return SCHEMA.with_metadata({b"widthsearch.groups": json.dumps(meta.get("groups", [])),
+                                 b"widthsearch.widths": json.dumps(meta.get("widths", []), default=_json_default)})
+
+
+class ResultsStore:
+    """Experiment metadata and per-trial rows under EXP_DIR/widthsearch; one writer."""
+
+    def __init__(self, exp_dir: str):
+        self.exp_dir = exp_dir
+        self.fs, root = _filesystem(exp_dir)
+        self.root = f"{root.rstrip('/')}/widthsearch"
+        self.rows = f"{self.root}/rows"
+        self.meta_path = f"{self.root}/experiment.json"
+
+    @classmethod
+    def create(cls, exp_dir: str, metadata: dict, resume: bool = False) -> ResultsStore:
+        """Write experiment.json; an existing experiment is an error unless resuming (created_at is kept)."""
+        store = cls(exp_dir)
+        meta = {**metadata, "created_at": datetime.now(timezone.utc).isoformat(), "version": _version()}
+        if store.exists():
+            if not resume:
+                raise ConfigError(f"experiment {metadata.get('experiment', exp_dir)!r} already exists at {exp_dir}; "
+                                  "pass --resume to continue it or choose another --name")
+            meta["created_at"] = store.metadata().get("created_at", meta["created_at"])
+        store.fs.create_dir(store.rows, recursive=True)
+        store._write_atomic(store.meta_path, json.dumps(meta, indent=1, default=_json_default).encode())
+        return store
+
+    def exists(self) -> bool:
+        return self.fs.get_file_info(self.meta_path).type == pafs.FileType.File
+
+    def metadata(self) -> dict:
+        if not self.exists():
+            raise WidthSearchError(f"no widthsearch experiment at {self.exp_dir} (no widthsearch/experiment.json)")
+        with self.fs.open_input_stream(self.meta_path) as f:
+            return json.loads(f.read())
+
+    def write_row(self, row: dict) -> None:
+        """Write one trial's row to rows/<trial_id>.parquet (replacing an earlier one); missing keys are null."""
+        unknown = sorted(set(row) - set(SCHEMA.names))
+        if unknown:
+            raise ValueError(f"unknown result column(s): {', '.join(unknown)}")
+        trial_id = row.get("trial_id")
+        if not trial_id or "/" in trial_id:
+            raise ValueError(f"a row needs a trial_id usable as a file name, got {trial_id!r}")
+        table = pa.Table.from_pylist([row], schema=_schema(self.metadata()))
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        self._write_atomic(f"{self.rows}/{trial_id}.parquet", sink.getvalue().to_pybytes())
+
+    def _write_atomic(self, path: str, data: bytes) -> None:
+        """Write to a hidden temp name in the same folder, then move it onto `path`."""
+        folder, name = path.rsplit("/", 1)
+        tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
+        try:
+            with self.fs.open_output_stream(tmp) as out:
+                out.write(data)
+            self.fs.move(tmp, path)
+        except BaseException:
+            if self.fs.get_file_info(tmp).type == pafs.FileType.File:
+                self.fs.delete_file(tmp)
+            raise
+
+
+def _error_text(text: str) -> str:
+    """The exception line(s) of the latest failure in a Tune error file or traceback, at most 2000 chars."""
+    lines = re.split(r"^Failure # \d+.*$", text, flags=re.M)[-1].strip().splitlines()
+    frames = [i for i, line in enumerate(lines) if line.lstrip().startswith("File ")]
+    if frames:
+        tail = lines[frames[-1] + 1:]
+        start = next((i for i, line in enumerate(tail) if not line.startswith(" ")), len(tail))
+        lines = tail[start:] or lines
+    return "\n".join(lines).strip()[:_ERROR_CHARS]
+
+
+def _trial_error(trial) -> str:
+    path = getattr(trial, "error_file", None)
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            return _error_text(f.read())
+    error = trial.get_error() if hasattr(trial, "get_error") else None
+    return _error_text(str(error)) if error else "trial failed (no error recorded)"
+
+
+class ResultsCallback(tune.Callback):
+    """Driver-side: writes a row when a trial completes or (finally) errors.
+
+    Ray calls on_trial_error only when no retry is left (retries go to on_trial_recover), and a trial that
+    runs again after a resume rewrites its own file, so each trial ends as exactly one row.
+    """
+
+    def __init__(self, store: ResultsStore, experiment: str, searcher: str, space_widths: list[int]):
+        self.store, self.experiment, self.searcher = store, experiment, searcher
+        self.space_widths = [int(w) for w in space_widths]
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        result = trial.last_result or {}
+        if "score" not in result:
+            self.store.write_row(self._row(trial, error="trial ended without reporting a score"))
+            return
+        row = self._row(trial, result)
+        row.update({key: result.get(key) for key in ("score", "val_acc", "val_loss", "flops", "params", "flops_ratio",
+                                                     "finetune_steps", "criterion", "checkpoint")})
+        row["wall_s"] = result.get("wall_s", result.get("time_total_s"))
+        row["node"] = result.get("node", result.get("node_ip"))
+        if result.get("started_at") is not None:
+            row["started_at"] = datetime.fromtimestamp(result["started_at"], timezone.utc)
+        self.store.write_row(row)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self.store.write_row(self._row(trial, error=_trial_error(trial)))
+
+    def _row(self, trial, result: dict | None = None, error: str | None = None) -> dict:
+        """The fields known for any trial: ids, status, widths and payload (from the result, else the config)."""
+        config, result = trial.config or {}, result or {}
+        widths = result.get("widths", config.get("widths"))
+        widths = None if widths is None else [int(w) for w in widths]
+        payload = result.get("payload", config.get("payload"))
+        return {
+            "experiment": self.experiment, "trial_id": trial.trial_id, "searcher": self.searcher,
+            "status": "error" if error else "ok", "error": error, "widths": widths,
+            "keep_ratios": None if widths is None else [w / s for w, s in zip(widths, self.space_widths)],
+            "finished_at": datetime.now(timezone.utc),
+            "payload": payload if payload is None or isinstance(payload, str)
+            else json.dumps(payload, default=_json_default),
+        }
+
+
+def load_metadata(exp_dir: str) -> dict:
+    return ResultsStore(exp_dir).metadata()
+
+
+def load(exp_dir: str) -> pa.Table:
+    """All rows of an experiment (ordered by trial_id), with the group metadata on the schema."""
+    store = ResultsStore(exp_dir)
+    schema = _schema(store.metadata())
+    infos = store.fs.get_file_info(pafs.FileSelector(store.rows, allow_not_found=True))
+    paths = [i.path for i in infos if i.type == pafs.FileType.File
+             and i.base_name.endswith(".parquet") and not i.base_name.startswith(".")]
+    if not paths:
+        return schema.empty_table()
+    table = ds.dataset(paths, schema=schema, format="parquet", filesystem=store.fs).to_table()
+    return table.sort_by("trial_id").replace_schema_metadata(schema.metadata)
+
+
+def _column(table: pa.Table, name: str, what: str) -> pa.ChunkedArray:
+    if name not in table.column_names:
+        raise ConfigError(f"unknown column {name!r} in {what}; columns: {', '.join(table.column_names)}")
+    return table.column(name)
+
+
+def pareto_front(table: pa.Table, maximize: str = "score", minimize: str = "flops_ratio") -> pa.Table:
+    """The successful rows no other row beats on both columns, sorted by `minimize`."""
+    for name in (maximize, minimize):
+        _column(table, name, "pareto_front")
+    ok = table.filter(pc.and_(pc.equal(table["status"], "ok"),
+                              pc.and_(pc.is_valid(table[maximize]), pc.is_valid(table[minimize]))))
+    ok = ok.sort_by([(minimize, "ascending"), (maximize, "descending")])
+    keep, best, best_low = [], -math.inf, None
+    for i, (low, high) in enumerate(zip(ok[minimize].to_pylist(), ok[maximize].to_pylist())):
+        if high > best or (high == best and low == best_low):  # equal points do not dominate each other
+            keep.append(i)
+            best, best_low = high, low
+    return ok.take(keep)
+
+
+def _where(table: pa.Table, item: str) -> pa.ChunkedArray:
+    """A boolean mask for one filter such as 'val_acc>=0.9' or 'status=ok'."""
+    match = _WHERE.match(item)
+    if not match:
+        raise ConfigError(f"bad filter {item!r}; expected COLUMN OP VALUE with OP one of = == != < <= > >=")
+    name, op, text = match.groups()
+    column = _column(table, name, f"filter {item!r}")
+    if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"filter {item!r}: column {name!r} is numeric, {text!r} is not a number") from None
+    elif pa.types.is_string(column.type):
+        value = text
+    else:
+        raise ConfigError(f"filter {item!r}: cannot compare column {name!r} of type {column.type}")
+    return _OPS[op](column, value)
+
+
+def query(table: pa.Table, *, pareto: bool = False, max_flops: float | None = None, where: Sequence[str] = (),
+          sort: str | None = None, limit: int | None = None) -> pa.Table:
+    """Filter (Pareto front, flops_ratio <= max_flops, `where` filters), sort ('col' or '-col'; -score) and limit."""
+    if pareto:
+        table = pareto_front(table)
+    if max_flops is not None:
+        table = table.filter(pc.less_equal(table["flops_ratio"], max_flops))
+    for item in where:
+        table = table.filter(_where(table, item))
+    sort = sort or "-score"
+    name = sort.lstrip("-")
+    _column(table, name, f"sort {sort!r}")
+    table = table.sort_by([(name, "descending" if sort.startswith("-") else "ascending")])
+    if limit is not None:
+        if limit < 0:
+            raise ConfigError(f"limit must be zero or more, got {limit}")
+        table = table.slice(0, limit)
+    return table
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _widths_preview(widths: list | None, shown: int = 6) -> str:
+    if widths is None:
+        return "-"
+    head = ",".join(map(str, widths[:shown]))
+    return f"[{head},...] ({len(widths)})" if len(widths) > shown else f"[{head}]"
+
+
+def _plain(table: pa.Table) -> str:
+    """Aligned text columns: the readable subset plus a widths preview; numbers right-aligned."""
+    names = [n for n in _TABLE_COLUMNS if n in table.column_names]
+    rows = [[_cell(r[n]) for n in names] + [_widths_preview(r.get("widths"))] for r in table.to_pylist()]
+    header = names + ["widths"]
+    sizes = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    numeric = [n in table.column_names and (pa.types.is_integer(table.schema.field(n).type)
+                                            or pa.types.is_floating(table.schema.field(n).type)) for n in header]
+    lines = ["  ".join(c.rjust(s) if num else c.ljust(s) for c, s, num in zip(line, sizes, numeric)).rstrip()
+             for line in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _csv_value(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return json.dumps(value)
+    return value.isoformat() if isinstance(value, datetime) else str(value)
+
+
+def format_table(table: pa.Table, fmt: str = "table") -> str | bytes:
+    """Render rows as aligned text, CSV, JSON (a list of records) or Parquet bytes."""
+    if fmt == "table":
+        return _plain(table)
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(table.column_names)
+        for record in table.to_pylist():
+            writer.writerow([_csv_value(v) for v in record.values()])
+        return out.getvalue()
+    if fmt == "json":
+        return json.dumps(table.to_pylist(), default=_json_default, indent=1)
+    if fmt == "parquet":
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        return sink.getvalue().to_pybytes()
+    raise ConfigError(f"unknown format {fmt!r}; expected one of: {', '.join(FORMATS)}")

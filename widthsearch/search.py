@@ -1,0 +1,221 @@
+"""Orchestration: prepare an experiment, run its trials with Ray Tune, resume it, retrain its winner."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+from torch import nn
+
+from . import results
+from .config import SearchConfig
+from .cost import CostModel
+from .data import DataSplits, load_data
+from .errors import ConfigError, WidthSearchError
+from .importance import get_criterion
+from .models import load_model, save_checkpoint
+from .space import WidthSpace, build_space
+from .training import TrainConfig, evaluate, train
+
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic trial table: clearer on a terminal
+
+
+@dataclass
+class Experiment:
+    """A prepared experiment: data, base model, its width space and cost model."""
+
+    config: SearchConfig
+    exp_dir: str
+    data: DataSplits
+    model: nn.Module
+    space: WidthSpace
+    cost: CostModel
+    base_val_acc: float
+
+
+def experiment_dir(storage: str, name: str) -> str:
+    return f"{storage.rstrip('/')}/{name}"
+
+
+def _base_model(cfg: SearchConfig, data: DataSplits, exp_dir: str, progress: bool) -> nn.Module:
+    """The given checkpoint, or the experiment's own base model (trained once, then reused on resume)."""
+    if cfg.checkpoint:
+        return load_model(cfg.model, data.num_classes, cfg.checkpoint, in_channels=data.in_channels)
+    own = Path(exp_dir) / "widthsearch" / "base.pt"
+    if own.is_file():
+        return load_model(cfg.model, data.num_classes, own, in_channels=data.in_channels)
+    torch.manual_seed(cfg.seed)
+    model = load_model(cfg.model, data.num_classes, in_channels=data.in_channels)
+    if progress:
+        print(f"no --checkpoint: training a base {cfg.model} on {cfg.data} for {cfg.base_epochs} epochs", file=sys.stderr)
+    train(model, data, epochs=max(1, cfg.base_epochs), config=TrainConfig(lr=cfg.base_lr, batch_size=cfg.batch_size),
+          seed=cfg.seed, progress="base model" if progress else False)
+    save_checkpoint(model, own, model_source=cfg.model, data=cfg.data, epochs=cfg.base_epochs)
+    return model
+
+
+def prepare(cfg: SearchConfig, progress: bool = True) -> Experiment:
+    """Check everything that can be checked before a trial starts; load data, model, space and costs."""
+    from searchers import searcher_class
+
+    searcher_class(cfg.searcher)
+    get_criterion(cfg.criterion)
+    if cfg.gpus_per_trial > 0 and not torch.cuda.is_available() and not cfg.allow_cpu and not cfg.address \
+            and not os.environ.get("RAY_ADDRESS"):
+        raise ConfigError(f"gpus_per_trial is {cfg.gpus_per_trial} but this machine has no CUDA GPU; "
+                          "set gpus_per_trial to 0, or pass --allow-cpu to run on the CPU")
+    exp_dir = experiment_dir(cfg.storage, cfg.name)
+    data = load_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    model = _base_model(cfg, data, exp_dir, progress).cpu().eval()
+    base_val_acc, _ = evaluate(model, data, "val")
+    space = build_space(model, data.example_input, cfg.frozen, cfg.min_width, cfg.divisor)
+    return Experiment(cfg, exp_dir, data, model, space, CostModel(space, model), base_val_acc)
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Join `address` (or RAY_ADDRESS); otherwise start a local Ray with this machine's CPUs."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs = {"include_dashboard": False, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
+
+
+def _metadata(exp: Experiment) -> dict:
+    return {
+        "experiment": exp.config.name, "groups": exp.space.names, "widths": exp.space.widths.tolist(),
+        "min_widths": exp.space.min_widths.tolist(), "base_flops": exp.cost.base_flops,
+        "base_params": exp.cost.base_params, "base_val_acc": exp.base_val_acc, "num_classes": exp.data.num_classes,
+        "in_channels": exp.data.in_channels, "input_size": list(exp.data.image_size),
+        "config": exp.config.to_dict(),
+    }
+
+
+def run_search(cfg: SearchConfig, resume: bool = False, progress: bool = True) -> tuple[str, pa.Table]:
+    """Run (or resume) a search; return the experiment directory and its results table."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    from searchers import make_searcher
+    from trainables.score import ScoreJob, score_profile
+
+    cfg = cfg.resolved()
+    exp_dir = experiment_dir(cfg.storage, cfg.name)
+    if resume:
+        stored = results.load_metadata(exp_dir)["config"]  # the stored config is authoritative
+        cfg = dataclasses.replace(SearchConfig(**stored), address=cfg.address or stored.get("address"))
+    elif results.ResultsStore(exp_dir).exists():
+        raise ConfigError(f"experiment {cfg.name!r} already exists in {cfg.storage}; "
+                          "pass --resume to continue it or choose another --name")
+    exp = prepare(cfg, progress)
+    searcher = make_searcher(cfg.searcher, exp.space, exp.cost, budget=None if cfg.pareto else cfg.budget,
+                             seed=cfg.seed, model=exp.model, criterion=cfg.criterion, **cfg.searcher_options)
+    store = results.ResultsStore.create(exp_dir, _metadata(exp), resume=resume)
+    job = ScoreJob(model=exp.model, space=exp.space, cost=exp.cost, data=cfg.data, val_fraction=cfg.val_fraction,
+                   seed=cfg.seed, criterion=cfg.criterion, importance_batches=cfg.importance_batches,
+                   bn_batches=cfg.bn_batches, batch_size=cfg.batch_size, finetune_steps=cfg.finetune_steps,
+                   finetune_lr=cfg.finetune_lr, report_every=max(1, cfg.finetune_steps // 4) if cfg.asha else None)
+    init_ray(cfg.address)
+    trainable = tune.with_resources(tune.with_parameters(score_profile, job=job),
+                                    {"cpu": cfg.cpus_per_trial, "gpu": 0 if cfg.allow_cpu else cfg.gpus_per_trial})
+    if resume and tune.Tuner.can_restore(exp_dir):
+        tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=4, grace_period=1) if cfg.asha else None
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(metric="score", mode="max", num_samples=cfg.num_samples,
+                                        search_alg=ConcurrencyLimiter(searcher, max_concurrent=cfg.concurrency),
+                                        scheduler=scheduler, reuse_actors=True),
+            run_config=tune.RunConfig(
+                name=cfg.name, storage_path=cfg.storage, verbose=1 if progress else 0,
+                failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                callbacks=[results.ResultsCallback(store, cfg.name, cfg.searcher, exp.space.widths.tolist())]),
+        )
+    tuner.fit()
+    return exp_dir, results.load(exp_dir)
+
+
+def choose_trial(table: pa.Table, trial: str | None) -> dict:
+    """The row of `trial`, or the best-scoring successful row (validation score)."""
+    rows = [r for r in table.to_pylist() if r["status"] == "ok"]
+    if trial is not None:
+        match = [r for r in table.to_pylist() if r["trial_id"] == trial]
+        if not match:
+            raise WidthSearchError(f"no trial {trial!r} in this experiment")
+        if match[0]["status"] != "ok":
+            raise WidthSearchError(f"trial {trial!r} failed ({match[0]['error']}); pick another")
+        return match[0]
+    if not rows:
+        raise WidthSearchError("this experiment has no successful trial yet")
+    return max(rows, key=lambda r: (r["score"], -r["flops_ratio"]))
+
+
+def run_retrain(exp_dir: str, *, trial: str | None = None, epochs: int = 30, lr: float = 0.05,
+                from_scratch: bool = False, out: str | None = None, address: str | None = None,
+                cpus: float | None = None, gpus: float | None = None, progress: bool = True) -> dict:
+    """Retrain one profile of an experiment as a Tune trial, report test accuracy, export it to `out`."""
+    from ray import tune
+
+    from trainables.retrain import RetrainJob, build_pruned, retrain_profile
+
+    from .export import export
+
+    if epochs < 1:
+        raise ConfigError(f"epochs must be at least 1, got {epochs}")
+    if out is not None and Path(out).exists() and any(Path(out).iterdir()):
+        raise WidthSearchError(f"export folder {out} already exists and is not empty")
+    meta = results.load_metadata(exp_dir)
+    cfg = SearchConfig(**meta["config"])
+    row = choose_trial(results.load(exp_dir), trial)
+    exp = prepare(cfg, progress)
+    job = RetrainJob(model=exp.model, space=exp.space, cost=exp.cost, data=cfg.data, val_fraction=cfg.val_fraction,
+                     seed=cfg.seed, criterion=cfg.criterion, importance_batches=cfg.importance_batches,
+                     bn_batches=cfg.bn_batches, batch_size=cfg.batch_size, widths=list(row["widths"]), epochs=epochs,
+                     lr=lr, from_scratch=from_scratch, model_source=cfg.model, num_classes=exp.data.num_classes,
+                     in_channels=exp.data.in_channels)
+    init_ray(address or cfg.address)
+    gpus = cfg.gpus_per_trial if gpus is None else gpus
+    trainable = tune.with_resources(tune.with_parameters(retrain_profile, job=job),
+                                    {"cpu": cpus or cfg.cpus_per_trial, "gpu": 0 if cfg.allow_cpu else gpus})
+    name = f"retrain-{row['trial_id']}-e{epochs}" + ("-scratch" if from_scratch else "")
+    path = f"{exp_dir}/{name}"
+    if tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(num_samples=1),
+                           run_config=tune.RunConfig(name=name, storage_path=exp_dir, verbose=1 if progress else 0,
+                                                     failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
+    result = tuner.fit()[0]
+    if result.error is not None:
+        raise WidthSearchError(f"retraining trial {row['trial_id']} failed: {result.error}")
+    model = build_pruned(job, torch.device("cpu"))
+    with result.checkpoint.as_directory() as folder:
+        model.load_state_dict(torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)["model"])
+    profile = exp.space.from_vector(row["widths"])
+    summary = {
+        "experiment": cfg.name, "trial_id": row["trial_id"], "epochs": epochs, "from_scratch": from_scratch,
+        "search_val_acc": row["val_acc"], "val_acc": result.metrics["val_acc"], "test_acc": result.metrics["test_acc"],
+        "base_val_acc": exp.base_val_acc, "base_test_acc": evaluate(exp.model, exp.data, "test")[0],
+        "flops": exp.cost.flops(profile), "params": exp.cost.params(profile), "flops_ratio": exp.cost.flops_ratio(profile),
+        "base_flops": exp.cost.base_flops, "base_params": exp.cost.base_params,
+    }
+    if out is not None:
+        source = {"model": cfg.model, "num_classes": exp.data.num_classes, "in_channels": exp.data.in_channels,
+                  "input_size": list(exp.data.image_size), "frozen": cfg.frozen, "min_width": cfg.min_width,
+                  "divisor": cfg.divisor}
+        export(model, exp.model, out, profile=profile, source=source, metrics=summary,
+               example_input=exp.data.example_input)
+        summary["export"] = str(out)
+    return summary

@@ -1,0 +1,155 @@
+"""Training utilities: train or fine-tune, evaluate, adaptive BN recalibration, thread control."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import DataSplits
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """SGD with momentum and a cosine learning-rate schedule."""
+
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    label_smoothing: float = 0.0
+
+
+def set_threads(n: int | float | None) -> None:
+    """Limit torch's intra-op threads to the CPUs a trial was given (at least 1)."""
+    if n:
+        torch.set_num_threads(max(1, int(n)))
+
+
+def pick_device(gpus: float = 0) -> torch.device:
+    """CUDA when the caller was given a GPU and one is visible, else CPU."""
+    return torch.device("cuda") if gpus and torch.cuda.is_available() else torch.device("cpu")
+
+
+class Progress:
+    """A one-line progress bar on stderr (silent when disabled)."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True):
+        self.total, self.label, self.enabled = total, label, enabled
+        self.start = time.monotonic()
+        self.last = 0.0
+
+    def update(self, done: int, info: str = "") -> None:
+        now = time.monotonic()
+        if not self.enabled or (done < self.total and now - self.last < 0.2):
+            return
+        self.last = now
+        width = 30
+        filled = int(width * done / max(1, self.total))
+        eta = (now - self.start) / max(1, done) * (self.total - done)
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
+                         f"{info} eta {eta:4.0f}s ")
+        if done >= self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
+    """SGD + cosine annealing over `total_steps` steps."""
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                          weight_decay=config.weight_decay, nesterov=config.momentum > 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    return opt, sched
+
+
+def train(model: nn.Module, data: DataSplits, *, steps: int | None = None, epochs: int | None = None,
+          config: TrainConfig = TrainConfig(), seed: int = 0, device: torch.device | str = "cpu",
+          progress: bool | str = False, start_epoch: int = 0, state: dict | None = None,
+          on_epoch: Callable[[int, float, dict], None] | None = None) -> float:
+    """Train in place for `steps` optimiser steps or `epochs` epochs; return the mean training loss.
+
+    With epochs, `on_epoch(epoch, mean_loss, state)` runs after each epoch, where `state`
+    holds the optimiser and scheduler state for resuming (pass it back with `start_epoch`).
+    """
+    if (steps is None) == (epochs is None):
+        raise ValueError("give exactly one of steps or epochs")
+    device = torch.device(device)
+    model.to(device).train()
+    per_epoch = math.ceil(len(data.train) / config.batch_size)
+    total = steps if steps is not None else epochs * per_epoch
+    if total <= 0:
+        return float("nan")
+    opt, sched = make_optimizer(model, config, total)
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+    bar = Progress(total, progress if isinstance(progress, str) else "train", enabled=bool(progress))
+    losses: list[float] = []
+    done = start_epoch * per_epoch if epochs is not None else 0
+    if epochs is None:
+        stream = data.stream("train", config.batch_size, seed=seed, device=device)
+        epoch_iter = [(None, (next(stream) for _ in range(total)))]
+    else:
+        epoch_iter = ((e, data.batches("train", config.batch_size, seed=seed + e, device=device))
+                      for e in range(start_epoch, epochs))
+    for epoch, batches in epoch_iter:
+        epoch_losses = []
+        for x, y in batches:
+            loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            epoch_losses.append(loss.item())
+            done += 1
+            bar.update(done, f"loss {loss.item():.3f}")
+        losses += epoch_losses
+        if on_epoch is not None and epoch is not None:
+            mean = sum(epoch_losses) / max(1, len(epoch_losses))
+            on_epoch(epoch, mean, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+    return sum(losses) / max(1, len(losses))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: DataSplits, split: str = "val", batch_size: int = 512,
+             device: torch.device | str = "cpu") -> tuple[float, float]:
+    """Accuracy and mean cross-entropy loss on `split` (eval mode; mode restored after)."""
+    was_training = model.training
+    model.to(device).eval()
+    correct, loss_sum, n = 0, 0.0, 0
+    for x, y in data.batches(split, batch_size, shuffle=False, device=device):
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        n += len(y)
+    model.train(was_training)
+    return correct / max(1, n), loss_sum / max(1, n)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, data: DataSplits, num_batches: int = 20, batch_size: int = 128,
+                   seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:
+    """Adaptive BN (EagleEye): re-estimate BatchNorm running statistics on `num_batches` train batches."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or num_batches <= 0:
+        return model
+    was_training = model.training
+    model.to(device).train()
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the batches seen
+    stream = data.stream("train", batch_size, seed=seed, augment=False, device=device)
+    for _ in range(num_batches):
+        x, _ = next(stream)
+        model(x)
+    for bn, m in zip(bns, momenta):
+        bn.momentum = m
+    model.train(was_training)
+    return model
