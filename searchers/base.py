@@ -119,6 +119,8 @@ class WidthSearcher(Searcher):
 
     name: ClassVar[str] = ""
     OPTIONS: ClassVar[dict[str, Any]] = {}
+    trainable: ClassVar[str] = "score"      # the trainable its trials run (trainables.TRAINABLES)
+    enforce_budget: ClassVar[bool] = True   # False: the budget is a stopping target, not a per-trial bound
 
     def __init__(self, space: WidthSpace, cost: CostModel, *, budget: float | None = 0.5,
                  metric: str = "score", mode: str = "max", seed: int = 0, model: nn.Module | None = None,
@@ -236,7 +238,7 @@ class WidthSearcher(Searcher):
     def _checked(self, widths: np.ndarray) -> np.ndarray:
         """Validate bounds and, in budget mode, the FLOPs budget (repairing if needed)."""
         vector = self._space.vector(self._space.from_vector(widths))
-        if self.budget is not None and self.flops_ratio(vector) > self.budget:
+        if self.enforce_budget and self.budget is not None and self.flops_ratio(vector) > self.budget:
             logger.warning("searcher %r proposed a profile over budget %g; projecting it onto the budget",
                            self.name, self.budget)
             vector = self.project(vector / self._space.widths)

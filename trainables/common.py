@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-import socket
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,12 +40,40 @@ def cached_data(source: str, val_fraction: float, seed: int) -> DataSplits:
 
 
 def setup_trial() -> tuple[torch.device, str]:
-    """Torch threads = CPUs of this trial; CUDA when it has a GPU. Returns (device, node)."""
+    """Torch threads = CPUs of this trial; CUDA when it has a GPU. Returns (device, node as "IP/NODE_ID")."""
+    import ray
     from ray import tune
 
     resources = tune.get_context().get_trial_resources().required_resources
     set_threads(resources.get("CPU", 1))
-    return pick_device(resources.get("GPU", 0)), socket.gethostname()
+    node = f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()}"
+    return pick_device(resources.get("GPU", 0)), node
+
+
+def run_with_deadline(seconds: float | None, body: Callable[[], None]) -> None:
+    """Run `body`; if it is still running after `seconds`, raise TimeoutError naming trial_timeout_s.
+
+    The body runs in a daemon thread, so even a call stuck in C code cannot hold the trial past its
+    deadline; Tune discards the actor of a failed trial, and the stuck thread with it.
+    """
+    if seconds is None:
+        body()
+        return
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            body()
+        except BaseException as exc:  # handed to the trial's own thread below
+            errors.append(exc)
+
+    worker = threading.Thread(target=target, name="widthsearch-trial", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise TimeoutError(f"trial exceeded trial_timeout_s={seconds:g}")
+    if errors:
+        raise errors[0]
 
 
 def importance_batches(job: Job, data: DataSplits, device: torch.device) -> list | None:

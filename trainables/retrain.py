@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ class RetrainJob(Job):
     model_source: str
     num_classes: int
     in_channels: int
+    keep: dict | None = None      # explicit channels kept (searchers that choose channels, e.g. aofp)
+    weights: str | None = None    # dense-shaped weights those channels come from
 
 
 def build_pruned(job: RetrainJob, device: torch.device) -> torch.nn.Module:
@@ -35,6 +38,11 @@ def build_pruned(job: RetrainJob, device: torch.device) -> torch.nn.Module:
         torch.manual_seed(job.seed)
         fresh = load_model(job.model_source, job.num_classes, in_channels=job.in_channels)
         return prune(fresh, job.space, profile, "l1").to(device)
+    if job.keep is not None:
+        model = copy.deepcopy(job.model)
+        if job.weights:
+            model.load_state_dict(torch.load(job.weights, map_location="cpu", weights_only=True)["state_dict"])
+        return prune(model, job.space, keep=job.keep).to(device)
     data = cached_data(job.data, job.val_fraction, job.seed)
     return prune(job.model, job.space, profile, job.criterion,
                  importance_batches(job, data, device), seed=job.seed).to(device)

@@ -10,7 +10,7 @@ from ray import tune
 from widthsearch.surgery import prune
 from widthsearch.training import TrainConfig, evaluate, recalibrate_bn, train
 
-from .common import Job, cached_data, importance_batches, setup_trial
+from .common import Job, cached_data, importance_batches, run_with_deadline, setup_trial
 
 
 @dataclass
@@ -18,14 +18,21 @@ class ScoreJob(Job):
     finetune_steps: int
     finetune_lr: float
     report_every: int | None = None   # fine-tune in chunks and report each (for ASHA)
+    trial_timeout_s: float | None = None  # the trial fails with a TimeoutError past this many seconds
 
 
 def score_profile(config: dict, job: ScoreJob) -> None:
     """Prune to config["widths"] -> adaptive BN -> fine-tune k steps -> evaluate on val -> report.
 
     Reports score (= val accuracy), val_acc, val_loss, flops, params, flops_ratio, widths,
-    finetune_steps, criterion, wall_s, node, started_at and the searcher's payload.
+    finetune_steps, criterion, wall_s, node, started_at and the searcher's payload. A trial still
+    running after job.trial_timeout_s seconds fails with TimeoutError("trial exceeded trial_timeout_s=...").
     """
+    run_with_deadline(job.trial_timeout_s, lambda: _score(config, job))
+
+
+def _score(config: dict, job: ScoreJob) -> None:
+    """The body of score_profile."""
     started = time.time()
     device, node = setup_trial()
     data = cached_data(job.data, job.val_fraction, job.seed)

@@ -44,6 +44,7 @@ class SearchConfig:
     base_epochs: int = 8                # epochs of base training when no checkpoint is given
     base_lr: float = 0.05
     max_failures: int = 1               # retries of a crashed trial
+    trial_timeout_s: float | None = None  # a trial running longer fails with a TimeoutError; None: no limit
     min_width: int = 1
     divisor: int = 1                    # widths rounded to multiples of this (e.g. 8)
     frozen: list = field(default_factory=list)  # module names never pruned
@@ -67,6 +68,8 @@ class SearchConfig:
             _require(getattr(self, key) > 0, key, getattr(self, key), "positive")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
         _require(self.gpus_per_trial >= 0, "gpus_per_trial", self.gpus_per_trial, "at least 0")
+        _require(self.trial_timeout_s is None or self.trial_timeout_s > 0, "trial_timeout_s", self.trial_timeout_s,
+                 "positive (seconds) or empty")
         _require(self.min_width >= 1 and self.divisor >= 1, "min_width/divisor", (self.min_width, self.divisor),
                  "at least 1")
         if self.name and (os.sep in self.name or self.name.startswith(".")):

@@ -107,6 +107,19 @@ class ResultsStore:
         with self.fs.open_input_stream(self.meta_path) as f:
             return json.loads(f.read())
 
+    def read_bytes(self, name: str) -> bytes | None:
+        """The bytes of widthsearch/<name> (e.g. base.pt), or None when there is no such file."""
+        path = f"{self.root}/{name}"
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as f:
+            return f.read()
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write widthsearch/<name> atomically, creating the folder."""
+        self.fs.create_dir(self.root, recursive=True)
+        self._write_atomic(f"{self.root}/{name}", data)
+
     def write_row(self, row: dict) -> None:
         """Write one trial's row to rows/<trial_id>.parquet (replacing an earlier one); missing keys are null."""
         unknown = sorted(set(row) - set(SCHEMA.names))
@@ -171,6 +184,7 @@ class ResultsCallback(tune.Callback):
             self.store.write_row(self._row(trial, error="trial ended without reporting a score"))
             return
         row = self._row(trial, result)
+        row["status"] = result.get("status", "ok")  # searchers may mark helper trials, e.g. aofp "probe"
         row.update({key: result.get(key) for key in ("score", "val_acc", "val_loss", "flops", "params", "flops_ratio",
                                                      "finetune_steps", "criterion", "checkpoint")})
         row["wall_s"] = result.get("wall_s", result.get("time_total_s"))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,19 +45,29 @@ def experiment_dir(storage: str, name: str) -> str:
 
 
 def _base_model(cfg: SearchConfig, data: DataSplits, exp_dir: str, progress: bool) -> nn.Module:
-    """The given checkpoint, or the experiment's own base model (trained once, then reused on resume)."""
+    """The given checkpoint, or the experiment's own base model (trained once, then reused on resume).
+
+    The own one is EXP_DIR/widthsearch/base.pt, read and written through pyarrow.fs, so EXP_DIR may be a URI.
+    """
     if cfg.checkpoint:
         return load_model(cfg.model, data.num_classes, cfg.checkpoint, in_channels=data.in_channels)
-    own = Path(exp_dir) / "widthsearch" / "base.pt"
-    if own.is_file():
-        return load_model(cfg.model, data.num_classes, own, in_channels=data.in_channels)
-    torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, data.num_classes, in_channels=data.in_channels)
-    if progress:
-        print(f"no --checkpoint: training a base {cfg.model} on {cfg.data} for {cfg.base_epochs} epochs", file=sys.stderr)
-    train(model, data, epochs=max(1, cfg.base_epochs), config=TrainConfig(lr=cfg.base_lr, batch_size=cfg.batch_size),
-          seed=cfg.seed, progress="base model" if progress else False)
-    save_checkpoint(model, own, model_source=cfg.model, data=cfg.data, epochs=cfg.base_epochs)
+    store = results.ResultsStore(exp_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "base.pt"
+        saved = store.read_bytes("base.pt")
+        if saved is not None:
+            local.write_bytes(saved)
+            return load_model(cfg.model, data.num_classes, local, in_channels=data.in_channels)
+        torch.manual_seed(cfg.seed)
+        model = load_model(cfg.model, data.num_classes, in_channels=data.in_channels)
+        if progress:
+            print(f"no --checkpoint: training a base {cfg.model} on {cfg.data} for {cfg.base_epochs} epochs",
+                  file=sys.stderr)
+        train(model, data, epochs=max(1, cfg.base_epochs),
+              config=TrainConfig(lr=cfg.base_lr, batch_size=cfg.batch_size), seed=cfg.seed,
+              progress="base model" if progress else False)
+        save_checkpoint(model, local, model_source=cfg.model, data=cfg.data, epochs=cfg.base_epochs)
+        store.write_bytes("base.pt", local.read_bytes())
     return model
 
 
@@ -77,18 +89,29 @@ def prepare(cfg: SearchConfig, progress: bool = True) -> Experiment:
     return Experiment(cfg, exp_dir, data, model, space, CostModel(space, model), base_val_acc)
 
 
-def init_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Join `address` (or RAY_ADDRESS); otherwise start a local Ray with this machine's CPUs."""
+def init_ray(address: str | None, num_cpus: int | None = None, gpus_per_trial: float = 0.0) -> None:
+    """Join `address` (or RAY_ADDRESS); otherwise start a local Ray with this machine's CPUs.
+
+    Then fail fast (ConfigError) when a trial asks for more GPUs than the whole cluster has.
+    """
     import ray
 
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    kwargs = {"include_dashboard": False, "log_to_driver": True}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        kwargs = {"include_dashboard": False, "log_to_driver": True}
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
+    _check_gpus(gpus_per_trial, ray.cluster_resources().get("GPU", 0))
+
+
+def _check_gpus(gpus_per_trial: float, cluster_gpus: float) -> None:
+    """Raise ConfigError when a trial's GPUs exceed the cluster's (its trials would wait forever)."""
+    if gpus_per_trial > cluster_gpus:
+        raise ConfigError(f"gpus_per_trial is {gpus_per_trial:g} but the Ray cluster has {cluster_gpus:g} GPUs; "
+                          "start GPU nodes (an autoscaling cluster needs min_workers >= 1 of a GPU node type), "
+                          "lower gpus_per_trial, or pass --allow-cpu to run on CPUs")
 
 
 def _metadata(exp: Experiment) -> dict:
@@ -101,6 +124,21 @@ def _metadata(exp: Experiment) -> dict:
     }
 
 
+def _trial_job(cfg: SearchConfig, exp: Experiment, kind: str):
+    """The trainable a searcher drives, and the job shipped to its trials."""
+    common = dict(model=exp.model, space=exp.space, cost=exp.cost, data=cfg.data, val_fraction=cfg.val_fraction,
+                  seed=cfg.seed, criterion=cfg.criterion, importance_batches=cfg.importance_batches,
+                  bn_batches=cfg.bn_batches, batch_size=cfg.batch_size)
+    if kind == "aofp":
+        from trainables.aofp import AofpJob, aofp_step
+
+        return aofp_step, AofpJob(**common, versions_dir=f"{exp.exp_dir}/widthsearch/aofp")
+    from trainables.score import ScoreJob, score_profile
+
+    return score_profile, ScoreJob(**common, finetune_steps=cfg.finetune_steps, finetune_lr=cfg.finetune_lr,
+                                   report_every=max(1, cfg.finetune_steps // 4) if cfg.asha else None)
+
+
 def run_search(cfg: SearchConfig, resume: bool = False, progress: bool = True) -> tuple[str, pa.Table]:
     """Run (or resume) a search; return the experiment directory and its results table."""
     from ray import tune
@@ -108,7 +146,6 @@ def run_search(cfg: SearchConfig, resume: bool = False, progress: bool = True) -
     from ray.tune.search import ConcurrencyLimiter
 
     from searchers import make_searcher
-    from trainables.score import ScoreJob, score_profile
 
     cfg = cfg.resolved()
     exp_dir = experiment_dir(cfg.storage, cfg.name)
@@ -122,12 +159,9 @@ def run_search(cfg: SearchConfig, resume: bool = False, progress: bool = True) -
     searcher = make_searcher(cfg.searcher, exp.space, exp.cost, budget=None if cfg.pareto else cfg.budget,
                              seed=cfg.seed, model=exp.model, criterion=cfg.criterion, **cfg.searcher_options)
     store = results.ResultsStore.create(exp_dir, _metadata(exp), resume=resume)
-    job = ScoreJob(model=exp.model, space=exp.space, cost=exp.cost, data=cfg.data, val_fraction=cfg.val_fraction,
-                   seed=cfg.seed, criterion=cfg.criterion, importance_batches=cfg.importance_batches,
-                   bn_batches=cfg.bn_batches, batch_size=cfg.batch_size, finetune_steps=cfg.finetune_steps,
-                   finetune_lr=cfg.finetune_lr, report_every=max(1, cfg.finetune_steps // 4) if cfg.asha else None)
+    trainable_fn, job = _trial_job(cfg, exp, searcher.trainable)
     init_ray(cfg.address)
-    trainable = tune.with_resources(tune.with_parameters(score_profile, job=job),
+    trainable = tune.with_resources(tune.with_parameters(trainable_fn, job=job),
                                     {"cpu": cfg.cpus_per_trial, "gpu": 0 if cfg.allow_cpu else cfg.gpus_per_trial})
     if resume and tune.Tuner.can_restore(exp_dir):
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -162,6 +196,14 @@ def choose_trial(table: pa.Table, trial: str | None) -> dict:
     return max(rows, key=lambda r: (r["score"], -r["flops_ratio"]))
 
 
+def _chosen_channels(row: dict) -> dict:
+    """keep/weights of a row whose searcher chose the channels itself (its payload has "keep")."""
+    payload = json.loads(row["payload"]) if row.get("payload") else {}
+    if not isinstance(payload, dict) or "keep" not in payload:
+        return {}
+    return {"keep": payload["keep"], "weights": row.get("checkpoint")}
+
+
 def run_retrain(exp_dir: str, *, trial: str | None = None, epochs: int = 30, lr: float = 0.05,
                 from_scratch: bool = False, out: str | None = None, address: str | None = None,
                 cpus: float | None = None, gpus: float | None = None, progress: bool = True) -> dict:
@@ -184,7 +226,7 @@ def run_retrain(exp_dir: str, *, trial: str | None = None, epochs: int = 30, lr:
                      seed=cfg.seed, criterion=cfg.criterion, importance_batches=cfg.importance_batches,
                      bn_batches=cfg.bn_batches, batch_size=cfg.batch_size, widths=list(row["widths"]), epochs=epochs,
                      lr=lr, from_scratch=from_scratch, model_source=cfg.model, num_classes=exp.data.num_classes,
-                     in_channels=exp.data.in_channels)
+                     in_channels=exp.data.in_channels, **_chosen_channels(row))
     init_ray(address or cfg.address)
     gpus = cfg.gpus_per_trial if gpus is None else gpus
     trainable = tune.with_resources(tune.with_parameters(retrain_profile, job=job),
