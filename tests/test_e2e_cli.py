@@ -148,3 +148,20 @@ def test_mismatched_checkpoint_and_existing_name(base_ckpt, tmp_path):
     (meta / "experiment.json").write_text("{}")
     proc = cli("search", "--name", "taken", "--storage", str(tmp_path), "--checkpoint", str(base_ckpt), ok=False)
     assert proc.returncode == 2 and "already exists" in proc.stderr and "--resume" in proc.stderr
+
+
+def test_aofp_search_traces_a_trajectory_and_retrains_its_channels(base_ckpt, tmp_path):
+    out = cli("search", "--name", "aofp", "--storage", str(tmp_path), "--checkpoint", str(base_ckpt),
+              "--searcher", "aofp", "--budget", "0.8", "--num-samples", "500", "--option", "window=4",
+              "--option", "commit_steps=5", "--option", "epsilon=0.05", *FAST)
+    table = rows(tmp_path / "aofp")
+    commits = sorted((r for r in table if r["status"] == "ok"), key=lambda r: json.loads(r["payload"])["version"])
+    probes = [r for r in table if r["status"] == "probe"]
+    assert len(probes) == 2 * len(commits) and commits, out.stdout
+    ratios = [r["flops_ratio"] for r in commits]
+    assert ratios == sorted(ratios, reverse=True) and ratios[-1] <= 0.8 < ratios[0]
+    assert all(Path(r["checkpoint"]).is_file() for r in commits)
+
+    summary = json.loads(cli("retrain", "aofp", "--storage", str(tmp_path), "--trial", commits[-1]["trial_id"],
+                             "--epochs", "1", "--quiet").stdout)
+    assert summary["flops_ratio"] == ratios[-1]

@@ -257,6 +257,7 @@ def test_real_tune_run(tmp_path):
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         tune.Tuner(trainable, param_space={"widths": tune.grid_search([[1, 2], [2, 2], [3, 3]])},
+                   tune_config=tune.TuneConfig(reuse_actors=True),  # fewer worker start-ups: faster
                    run_config=tune.RunConfig(name="run", storage_path=str(tmp_path), verbose=0,
                                              callbacks=[ResultsCallback(store, "run", "grid", [3, 3])],
                                              failure_config=tune.FailureConfig(max_failures=0))).fit()

@@ -285,3 +285,17 @@ def test_pickle_drops_the_model(resnet20):
 def test_empty_space_rejected():
     with pytest.raises(WidthSearchError, match="no prunable channel group"):
         WidthSpace([], X32)
+
+
+def test_groups_touching_grouped_convs_are_left_out():
+    """torch-pruning cannot shrink the channels of a ResNeXt-style grouped conv safely: those groups are locked."""
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, groups=2),
+                          nn.ReLU(), nn.Conv2d(16, 12, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 4))
+    space = build_space(model, torch.randn(1, 3, 16, 16))
+    assert space.names == ["5"]  # the plain conv's output; the two groups around the grouped conv are locked
+    from widthsearch import CostModel, prune
+
+    small = prune(model, space, space.uniform(0.5))
+    assert small(torch.randn(2, 3, 16, 16)).shape == (2, 4) and CostModel(space).flops(space.uniform(0.5)) > 0

@@ -148,7 +148,8 @@ def aofp_step(config: dict, job: AofpJob) -> None:
                      # one JSON string: Tune flattens nested dicts before the searcher sees them
                      "damages": json.dumps({"sum": {n: v.tolist() for n, v in sums.items()},
                                             "count": {n: c.tolist() for n, c in counts.items()}}),
-                     "payload": json.dumps({"phase": "probe", "version": payload["version"], "round": payload["round"]}),
+                     "payload": json.dumps({"phase": "probe", "version": payload["version"], "round": payload["round"],
+                                            "loss_evals": evals, "batches": payload["window"]}),
                      "wall_s": time.time() - started})
         return
     version = payload["version"] + 1

@@ -120,7 +120,7 @@ def _frs(model, groups, batches, seed):
     device = _device(model)
     taps: dict[str, list[nn.Module]] = {}
     for name, group in groups.items():
-        outs = [d.target.module for d, _ in group if tp.DependencyGraph.is_out_channel_pruning_fn(None, d.handler)]
+        outs = [d.target.module for d, _ in group if group._DG.is_out_channel_pruning_fn(d.handler)]
         bns = [m for m in outs if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         taps[name] = bns or [m for m in outs if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
     outputs: dict[nn.Module, torch.Tensor] = {}

@@ -201,6 +201,11 @@ class WidthSpace:
         return [{**asdict(g), "layers": list(g.layers)} for g in self.groups]
 
 
+def _grouped(module) -> bool:
+    """A grouped convolution that is not depthwise (ResNeXt-style)."""
+    return isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.in_channels
+
+
 def build_space(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -230,8 +235,8 @@ def build_space(
     for group in graph.get_all_groups(ignored_layers=ignored):
         root = group[0].dep.target.module
         width = len(group[0].idxs)
-        if width <= floor:
-            continue
+        if width <= floor or any(_grouped(d.target.module) for d, _ in group):
+            continue  # too narrow to shrink, or touches a grouped conv torch-pruning cannot shrink safely
         layers = tuple(dict.fromkeys(names[d.target.module] for d, _ in group if d.target.module in names))
         groups.append(ChannelGroup(names[root], width, floor, divisor, layers))
     order = {n: i for i, n in enumerate(modules)}

@@ -15,7 +15,7 @@ import torch_pruning as tp
 from torch import nn
 
 from .errors import ProfileError
-from .importance import Batches, score_channels
+from .importance import Batches, get_criterion, score_channels
 from .space import WidthSpace, dependency_graph, root_group
 
 Keep = dict[str, list[int]]
@@ -31,6 +31,7 @@ def _plan(work: nn.Module, graph: tp.DependencyGraph, space: WidthSpace, profile
     modules = dict(work.named_modules())
     if keep is not None:
         return _check_keep(space, keep)
+    get_criterion(criterion)  # a bad name fails even when nothing shrinks
     profile = space.validate(profile)
     shrinking = [g for g in space.groups if profile[g.name] < g.width]
     groups = {g.name: root_group(graph, modules[g.name], range(g.width)) for g in shrinking}

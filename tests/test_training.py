@@ -1,0 +1,159 @@
+"""Tests for widthsearch.training: train, evaluate, BN recalibration and thread control."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from widthsearch import load_model
+from widthsearch.training import TrainConfig, evaluate, pick_device, recalibrate_bn, set_threads, train
+
+
+def small(digits, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return load_model("small_cnn", num_classes=digits.num_classes, in_channels=digits.in_channels)
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    model = small(digits)
+    loss = train(model, digits, steps=200, config=TrainConfig(lr=0.05, batch_size=64), seed=0)
+    return model, loss
+
+
+def test_train_reaches_good_accuracy(digits, trained):
+    model, loss = trained
+    assert model.training  # train leaves the model in train mode
+    assert math.isfinite(loss) and 0 < loss < 1.0
+    acc, val_loss = evaluate(model, digits, "val")
+    assert acc > 0.85, acc
+    assert val_loss < 0.6
+    untrained_acc, untrained_loss = evaluate(small(digits), digits, "val")
+    assert untrained_acc < 0.5 and untrained_loss > val_loss
+
+
+def test_train_is_deterministic(digits):
+    a, b = small(digits), small(digits)
+    la = train(a, digits, steps=5, seed=3)
+    lb = train(b, digits, steps=5, seed=3)
+    assert la == lb
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    c = small(digits)
+    train(c, digits, steps=5, seed=4)
+    assert not torch.equal(c.fc.weight, a.fc.weight)
+
+
+def test_evaluate_matches_manual_computation_and_restores_mode(digits, trained):
+    model, _ = trained
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for mode in (True, False):
+        model.train(mode)
+        acc, loss = evaluate(model, digits, "val", batch_size=50)
+        assert model.training is mode
+        assert 0.0 <= acc <= 1.0 and loss >= 0
+    # evaluate touches no parameter or BN statistic
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.eval()
+    x, y = next(digits.batches("val", len(digits.val), shuffle=False))
+    with torch.no_grad():
+        logits = model(x)
+    assert acc == pytest.approx((logits.argmax(1) == y).float().mean().item())
+    assert loss == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    test_acc, _ = evaluate(model, digits, "test")
+    assert test_acc > 0.8
+    with pytest.raises(ValueError, match="unknown split 'nope'"):
+        evaluate(model, digits, "nope")
+    model.train()
+
+
+def test_recalibrate_bn(digits, trained):
+    model, _ = trained
+    model = type(model)(digits.num_classes, digits.in_channels)
+    model.load_state_dict(trained[0].state_dict())
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    bns[1].momentum = 0.3
+    for bn in bns:  # garbage statistics
+        bn.running_mean.fill_(5.0)
+        bn.running_var.fill_(9.0)
+    model.eval()
+    out = recalibrate_bn(model, digits, num_batches=1, batch_size=64, seed=2)
+    assert out is model
+    assert not model.training  # mode restored
+    assert [bn.momentum for bn in bns] == [0.1, 0.3, 0.1]  # momentum restored
+    # one batch with cumulative averaging: the first BN's statistics are exactly that batch's
+    x, _ = next(digits.stream("train", 64, seed=2, augment=False))
+    with torch.no_grad():
+        features = model.features[0](x)
+    torch.testing.assert_close(bns[0].running_mean, features.mean((0, 2, 3)), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(bns[0].running_var, features.var((0, 2, 3), unbiased=True), atol=1e-5, rtol=1e-4)
+    assert all(bn.num_batches_tracked.item() == 1 for bn in bns)
+    assert all(not torch.allclose(bn.running_mean, torch.full_like(bn.running_mean, 5.0)) for bn in bns)
+    # recalibrated statistics recover the accuracy the garbage ones destroyed
+    assert evaluate(model, digits)[0] > 0.8
+
+    model.train()
+    recalibrate_bn(model, digits, num_batches=3, batch_size=32)
+    assert model.training and all(bn.num_batches_tracked.item() == 3 for bn in bns)
+    assert [bn.momentum for bn in bns] == [0.1, 0.3, 0.1]
+
+
+def test_recalibrate_bn_noop_cases(digits):
+    model = small(digits)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert recalibrate_bn(model, digits, num_batches=0) is model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    assert recalibrate_bn(plain, digits) is plain
+
+
+def test_train_epochs_calls_on_epoch(digits):
+    model = small(digits)
+    calls = []
+    config = TrainConfig(batch_size=256)
+    loss = train(model, digits, epochs=2, config=config, on_epoch=lambda e, l, s: calls.append((e, l, s)))
+    assert [c[0] for c in calls] == [0, 1]
+    assert all(math.isfinite(c[1]) for c in calls)
+    assert loss == pytest.approx((calls[0][1] * 6 + calls[1][1] * 6) / 12)  # 1293 images: 6 batches/epoch
+    state = calls[-1][2]
+    assert set(state) == {"optimizer", "scheduler"}
+    assert state["scheduler"]["last_epoch"] == 12
+
+    # resume: only the remaining epoch runs, from the saved optimiser and scheduler state
+    resumed = []
+    train(model, digits, epochs=3, config=config, start_epoch=2, state=state,
+          on_epoch=lambda e, l, s: resumed.append((e, s)))
+    assert [e for e, _ in resumed] == [2]
+    assert resumed[0][1]["scheduler"]["last_epoch"] == 18
+
+
+def test_train_steps_and_epochs_exclusive(digits):
+    model = small(digits)
+    for kwargs in ({}, {"steps": 3, "epochs": 1}):
+        with pytest.raises(ValueError, match="give exactly one of steps or epochs"):
+            train(model, digits, **kwargs)
+    assert math.isnan(train(model, digits, steps=0))
+
+
+def test_set_threads():
+    threads = torch.get_num_threads()
+    try:
+        set_threads(2)
+        assert torch.get_num_threads() == 2
+        set_threads(None)
+        set_threads(0)
+        assert torch.get_num_threads() == 2  # no limit given: unchanged
+        set_threads(0.5)
+        assert torch.get_num_threads() == 1  # a fractional CPU share still gets one thread
+        set_threads(2.7)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_pick_device():
+    assert pick_device(0) == torch.device("cpu")
+    assert pick_device(1) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
