@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -60,6 +59,17 @@ def test_results_and_base_model_on_a_file_uri(tmp_path, digits):
     assert (tmp_path / "uri" / "widthsearch" / "rows" / "t1.parquet").is_file()
 
 
+def test_trial_timeout_is_a_checked_config_key():
+    from widthsearch.cli import _search_overrides, build_parser
+    from widthsearch.config import SearchConfig, load_config
+
+    assert SearchConfig().trial_timeout_s is None
+    assert load_config(None, _search_overrides(build_parser().parse_args(
+        ["search", "--trial-timeout-s", "90"]))).trial_timeout_s == 90.0
+    with pytest.raises(ConfigError, match="'trial_timeout_s' must be positive"):
+        SearchConfig(trial_timeout_s=0)
+
+
 def test_hung_trial_times_out_and_out_of_memory_is_an_error_row(tmp_path, digits, monkeypatch):
     import ray
     from ray import tune
@@ -102,11 +112,16 @@ def test_hung_trial_times_out_and_out_of_memory_is_an_error_row(tmp_path, digits
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def marks(tmp_path_factory) -> Path:
+    """Where the flaky model's trials on the cluster leave one file per node they run on."""
+    return tmp_path_factory.mktemp("marks")
+
+
+@pytest.fixture(scope="module")
+def cluster(marks):
     """A real 3-node Ray cluster (1 CPU each); workers inherit the flaky model's slow-down and node marks."""
     from ray.cluster_utils import Cluster
 
-    marks = tmp_path_factory.mktemp("marks")
     slow = {"WIDTHSEARCH_TEST_SLOW_S": "0.2", "WIDTHSEARCH_TEST_MARK_DIR": str(marks)}
     fast_health = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}  # notice a dead node in ~2 s
     with pytest.MonkeyPatch.context() as env:
@@ -121,7 +136,6 @@ def cluster(tmp_path_factory):
         except BaseException:
             nodes.shutdown()
             raise
-    nodes.marks = marks
     try:
         yield nodes
     finally:
@@ -159,7 +173,7 @@ def test_search_spreads_over_nodes_and_reads_back_from_uri(cluster, tmp_path):
     assert sorted(r["trial_id"] for r in listed) == sorted(r["trial_id"] for r in table)
 
 
-def test_killed_worker_node_trials_are_retried_elsewhere(cluster, tmp_path):
+def test_killed_worker_node_trials_are_retried_elsewhere(cluster, marks, tmp_path):
     """Runs last: removes a worker node (its raylet and all) while one of its trials is running."""
     storage = tmp_path.as_uri()
     workers = {n.node_id: n for n in cluster.worker_nodes}
@@ -169,15 +183,15 @@ def test_killed_worker_node_trials_are_retried_elsewhere(cluster, tmp_path):
                                          cluster.address, "--model", "tests.fixtures.flaky_model:make",
                                          "--max-failures", "1", *SMALL], cwd=ROOT, stdout=out, stderr=out)
     try:
-        deadline, killed = time.monotonic() + 60, None
+        deadline, killed = time.monotonic() + 45, None
         while killed is None and driver.poll() is None and time.monotonic() < deadline:
-            busy = [p.name for p in cluster.marks.iterdir() if p.name in workers]  # a trial runs there now
+            busy = [p.name for p in marks.iterdir() if p.name in workers]  # a trial runs there now
             if busy:
                 killed = busy[0]
                 cluster.remove_node(workers[killed], allow_graceful=False)
             time.sleep(0.1)
         assert killed, "no trial started on a worker node"
-        driver.wait(timeout=75)
+        driver.wait(timeout=60)
         assert driver.returncode == 0, log.read_text()[-4000:]
     finally:
         if driver.poll() is None:

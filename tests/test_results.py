@@ -240,6 +240,21 @@ def test_callback_rows(store, exp_dir, tmp_path):
     assert silent["status"] == "error" and "without reporting" in silent["error"]
 
 
+def test_rows_of_trials_the_run_does_not_know_are_set_aside(store, exp_dir, tmp_path):
+    """A resumed run (Tune state from before the kill) must not count a row from after its snapshot."""
+    callback = ResultsCallback(store, "exp", "random", [4, 8])
+    trials = [fake_trial(tmp_path, t, {"score": 0.5, "widths": [2, 4]}) for t in ("t1", "t2", "late")]
+    for trial in trials:
+        callback.on_trial_complete(iteration=1, trials=trials, trial=trial)
+    callback.on_experiment_end(trials=trials[:2])
+    assert ids(load(exp_dir)) == ["t1", "t2"]
+    assert store.trial_ids() == ["t1", "t2"]
+    kept = Path(exp_dir) / "widthsearch" / "orphaned_rows" / "late.parquet"
+    assert pq.read_table(kept).column("trial_id").to_pylist() == ["late"]  # moved, not deleted
+    callback.on_experiment_end(trials=trials[:2])  # idempotent
+    assert ids(load(exp_dir)) == ["t1", "t2"] and kept.is_file()
+
+
 @pytest.mark.slow
 def test_real_tune_run(tmp_path):
     ray = pytest.importorskip("ray")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,11 @@ _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 @dataclass
 class AofpJob(Job):
     versions_dir: str
+
+
+def trial_job(cfg, exp_dir: str, common: dict) -> tuple[Callable, AofpJob]:
+    """aofp_step and its job: model versions live under EXP/widthsearch/aofp."""
+    return aofp_step, AofpJob(**common, versions_dir=f"{exp_dir}/widthsearch/aofp")
 
 
 def version_path(versions_dir: str, version: int) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ray import tune
@@ -19,6 +20,13 @@ class ScoreJob(Job):
     finetune_lr: float
     report_every: int | None = None   # fine-tune in chunks and report each (for ASHA)
     trial_timeout_s: float | None = None  # the trial fails with a TimeoutError past this many seconds
+
+
+def trial_job(cfg, exp_dir: str, common: dict) -> tuple[Callable, ScoreJob]:
+    """score_profile and its job, from a SearchConfig and the fields every Job shares."""
+    return score_profile, ScoreJob(**common, finetune_steps=cfg.finetune_steps, finetune_lr=cfg.finetune_lr,
+                                   report_every=max(1, cfg.finetune_steps // 4) if cfg.asha else None,
+                                   trial_timeout_s=cfg.trial_timeout_s)
 
 
 def score_profile(config: dict, job: ScoreJob) -> None:

@@ -15,7 +15,7 @@ import math
 import os
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 
@@ -82,6 +82,7 @@ class ResultsStore:
         self.fs, root = _filesystem(exp_dir)
         self.root = f"{root.rstrip('/')}/widthsearch"
         self.rows = f"{self.root}/rows"
+        self.orphans = f"{self.root}/orphaned_rows"
         self.meta_path = f"{self.root}/experiment.json"
 
     @classmethod
@@ -132,6 +133,18 @@ class ResultsStore:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         self._write_atomic(f"{self.rows}/{trial_id}.parquet", sink.getvalue().to_pybytes())
+
+    def trial_ids(self) -> list[str]:
+        """The trial ids that have a row."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.rows, allow_not_found=True))
+        return sorted(i.base_name[:-len(".parquet")] for i in infos if i.type == pafs.FileType.File
+                      and i.base_name.endswith(".parquet") and not i.base_name.startswith("."))
+
+    def set_aside(self, trial_ids: Iterable[str]) -> None:
+        """Move these trials' rows out of the table, to widthsearch/orphaned_rows/ (kept, not loaded)."""
+        self.fs.create_dir(self.orphans, recursive=True)
+        for trial_id in trial_ids:
+            self.fs.move(f"{self.rows}/{trial_id}.parquet", f"{self.orphans}/{trial_id}.parquet")
 
     def _write_atomic(self, path: str, data: bytes) -> None:
         """Write to a hidden temp name in the same folder, then move it onto `path`."""
@@ -196,6 +209,13 @@ class ResultsCallback(tune.Callback):
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         self.store.write_row(self._row(trial, error=_trial_error(trial)))
 
+    def on_experiment_end(self, trials: list, **info) -> None:
+        """Set aside rows of trials this run does not know: a driver killed between a trial's end and Tune's
+        next experiment snapshot leaves a row that the resumed run (searcher state from that snapshot)
+        proposes and evaluates again under a new trial id; without this, a resume would add a row."""
+        known = {trial.trial_id for trial in trials}
+        self.store.set_aside(t for t in self.store.trial_ids() if t not in known)
+
     def _row(self, trial, result: dict | None = None, error: str | None = None) -> dict:
         """The fields known for any trial: ids, status, widths and payload (from the result, else the config)."""
         config, result = trial.config or {}, result or {}
@@ -220,9 +240,7 @@ def load(exp_dir: str) -> pa.Table:
     """All rows of an experiment (ordered by trial_id), with the group metadata on the schema."""
     store = ResultsStore(exp_dir)
     schema = _schema(store.metadata())
-    infos = store.fs.get_file_info(pafs.FileSelector(store.rows, allow_not_found=True))
-    paths = [i.path for i in infos if i.type == pafs.FileType.File
-             and i.base_name.endswith(".parquet") and not i.base_name.startswith(".")]
+    paths = [f"{store.rows}/{trial_id}.parquet" for trial_id in store.trial_ids()]
     if not paths:
         return schema.empty_table()
     table = ds.dataset(paths, schema=schema, format="parquet", filesystem=store.fs).to_table()

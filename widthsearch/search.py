@@ -125,18 +125,13 @@ def _metadata(exp: Experiment) -> dict:
 
 
 def _trial_job(cfg: SearchConfig, exp: Experiment, kind: str):
-    """The trainable a searcher drives, and the job shipped to its trials."""
+    """The trainable a searcher drives (module trainables/<kind>.py), and the job shipped to its trials."""
+    import importlib
+
     common = dict(model=exp.model, space=exp.space, cost=exp.cost, data=cfg.data, val_fraction=cfg.val_fraction,
                   seed=cfg.seed, criterion=cfg.criterion, importance_batches=cfg.importance_batches,
                   bn_batches=cfg.bn_batches, batch_size=cfg.batch_size)
-    if kind == "aofp":
-        from trainables.aofp import AofpJob, aofp_step
-
-        return aofp_step, AofpJob(**common, versions_dir=f"{exp.exp_dir}/widthsearch/aofp")
-    from trainables.score import ScoreJob, score_profile
-
-    return score_profile, ScoreJob(**common, finetune_steps=cfg.finetune_steps, finetune_lr=cfg.finetune_lr,
-                                   report_every=max(1, cfg.finetune_steps // 4) if cfg.asha else None)
+    return importlib.import_module(f"trainables.{kind}").trial_job(cfg, exp.exp_dir, common)
 
 
 def run_search(cfg: SearchConfig, resume: bool = False, progress: bool = True) -> tuple[str, pa.Table]:
