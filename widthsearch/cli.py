@@ -1,4 +1,4 @@
-"""`widthsearch` command line: search, results, retrain, train-base."""
+"""`widthsearch` command line: search, results, retrain, report, train-base."""
 
 from __future__ import annotations
 
@@ -125,6 +125,15 @@ def cmd_train_base(args: argparse.Namespace) -> None:
     print(f"val accuracy {acc:.4f} (loss {loss:.4f}); saved {args.out}")
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import write_report
+    from .search import experiment_dir
+
+    out = args.out or f"{args.experiment}-report"
+    paths = write_report(experiment_dir(_storage(args.storage), args.experiment), out, top=args.top)
+    print("\n".join(paths))
+
+
 def _storage(storage: str) -> str:
     from .config import SearchConfig
 
@@ -161,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-trial", type=float)
     p.add_argument("--quiet", action="store_true")
 
+    p = sub.add_parser("report", help="Pareto plot and best width profiles of an experiment (PNG + HTML)")
+    p.add_argument("experiment")
+    p.add_argument("--storage", default="runs")
+    p.add_argument("--out", help="folder for pareto.png, profiles.png, index.html (default EXP-report)")
+    p.add_argument("--top", type=int, default=3, help="how many best candidates to draw")
+
     p = sub.add_parser("train-base", help="train a base model and save a checkpoint")
     p.add_argument("--model", default="small_cnn")
     p.add_argument("--data", default="digits")
@@ -174,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"search": cmd_search, "results": cmd_results, "retrain": cmd_retrain, "train-base": cmd_train_base}
+COMMANDS = {"search": cmd_search, "results": cmd_results, "retrain": cmd_retrain, "report": cmd_report,
+            "train-base": cmd_train_base}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

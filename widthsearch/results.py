@@ -307,7 +307,8 @@ def query(table: pa.Table, *, pareto: bool = False, max_flops: float | None = No
     return table
 
 
-def _cell(value) -> str:
+def cell_text(value) -> str:
+    """A table cell: "-" for null, floats to 4 decimals."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -325,7 +326,7 @@ def _widths_preview(widths: list | None, shown: int = 6) -> str:
 def _plain(table: pa.Table) -> str:
     """Aligned text columns: the readable subset plus a widths preview; numbers right-aligned."""
     names = [n for n in _TABLE_COLUMNS if n in table.column_names]
-    rows = [[_cell(r[n]) for n in names] + [_widths_preview(r.get("widths"))] for r in table.to_pylist()]
+    rows = [[cell_text(r[n]) for n in names] + [_widths_preview(r.get("widths"))] for r in table.to_pylist()]
     header = names + ["widths"]
     sizes = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     numeric = [n in table.column_names and (pa.types.is_integer(table.schema.field(n).type)
