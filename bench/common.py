@@ -12,6 +12,7 @@ from widthsearch import load_data, load_model, save_checkpoint
 from widthsearch.training import TrainConfig, evaluate, train
 
 CACHE = Path(__file__).resolve().parent / "cache"
+RESULTS = Path(__file__).resolve().parent / "results"  # JSON figures that bench/report.py turns into RESULTS.md
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cifar10-5k.npz"
 
 

@@ -11,6 +11,7 @@ experiment excluded; they are reported separately as "setup s").
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DEFAULT_DATA, base_checkpoint  # noqa: E402
+from common import DEFAULT_DATA, RESULTS, base_checkpoint  # noqa: E402
 
 from widthsearch.config import SearchConfig  # noqa: E402
 from widthsearch.search import run_search  # noqa: E402
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--data", default=f"npz:{DEFAULT_DATA}")
     parser.add_argument("--model", default="cifar_resnet20")
+    parser.add_argument("--out", default=str(RESULTS / "throughput.json"))
     args = parser.parse_args()
     trials, steps, epochs = (6, 20, 3) if args.quick else (16, 100, 15)
     ckpt, info = base_checkpoint(args.model, args.data, epochs)
@@ -49,6 +51,11 @@ def main() -> None:
             compute = sum(table.column("wall_s").to_pylist())
             rows.append((concurrency, table.num_rows, total - span, span, compute, 3600 * table.num_rows / span,
                          1 - compute / (span * concurrency)))
+    keys = ("concurrency", "trials", "setup_s", "span_s", "trial_s", "trials_per_hour", "overhead")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({
+        "mode": "quick" if args.quick else "full", "date": time.strftime("%Y-%m-%d"), "model": args.model,
+        "data": args.data, "finetune_steps": steps, "base": info, "rows": [dict(zip(keys, r)) for r in rows]}, indent=1))
     print(f"\n{trials} trials of {steps} fine-tune steps each, {args.model}, data {args.data}\n")
     print("| concurrency | trials | setup s | span s | summed trial s | trials/hour | Ray overhead |")
     print("|---|---|---|---|---|---|---|")

@@ -94,7 +94,7 @@ def test_hung_trial_times_out_and_out_of_memory_is_an_error_row(tmp_path, digits
         tune.Tuner(
             tune.with_resources(tune.with_parameters(score_profile, job=job), {"cpu": 1}),
             param_space={"widths": tune.grid_search([hang, oom, fine])},
-            tune_config=tune.TuneConfig(time_budget_s=60),  # bounds this test if the deadline does not fire
+            tune_config=tune.TuneConfig(time_budget_s=240),  # bounds this test if the deadline does not fire
             run_config=tune.RunConfig(name="faults", storage_path=str(tmp_path), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=0),
                                       callbacks=[ResultsCallback(store, "faults", "grid", space.widths.tolist())]),

@@ -12,7 +12,8 @@ from . import results
 from .errors import WidthSearchError
 
 
-def _figure():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed
@@ -32,7 +33,7 @@ def _successful(table: pa.Table) -> pa.Table:
 
 def plot_pareto(table: pa.Table, front: pa.Table, meta: dict, path: str) -> None:
     """Validation score against FLOPs ratio for every successful trial, the front joined by a line."""
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     ax.scatter(table["flops_ratio"].to_pylist(), table["score"].to_pylist(), s=18, alpha=0.5, label="trials")
     ax.plot(front["flops_ratio"].to_pylist(), front["score"].to_pylist(), "o-", color="C3", label="Pareto front")
@@ -50,7 +51,7 @@ def plot_pareto(table: pa.Table, front: pa.Table, meta: dict, path: str) -> None
 
 def plot_profiles(best: pa.Table, meta: dict, path: str) -> None:
     """Kept fraction of every channel group (group order) for each of the best candidates."""
-    plt = _figure()
+    plt = pyplot()
     groups = meta["groups"]
     fig, ax = plt.subplots(figsize=(max(6.4, 0.25 * len(groups)), 4.4))
     for row in best.to_pylist():

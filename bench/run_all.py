@@ -1,0 +1,49 @@
+"""Run every benchmark, then bench/report.py (bench/RESULTS.md and plots).
+
+    python bench/run_all.py [--quick] [--data npz:PATH]
+
+--quick finishes in minutes (smoke-test sizes); without it, the full runs take many hours on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from common import DEFAULT_DATA, RESULTS  # noqa: E402
+
+
+def run(script: str, *args: str, stdout: Path | None = None) -> None:
+    start = time.time()
+    command = [sys.executable, str(BENCH / script), *args]
+    print("$", " ".join(command), flush=True)
+    if stdout is None:
+        subprocess.run(command, check=True)
+    else:
+        stdout.write_text(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+    print(f"  {script}: {time.time() - start:.0f} s", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--data", default=f"npz:{DEFAULT_DATA}")
+    args = parser.parse_args()
+    quick = ["--quick"] if args.quick else []
+    RESULTS.mkdir(exist_ok=True)
+    start = time.time()
+    run("cost_model.py", *quick, stdout=RESULTS / "cost_model.md")
+    for script in ("search_throughput.py", "quality.py", "fidelity.py"):
+        run(script, *quick, "--data", args.data)
+    run("report.py")
+    print(f"all benchmarks: {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
