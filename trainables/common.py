@@ -82,3 +82,11 @@ def importance_batches(job: Job, data: DataSplits, device: torch.device) -> list
         return None
     stream = data.stream("train", job.batch_size, seed=job.seed, augment=False, device=device)
     return [next(stream) for _ in range(max(1, job.importance_batches))]
+
+
+def profile_fields(job: Job, widths, criterion: str, node: str, started: float, payload: str | None) -> dict:
+    """The report fields every scoring trial shares: widths, their FLOPs/params, criterion, node, start, payload."""
+    profile = job.space.from_vector(widths)
+    return {"widths": [int(w) for w in widths], "flops": job.cost.flops(profile), "params": job.cost.params(profile),
+            "flops_ratio": job.cost.flops_ratio(profile), "criterion": criterion, "node": node,
+            "started_at": started, "payload": payload}

@@ -11,7 +11,7 @@ from ray import tune
 from widthsearch.surgery import prune
 from widthsearch.training import TrainConfig, evaluate, recalibrate_bn, train
 
-from .common import Job, cached_data, importance_batches, run_with_deadline, setup_trial
+from .common import Job, cached_data, importance_batches, profile_fields, run_with_deadline, setup_trial
 
 
 @dataclass
@@ -48,11 +48,7 @@ def _score(config: dict, job: ScoreJob) -> None:
     model = prune(job.model, job.space, profile, job.criterion,
                   importance_batches(job, data, device), seed=job.seed).to(device)
     recalibrate_bn(model, data, job.bn_batches, job.batch_size, seed=job.seed, device=device)
-    fixed = {
-        "widths": list(config["widths"]), "flops": job.cost.flops(profile), "params": job.cost.params(profile),
-        "flops_ratio": job.cost.flops_ratio(profile), "criterion": job.criterion, "node": node,
-        "started_at": started, "payload": config.get("payload"),
-    }
+    fixed = profile_fields(job, config["widths"], job.criterion, node, started, config.get("payload"))
     chunk = job.report_every or job.finetune_steps
     done = 0
     while True:

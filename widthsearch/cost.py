@@ -192,6 +192,14 @@ class CostModel:
         """Parameter counts of many width vectors (rows in group order); no validation."""
         return self._params.many(np.asarray(widths, dtype=np.float64)).round()
 
+    def flops_torch(self, widths: torch.Tensor) -> torch.Tensor:
+        """FLOPs per image as a differentiable torch function of real-valued widths (group order, last dim)."""
+        return self._flops.torch(widths) / self.batch
+
+    def params_torch(self, widths: torch.Tensor) -> torch.Tensor:
+        """Parameter count as a differentiable torch function of real-valued widths (group order, last dim)."""
+        return self._params.torch(widths)
+
     def _per_image(self, total: float) -> float:
         total = int(round(total))
         return total // self.batch if total % self.batch == 0 else total / self.batch
@@ -224,6 +232,11 @@ class _Polynomial:
 
     def __call__(self, w: np.ndarray) -> float:
         return float(self.c0 + self.b @ w + w @ self.q @ w)
+
+    def torch(self, w: torch.Tensor) -> torch.Tensor:
+        """The same polynomial on a torch tensor (differentiable; rows in the last dimension)."""
+        b, q = w.new_tensor(self.b), w.new_tensor(self.q)
+        return self.c0 + w @ b + ((w @ q) * w).sum(-1)
 
     def many(self, w: np.ndarray) -> np.ndarray:
         w = np.atleast_2d(w)

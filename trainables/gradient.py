@@ -1,0 +1,67 @@
+"""`gate_trial`: one gate optimisation for one penalty lam, then extraction and scoring (searcher `gradient`).
+
+The payload (JSON, from searchers/gradient.py) carries lam and the gate schedule. The trial
+learns the gates on the train split with the base weights frozen (widthsearch.gates), keeps
+the channels with p > 0.5, prunes exactly those (surgery with explicit indices), then runs
+adaptive BN, `finetune_steps` of fine-tuning and scores on val, like score_profile.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+
+from ray import tune
+
+from widthsearch.gates import GateSchedule, extract, optimize_gates
+from widthsearch.surgery import prune
+from widthsearch.training import TrainConfig, evaluate, recalibrate_bn, train
+
+from . import score
+from .common import cached_data, profile_fields, run_with_deadline, setup_trial
+from .score import ScoreJob
+
+SCHEDULE_KEYS = ("steps", "lr", "init_logit", "tau", "tau_end", "temp", "temp_end")
+
+
+def trial_job(cfg, exp_dir: str, common: dict) -> tuple[Callable, ScoreJob]:
+    """gate_trial and the same job score_profile gets (fine-tune steps and lr, timeout)."""
+    return gate_trial, score.trial_job(cfg, exp_dir, common)[1]
+
+
+def gate_trial(config: dict, job: ScoreJob) -> None:
+    """Gates for config's lam -> keep p > 0.5 -> prune -> adaptive BN -> fine-tune -> val score -> report.
+
+    Reports what score_profile reports, plus lam and expected_ratio (the complexity ratio of the
+    expected widths at the end of the gate optimisation); the payload adds the kept channels ("keep").
+    """
+    run_with_deadline(job.trial_timeout_s, lambda: _run(config, job))
+
+
+def _run(config: dict, job: ScoreJob) -> None:
+    started = time.time()
+    device, node = setup_trial()
+    data = cached_data(job.data, job.val_fraction, job.seed)
+    request = json.loads(config["payload"])
+    schedule = GateSchedule(**{k: request[k] for k in SCHEDULE_KEYS})
+    seed = job.seed + int(request.get("seed", 0))
+    work = copy.deepcopy(job.model).to(device)
+    stream = data.stream("train", job.batch_size, seed=seed, augment=False, device=device)
+    gates = optimize_gates(work, job.space, job.cost, stream, request["lam"], schedule, request["complexity"], seed)
+    gate_s = time.time() - started
+    keep = extract(job.space, gates.probabilities)
+    profile = {name: len(idxs) for name, idxs in keep.items()}
+    model = prune(job.model, job.space, keep=keep).to(device)
+    recalibrate_bn(model, data, job.bn_batches, job.batch_size, seed=job.seed, device=device)
+    if job.finetune_steps > 0:
+        train(model, data, steps=job.finetune_steps, config=TrainConfig(lr=job.finetune_lr, batch_size=job.batch_size),
+              seed=job.seed, device=device)
+    acc, loss = evaluate(model, data, "val", device=device)
+    payload = {**request, "keep": keep, "expected_ratio": gates.expected_ratio, "gate_task_loss": gates.task_loss,
+               "gate_s": gate_s}
+    fixed = profile_fields(job, job.space.vector(profile).tolist(), "gate", node, started,
+                           json.dumps(payload, sort_keys=True))
+    tune.report({**fixed, "score": acc, "val_acc": acc, "val_loss": loss, "finetune_steps": job.finetune_steps,
+                 "lam": request["lam"], "expected_ratio": gates.expected_ratio, "wall_s": time.time() - started})
