@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -76,7 +77,7 @@ def main() -> None:
                          "kendall": stats.kendalltau(scores, target).statistic,
                          "cost_fraction": float(np.mean([r["score_s"][k] / r["retrain_s"] for r in rows]))})
         print(json.dumps(fidelity[-1]), flush=True)
-    out = {"mode": "quick" if args.quick else "full", "date": time.strftime("%Y-%m-%d"), "model": args.model,
+    out = {"mode": "quick" if args.quick else "full", "date": time.strftime("%Y-%m-%d"), "loadavg_1m": os.getloadavg()[0], "model": args.model,
            "data": args.data, "base": info, "budget": args.budget, "retrain_epochs": epochs, "profiles": rows,
            "fidelity": fidelity}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import tempfile
 import time
@@ -129,7 +130,7 @@ def main() -> None:
                 for importance in setup["peers"]:
                     rows.append(run_peer(importance, budget, seed, args, ckpt))
                     print(json.dumps(rows[-1]), flush=True)
-    out = {"mode": "quick" if args.quick else "full", "date": time.strftime("%Y-%m-%d"), "model": args.model,
+    out = {"mode": "quick" if args.quick else "full", "date": time.strftime("%Y-%m-%d"), "loadavg_1m": os.getloadavg()[0], "model": args.model,
            "data": args.data, "base": base, "trials": args.trials, "finetune_steps": args.finetune_steps,
            "retrain_epochs": args.retrain_epochs, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,12 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _load_note(data: dict) -> str:
+    """What the machine's load was when a run ended (timings under load are not comparable)."""
+    load = data.get("loadavg_1m")
+    return "" if load is None else f" Load average at the end of the run: {load:.1f} (2 cores)."
+
+
 def quality_section(q: dict, folder: Path) -> list[str]:
     by = defaultdict(list)
     for row in q["rows"]:
@@ -37,7 +43,8 @@ def quality_section(q: dict, folder: Path) -> list[str]:
              f"{q['model']} on `{q['data']}`; base test accuracy {q['base']['test_acc']:.4f} "
              f"({q['base']['epochs']} epochs, {q['base']['train_s']:.0f} s). Every searcher: {q['trials']} Tune "
              f"trials of {q['finetune_steps']} fine-tune steps; its best row within the budget on the validation "
-             f"score is retrained {q['retrain_epochs']} epoch(s); the torch-pruning peers get the same retrain.", "",
+             f"score is retrained {q['retrain_epochs']} epoch(s); the torch-pruning peers get the same retrain."
+             + _load_note(q), "",
              "| budget | method | seeds | test acc (mean ± std) | FLOPs ratio | params | CPU batch 1 (ms) | "
              "CPU batch 64 (ms) |", "|---|---|---|---|---|---|---|---|"]
     for (budget, method), rows in sorted(by.items()):
@@ -90,7 +97,7 @@ def quality_section(q: dict, folder: Path) -> list[str]:
 def fidelity_section(f: dict, folder: Path) -> list[str]:
     lines = [f"## Proxy fidelity ({f['mode']} run, {f['date']})", "",
              f"{len(f['profiles'])} random profiles of {f['model']} at FLOPs ratio <= {f['budget']}; target: test "
-             f"accuracy after a {f['retrain_epochs']}-epoch retrain from the pruned weights.", "",
+             f"accuracy after a {f['retrain_epochs']}-epoch retrain from the pruned weights." + _load_note(f), "",
              "| fine-tune steps k | Spearman | Kendall | score cost / retrain cost |", "|---|---|---|---|"]
     lines += [f"| {r['k']} | {r['spearman']:.3f} | {r['kendall']:.3f} | {r['cost_fraction']:.2%} |"
               for r in f["fidelity"]]
@@ -115,7 +122,8 @@ def fidelity_section(f: dict, folder: Path) -> list[str]:
 
 def throughput_section(t: dict) -> list[str]:
     lines = [f"## Cost and scale ({t['mode']} run, {t['date']})", "",
-             f"Random searcher, {t['model']}, {t['finetune_steps']} fine-tune steps per trial, 1 CPU per trial.", "",
+             f"Random searcher, {t['model']}, {t['finetune_steps']} fine-tune steps per trial, 1 CPU per trial."
+             + _load_note(t), "",
              "| concurrency | trials | setup s | span s | summed trial s | trials/hour | Ray overhead |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['concurrency']} | {r['trials']} | {r['setup_s']:.1f} | {r['span_s']:.1f} | {r['trial_s']:.1f} | "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -54,7 +55,7 @@ def main() -> None:
     keys = ("concurrency", "trials", "setup_s", "span_s", "trial_s", "trials_per_hour", "overhead")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
-        "mode": "quick" if args.quick else "full", "date": time.strftime("%Y-%m-%d"), "model": args.model,
+        "mode": "quick" if args.quick else "full", "date": time.strftime("%Y-%m-%d"), "loadavg_1m": os.getloadavg()[0], "model": args.model,
         "data": args.data, "finetune_steps": steps, "base": info, "rows": [dict(zip(keys, r)) for r in rows]}, indent=1))
     print(f"\n{trials} trials of {steps} fine-tune steps each, {args.model}, data {args.data}\n")
     print("| concurrency | trials | setup s | span s | summed trial s | trials/hour | Ray overhead |")
