@@ -154,9 +154,11 @@ def main() -> None:
     throughput = _load(folder, "throughput")
     if throughput:
         lines += throughput_section(throughput)
-    cost = folder / "cost_model.md"
-    if cost.is_file():
-        lines += ["## Cost model speed and pruned-model latency", "", cost.read_text()]
+    for name, title in (("cost_model", "Cost model speed and pruned-model latency"),
+                        ("aofp", "AOFP trajectory and loss evaluations (bench/aofp.py)")):
+        text = folder / f"{name}.md"
+        if text.is_file():
+            lines += [f"## {title}", "", text.read_text()]
     Path(args.out).write_text("\n".join(lines))
     print(f"wrote {args.out}")
 
