@@ -13,15 +13,12 @@ import json
 import time
 from collections.abc import Callable
 
-from ray import tune
-
 from widthsearch.gates import GateSchedule, extract, optimize_gates
 from widthsearch.surgery import prune
-from widthsearch.training import TrainConfig, evaluate, recalibrate_bn, train
 
 from . import score
 from .common import cached_data, profile_fields, run_with_deadline, setup_trial
-from .score import ScoreJob
+from .score import ScoreJob, finetune_and_report
 
 SCHEDULE_KEYS = ("steps", "lr", "init_logit", "tau", "tau_end", "temp", "temp_end")
 
@@ -54,14 +51,9 @@ def _run(config: dict, job: ScoreJob) -> None:
     keep = extract(job.space, gates.probabilities)
     profile = {name: len(idxs) for name, idxs in keep.items()}
     model = prune(job.model, job.space, keep=keep).to(device)
-    recalibrate_bn(model, data, job.bn_batches, job.batch_size, seed=job.seed, device=device)
-    if job.finetune_steps > 0:
-        train(model, data, steps=job.finetune_steps, config=TrainConfig(lr=job.finetune_lr, batch_size=job.batch_size),
-              seed=job.seed, device=device)
-    acc, loss = evaluate(model, data, "val", device=device)
     payload = {**request, "keep": keep, "expected_ratio": gates.expected_ratio, "gate_task_loss": gates.task_loss,
                "gate_s": gate_s}
-    fixed = profile_fields(job, job.space.vector(profile).tolist(), "gate", node, started,
-                           json.dumps(payload, sort_keys=True))
-    tune.report({**fixed, "score": acc, "val_acc": acc, "val_loss": loss, "finetune_steps": job.finetune_steps,
-                 "lam": request["lam"], "expected_ratio": gates.expected_ratio, "wall_s": time.time() - started})
+    fields = {**profile_fields(job, job.space.vector(profile).tolist(), "gate", node, started,
+                               json.dumps(payload, sort_keys=True)),
+              "lam": request["lam"], "expected_ratio": gates.expected_ratio}
+    finetune_and_report(model, job, data, device, fields, started)

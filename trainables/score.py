@@ -6,8 +6,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from ray import tune
+from torch import nn
 
+from widthsearch.data import DataSplits
 from widthsearch.surgery import prune
 from widthsearch.training import TrainConfig, evaluate, recalibrate_bn, train
 
@@ -47,8 +50,14 @@ def _score(config: dict, job: ScoreJob) -> None:
     profile = job.space.from_vector(config["widths"])
     model = prune(job.model, job.space, profile, job.criterion,
                   importance_batches(job, data, device), seed=job.seed).to(device)
+    fields = profile_fields(job, config["widths"], job.criterion, node, started, config.get("payload"))
+    finetune_and_report(model, job, data, device, fields, started)
+
+
+def finetune_and_report(model: nn.Module, job: ScoreJob, data: DataSplits, device: torch.device, fields: dict,
+                        started: float) -> None:
+    """Adaptive BN, then fine-tune job.finetune_steps in chunks of job.report_every, reporting val after each."""
     recalibrate_bn(model, data, job.bn_batches, job.batch_size, seed=job.seed, device=device)
-    fixed = profile_fields(job, config["widths"], job.criterion, node, started, config.get("payload"))
     chunk = job.report_every or job.finetune_steps
     done = 0
     while True:
@@ -58,7 +67,7 @@ def _score(config: dict, job: ScoreJob) -> None:
                   seed=job.seed + done, device=device)
             done += step
         acc, loss = evaluate(model, data, "val", device=device)
-        tune.report({**fixed, "score": acc, "val_acc": acc, "val_loss": loss, "finetune_steps": done,
+        tune.report({**fields, "score": acc, "val_acc": acc, "val_loss": loss, "finetune_steps": done,
                      "wall_s": time.time() - started})
         if done >= job.finetune_steps:
             return
