@@ -55,6 +55,23 @@ class DataSplits:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: bool
+    val_fraction: float = 0.1
+    split_seed: int = 0
+
+    @property
+    def split(self) -> dict:
+        """What identifies the train/val split: source, val fraction, split seed and a digest of the val images.
+
+        A base model trained on one split must be searched on the same one, or candidates are
+        scored on images the base was trained on; ``train-base`` stores this in its checkpoint.
+        """
+        import hashlib
+
+        digest = hashlib.sha256()
+        for tensor in (self.val.x, self.val.y, torch.tensor([len(self.train), len(self.val)])):
+            digest.update(tensor.contiguous().numpy().tobytes())
+        return {"data": self.source, "val_fraction": self.val_fraction, "split_seed": self.split_seed,
+                "val_digest": digest.hexdigest()[:16]}
 
     @property
     def in_channels(self) -> int:
@@ -204,6 +221,8 @@ def load_data(source: str = "digits", val_fraction: float = 0.1, seed: int = 0) 
         mean=mean,
         std=std,
         augment=augment,
+        val_fraction=val_fraction,
+        split_seed=seed,
     )
 
 
