@@ -60,3 +60,64 @@ def base_checkpoint(model: str, data: str, epochs: int | None = None, lr: float 
                     split=splits.split)
     info_path.write_text(json.dumps(info, indent=1))
     return ckpt, info
+
+
+# ----------------------------------------------------------------------------- retrain cells
+RETRAIN_EPOCHS = 20
+RETRAIN_LR = 0.05
+
+
+def profile_key(widths, keep: dict | None = None) -> str:
+    """A short stable id of a width profile (and of the exact channels kept, when given)."""
+    import hashlib
+
+    text = json.dumps({"widths": [int(w) for w in widths], "keep": keep}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def correct_mask(model, data, split: str = "test") -> str:
+    """Which images of `split` the model classifies correctly, as a hex string of bits (in split order)."""
+    import numpy as np
+
+    model.eval()
+    hits = []
+    with torch.no_grad():
+        for x, y in data.batches(split, 512, shuffle=False):
+            hits.append((model(x).argmax(1) == y).numpy())
+    return np.packbits(np.concatenate(hits)).tobytes().hex()
+
+
+def unpack_mask(text: str, n: int):
+    """The boolean array written by correct_mask."""
+    import numpy as np
+
+    return np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))[:n].astype(bool)
+
+
+def retrain_cell(base_name: str, model: torch.nn.Module, data, *, seed: int, epochs: int = RETRAIN_EPOCHS,
+                 lr: float = RETRAIN_LR, label: str = "") -> dict:
+    """Retrain an already pruned `model` (in place) with the bench's fixed recipe; cached as one JSON per
+    (base, architecture, weights digest, epochs, lr, seed) under bench/results/retrain/.
+
+    Returns val/test accuracy, the per-image test correctness (for paired statistics), seconds and load.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    key = f"{base_name}-{digest.hexdigest()[:16]}-e{epochs}-lr{lr:g}-s{seed}"
+    path = RESULTS / "retrain" / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    start = time.time()
+    torch.manual_seed(seed)
+    train(model, data, epochs=epochs, config=TrainConfig(lr=lr), seed=seed)
+    cell = {"key": key, "label": label, "base": base_name, "epochs": epochs, "lr": lr, "seed": seed,
+            "train_s": time.time() - start, "loadavg_1m": machine_load(), "threads": torch.get_num_threads(),
+            "val_acc": evaluate(model, data, "val")[0], "test_acc": evaluate(model, data, "test")[0],
+            "test_correct": correct_mask(model, data, "test"), "date": time.strftime("%Y-%m-%d")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cell, indent=1))
+    return cell

@@ -1,88 +1,150 @@
-"""Proxy fidelity: can the quick trial score rank profiles the way a full retrain does?
+"""Score fidelity: does a trial's cheap score rank width profiles the way a full retrain does?
 
-Random profiles at the FLOPs budget (random keep-ratio directions projected onto the budget,
-as the `random` searcher does) are scored like a trial (L1 prune, adaptive BN, k fine-tune
-steps, validation accuracy) for each k, and retrained in full from the same pruned weights
-(test accuracy afterwards). Reported per k: Spearman and Kendall rank correlations between
-the score and the retrained accuracy, and the score's cost as a fraction of the retrain's.
+Profiles (cifar_resnet20 bench base, 30 in all, FLOPs 0.25-0.6): at FLOPs 0.3 and at 0.5 each, the
+`uniform` profile, the `global` searcher's candidates (L1, normalisers mean and max) and random
+profiles from the `random` searcher (10 per budget: the set a searcher must rank at one budget);
+plus uniform profiles at 0.25, 0.35, 0.4, 0.45, 0.55, 0.6 and 4 random ones at random budgets in
+[0.25, 0.6] (the spread). Every profile is pruned with L1 channels, then:
 
-    python bench/fidelity.py [--quick] [--data npz:PATH] [--out bench/results/fidelity.json]
+* scored like a trial: adaptive BN (20 batches of 128), a fine-tune of k steps (SGD lr 0.01, one
+  cosine schedule) for k in 0, 25, 50, 100, 200, then accuracy and loss on the validation split
+  (20% of train = 1,017 images; and on its first half, 508 images, standing for a 10% split);
+  during the 200-step fine-tune the model is also evaluated after 25, 50 and 100 steps (what a
+  promotion scheduler sees mid-schedule);
+* retrained from the same pruned weights with the bench recipe (bench/common.py: 20 epochs, lr 0.05)
+  and evaluated on the test split: the ground truth.
+
+One JSON per profile in bench/results/fidelity/ (resumable; rerun to continue); retrains are cached
+in bench/results/retrain/. bench/report.py computes Spearman and Kendall with bootstrap intervals.
+
+    python bench/fidelity.py [--model cifar_resnet20] [--threads 1] [--limit N] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DEFAULT_DATA, RESULTS, base_checkpoint  # noqa: E402
+from common import (DEFAULT_DATA, RESULTS, RETRAIN_EPOCHS, base_checkpoint, bench_data, machine_load,  # noqa: E402
+                    profile_key, retrain_cell)
 
-from searchers.base import project_to_budget  # noqa: E402
-from widthsearch import CostModel, build_space, load_data, load_model, prune  # noqa: E402
-from widthsearch.training import TrainConfig, evaluate, recalibrate_bn, set_threads, train  # noqa: E402
+from searchers import make_searcher  # noqa: E402
+from widthsearch import CostModel, build_space, load_model, prune  # noqa: E402
+from widthsearch.training import StepTrainer, TrainConfig, evaluate, recalibrate_bn, set_threads  # noqa: E402
+
+KS = (0, 25, 50, 100, 200)
+SNAPSHOTS = (25, 50, 100)          # evaluations inside the 200-step fine-tune
+FOCUS = (0.3, 0.5)                 # budgets with 10 profiles each
+SPREAD = (0.25, 0.35, 0.4, 0.45, 0.55, 0.6)
+FINETUNE_LR = 0.01
+BN_BATCHES = 20
 
 
-def score(base, space, profile, data, steps: int, seed: int) -> tuple[float, float]:
-    """A trial's score with `steps` fine-tune steps, and the seconds it took."""
-    start = time.time()
-    model = prune(base, space, profile, "l1")
-    recalibrate_bn(model, data, num_batches=10, seed=seed)
-    if steps:
-        train(model, data, steps=steps, config=TrainConfig(lr=0.01), seed=seed)
-    return evaluate(model, data, "val")[0], time.time() - start
+def profiles(model, space, cost, quick: bool) -> list[dict]:
+    """The profile set: {"widths", "source", "target"}, in a fixed order."""
+    out, seen = [], set()
+
+    def add(widths, source, target):
+        key = tuple(int(w) for w in widths)
+        if key not in seen:
+            seen.add(key)
+            out.append({"widths": list(key), "source": source, "target": target})
+
+    focus, per_budget = ((0.5,), 3) if quick else (FOCUS, 10)
+    for budget in focus:
+        add(make_searcher("uniform", space, cost, budget=budget).suggest("u")["widths"], "uniform", budget)
+        glob = make_searcher("global", space, cost, budget=budget, model=model, normalizers=["mean", "max"])
+        while (config := glob.suggest("g")) not in (None, "FINISHED"):
+            add(config["widths"], "global", budget)
+        rand = make_searcher("random", space, cost, budget=budget, seed=int(budget * 100))
+        while sum(p["target"] == budget for p in out) < per_budget:
+            add(rand.suggest(f"r{len(out)}")["widths"], "random", budget)
+    if not quick:
+        for budget in SPREAD:
+            add(make_searcher("uniform", space, cost, budget=budget).suggest("u")["widths"], "uniform", budget)
+        rng = np.random.default_rng(7)
+        for i, budget in enumerate(rng.uniform(0.25, 0.6, 4)):
+            budget = round(float(budget), 3)
+            add(make_searcher("random", space, cost, budget=budget, seed=100 + i).suggest("r")["widths"],
+                "random", budget)
+    return out
+
+
+def score_variants(base, space, widths, data, seed: int, ks=KS) -> dict:
+    """Val accuracy/loss (full val and its first half) after adaptive BN + k fine-tune steps, and seconds."""
+    half = len(data.val) // 2
+    halves = _half_view(data, half)
+    out = {}
+    for k in ks:
+        start = time.time()
+        model = prune(base, space, space.from_vector(widths), "l1")
+        recalibrate_bn(model, data, num_batches=BN_BATCHES, seed=seed)
+        trainer = StepTrainer(model, data, k, TrainConfig(lr=FINETUNE_LR), seed=seed)
+        stops = sorted({s for s in SNAPSHOTS if s < k} | {k}) if k == max(ks) else [k]
+        for stop in stops:
+            trainer.run(stop - trainer.done)
+            acc, loss = evaluate(model, data, "val")
+            acc_half, loss_half = evaluate(model, halves, "val")
+            name = f"k{k}" if stop == k else f"k{k}@{stop}"
+            out[name] = {"val_acc": acc, "val_loss": loss, "val10_acc": acc_half, "val10_loss": loss_half,
+                         "seconds": time.time() - start}
+    return out
+
+
+def _half_view(data, n: int):
+    """The same splits with val cut to its first n images (the 10% stand-in; a subset, so no leakage)."""
+    import dataclasses
+
+    from widthsearch.data import Split
+
+    return dataclasses.replace(data, val=Split(data.val.x[:n], data.val.y[:n]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--data", default=f"npz:{DEFAULT_DATA}")
     parser.add_argument("--model", default="cifar_resnet20")
-    parser.add_argument("--budget", type=float, default=0.5)
-    parser.add_argument("--out", default=str(RESULTS / "fidelity.json"))
+    parser.add_argument("--data", default=f"npz:{DEFAULT_DATA}")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--limit", type=int, help="stop after this many new profiles")
+    parser.add_argument("--quick", action="store_true", help="3 profiles, k in 0/25, a 1-epoch retrain (smoke test)")
     args = parser.parse_args()
-    profiles, ks, epochs, base_epochs = (6, (0, 10, 50), 1, 3) if args.quick else (24, (0, 20, 100, 300), 30, 60)
-    set_threads(2)
-    ckpt, info = base_checkpoint(args.model, args.data, base_epochs)
-    data = load_data(args.data, seed=0)
+    set_threads(args.threads)
+    ckpt, info = base_checkpoint(args.model, args.data)
+    data = bench_data(args.data)
     base = load_model(args.model, data.num_classes, checkpoint=str(ckpt), in_channels=data.in_channels)
     space = build_space(base, data.example_input)
     cost = CostModel(space)
-    rng = np.random.default_rng(0)
-    widths = project_to_budget(space, cost, rng.uniform(0.2, 1.0, size=(profiles, len(space))), args.budget)
-    rows = []
-    for i, w in enumerate(widths):
-        profile = space.from_vector(w)
-        row = {"widths": w.tolist(), "flops_ratio": cost.flops_ratio(profile), "scores": {}, "score_s": {}}
-        for k in ks:
-            row["scores"][k], row["score_s"][k] = score(base, space, profile, data, k, seed=i)
-        start = time.time()
-        model = prune(base, space, profile, "l1")
-        train(model, data, epochs=epochs, config=TrainConfig(lr=0.05), seed=i)
-        row["retrain_s"], row["test_acc"] = time.time() - start, evaluate(model, data, "test")[0]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    target = [r["test_acc"] for r in rows]
-    fidelity = []
-    for k in ks:
-        scores = [r["scores"][k] for r in rows]
-        fidelity.append({"k": k, "spearman": stats.spearmanr(scores, target).statistic,
-                         "kendall": stats.kendalltau(scores, target).statistic,
-                         "cost_fraction": float(np.mean([r["score_s"][k] / r["retrain_s"] for r in rows]))})
-        print(json.dumps(fidelity[-1]), flush=True)
-    out = {"mode": "quick" if args.quick else "full", "date": time.strftime("%Y-%m-%d"), "loadavg_1m": os.getloadavg()[0], "model": args.model,
-           "data": args.data, "base": info, "budget": args.budget, "retrain_epochs": epochs, "profiles": rows,
-           "fidelity": fidelity}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.out}")
+    folder = RESULTS / ("fidelity-quick" if args.quick else "fidelity")
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = profiles(base, space, cost, args.quick)
+    print(f"base {args.model}: val {info['val_acc']:.4f}, test {info['test_acc']:.4f}; {len(todo)} profiles", flush=True)
+    done = 0
+    for i, p in enumerate(todo):
+        path = folder / f"{args.model}-{profile_key(p['widths'])}.json"
+        if path.is_file():
+            continue
+        if args.limit is not None and done >= args.limit:
+            break
+        scores = score_variants(base, space, p["widths"], data, seed=i, ks=(0, 25) if args.quick else KS)
+        model = prune(base, space, space.from_vector(p["widths"]), "l1")
+        retrain = retrain_cell(ckpt.stem, model, data, seed=0, epochs=1 if args.quick else RETRAIN_EPOCHS,
+                               label=f"fidelity {p['source']} {p['target']}")
+        cell = {**p, "index": i, "model": args.model, "base": ckpt.stem, "base_info": info,
+                "flops_ratio": cost.flops_ratio(space.from_vector(p["widths"])), "scores": scores,
+                "retrain_key": retrain["key"], "retrain_epochs": retrain["epochs"], "retrain_s": retrain["train_s"],
+                "test_acc": retrain["test_acc"], "retrain_val_acc": retrain["val_acc"],
+                "threads": args.threads, "loadavg_1m": machine_load(), "date": time.strftime("%Y-%m-%d")}
+        path.write_text(json.dumps(cell, indent=1))
+        done += 1
+        print(f"{i}: {p['source']} {p['target']} flops {cell['flops_ratio']:.3f} k0 {scores['k0']['val_acc']:.4f} "
+              f"-> test {cell['test_acc']:.4f} (retrain {cell['retrain_s']:.0f}s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,56 +3,44 @@
     from searchers import make_searcher
     searcher = make_searcher("optuna", space, cost, budget=0.5, seed=0)
 
-Registry: ``SEARCHERS`` maps a name to a :class:`WidthSearcher` subclass; ``register`` is a
-class decorator that adds one. Built-in searchers: ``uniform``, ``random`` (baselines),
-``global`` (global importance ranking), ``optuna`` (TPE / NSGA-II). A searcher living in
-module ``searchers/<name>.py`` that registers itself under ``<name>`` is found on first use.
+Registry: ``SEARCHERS`` maps each name to ``"module:Class"``, imported on first use (like Ray
+Tune's ``SEARCH_ALG_IMPORT``). To add a searcher, write ``searchers/<name>.py`` with a
+:class:`WidthSearcher` subclass (``name``, ``trainable``, ``OPTIONS``, ``_propose``) and add
+one line here.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from typing import Any
 
 from widthsearch.cost import CostModel
 from widthsearch.errors import ConfigError
 from widthsearch.space import WidthSpace
 
-from .base import FLOPS_KEY, WidthSearcher, project_to_budget
+from .base import WidthSearcher, project_to_budget
+from .options import Option, options_help
 
-SEARCHERS: dict[str, type[WidthSearcher]] = {}
-
-
-def register(cls: type[WidthSearcher]) -> type[WidthSearcher]:
-    """Class decorator: add a WidthSearcher subclass to SEARCHERS under ``cls.name``."""
-    if not (isinstance(cls, type) and issubclass(cls, WidthSearcher)):
-        raise TypeError(f"only WidthSearcher subclasses can be registered, got {cls!r}")
-    if not cls.name:
-        raise TypeError(f"{cls.__name__} has no registry name (class attribute `name`)")
-    existing = SEARCHERS.get(cls.name)
-    if existing is not None and existing.__qualname__ != cls.__qualname__:
-        raise TypeError(f"searcher name {cls.name!r} is already taken by {existing.__qualname__}")
-    SEARCHERS[cls.name] = cls
-    return cls
-
-
-def _autoload(name: str) -> None:
-    """Import searchers/<name>.py when it exists (it registers itself)."""
-    if not name.isidentifier():
-        return
-    module = f"{__name__}.{name}"
-    if importlib.util.find_spec(module) is not None:
-        importlib.import_module(module)
+SEARCHERS: dict[str, str] = {
+    "uniform": "searchers.baselines:UniformSearcher",
+    "random": "searchers.baselines:RandomSearcher",
+    "global": "searchers.global_ranking:GlobalRankingSearcher",
+    "optuna": "searchers.optuna_search:OptunaWidthSearcher",
+    "aofp": "searchers.aofp:AofpSearcher",
+    "gradient": "searchers.gradient:GradientSearcher",
+    "metapruning": "searchers.metapruning:MetaPruningSearcher",
+}
 
 
 def searcher_class(name: str) -> type[WidthSearcher]:
-    """The class registered as ``name`` (importing ``searchers/<name>.py`` on first use)."""
-    if name not in SEARCHERS:
-        _autoload(name)
+    """The class registered as ``name``; ConfigError listing every registered searcher if unknown."""
     if name not in SEARCHERS:
         raise ConfigError(f"unknown searcher {name!r}; registered searchers: {', '.join(sorted(SEARCHERS))}")
-    return SEARCHERS[name]
+    module, _, attr = SEARCHERS[name].partition(":")
+    cls = getattr(importlib.import_module(module), attr)
+    if not (isinstance(cls, type) and issubclass(cls, WidthSearcher)) or cls.name != name:
+        raise TypeError(f"SEARCHERS[{name!r}] = {SEARCHERS[name]!r} is not a WidthSearcher named {name!r}")
+    return cls
 
 
 def make_searcher(name: str, space: WidthSpace, cost: CostModel, **kwargs: Any) -> WidthSearcher:
@@ -60,7 +48,15 @@ def make_searcher(name: str, space: WidthSpace, cost: CostModel, **kwargs: Any) 
     return searcher_class(name)(space, cost, **kwargs)
 
 
-# Built-in searchers register themselves on import.
-from . import baselines, global_ranking, optuna_search  # noqa: E402,F401
+def searchers_help() -> str:
+    """Every searcher's options, one line each (for ``widthsearch search --help`` and the README)."""
+    lines = []
+    for name in SEARCHERS:
+        cls = searcher_class(name)
+        lines.append(f"{name}:" + ("" if cls.OPTIONS else " (no options)"))
+        lines += [f"  {line}" for line in options_help(cls.OPTIONS)]
+    return "\n".join(lines)
 
-__all__ = ["FLOPS_KEY", "SEARCHERS", "WidthSearcher", "make_searcher", "project_to_budget", "register"]
+
+__all__ = ["SEARCHERS", "Option", "WidthSearcher", "make_searcher", "project_to_budget", "searcher_class",
+           "searchers_help"]

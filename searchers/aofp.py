@@ -38,27 +38,28 @@ import json
 from typing import Any
 
 import numpy as np
-from . import register
+
 from .base import WidthSearcher
+from .options import Option
 
 
-@register
 class AofpSearcher(WidthSearcher):
     """Binary search for the least important filters by accumulated random-masking damage."""
 
     name = "aofp"
     trainable = "aofp"
     enforce_budget = False
-    OPTIONS = {"epsilon": 0.01, "probes": 2, "window": 10, "commit_steps": 50, "lr": 1e-3, "stagger": 0,
-               "max_rounds": 100}
+    promotes = False  # its trials are not fine-tuned in rungs
+    OPTIONS = {"epsilon": Option(0.01, float, "damage threshold below which a half is pruned", low=0, low_open=True),
+               "probes": Option(2, int, "probe trials per round", low=1),
+               "window": Option(10, int, "batches of masking attempts per probe trial", low=1),
+               "commit_steps": Option(50, int, "fine-tune steps of the base path per commit", low=0),
+               "lr": Option(1e-3, float, "learning rate of the base path's fine-tune", low=0, low_open=True),
+               "stagger": Option(0, int, "rounds between the starts of consecutive groups (0: all at once)", low=0),
+               "max_rounds": Option(100, int, "most rounds", low=1)}
 
     def __init__(self, space, cost, **kwargs: Any):
         super().__init__(space, cost, **kwargs)
-        o = self.options
-        if not (o["epsilon"] > 0 and o["probes"] >= 1 and o["window"] >= 1 and o["commit_steps"] >= 0
-                and o["lr"] > 0 and o["stagger"] >= 0 and o["max_rounds"] >= 1):
-            from widthsearch.errors import ConfigError
-            raise ConfigError(f"bad options for searcher 'aofp': {o}")
         self.version = 0                  # model version the next trials start from (0 = base)
         self.round = 0
         self.phase = "probe"              # "probe": collecting damages; "commit": waiting for the next version
@@ -69,7 +70,7 @@ class AofpSearcher(WidthSearcher):
         self.issued = 0                   # trials issued in the current phase
         self.done = 0                     # trials completed in the current phase
         self.loss_evals = 0               # ablated evaluations spent by the probes (per group per batch)
-        self.trajectory: list[dict] = []  # committed versions: widths, flops_ratio, val_acc
+        self.trajectory: list[dict] = []  # committed versions: widths, cost_ratio, val_acc
 
     # -- state ------------------------------------------------------------------------
     def _reset_damage(self, names=None) -> None:
@@ -107,7 +108,7 @@ class AofpSearcher(WidthSearcher):
                    "commit_steps": self.options["commit_steps"], "lr": self.options["lr"]}
         return self.widths(), payload
 
-    def _observe(self, trial_id, widths, result, error, value, flops_ratio) -> None:
+    def _observe(self, trial_id, widths, result, error, value, cost_ratio) -> None:
         if self.phase == "probe":
             if not error and result and "damages" in result:
                 damages = json.loads(result["damages"])
@@ -125,11 +126,11 @@ class AofpSearcher(WidthSearcher):
             self._finished = True
             return
         self.version = int(result.get("version", self.version + 1))
-        self.trajectory.append({"version": self.version, "widths": self.widths(), "flops_ratio": flops_ratio,
+        self.trajectory.append({"version": self.version, "widths": self.widths(), "cost_ratio": cost_ratio,
                                 "val_acc": result.get("val_acc")})
         self.round += 1
         self.phase, self.issued, self.done = "probe", 0, 0
-        budget_met = self.budget is not None and flops_ratio <= self.budget
+        budget_met = self.budget is not None and cost_ratio <= self.budget
         if budget_met or len(self.stopped) == len(self.space) or self.round >= self.options["max_rounds"]:
             self._finished = True
 

@@ -3,19 +3,21 @@
 A searcher proposes *width profiles* of a :class:`~widthsearch.space.WidthSpace` as Tune
 configs ``{"widths": [int, ...] (group order), "payload": JSON text or None}``.
 
-Two modes:
+What the budget bounds is a :class:`~widthsearch.cost.Measure` (the experiment's constraint:
+FLOPs by default, params, or a device's measured latency); searchers only ever see that
+interface, so each works under every constraint. Two modes:
 
 * **target-budget mode** (``budget`` in (0, 1]): every suggested profile costs at most
-  ``budget`` times the dense model's FLOPs. The base class checks each proposal with the
-  :class:`~widthsearch.cost.CostModel` before handing it to Tune and repairs (with
-  :func:`project_to_budget`) any proposal a subclass got wrong, so no infeasible profile is
-  ever trained.
+  ``budget`` times the dense model's measure. The base class checks each proposal before
+  handing it to Tune and repairs (with :func:`project_to_budget`) any proposal a subclass got
+  wrong, so no infeasible profile is ever trained.
 * **Pareto mode** (``budget=None``): any in-bounds profile; the searcher trades the metric
-  against the FLOPs ratio (read from the result's ``"flops_ratio"``, else computed).
+  against the measure's ratio (computed from the widths the trial reports).
 
-Subclasses set ``name`` and ``OPTIONS`` (accepted extra options and their defaults) and
+Subclasses set ``name``, ``trainable`` and ``OPTIONS`` (declared :class:`Option` s, checked
+here with one message style), optionally ``check_together`` for rules across options, and
 implement ``_propose`` (and optionally ``_observe``). ``save``/``restore`` pickle the
-searcher's own state (never the space, the cost model or the model).
+searcher's own state (never the space, the measure, the model or data).
 """
 
 from __future__ import annotations
@@ -23,27 +25,32 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import pickle
-import tempfile
 from typing import Any, ClassVar, Mapping
 
 import numpy as np
 from ray.tune.search import Searcher
 from torch import nn
 
-from widthsearch.cost import CostModel
+from widthsearch.cost import CostModel, Measure
 from widthsearch.errors import ConfigError, WidthSearchError
 from widthsearch.importance import CRITERIA
 from widthsearch.space import WidthSpace
+from widthsearch.storage import write_atomic
+
+from .options import Option, check_options
 
 logger = logging.getLogger(__name__)
 
-FLOPS_KEY = "flops_ratio"  # result key read in Pareto mode (computed from the widths when absent)
-_TRANSIENT = ("_space", "_cost", "_model")  # never pickled by save()
+_TRANSIENT = ("_space", "_cost", "_model", "_measure", "_batches")  # never pickled by save()
 
 # A proposal: widths in group order and an optional JSON-able payload.
 Proposal = tuple[np.ndarray, Any]
+
+
+def as_measure(cost: CostModel | Measure) -> Measure:
+    """A Measure as is; a CostModel stands for its FLOPs."""
+    return cost if isinstance(cost, Measure) else cost.measure("flops")
 
 
 # ----------------------------------------------------------------------------- projection
@@ -56,22 +63,22 @@ def _widths_at(scales: np.ndarray, ratios: np.ndarray, full: np.ndarray, low: np
     return widths.astype(np.int64)
 
 
-def project_to_budget(space: WidthSpace, cost: CostModel, ratios: np.ndarray, target: float,
+def project_to_budget(space: WidthSpace, cost: CostModel | Measure, ratios: np.ndarray, target: float,
                       *, iterations: int = 6, grid: int = 33) -> np.ndarray:
-    """Scale keep-ratio direction(s) onto a FLOPs budget.
+    """Scale keep-ratio direction(s) onto a budget of `cost` (a Measure; a CostModel means FLOPs).
 
     ``widths(s) = clip(round(s * ratios * W to multiples of the divisor), min, W)``; returns
-    the widths at the largest ``s`` whose FLOPs ratio is <= ``target`` (int64; one row per
+    the widths at the largest ``s`` whose measure ratio is <= ``target`` (int64; one row per
     row of ``ratios`` when it is 2-D). The search is a vectorised bisection: each round
-    evaluates ``grid`` scales per row in one ``cost.flops_many`` call and keeps the bracket
-    around the feasibility boundary (FLOPs grow monotonically with ``s``). A direction that
+    evaluates ``grid`` scales per row in one ``measure.many`` call and keeps the bracket
+    around the feasibility boundary (the measure grows monotonically with ``s``). A direction that
     fits entirely gives the full widths; one that cannot meet the target (even at ``s = 0``)
     falls back to the minimal widths.
     """
     return project_with_scale(space, cost, ratios, target, iterations=iterations, grid=grid)[0]
 
 
-def project_with_scale(space: WidthSpace, cost: CostModel, ratios: np.ndarray, target: float,
+def project_with_scale(space: WidthSpace, cost: CostModel | Measure, ratios: np.ndarray, target: float,
                        *, iterations: int = 6, grid: int = 33) -> tuple[np.ndarray, np.ndarray | float]:
     """`project_to_budget` that also returns the scale(s) ``s`` found."""
     ratios = np.asarray(ratios, dtype=np.float64)
@@ -84,11 +91,11 @@ def project_with_scale(space: WidthSpace, cost: CostModel, ratios: np.ndarray, t
     full = space.widths.astype(np.float64)
     low = space.min_widths.astype(np.float64)
     div = np.array([g.divisor for g in space.groups], dtype=np.float64)
-    limit = float(target) * cost.base_flops
+    measure = as_measure(cost)
     n = len(r)
 
     def feasible(widths: np.ndarray) -> np.ndarray:
-        return cost.flops_many(widths.reshape(-1, len(space))).reshape(widths.shape[:-1]) <= limit
+        return measure.ratio_many(widths.reshape(-1, len(space))).reshape(widths.shape[:-1]) <= target
 
     # Scale at which every group with a positive ratio reaches its full width.
     positive = np.where(r > 0, r, np.inf)
@@ -115,21 +122,18 @@ def project_with_scale(space: WidthSpace, cost: CostModel, ratios: np.ndarray, t
 
 # ----------------------------------------------------------------------------- base class
 class WidthSearcher(Searcher):
-    """Base: proposes width profiles within a FLOPs budget checked with the CostModel before suggesting."""
+    """Base: proposes width profiles within a budget of its Measure, checked before suggesting."""
 
     name: ClassVar[str] = ""
-    OPTIONS: ClassVar[dict[str, Any]] = {}
-    trainable: ClassVar[str] = "score"      # the trainable its trials run (trainables.TRAINABLES)
+    OPTIONS: ClassVar[dict[str, Option]] = {}
+    trainable: ClassVar[str] = "score"      # the trainable its trials run (a name in trainables.TRAINABLES)
     enforce_budget: ClassVar[bool] = True   # False: the budget is a stopping target, not a per-trial bound
+    promotes: ClassVar[bool] = True         # its trials fine-tune in rungs, so a promotion scheduler applies
 
     def __init__(self, space: WidthSpace, cost: CostModel, *, budget: float | None = 0.5,
                  metric: str = "score", mode: str = "max", seed: int = 0, model: nn.Module | None = None,
-                 criterion: str = "l1", **options: Any):
-        label = self.name or type(self).__name__
-        unknown = [k for k in options if k not in self.OPTIONS]
-        if unknown:
-            accepted = ", ".join(sorted(self.OPTIONS)) or "none"
-            raise ConfigError(f"unknown option {unknown[0]!r} for searcher {label!r}; accepted options: {accepted}")
+                 criterion: str = "l1", measure: Measure | None = None, batches: list | None = None,
+                 **options: Any):
         if not isinstance(metric, str) or not metric:
             raise ConfigError(f"metric must be a non-empty string, got {metric!r}")
         if mode not in ("min", "max"):
@@ -140,18 +144,39 @@ class WidthSearcher(Searcher):
         if cost.space is not space and cost.space.names != space.names:
             raise ConfigError("the cost model was built for a different width space")
         super().__init__(metric=metric, mode=mode)
+        self.options: dict[str, Any] = self.check_options(options)
         self._space = space
         self._cost = cost
+        self._measure = measure if measure is not None else cost.measure("flops")
         self._model = model
+        self._batches = batches               # training batches for data-driven criteria (never pickled)
         self.budget = None if budget is None else self._check_budget(budget)
         self.seed = int(seed)
         self.criterion = criterion
-        self.options: dict[str, Any] = {**self.OPTIONS, **options}
         self._live: dict[str, np.ndarray] = {}        # trial_id -> widths suggested, not yet complete
         self._seen: set[tuple[int, ...]] = set()       # every profile suggested
-        self.history: list[dict[str, Any]] = []       # completed trials: widths, value, flops_ratio, error
+        self.history: list[dict[str, Any]] = []       # completed trials: widths, value, cost_ratio, error
         self._finished = False
-        self._signature = (self.name, tuple(space.names), tuple(int(w) for w in space.widths), self.budget)
+        self._signature = (self.name, tuple(space.names), tuple(int(w) for w in space.widths), self.budget,
+                           self._measure.name)
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The declared defaults overlaid with `options`, each checked (ConfigError naming the option).
+
+        Cheap: called before any data is loaded or base model trained, and again by the constructor.
+        """
+        checked = check_options(cls.name or cls.__name__, cls.OPTIONS, options)
+        cls.check_together(checked)
+        return checked
+
+    @classmethod
+    def check_together(cls, options: dict[str, Any]) -> None:
+        """Rules across options (e.g. lam_min < lam_max); raise ConfigError. Default: none."""
+
+    def option_error(self, text: str) -> ConfigError:
+        """A ConfigError in the options' message style."""
+        return ConfigError(f"searcher {self.name!r}: {text}")
 
     # -- properties -------------------------------------------------------------------
     @property
@@ -163,8 +188,18 @@ class WidthSearcher(Searcher):
         return self._cost
 
     @property
+    def measure(self) -> Measure:
+        """What the budget bounds (FLOPs, params or latency)."""
+        return self._measure
+
+    @property
     def model(self) -> nn.Module | None:
         return self._model
+
+    @property
+    def batches(self) -> list | None:
+        """Training batches for data-driven criteria (taylor, frs), when the search passed them."""
+        return self._batches
 
     @property
     def pareto(self) -> bool:
@@ -177,9 +212,9 @@ class WidthSearcher(Searcher):
         return self._space.min_widths / self._space.widths
 
     @property
-    def min_flops_ratio(self) -> float:
-        """FLOPs ratio of the smallest profile."""
-        return self._cost.flops(self._space.minimal()) / self._cost.base_flops
+    def min_cost_ratio(self) -> float:
+        """Measure ratio of the smallest profile."""
+        return self._measure.ratio(self._space.min_widths)
 
     def _check_budget(self, budget: float) -> float:
         try:
@@ -188,19 +223,19 @@ class WidthSearcher(Searcher):
             raise ConfigError(f"budget must be a number in (0, 1] or None, got {budget!r}") from None
         if not 0.0 < budget <= 1.0 or math.isnan(budget):
             raise ConfigError(f"budget must be in (0, 1], got {budget!r}")
-        smallest = self.min_flops_ratio
+        smallest = self.min_cost_ratio
         if smallest > budget:
             raise ConfigError(f"budget {budget:g} is unreachable: the smallest profile of this model has "
-                              f"FLOPs ratio {smallest:.4g}")
+                              f"{self._measure.unit} ratio {smallest:.4g}")
         return budget
 
-    def flops_ratio(self, widths) -> float:
-        """FLOPs ratio of a width vector (validated)."""
-        return self._cost.flops(self._space.from_vector(widths)) / self._cost.base_flops
+    def cost_ratio(self, widths) -> float:
+        """Measure ratio of a width vector (validated)."""
+        return self._measure.ratio(self._space.vector(self._space.from_vector(widths)))
 
     def project(self, ratios: np.ndarray, target: float | None = None) -> np.ndarray:
-        """project_to_budget on this searcher's space and cost (default target: the budget)."""
-        return project_to_budget(self._space, self._cost, ratios, self.budget if target is None else target)
+        """project_to_budget on this searcher's space and measure (default target: the budget)."""
+        return project_to_budget(self._space, self._measure, ratios, self.budget if target is None else target)
 
     # -- Tune API ---------------------------------------------------------------------
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec) -> bool:
@@ -238,11 +273,11 @@ class WidthSearcher(Searcher):
     def _checked(self, widths: np.ndarray) -> np.ndarray:
         """Validate bounds and, in budget mode, the FLOPs budget (repairing if needed)."""
         vector = self._space.vector(self._space.from_vector(widths))
-        if self.enforce_budget and self.budget is not None and self.flops_ratio(vector) > self.budget:
+        if self.enforce_budget and self.budget is not None and self.cost_ratio(vector) > self.budget:
             logger.warning("searcher %r proposed a profile over budget %g; projecting it onto the budget",
                            self.name, self.budget)
             vector = self.project(vector / self._space.widths)
-            if self.flops_ratio(vector) > self.budget:  # pragma: no cover - defensive
+            if self.cost_ratio(vector) > self.budget:  # pragma: no cover - defensive
                 vector = self._space.min_widths.copy()
         return vector
 
@@ -251,30 +286,27 @@ class WidthSearcher(Searcher):
         if widths is None:
             logger.warning("searcher %r: completion of unknown trial %r ignored", self.name, trial_id)
             return
+        if result and result.get("widths") is not None:
+            widths = np.asarray(result["widths"], dtype=np.int64)  # what the trial built (gradient, aofp choose)
         value = self._metric_value(result)
-        flops = self._flops_value(result, widths)
+        ratio = self.cost_ratio(widths)
         self.history.append({"trial_id": trial_id, "widths": [int(w) for w in widths], "value": value,
-                             "flops_ratio": flops, "error": bool(error)})
-        self._observe(trial_id, widths, result, error, value, flops)
+                             "cost_ratio": ratio, "error": bool(error)})
+        self._observe(trial_id, widths, result, error, value, ratio)
 
     def _metric_value(self, result: Mapping | None) -> float | None:
-        if not result or self.metric not in result:
+        """The result's metric at the first rung every trial reaches (``first_score`` when a trial reports it),
+        so trials that a promotion scheduler stopped early and trials it promoted compare like with like."""
+        if not result:
+            return None
+        key = "first_score" if self.metric == "score" and "first_score" in result else self.metric
+        if key not in result:
             return None
         try:
-            value = float(result[self.metric])
+            value = float(result[key])
         except (TypeError, ValueError):
             return None
         return value if math.isfinite(value) else None
-
-    def _flops_value(self, result: Mapping | None, widths: np.ndarray) -> float:
-        if result and FLOPS_KEY in result:
-            try:
-                value = float(result[FLOPS_KEY])
-                if math.isfinite(value):
-                    return value
-            except (TypeError, ValueError):
-                pass
-        return self.flops_ratio(widths)
 
     # -- subclass hooks -----------------------------------------------------------------
     def _propose(self, trial_id: str) -> Proposal | str | None:
@@ -282,8 +314,8 @@ class WidthSearcher(Searcher):
         raise NotImplementedError
 
     def _observe(self, trial_id: str, widths: np.ndarray, result: dict | None, error: bool,
-                 value: float | None, flops_ratio: float) -> None:
-        """React to a completed trial (default: nothing beyond the history)."""
+                 value: float | None, cost_ratio: float) -> None:
+        """React to a completed trial: `widths` as built, `cost_ratio` their measure ratio (default: nothing)."""
 
     # -- checkpointing --------------------------------------------------------------------
     def get_state(self) -> dict:
@@ -292,26 +324,16 @@ class WidthSearcher(Searcher):
     def set_state(self, state: dict) -> None:
         signature = state.get("_signature")
         if signature != self._signature:
-            name, groups, _, budget = signature if signature else ("?", (), None, "?")
+            name, groups, _, budget = signature[:4] if signature else ("?", (), None, "?")
             raise WidthSearchError(
                 f"searcher checkpoint does not match: it was written by searcher {name!r} for {len(groups)} "
                 f"groups with budget {budget}; this is searcher {self.name!r} for {len(self._space)} groups "
-                f"with budget {self.budget}")
+                f"with budget {self.budget} ({self._measure.name})")
         self.__dict__.update({k: v for k, v in state.items() if k not in _TRANSIENT})
 
     def save(self, checkpoint_path: str) -> None:
         """Pickle the searcher's own state (atomically)."""
-        directory = os.path.dirname(os.path.abspath(checkpoint_path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".searcher-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                pickle.dump(self.get_state(), f)
-            os.replace(tmp, checkpoint_path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomic(checkpoint_path, pickle.dumps(self.get_state()))
 
     def restore(self, checkpoint_path: str) -> None:
         """Load a state written by ``save`` from a searcher of the same name, space and budget."""

@@ -4,7 +4,7 @@ Sources: the uniform-width baseline is the usual "shrink every layer by the same
 reference (as in the width-multiplier of MobileNets, Howard et al. 2017); random search
 over per-layer widths follows the random-pruning baselines of Liu et al. 2019 ("Rethinking
 the value of network pruning") and Li & Talwalkar 2019 (random search for architecture
-search). Deviation: samples are projected onto the FLOPs budget (largest feasible scale of
+search). Deviation: samples are projected onto the budget (largest feasible scale of
 the sampled ratio vector) instead of being rejected when over budget.
 """
 
@@ -13,31 +13,25 @@ from __future__ import annotations
 import numpy as np
 from ray.tune.search import Searcher
 
-from widthsearch.errors import ConfigError
-
-from . import register
 from .base import WidthSearcher, project_with_scale
+from .options import Option
 
 
-@register
 class UniformSearcher(WidthSearcher):
     """One keep ratio for all groups (width-multiplier baseline).
 
     Budget mode: the largest uniform ratio whose profile fits the budget (a vectorised
-    bisection on the ratio with ``cost.flops_many``, via :func:`project_to_budget` on the
+    bisection on the ratio with ``measure.many``, via :func:`project_to_budget` on the
     all-ones direction), suggested once, then FINISHED. Pareto mode: ``points`` ratios evenly
     spaced between the smallest meaningful ratio (max over groups of min_width / width) and
     1.0, duplicates removed, then FINISHED.
     """
 
     name = "uniform"
-    OPTIONS = {"points": 8}
+    OPTIONS = {"points": Option(8, int, "Pareto mode: how many uniform ratios", low=1)}
 
     def __init__(self, space, cost, **kwargs):
         super().__init__(space, cost, **kwargs)
-        points = self.options["points"]
-        if isinstance(points, bool) or not isinstance(points, (int, np.integer)) or points < 1:
-            raise ConfigError(f"option 'points' of searcher 'uniform' must be an integer >= 1, got {points!r}")
         self._queue = self._candidates()
 
     def _candidates(self) -> list[tuple[list[int], dict]]:
@@ -62,36 +56,32 @@ class UniformSearcher(WidthSearcher):
 
 def _largest_uniform(searcher: WidthSearcher, target: float) -> tuple[float, np.ndarray]:
     """Largest uniform keep ratio within `target` and its widths."""
-    widths, scale = project_with_scale(searcher.space, searcher.cost, np.ones(len(searcher.space)), target)
+    widths, scale = project_with_scale(searcher.space, searcher.measure, np.ones(len(searcher.space)), target)
     return min(float(scale), 1.0), widths
 
 
-@register
 class RandomSearcher(WidthSearcher):
     """Random per-group keep ratios ~ U(min_ratio_g, 1) from a seeded numpy Generator.
 
     Budget mode: each sample is projected onto the budget with :func:`project_to_budget`
-    (largest scale of the sampled ratio vector whose FLOPs ratio fits), so every profile is
-    feasible and sits close to the budget. Pareto mode: a random FLOPs target in [FLOPs ratio
+    (largest scale of the sampled ratio vector whose measure ratio fits), so every profile is
+    feasible and sits close to the budget. Pareto mode: a random target in [measure ratio
     of the smallest profile, 1] is drawn first and the sample projected onto it. Profiles
     already suggested are re-sampled (up to ``max_tries`` times). Never FINISHED on its own:
     Tune's ``num_samples`` bounds it.
     """
 
     name = "random"
-    OPTIONS = {"max_tries": 100}
+    OPTIONS = {"max_tries": Option(100, int, "resamples before a repeated profile is accepted", low=1)}
 
     def __init__(self, space, cost, **kwargs):
         super().__init__(space, cost, **kwargs)
-        tries = self.options["max_tries"]
-        if isinstance(tries, bool) or not isinstance(tries, (int, np.integer)) or tries < 1:
-            raise ConfigError(f"option 'max_tries' of searcher 'random' must be an integer >= 1, got {tries!r}")
         self._rng = np.random.default_rng(self.seed)
 
     def _sample(self) -> tuple[np.ndarray, float]:
         low = self.min_ratios
         ratios = self._rng.uniform(low, 1.0)
-        target = self.budget if not self.pareto else float(self._rng.uniform(self.min_flops_ratio, 1.0))
+        target = self.budget if not self.pareto else float(self._rng.uniform(self.min_cost_ratio, 1.0))
         return self.project(ratios, target), target
 
     def _propose(self, trial_id):

@@ -4,7 +4,7 @@ Source: global pruning as in torch-pruning's ``global_pruning=True`` (Fang et al
 DepGraph) and Molchanov et al. (2017, 2019), who rank channels of all layers together by
 one criterion (e.g. the first-order Taylor score) and remove the lowest globally.
 
-Deviations: (1) removal stops at a FLOPs budget measured with the CostModel instead of a
+Deviations: (1) removal stops at the budget of the experiment's measure (FLOPs by default) instead of a
 channel-count ratio; (2) raw scores are not comparable across layers, so several per-group
 normalisers are tried (one candidate profile each) and Tune evaluates them; (3) with a
 divisor, channels are removed in steps of whole multiples, a step being ranked by the
@@ -24,8 +24,8 @@ from widthsearch.errors import ConfigError
 from widthsearch.importance import CRITERIA, score_channels
 from widthsearch.space import dependency_graph, root_group
 
-from . import register
 from .base import WidthSearcher
+from .options import Option
 
 NORMALIZERS = ("mean", "max", "sum", "none")
 
@@ -37,49 +37,40 @@ def _normalise(scores: np.ndarray, how: str) -> np.ndarray:
     return scores / denominator if denominator > 0 else scores
 
 
-@register
 class GlobalRankingSearcher(WidthSearcher):
     """One global importance ranking across groups (torch-pruning global pruning / Molchanov et al.).
 
     Every channel of every group is scored once on the base ``model`` with ``criterion``
-    (``importance.score_channels``; data-driven criteria take the ``batches`` option),
+    (``importance.score_channels``; data-driven criteria use the search's training batches),
     normalised per group by each of ``normalizers`` (group mean / max / sum / nothing), and
     channels are removed in increasing global order. All prefixes of that removal order are
-    costed in one vectorised ``cost.flops_many`` call; the candidate is the first prefix
-    whose FLOPs ratio is <= the budget, so the budget holds by construction. Budget mode:
+    costed in one vectorised ``measure.many`` call; the candidate is the first prefix
+    whose measure ratio is <= the budget, so the budget holds by construction. Budget mode:
     one candidate per normaliser (duplicates merged), then FINISHED. Pareto mode: one per
-    normaliser and FLOPs target in ``targets``, then FINISHED.
+    normaliser and target in ``targets``, then FINISHED.
     """
 
     name = "global"
-    OPTIONS = {"normalizers": ["mean", "max", "none"], "targets": [0.3, 0.5, 0.7], "batches": None}
+    OPTIONS = {"normalizers": Option(["mean", "max", "none"], list, "per-group score normalisers, one "
+                                     "candidate each", choices=NORMALIZERS),
+               "targets": Option([0.3, 0.5, 0.7], list, "Pareto mode: budget targets", low=0, high=1,
+                                 low_open=True)}
 
     def __init__(self, space, cost, **kwargs):
         super().__init__(space, cost, **kwargs)
         if self.model is None:
             raise ConfigError("searcher 'global' needs the model (model=...) to score channels")
-        normalizers = self.options["normalizers"]
-        if isinstance(normalizers, str):
-            normalizers = [normalizers]
-        normalizers = list(dict.fromkeys(normalizers))
-        bad = [n for n in normalizers if n not in NORMALIZERS]
-        if bad or not normalizers:
-            raise ConfigError(f"unknown normalizer {bad[0] if bad else None!r} for searcher 'global'; "
-                              f"expected some of: {', '.join(NORMALIZERS)}")
-        targets = self.options["targets"]
-        targets = [self.budget] if not self.pareto else list(targets) if isinstance(targets, (list, tuple)) else [targets]
-        for t in targets:
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t <= 1.0:
-                raise ConfigError(f"targets of searcher 'global' must be in (0, 1], got {t!r}")
-        reachable = [t for t in targets if t >= self.min_flops_ratio]
+        normalizers = list(dict.fromkeys(self.options["normalizers"]))
+        targets = [self.budget] if not self.pareto else self.options["targets"]
+        reachable = [t for t in targets if t >= self.min_cost_ratio]
         if not reachable:
             raise ConfigError(f"targets {targets} are unreachable: the smallest profile of this model has "
-                              f"FLOPs ratio {self.min_flops_ratio:.4g}")
-        batches = self.options["batches"]
-        if CRITERIA[self.criterion].needs_batches and not batches:
-            raise ConfigError(f"searcher 'global' with criterion {self.criterion!r} needs the 'batches' option")
-        scores = self._score(batches)
-        self.options = {**self.options, "normalizers": normalizers, "batches": None}  # no data in checkpoints
+                              f"{self.measure.unit} ratio {self.min_cost_ratio:.4g}")
+        if CRITERIA[self.criterion].needs_batches and not self.batches:
+            raise ConfigError(f"searcher 'global' with criterion {self.criterion!r} needs training batches "
+                              "(widthsearch search passes them; from Python, pass batches=[(x, y), ...])")
+        scores = self._score(self.batches)
+        self.options = {**self.options, "normalizers": normalizers}
         self._queue = self._candidates(scores, normalizers, sorted(reachable))
 
     def _score(self, batches) -> dict[str, np.ndarray]:
@@ -115,7 +106,7 @@ class GlobalRankingSearcher(WidthSearcher):
         index: dict[tuple[int, ...], int] = {}
         for how in normalizers:
             profiles = self._removal_order(scores, how)
-            ratios = self.cost.flops_many(profiles) / self.cost.base_flops
+            ratios = self.measure.ratio_many(profiles)
             for target in targets:
                 fits = ratios <= target
                 widths = profiles[int(np.argmax(fits))] if fits.any() else self.space.min_widths

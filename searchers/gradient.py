@@ -6,7 +6,7 @@ arXiv:2107.03375). Architecture search is a complexity-penalised subset-selectio
 ``min_S  L(S) + lam * C(S)`` over the subset S of channels kept, solved by gradient descent
 on a relaxation with two temperatures; the architecture is learned separately from the weights.
 
-Here (machinery in widthsearch/gates.py, trial in trainables/gradient.py):
+Here (machinery in searchers/gates.py, trial in trainables/gradient.py):
 
 * One logit ``a`` per channel of every channel group (coupled layers share the gate).
 * **Architecture temperature** ``T`` (options ``temp`` -> ``temp_end``): the Bernoulli keep
@@ -29,8 +29,12 @@ Here (machinery in widthsearch/gates.py, trial in trainables/gradient.py):
 
 Searcher: each trial is one gate optimisation for one lam. Budget mode: bisection on log lam
 (start ``lam0``, bracket by factors of ``expand``), one trial at a time (``suggest`` returns
-None while it waits), until the achieved FLOPs ratio is within ``tol`` (relative) of the
-budget, the bracket collapses, or ``max_trials`` ran. Pareto mode: ``points`` values of lam
+None while it waits), until the gates' ratio lies in ``[budget x (1 - tol), budget]`` (one-sided:
+above the budget never counts as met), the bracket collapses, or ``max_trials`` ran. A trial
+whose extracted profile ends above the budget (rounding up to the minimum width or the divisor
+can push it over) drops its least probable channels until it fits, so every budget-mode row is
+within the budget; the gates' own ratio is reported as ``gate_ratio`` and drives the bisection.
+Pareto mode: ``points`` values of lam
 spread log-uniformly over [``lam_min``, ``lam_max``], all suggested at once.
 
 Deviations, stated: (1) the full text of the paper was not reachable from this workspace
@@ -55,26 +59,38 @@ from ray.tune.search import Searcher
 
 from widthsearch.errors import ConfigError
 
-from . import register
 from .base import WidthSearcher
+from .options import Option
 
-_POSITIVE = ("lr", "tau", "tau_end", "temp", "temp_end", "lam0", "lam_min", "lam_max", "tol")
+
+def _positive(default: float, text: str) -> Option:
+    return Option(default, float, text, low=0, low_open=True)
 
 
-@register
 class GradientSearcher(WidthSearcher):
     """Sweep the complexity penalty lam of relaxed channel gates: bisection to a budget, or a Pareto grid."""
 
     name = "gradient"
     trainable = "gradient"
     enforce_budget = False  # the widths come out of the gates; the budget is hit by choosing lam
-    OPTIONS = {"steps": 100, "lr": 0.1, "init_logit": 3.0, "tau": 1.0, "tau_end": 0.1, "temp": 1.0,
-               "temp_end": 0.1, "complexity": "flops", "lam0": 1.0, "expand": 10.0, "lam_min": 0.01,
-               "lam_max": 100.0, "points": 5, "tol": 0.02, "max_trials": 12}
+    OPTIONS = {"steps": Option(100, int, "gate optimisation steps per trial", low=1),
+               "lr": _positive(0.1, "Adam learning rate of the gate logits"),
+               "init_logit": Option(3.0, float, "initial gate logit (keep probability sigmoid(3) = 0.95)"),
+               "tau": _positive(1.0, "sampling temperature at the start"),
+               "tau_end": _positive(0.1, "sampling temperature at the end"),
+               "temp": _positive(1.0, "architecture temperature at the start"),
+               "temp_end": _positive(0.1, "architecture temperature at the end"),
+               "complexity": Option("flops", str, "penalised quantity", choices=("flops", "params")),
+               "lam0": _positive(1.0, "first penalty weight of the bisection"),
+               "expand": Option(10.0, float, "bracketing factor of the bisection", low=1, low_open=True),
+               "lam_min": _positive(0.01, "Pareto mode: smallest penalty weight"),
+               "lam_max": _positive(100.0, "Pareto mode: largest penalty weight"),
+               "points": Option(5, int, "Pareto mode: penalty weights tried", low=1),
+               "tol": _positive(0.02, "stop when the ratio is within budget and this (relative) below it"),
+               "max_trials": Option(12, int, "most bisection trials", low=1)}
 
     def __init__(self, space, cost, **kwargs: Any):
         super().__init__(space, cost, **kwargs)
-        self._check_options()
         self.lams: dict[str, float] = {}              # trial_id -> lam suggested
         self.outcomes: list[tuple[float, float]] = []  # (lam, achieved FLOPs ratio) of finished trials
         self.lo: float | None = None                   # largest lam seen over budget
@@ -83,21 +99,11 @@ class GradientSearcher(WidthSearcher):
         self.waiting = False
         self.converged = False
 
-    def _check_options(self) -> None:
-        o = self.options
-        for key in _POSITIVE:
-            if not isinstance(o[key], (int, float)) or not o[key] > 0 or not math.isfinite(o[key]):
-                raise ConfigError(f"searcher 'gradient': option {key!r} must be a positive number, got {o[key]!r}")
-        for key in ("steps", "points", "max_trials"):
-            if not isinstance(o[key], int) or o[key] < 1:
-                raise ConfigError(f"searcher 'gradient': option {key!r} must be an integer >= 1, got {o[key]!r}")
-        if o["complexity"] not in ("flops", "params"):
-            raise ConfigError(f"searcher 'gradient': option 'complexity' must be 'flops' or 'params', "
-                              f"got {o['complexity']!r}")
-        if not o["expand"] > 1:
-            raise ConfigError(f"searcher 'gradient': option 'expand' must be > 1, got {o['expand']!r}")
-        if o["lam_min"] >= o["lam_max"]:
-            raise ConfigError(f"searcher 'gradient': lam_min ({o['lam_min']}) must be below lam_max ({o['lam_max']})")
+    @classmethod
+    def check_together(cls, options: dict) -> None:
+        if options["lam_min"] >= options["lam_max"]:
+            raise ConfigError(f"searcher 'gradient': lam_min ({options['lam_min']}) must be below lam_max "
+                              f"({options['lam_max']})")
 
     # -- lam schedule -------------------------------------------------------------------
     def pareto_lams(self) -> np.ndarray:
@@ -117,7 +123,7 @@ class GradientSearcher(WidthSearcher):
 
     def _payload(self, lam: float) -> dict:
         keys = ("steps", "lr", "init_logit", "tau", "tau_end", "temp", "temp_end", "complexity")
-        return {"lam": float(lam), "seed": self.seed, **{k: self.options[k] for k in keys}}
+        return {"lam": float(lam), "seed": self.seed, "budget": self.budget, **{k: self.options[k] for k in keys}}
 
     # -- Tune hooks ---------------------------------------------------------------------
     def _propose(self, trial_id: str):
@@ -137,18 +143,21 @@ class GradientSearcher(WidthSearcher):
         self.lams[trial_id] = lam
         return self.space.widths, self._payload(lam)  # placeholder widths: the trial reports the real ones
 
-    def _observe(self, trial_id, widths, result, error, value, flops_ratio) -> None:
+    def _observe(self, trial_id, widths, result, error, value, cost_ratio) -> None:
         lam = self.lams.pop(trial_id, None)
         self.waiting = False
-        if lam is None or error or not result or "flops_ratio" not in result:
+        if lam is None or error or not result or "widths" not in result:
             return  # budget mode retries the same lam (bounded by max_trials)
-        self.outcomes.append((lam, flops_ratio))
+        # What lam achieved: the gates' own profile, before the trial trimmed it to the budget (if it had to).
+        achieved = float(result.get("gate_ratio", cost_ratio))
+        self.outcomes.append((lam, achieved))
         if self.pareto:
             return
-        if flops_ratio > self.budget:
+        if achieved > self.budget:
             self.lo = lam if self.lo is None else max(self.lo, lam)
         else:
             self.hi = lam if self.hi is None else min(self.hi, lam)
         collapsed = self.lo is not None and self.hi is not None and self.hi / self.lo < 1.001
-        if abs(flops_ratio - self.budget) <= self.options["tol"] * self.budget or collapsed:
+        # One-sided: a profile above the budget never counts as meeting it.
+        if self.budget * (1 - self.options["tol"]) <= achieved <= self.budget or collapsed:
             self.converged = True

@@ -43,41 +43,40 @@ from ray.tune.search import Searcher
 from widthsearch.errors import ConfigError
 from widthsearch.pruningnet import allowed_widths, prefix_keep, sample_widths
 
-from . import register
 from .base import WidthSearcher
+from .options import Option
 
 logger = logging.getLogger(__name__)
 
 
-@register
 class MetaPruningSearcher(WidthSearcher):
     """Train a PruningNet, then evolve width profiles scored with its generated weights."""
 
     name = "metapruning"
     trainable = "metapruning"
-    OPTIONS = {"train_steps": 2000, "lr": 0.01, "hidden": 32, "checkpoint_every": 100,
-               "train_flops_min": 0.0, "train_flops_max": 1.0,
-               "population": 50, "generations": 20, "topk": 10, "mutation_prob": 0.1}
+    promotes = False  # its candidates are scored with generated weights, not fine-tuned in rungs
+    OPTIONS = {"train_steps": Option(2000, int, "PruningNet training steps", low=1),
+               "lr": Option(0.01, float, "PruningNet learning rate", low=0, low_open=True),
+               "hidden": Option(32, int, "hidden units of each meta block", low=1),
+               "checkpoint_every": Option(100, int, "PruningNet steps between checkpoints", low=1),
+               "train_flops_min": Option(0.0, float, "smallest FLOPs ratio sampled in training", low=0, high=1),
+               "train_flops_max": Option(1.0, float, "largest FLOPs ratio sampled in training", low=0, high=1),
+               "population": Option(50, int, "profiles per generation", low=1),
+               "generations": Option(20, int, "generations of the evolution", low=1),
+               "topk": Option(10, int, "parents kept over all generations", low=1),
+               "mutation_prob": Option(0.1, float, "probability of resampling each gene of a mutant", low=0, high=1)}
+
+    @classmethod
+    def check_together(cls, o: dict) -> None:
+        if not o["train_flops_min"] < o["train_flops_max"]:
+            raise ConfigError("searcher 'metapruning': train_flops_min must be below train_flops_max, got "
+                              f"{o['train_flops_min']!r} and {o['train_flops_max']!r}")
+        if o["topk"] > o["population"]:
+            raise ConfigError(f"searcher 'metapruning': option 'topk' ({o['topk']}) exceeds 'population' "
+                              f"({o['population']})")
 
     def __init__(self, space, cost, **kwargs: Any):
         super().__init__(space, cost, **kwargs)
-        o = self.options
-        integers = ("train_steps", "hidden", "checkpoint_every", "population", "generations", "topk")
-        for key in integers:
-            if isinstance(o[key], bool) or not isinstance(o[key], int) or o[key] < 1:
-                raise ConfigError(f"option {key!r} of searcher 'metapruning' must be an integer >= 1, got {o[key]!r}")
-        for key in ("lr", "mutation_prob", "train_flops_min", "train_flops_max"):
-            if isinstance(o[key], bool) or not isinstance(o[key], (int, float)) or not math.isfinite(o[key]):
-                raise ConfigError(f"option {key!r} of searcher 'metapruning' must be a number, got {o[key]!r}")
-        if o["lr"] <= 0 or not 0 <= o["mutation_prob"] <= 1:
-            raise ConfigError(f"searcher 'metapruning' needs lr > 0 and 0 <= mutation_prob <= 1, got lr={o['lr']!r}, "
-                              f"mutation_prob={o['mutation_prob']!r}")
-        if not 0 <= o["train_flops_min"] < o["train_flops_max"] <= 1:
-            raise ConfigError("searcher 'metapruning' needs 0 <= train_flops_min < train_flops_max <= 1, got "
-                              f"{o['train_flops_min']!r} and {o['train_flops_max']!r}")
-        if o["topk"] > o["population"]:
-            raise ConfigError(f"option 'topk' ({o['topk']}) of searcher 'metapruning' exceeds 'population' "
-                              f"({o['population']})")
         self.rng = np.random.default_rng(self.seed)
         self.phase = "train"          # "train": waiting for the PruningNet; "evolve": running generations
         self.net = f"pruningnet-s{self.seed}"   # the PruningNet checkpoint id (EXP/widthsearch/metapruning/<net>.pt)
@@ -86,7 +85,7 @@ class MetaPruningSearcher(WidthSearcher):
         self.generation = 0
         self.queue: list[list[int]] = []        # children of the current generation not yet suggested
         self.pending = 0              # candidates of the current generation suggested, not yet complete
-        self.scored: list[dict] = []  # every candidate scored: widths, value, flops_ratio, generation
+        self.scored: list[dict] = []  # every candidate scored: widths, value, cost_ratio, generation
         self.top: list[dict] = []     # the top-k over all generations so far (parents of the next one)
 
     # -- proposals ----------------------------------------------------------------------
@@ -115,7 +114,7 @@ class MetaPruningSearcher(WidthSearcher):
                    "generation": self.generation, "keep": prefix_keep(self.space, widths)}
         return widths, payload
 
-    def _observe(self, trial_id, widths, result, error, value, flops_ratio) -> None:
+    def _observe(self, trial_id, widths, result, error, value, cost_ratio) -> None:
         if self.phase == "train":
             if error or not result or "checkpoint" not in result:
                 logger.error("metapruning: the PruningNet training trial failed; the search cannot go on")
@@ -127,7 +126,7 @@ class MetaPruningSearcher(WidthSearcher):
             return
         self.pending -= 1
         if value is not None:
-            self.scored.append({"widths": [int(w) for w in widths], "value": value, "flops_ratio": flops_ratio,
+            self.scored.append({"widths": [int(w) for w in widths], "value": value, "cost_ratio": cost_ratio,
                                 "generation": self.generation})
 
     # -- evolution ----------------------------------------------------------------------
@@ -136,7 +135,7 @@ class MetaPruningSearcher(WidthSearcher):
         sign = 1.0 if self.mode == "max" else -1.0
         value = np.array([sign * c["value"] for c in candidates])
         if self.budget is None:
-            flops = np.array([c["flops_ratio"] for c in candidates])
+            flops = np.array([c["cost_ratio"] for c in candidates])
             v, f = value[:, None], flops[:, None]  # row i: is candidate j at least as good on both, better on one?
             dominated = ((value >= v) & (flops <= f) & ((value > v) | (flops < f))).sum(axis=1)
         else:
@@ -147,7 +146,7 @@ class MetaPruningSearcher(WidthSearcher):
         """Rows within the FLOPs budget (all rows in Pareto mode)."""
         if self.budget is None:
             return np.ones(len(widths), dtype=bool)
-        return self.cost.flops_many(widths) <= self.budget * self.cost.base_flops
+        return self.measure.ratio_many(widths) <= self.budget
 
     def children(self) -> list[list[int]]:
         """The next generation: random (generation 0), else mutants + crossovers + random fill; all feasible and new."""

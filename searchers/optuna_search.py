@@ -23,15 +23,12 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from widthsearch.errors import ConfigError
-
-from . import register
 from .base import WidthSearcher
+from .options import Option
 
 SAMPLERS = ("tpe", "nsga2", "random")
 
 
-@register
 class OptunaWidthSearcher(WidthSearcher):
     """Optuna study over per-group keep ratios (TPE: Bergstra et al. 2011; NSGA-II: Deb et al. 2002).
 
@@ -40,23 +37,20 @@ class OptunaWidthSearcher(WidthSearcher):
     the searcher's mode); every sampled ratio vector is repaired by ``project_to_budget`` so
     the budget holds for every suggestion. Pareto mode (``budget=None``): ``NSGAIISampler(seed)``
     by default with two objectives, the metric (in the searcher's mode) and the FLOPs ratio
-    (minimised; read from the result's ``"flops_ratio"``, else computed), without repair.
+    (minimised; the measure's ratio of the profile), without repair.
     Errored trials and trials without a finite metric are told as FAIL.
     """
 
     name = "optuna"
-    OPTIONS = {"sampler": None, "startup_trials": 10, "population_size": 50, "max_cached": 20}
+    OPTIONS = {"sampler": Option(None, str, "tpe, nsga2 or random (default: tpe; nsga2 with --pareto)",
+                                 choices=SAMPLERS, optional=True),
+               "startup_trials": Option(10, int, "random trials before TPE models the results", low=0),
+               "population_size": Option(50, int, "NSGA-II population", low=2),
+               "max_cached": Option(20, int, "repaired repeats answered from the history in a row", low=0)}
 
     def __init__(self, space, cost, **kwargs):
         super().__init__(space, cost, **kwargs)
         sampler = self.options["sampler"] or ("nsga2" if self.pareto else "tpe")
-        if sampler not in SAMPLERS:
-            raise ConfigError(f"option 'sampler' of searcher 'optuna' must be one of: {', '.join(SAMPLERS)}; "
-                              f"got {sampler!r}")
-        for key in ("startup_trials", "population_size", "max_cached"):
-            value, least = self.options[key], 2 if key == "population_size" else 0
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
-                raise ConfigError(f"option {key!r} of searcher 'optuna' must be an integer >= {least}, got {value!r}")
         self.options = {**self.options, "sampler": sampler}
         self._trials: dict[str, int] = {}        # Tune trial_id -> optuna trial number
         self._scores: dict[tuple[int, ...], Any] = {}  # profile -> values told (for repeated profiles)
@@ -117,15 +111,15 @@ class OptunaWidthSearcher(WidthSearcher):
         self._trials[trial_id] = trial.number
         return widths, {"optuna_trial": trial.number}
 
-    def _observe(self, trial_id, widths, result, error, value, flops_ratio):
+    def _observe(self, trial_id, widths, result, error, value, cost_ratio):
         number = self._trials.pop(trial_id, None)
         if number is None:
             return
         if error or value is None:
             self.study.tell(number, state=TrialState.FAIL)
             return
-        values: Any = [value, flops_ratio] if self.pareto else value
-        if self.pareto and not math.isfinite(flops_ratio):
+        values: Any = [value, cost_ratio] if self.pareto else value
+        if self.pareto and not math.isfinite(cost_ratio):
             self.study.tell(number, state=TrialState.FAIL)
             return
         self.study.tell(number, values)

@@ -10,11 +10,21 @@ from optuna.trial import TrialState
 from ray import tune
 from ray.tune.search import Searcher
 
-from searchers import SEARCHERS, WidthSearcher, make_searcher, project_to_budget, register
+from searchers import SEARCHERS, Option, WidthSearcher, make_searcher, project_to_budget, searcher_class, searchers_help
 from widthsearch import CostModel, build_space, load_model
 from widthsearch.errors import ConfigError, WidthSearchError
 
-BUILTIN = ["uniform", "random", "global", "optuna"]
+BUILTIN = ["uniform", "random", "global", "optuna", "aofp", "gradient", "metapruning"]
+
+
+class _Fixed(WidthSearcher):
+    """A plug-in for the registry test: proposes the full widths (over budget, so the base class must repair)."""
+
+    name = "test_fixed"
+    OPTIONS = {"rate": Option(0.5, float, "a rate", low=0, high=1)}
+
+    def _propose(self, trial_id):
+        return self.space.widths, None
 
 
 def _setup(source, shape):
@@ -63,7 +73,7 @@ def _run(searcher, space, n, start=0, feed=True):
 
 
 # -- budgets --------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", BUILTIN)
+@pytest.mark.parametrize("name", [n for n in BUILTIN if searcher_class(n).enforce_budget])
 def test_every_suggestion_is_within_budget_and_bounds(setup, name):
     model, space, cost = setup
     searcher = make_searcher(name, space, cost, budget=0.5, model=model, seed=1)
@@ -208,6 +218,8 @@ def test_unknown_option_and_searcher(small):
     _, space, cost = small
     with pytest.raises(ConfigError, match="unknown option 'pointz' for searcher 'uniform'; accepted options: points"):
         make_searcher("uniform", space, cost, pointz=3)
+    with pytest.raises(ConfigError, match="unknown option 'pointz' for searcher 'uniform'"):
+        searcher_class("uniform").check_options({"pointz": 3})  # the cheap check the CLI runs before any work
     with pytest.raises(ConfigError) as info:
         make_searcher("nope", space, cost)
     assert "unknown searcher 'nope'" in str(info.value)
@@ -219,22 +231,53 @@ def test_unknown_option_and_searcher(small):
         make_searcher("random", space, cost, mode="best")
 
 
-def test_register_plugs_in_by_name(small):
+def test_registry_line_plugs_in_a_searcher(small):
     _, space, cost = small
-
-    @register
-    class Fixed(WidthSearcher):
-        name = "test_fixed"
-
-        def _propose(self, trial_id):
-            return self.space.widths, None  # full widths: over budget, must be repaired
-
+    SEARCHERS["test_fixed"] = f"{__name__}:_Fixed"
     try:
-        searcher = make_searcher("test_fixed", space, cost, budget=0.5)
+        searcher = make_searcher("test_fixed", space, cost, budget=0.5, rate=1)
+        assert searcher.options == {"rate": 1.0}
         config = searcher.suggest("x")
         assert _ratio(space, cost, config["widths"]) <= 0.5
+        with pytest.raises(ConfigError, match="unknown searcher 'nope'.*test_fixed"):
+            searcher_class("nope")
     finally:
         SEARCHERS.pop("test_fixed")
+    SEARCHERS["test_bad"] = f"{__name__}:_ratio"
+    try:
+        with pytest.raises(TypeError, match="is not a WidthSearcher named 'test_bad'"):
+            searcher_class("test_bad")
+    finally:
+        SEARCHERS.pop("test_bad")
+
+
+@pytest.mark.parametrize("name, options, text", [
+    ("aofp", {"epsilon": "abc"}, "searcher 'aofp': option 'epsilon' must be a number > 0, got 'abc'"),
+    ("aofp", {"probes": 0}, "searcher 'aofp': option 'probes' must be an integer >= 1, got 0"),
+    ("aofp", {"window": 2.5}, "option 'window' must be an integer >= 1, got 2.5"),
+    ("optuna", {"sampler": "bogus"}, "searcher 'optuna': option 'sampler' must be one of: tpe, nsga2, random"),
+    ("optuna", {"startup_trials": True}, "option 'startup_trials' must be an integer >= 0, got True"),
+    ("global", {"normalizers": ["mean", "median"]}, "option 'normalizers' must be a list of: mean, max, sum, none"),
+    ("global", {"targets": [0.5, 1.5]}, "option 'targets' must be a list of numbers in (0, 1]"),
+    ("gradient", {"lam_min": 10, "lam_max": 1}, "lam_min (10.0) must be below lam_max (1.0)"),
+    ("metapruning", {"topk": 20, "population": 10}, "option 'topk' (20) exceeds 'population' (10)"),
+    ("metapruning", {"mutation_prob": 2}, "option 'mutation_prob' must be a number in [0, 1], got 2"),
+])
+def test_declared_options_are_checked_with_one_message_style(name, options, text):
+    with pytest.raises(ConfigError) as info:
+        searcher_class(name).check_options(options)
+    assert text in str(info.value)
+
+
+def test_options_coerce_and_help_lists_every_option():
+    assert searcher_class("aofp").check_options({"window": 20.0, "epsilon": 1})["window"] == 20
+    assert searcher_class("global").check_options({"normalizers": "max"})["normalizers"] == ["max"]
+    text = searchers_help()
+    for name in BUILTIN:
+        cls = searcher_class(name)
+        assert f"{name}:" in text
+        for key in cls.OPTIONS:
+            assert f"  {key}=" in text
 
 
 # -- Tune integration --------------------------------------------------------------------------
@@ -267,7 +310,7 @@ def test_optuna_pareto_nsga2(small):
         space.from_vector(widths)
         result = {"score": _score(space, widths)}
         if i % 2:
-            result["flops_ratio"] = _ratio(space, cost, widths)  # else computed by the searcher
+            result["flops_ratio"] = _ratio(space, cost, widths)  # ignored: the searcher computes its measure
         searcher.on_trial_complete(f"p{i}", result)
     done = [t for t in searcher.study.trials if t.state == TrialState.COMPLETE]
     assert len(done) >= 16 and all(len(t.values) == 2 for t in done)

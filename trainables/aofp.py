@@ -24,7 +24,7 @@ from widthsearch.space import WidthSpace, dependency_graph, root_group
 from widthsearch.surgery import zero_channels
 from widthsearch.training import TrainConfig, evaluate, make_optimizer
 
-from .common import Job, cached_data, setup_trial
+from .common import Job, setup_trial
 
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -138,12 +138,13 @@ def aofp_step(config: dict, job: AofpJob) -> None:
     """One AOFP trial: a probe (damages of masking attempts) or a commit (next model version)."""
     started = time.time()
     device, node = setup_trial()
-    data = cached_data(job.data, job.val_fraction, job.seed)
+    data = job.splits()
     payload = json.loads(config["payload"])
     model = load_version(job, payload["version"]).to(device)
     profile = job.space.from_vector(config["widths"])
     fixed = {"widths": list(config["widths"]), "flops": job.cost.flops(profile), "params": job.cost.params(profile),
-             "flops_ratio": job.cost.flops_ratio(profile), "criterion": "aofp-damage", "node": node,
+             "flops_ratio": job.cost.flops_ratio(profile),
+             "cost_ratio": job.measure.ratio(config["widths"]), "criterion": "aofp-damage", "node": node,
              "started_at": started, "finetune_steps": 0}
     if payload["phase"] == "probe":
         rng = np.random.default_rng(payload["seed"])

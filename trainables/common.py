@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from widthsearch.cost import CostModel
+from widthsearch.cost import CostModel, Measure
 from widthsearch.data import DataSplits, load_data
 from widthsearch.importance import get_criterion
 from widthsearch.space import WidthSpace
@@ -24,13 +24,19 @@ class Job:
     model: nn.Module            # base model, CPU
     space: WidthSpace
     cost: CostModel
+    measure: Measure            # what the budget bounds (FLOPs, params or latency)
     data: str
     val_fraction: float
-    seed: int
+    split_seed: int             # seeds the train/val carve (fixed for an experiment and its base model)
+    seed: int                   # seeds fine-tuning, importance batches, searchers
     criterion: str
     importance_batches: int
     bn_batches: int
     batch_size: int
+
+    def splits(self) -> DataSplits:
+        """The experiment's data splits, loaded once per worker process."""
+        return cached_data(self.data, self.val_fraction, self.split_seed)
 
 
 @functools.lru_cache(maxsize=2)
@@ -85,8 +91,10 @@ def importance_batches(job: Job, data: DataSplits, device: torch.device) -> list
 
 
 def profile_fields(job: Job, widths, criterion: str, node: str, started: float, payload: str | None) -> dict:
-    """The report fields every scoring trial shares: widths, their FLOPs/params, criterion, node, start, payload."""
+    """The report fields every scoring trial shares: widths, their FLOPs/params, the constraint's ratio (cost_ratio),
+    criterion, node, start, payload."""
     profile = job.space.from_vector(widths)
     return {"widths": [int(w) for w in widths], "flops": job.cost.flops(profile), "params": job.cost.params(profile),
-            "flops_ratio": job.cost.flops_ratio(profile), "criterion": criterion, "node": node,
+            "flops_ratio": job.cost.flops_ratio(profile), "cost_ratio": job.measure.ratio(widths),
+            "criterion": criterion, "node": node,
             "started_at": started, "payload": payload}

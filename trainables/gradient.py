@@ -1,7 +1,7 @@
 """`gate_trial`: one gate optimisation for one penalty lam, then extraction and scoring (searcher `gradient`).
 
 The payload (JSON, from searchers/gradient.py) carries lam and the gate schedule. The trial
-learns the gates on the train split with the base weights frozen (widthsearch.gates), keeps
+learns the gates on the train split with the base weights frozen (searchers/gates.py), keeps
 the channels with p > 0.5, prunes exactly those (surgery with explicit indices), then runs
 adaptive BN, `finetune_steps` of fine-tuning and scores on val, like score_profile.
 """
@@ -13,11 +13,13 @@ import json
 import time
 from collections.abc import Callable
 
-from widthsearch.gates import GateSchedule, extract, optimize_gates
+import numpy as np
+
+from searchers.gates import GateSchedule, extract, optimize_gates
 from widthsearch.surgery import prune
 
 from . import score
-from .common import cached_data, profile_fields, run_with_deadline, setup_trial
+from .common import profile_fields, run_with_deadline, setup_trial
 from .score import ScoreJob, finetune_and_report
 
 SCHEDULE_KEYS = ("steps", "lr", "init_logit", "tau", "tau_end", "temp", "temp_end")
@@ -40,7 +42,7 @@ def gate_trial(config: dict, job: ScoreJob) -> None:
 def _run(config: dict, job: ScoreJob) -> None:
     started = time.time()
     device, node = setup_trial()
-    data = cached_data(job.data, job.val_fraction, job.seed)
+    data = job.splits()
     request = json.loads(config["payload"])
     schedule = GateSchedule(**{k: request[k] for k in SCHEDULE_KEYS})
     seed = job.seed + int(request.get("seed", 0))
@@ -48,12 +50,14 @@ def _run(config: dict, job: ScoreJob) -> None:
     stream = data.stream("train", job.batch_size, seed=seed, augment=False, device=device)
     gates = optimize_gates(work, job.space, job.cost, stream, request["lam"], schedule, request["complexity"], seed)
     gate_s = time.time() - started
-    keep = extract(job.space, gates.probabilities)
+    keep = extract(job.space, gates.probabilities, job.measure, request.get("budget"))
+    gate_widths = [int((p > 0.5).sum()) for p in gates.probabilities]
     profile = {name: len(idxs) for name, idxs in keep.items()}
     model = prune(job.model, job.space, keep=keep).to(device)
     payload = {**request, "keep": keep, "expected_ratio": gates.expected_ratio, "gate_task_loss": gates.task_loss,
                "gate_s": gate_s}
     fields = {**profile_fields(job, job.space.vector(profile).tolist(), "gate", node, started,
                                json.dumps(payload, sort_keys=True)),
-              "lam": request["lam"], "expected_ratio": gates.expected_ratio}
+              "lam": request["lam"], "expected_ratio": gates.expected_ratio,
+              "gate_ratio": job.measure.ratio(np.maximum(gate_widths, job.space.min_widths))}
     finetune_and_report(model, job, data, device, fields, started)

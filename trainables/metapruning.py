@@ -25,7 +25,7 @@ from widthsearch.data import DataSplits
 from widthsearch.pruningnet import PruningNet, sample_widths
 from widthsearch.training import TrainConfig, evaluate, make_optimizer, recalibrate_bn
 
-from .common import Job, cached_data, profile_fields, run_with_deadline, setup_trial
+from .common import Job, profile_fields, run_with_deadline, setup_trial
 
 
 @dataclass
@@ -119,7 +119,7 @@ def metapruning_step(config: dict, job: MetaPruningJob) -> None:
 def _step(config: dict, job: MetaPruningJob) -> None:
     started = time.time()
     device, node = setup_trial()
-    data = cached_data(job.data, job.val_fraction, job.seed)
+    data = job.splits()
     payload = json.loads(config["payload"])
     fixed = {**profile_fields(job, config["widths"], "metapruning", node, started, config["payload"]),
              "finetune_steps": 0}

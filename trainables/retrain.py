@@ -15,7 +15,7 @@ from widthsearch.models import load_model
 from widthsearch.surgery import prune
 from widthsearch.training import TrainConfig, evaluate, train
 
-from .common import Job, cached_data, importance_batches, setup_trial
+from .common import Job, importance_batches, setup_trial
 
 
 @dataclass
@@ -43,7 +43,7 @@ def build_pruned(job: RetrainJob, device: torch.device) -> torch.nn.Module:
         if job.weights:
             model.load_state_dict(torch.load(job.weights, map_location="cpu", weights_only=True)["state_dict"])
         return prune(model, job.space, keep=job.keep).to(device)
-    data = cached_data(job.data, job.val_fraction, job.seed)
+    data = job.splits()
     return prune(job.model, job.space, profile, job.criterion,
                  importance_batches(job, data, device), seed=job.seed).to(device)
 
@@ -52,7 +52,7 @@ def retrain_profile(config: dict, job: RetrainJob) -> None:
     """Train the profile for `epochs`, report val metrics each epoch with a checkpoint; test at the end."""
     started = time.time()
     device, node = setup_trial()
-    data = cached_data(job.data, job.val_fraction, job.seed)
+    data = job.splits()
     model = build_pruned(job, device)
     start_epoch, state = 0, None
     checkpoint = tune.get_checkpoint()

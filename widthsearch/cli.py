@@ -60,8 +60,8 @@ def _key_value(item: str) -> tuple[str, object]:
 
 def cmd_search(args: argparse.Namespace) -> None:
     from .config import load_config
-    from .results import format_table, query
-    from .search import run_search
+    from .results import format_table, load_metadata, query
+    from .search import budget_of, choose_trial, run_search
 
     cfg = load_config(args.config, _search_overrides(args))
     if args.resume and not cfg.name:
@@ -69,9 +69,24 @@ def cmd_search(args: argparse.Namespace) -> None:
     exp_dir, table = run_search(cfg, resume=args.resume, progress=not args.quiet)
     name = exp_dir.rstrip("/").rsplit("/", 1)[-1]
     storage = exp_dir.rstrip("/").rsplit("/", 1)[0]
-    print(format_table(query(table, limit=10)))
     ok = sum(1 for s in table.column("status").to_pylist() if s == "ok")
-    print(f"\n{table.num_rows} trials ({ok} ok) in {exp_dir}")
+    print(f"{table.num_rows} trials ({ok} ok) in {exp_dir}")
+    budget = budget_of(load_metadata(exp_dir))
+    if budget is None:
+        print(format_table(query(table, pareto=True)))
+        print(f"\nnext: widthsearch retrain {name} --storage {storage} --best --budget R --epochs 30 --out {name}-export"
+              f"  (R: the {cfg.constraint} ratio you can afford)")
+        return
+    shown = query(table, where=["status=ok", f"cost_ratio<={budget + 1e-9}"], sort="-finetune_steps,-score", limit=10)
+    print(f"best rows within the budget ({cfg.constraint} ratio <= {budget:g}), longest fine-tune first:")
+    print(format_table(shown))
+    try:
+        best = choose_trial(table, budget=budget, constraint=cfg.constraint)
+    except WidthSearchError as exc:
+        print(f"\n{exc}")
+        return
+    print(f"\nbest: trial {best['trial_id']} (score {best['score']:.4f} after {best['finetune_steps']} fine-tune steps, "
+          f"{cfg.constraint} ratio {best['cost_ratio']:.4f})")
     print(f"next: widthsearch retrain {name} --storage {storage} --best --epochs 30 --out {name}-export")
 
 
@@ -103,7 +118,7 @@ def cmd_retrain(args: argparse.Namespace) -> None:
     summary = run_retrain(experiment_dir(_storage(args.storage), args.experiment), trial=args.trial,
                           epochs=args.epochs, lr=args.lr, from_scratch=args.from_scratch, out=args.out,
                           address=args.address, cpus=args.cpus_per_trial, gpus=args.gpus_per_trial,
-                          progress=not args.quiet)
+                          budget=args.budget, progress=not args.quiet)
     print(json.dumps(summary, indent=1))
 
 
@@ -115,14 +130,16 @@ def cmd_train_base(args: argparse.Namespace) -> None:
     from .training import TrainConfig, evaluate, set_threads, train
 
     set_threads(args.threads)
-    data = load_data(args.data, val_fraction=args.val_fraction, seed=args.seed)
+    data = load_data(args.data, val_fraction=args.val_fraction, seed=args.split_seed)
     torch.manual_seed(args.seed)
     model = load_model(args.model, data.num_classes, in_channels=data.in_channels)
     train(model, data, epochs=args.epochs, config=TrainConfig(lr=args.lr, batch_size=args.batch_size),
           seed=args.seed, progress=f"train {args.model}")
     acc, loss = evaluate(model, data, "val")
-    save_checkpoint(model, args.out, model_source=args.model, data=args.data, epochs=args.epochs, val_acc=acc)
-    print(f"val accuracy {acc:.4f} (loss {loss:.4f}); saved {args.out}")
+    save_checkpoint(model, args.out, model_source=args.model, data=args.data, epochs=args.epochs, val_acc=acc,
+                    split=data.split)
+    print(f"val accuracy {acc:.4f} (loss {loss:.4f}); saved {args.out} "
+          f"(split: val_fraction {args.val_fraction}, split_seed {args.split_seed}; search with the same)")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -160,7 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment")
     p.add_argument("--storage", default="runs")
     p.add_argument("--trial", help="trial id (default: --best)")
-    p.add_argument("--best", action="store_true", help="the best trial by validation score")
+    p.add_argument("--best", action="store_true",
+                   help="the best trial by validation score within the budget, at the longest fine-tune reached")
+    p.add_argument("--budget", type=float,
+                   help="with --best: the largest cost ratio allowed (default: the experiment's budget; "
+                        "needed for a Pareto search)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--from-scratch", action="store_true", help="random init instead of the pruned base weights")
@@ -182,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out for validation")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val carve (search with the same)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", required=True)
     return parser

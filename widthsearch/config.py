@@ -14,6 +14,10 @@ import yaml
 from .errors import ConfigError
 
 
+CONSTRAINTS = ("flops", "params")
+SCORES = ("val_acc", "val_loss")
+
+
 @dataclass
 class SearchConfig:
     """What `widthsearch search` runs. YAML keys and CLI flags have the same names (flags use dashes)."""
@@ -24,15 +28,18 @@ class SearchConfig:
     checkpoint: str | None = None       # base weights; without one a base model is trained first
     data: str = "digits"                # data source: digits, npz:PATH, cifar10:ROOT, imagefolder:ROOT
     val_fraction: float = 0.1
-    seed: int = 0
+    split_seed: int = 0                 # seeds the train/val carve; a --checkpoint must come from the same split
+    seed: int = 0                       # seeds the searcher, fine-tuning and channel scoring
     searcher: str = "optuna"
     searcher_options: dict = field(default_factory=dict)
-    budget: float = 0.5                 # max FLOPs as a fraction of the base model
+    budget: float = 0.5                 # max cost as a fraction of the base model's (see constraint)
+    constraint: str = "flops"           # what the budget bounds: flops or params
     pareto: bool = False                # search the accuracy-FLOPs front instead of one budget
     num_samples: int = 16               # trials to run
     concurrency: int = 2                # trials at once
     finetune_steps: int = 50            # fine-tuning steps per trial before scoring on val
     finetune_lr: float = 0.01
+    score: str = "val_acc"              # the trial score: val_acc, or val_loss (score = -loss)
     batch_size: int = 128
     bn_batches: int = 20                # adaptive-BN batches after pruning
     criterion: str = "l1"               # which channels go: l1, bn_scale, taylor, frs, random
@@ -40,7 +47,9 @@ class SearchConfig:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     allow_cpu: bool = False             # run a GPU config on CPU when no GPU is present
-    asha: bool = False                  # early-stop weak trials over fine-tune steps (ASHA)
+    asha: bool = False                  # promotion: all trials get min_finetune_steps, the best go on (ASHA)
+    min_finetune_steps: int = 10        # with asha: the cheapest fidelity (ASHA's grace period)
+    reduction_factor: int = 4           # with asha: 1 in this many trials is promoted at each rung
     base_epochs: int = 8                # epochs of base training when no checkpoint is given
     base_lr: float = 0.05
     max_failures: int = 1               # retries of a crashed trial
@@ -67,6 +76,12 @@ class SearchConfig:
         for key in ("finetune_lr", "base_lr", "cpus_per_trial"):
             _require(getattr(self, key) > 0, key, getattr(self, key), "positive")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
+        _require(self.constraint in CONSTRAINTS, "constraint", self.constraint, f"one of: {', '.join(CONSTRAINTS)}")
+        _require(self.score in SCORES, "score", self.score, f"one of: {', '.join(SCORES)}")
+        _require(self.reduction_factor >= 2, "reduction_factor", self.reduction_factor, "at least 2")
+        if self.asha:
+            _require(1 <= self.min_finetune_steps <= self.finetune_steps, "min_finetune_steps",
+                     self.min_finetune_steps, f"between 1 and finetune_steps ({self.finetune_steps}) with asha")
         _require(self.gpus_per_trial >= 0, "gpus_per_trial", self.gpus_per_trial, "at least 0")
         _require(self.trial_timeout_s is None or self.trial_timeout_s > 0, "trial_timeout_s", self.trial_timeout_s,
                  "positive (seconds) or empty")
@@ -75,6 +90,15 @@ class SearchConfig:
         if self.name and (os.sep in self.name or self.name.startswith(".")):
             raise ConfigError(f"name {self.name!r} must be a plain folder name")
         return self
+
+    def rungs(self) -> list[int]:
+        """Fine-tune steps at which a scoring trial reports: with asha, min_finetune_steps x reduction_factor^i
+        up to finetune_steps (always the last); else finetune_steps alone."""
+        steps, out = self.min_finetune_steps, []
+        while self.asha and steps < self.finetune_steps:
+            out.append(steps)
+            steps *= self.reduction_factor
+        return out + [self.finetune_steps]
 
     def resolved(self) -> "SearchConfig":
         """A copy with derived defaults filled in (name, absolute storage path)."""

@@ -103,12 +103,61 @@ class _Affine:
     coef: np.ndarray
 
 
+class Measure:
+    """A budgeted quantity of width profiles (FLOPs, params, latency): what a searcher keeps within budget x base.
+
+    Searchers see only this interface, so every searcher works under every constraint:
+    `many(W)` values of width vectors (rows in group order), `of(widths)` one value, `ratio`/`ratio_many`
+    the same divided by `base` (the dense model's value), and `torch(W)` a differentiable version
+    (for gradient-based searchers; a measure without one raises NotImplementedError).
+    """
+
+    name: str = ""       # "flops", "params", "latency"
+    unit: str = ""       # for messages: "FLOPs", "params", "ms"
+    base: float = 1.0
+
+    def many(self, widths: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def torch(self, widths: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"the {self.name} measure is not differentiable")
+
+    def of(self, widths: Sequence[int] | np.ndarray) -> float:
+        """Value of one width vector (group order)."""
+        return float(self.many(np.asarray(widths, dtype=np.float64)[None, :])[0])
+
+    def ratio(self, widths: Sequence[int] | np.ndarray) -> float:
+        """Value of one width vector as a fraction of the dense model's."""
+        return self.of(widths) / self.base
+
+    def ratio_many(self, widths: np.ndarray) -> np.ndarray:
+        """Values of many width vectors as fractions of the dense model's."""
+        return self.many(widths) / self.base
+
+
+class _CountMeasure(Measure):
+    """FLOPs or params of a CostModel as a Measure."""
+
+    def __init__(self, name: str, unit: str, many, torch_fn, base: float):
+        self.name, self.unit, self.base = name, unit, float(base)
+        self._many, self._torch = many, torch_fn
+
+    def many(self, widths: np.ndarray) -> np.ndarray:
+        return self._many(np.atleast_2d(np.asarray(widths, dtype=np.float64)))
+
+    def torch(self, widths: torch.Tensor) -> torch.Tensor:
+        return self._torch(widths)
+
+
 class CostModel:
     """FLOPs and params of any profile of `space`, exactly as torch-pruning counts them.
 
     `flops(profile)` / `params(profile)` take one profile (a mapping) and return ints;
-    `flops_many(W)` / `params_many(W)` take an array of width vectors (rows in group order).
+    `flops_many(W)` / `params_many(W)` take an array of width vectors (rows in group order);
+    `measure("flops" | "params")` gives either as a :class:`Measure` for searchers.
     """
+
+    MEASURES = ("flops", "params")
 
     def __init__(self, space: WidthSpace, model: nn.Module | None = None):
         model = model if model is not None else space.model
@@ -199,6 +248,14 @@ class CostModel:
     def params_torch(self, widths: torch.Tensor) -> torch.Tensor:
         """Parameter count as a differentiable torch function of real-valued widths (group order, last dim)."""
         return self._params.torch(widths)
+
+    def measure(self, name: str = "flops") -> Measure:
+        """FLOPs or params as a Measure (what searchers budget)."""
+        if name == "flops":
+            return _CountMeasure("flops", "FLOPs", self.flops_many, self.flops_torch, self.base_flops)
+        if name == "params":
+            return _CountMeasure("params", "params", self.params_many, self.params_torch, self.base_params)
+        raise WidthSearchError(f"CostModel has no measure {name!r}; expected one of: {', '.join(self.MEASURES)}")
 
     def _per_image(self, total: float) -> float:
         total = int(round(total))

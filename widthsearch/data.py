@@ -226,6 +226,30 @@ def load_data(source: str = "digits", val_fraction: float = 0.1, seed: int = 0) 
     )
 
 
+def check_split(recorded: dict | None, current: dict, checkpoint: str) -> str | None:
+    """Refuse a base checkpoint trained on another train/val split; a warning text when it records none.
+
+    `recorded` is the checkpoint's ``split`` metadata (from ``DataSplits.split``), `current` the search's.
+    The val-image digest decides (a moved data file is the same split); the error names both splits.
+    """
+    if not recorded:
+        return (f"checkpoint {checkpoint} records no train/val split: if it was trained on images of this "
+                f"search's validation split ({_split_text(current)}), validation scores are optimistic; "
+                "train bases with `widthsearch train-base` (it records the split)")
+    if recorded.get("val_digest") != current["val_digest"]:
+        raise DataSourceError(
+            f"checkpoint {checkpoint} was trained on another train/val split ({_split_text(recorded)}) than this "
+            f"search uses ({_split_text(current)}): its validation images would include images the base model "
+            "was trained on. Search with the checkpoint's data, val_fraction and split_seed, or train a base "
+            "on this split with `widthsearch train-base`")
+    return None
+
+
+def _split_text(split: dict) -> str:
+    return (f"data {split.get('data')}, val_fraction {split.get('val_fraction')}, "
+            f"split_seed {split.get('split_seed')}, val digest {split.get('val_digest')}")
+
+
 def _to_split(x: np.ndarray, y: np.ndarray) -> Split:
     return Split(torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8)),
                  torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)))

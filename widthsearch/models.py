@@ -17,7 +17,6 @@ import inspect
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -387,20 +386,23 @@ def load_checkpoint(
     return model
 
 
-def save_checkpoint(model: nn.Module, path: str | os.PathLike, **meta: object) -> None:
-    """Atomically save ``{"state_dict": ..., "meta": meta}``; ``meta`` must be JSON-able."""
+def checkpoint_meta(path: str | os.PathLike) -> dict:
+    """The metadata saved with a checkpoint by save_checkpoint ({} for a bare state dict)."""
     path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {_read_error(e)}") from e
+    meta = obj.get("meta") if isinstance(obj, Mapping) else None
+    return dict(meta) if isinstance(meta, Mapping) else {}
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, **meta: object) -> None:
+    """Atomically save ``{"state_dict": ..., "meta": meta}`` (a local path or URI); ``meta`` must be JSON-able."""
+    from .storage import torch_bytes, write_atomic
+
     meta = json.loads(json.dumps(meta))  # plain data only, so weights_only loading works
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"state_dict": state, "meta": meta}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(str(path), torch_bytes({"state_dict": state, "meta": meta}))

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
@@ -27,12 +26,13 @@ import pyarrow.parquet as pq
 from ray import tune
 
 from .errors import ConfigError, WidthSearchError
+from .storage import Storage, write_atomic
 
 _TIMESTAMP = pa.timestamp("us", tz="UTC")
 SCHEMA = pa.schema([
     ("experiment", pa.string()), ("trial_id", pa.string()), ("searcher", pa.string()), ("status", pa.string()),
     ("error", pa.string()), ("widths", pa.list_(pa.int32())), ("keep_ratios", pa.list_(pa.float32())),
-    ("flops", pa.int64()), ("params", pa.int64()), ("flops_ratio", pa.float64()), ("val_acc", pa.float64()),
+    ("flops", pa.int64()), ("params", pa.int64()), ("flops_ratio", pa.float64()), ("cost_ratio", pa.float64()), ("val_acc", pa.float64()),
     ("val_loss", pa.float64()), ("score", pa.float64()), ("finetune_steps", pa.int32()), ("criterion", pa.string()),
     ("wall_s", pa.float64()), ("node", pa.string()), ("started_at", _TIMESTAMP), ("finished_at", _TIMESTAMP),
     ("checkpoint", pa.string()), ("payload", pa.string()),
@@ -62,25 +62,16 @@ def _version() -> str:
         return "unknown"
 
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path on it) for a URI such as s3://bucket/x, or for a local path (made absolute)."""
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path):
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
 def _schema(meta: dict) -> pa.Schema:
     return SCHEMA.with_metadata({b"widthsearch.groups": json.dumps(meta.get("groups", [])),
                                  b"widthsearch.widths": json.dumps(meta.get("widths", []), default=_json_default)})
 
 
-class ResultsStore:
+class ResultsStore(Storage):
     """Experiment metadata and per-trial rows under EXP_DIR/widthsearch; one writer."""
 
     def __init__(self, exp_dir: str):
-        self.exp_dir = exp_dir
-        self.fs, root = _filesystem(exp_dir)
-        self.root = f"{root.rstrip('/')}/widthsearch"
+        super().__init__(exp_dir)
         self.rows = f"{self.root}/rows"
         self.orphans = f"{self.root}/orphaned_rows"
         self.meta_path = f"{self.root}/experiment.json"
@@ -96,7 +87,7 @@ class ResultsStore:
                                   "pass --resume to continue it or choose another --name")
             meta["created_at"] = store.metadata().get("created_at", meta["created_at"])
         store.fs.create_dir(store.rows, recursive=True)
-        store._write_atomic(store.meta_path, json.dumps(meta, indent=1, default=_json_default).encode())
+        write_atomic(store.meta_path, json.dumps(meta, indent=1, default=_json_default).encode(), store.fs)
         return store
 
     def exists(self) -> bool:
@@ -107,19 +98,6 @@ class ResultsStore:
             raise WidthSearchError(f"no widthsearch experiment at {self.exp_dir} (no widthsearch/experiment.json)")
         with self.fs.open_input_stream(self.meta_path) as f:
             return json.loads(f.read())
-
-    def read_bytes(self, name: str) -> bytes | None:
-        """The bytes of widthsearch/<name> (e.g. base.pt), or None when there is no such file."""
-        path = f"{self.root}/{name}"
-        if self.fs.get_file_info(path).type != pafs.FileType.File:
-            return None
-        with self.fs.open_input_stream(path) as f:
-            return f.read()
-
-    def write_bytes(self, name: str, data: bytes) -> None:
-        """Write widthsearch/<name> atomically, creating the folder."""
-        self.fs.create_dir(self.root, recursive=True)
-        self._write_atomic(f"{self.root}/{name}", data)
 
     def write_row(self, row: dict) -> None:
         """Write one trial's row to rows/<trial_id>.parquet (replacing an earlier one); missing keys are null."""
@@ -132,7 +110,7 @@ class ResultsStore:
         table = pa.Table.from_pylist([row], schema=_schema(self.metadata()))
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
-        self._write_atomic(f"{self.rows}/{trial_id}.parquet", sink.getvalue().to_pybytes())
+        write_atomic(f"{self.rows}/{trial_id}.parquet", sink.getvalue().to_pybytes(), self.fs)
 
     def trial_ids(self) -> list[str]:
         """The trial ids that have a row."""
@@ -145,19 +123,6 @@ class ResultsStore:
         self.fs.create_dir(self.orphans, recursive=True)
         for trial_id in trial_ids:
             self.fs.move(f"{self.rows}/{trial_id}.parquet", f"{self.orphans}/{trial_id}.parquet")
-
-    def _write_atomic(self, path: str, data: bytes) -> None:
-        """Write to a hidden temp name in the same folder, then move it onto `path`."""
-        folder, name = path.rsplit("/", 1)
-        tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
-        try:
-            with self.fs.open_output_stream(tmp) as out:
-                out.write(data)
-            self.fs.move(tmp, path)
-        except BaseException:
-            if self.fs.get_file_info(tmp).type == pafs.FileType.File:
-                self.fs.delete_file(tmp)
-            raise
 
 
 def _error_text(text: str) -> str:
@@ -199,7 +164,7 @@ class ResultsCallback(tune.Callback):
         row = self._row(trial, result)
         row["status"] = result.get("status", "ok")  # searchers may mark helper trials, e.g. aofp "probe"
         row.update({key: result.get(key) for key in ("score", "val_acc", "val_loss", "flops", "params", "flops_ratio",
-                                                     "finetune_steps", "criterion", "checkpoint")})
+                                                     "cost_ratio", "finetune_steps", "criterion", "checkpoint")})
         row["wall_s"] = result.get("wall_s", result.get("time_total_s"))
         row["node"] = result.get("node", result.get("node_ip"))
         if result.get("started_at") is not None:
@@ -289,17 +254,22 @@ def _where(table: pa.Table, item: str) -> pa.ChunkedArray:
 
 def query(table: pa.Table, *, pareto: bool = False, max_flops: float | None = None, where: Sequence[str] = (),
           sort: str | None = None, limit: int | None = None) -> pa.Table:
-    """Filter (Pareto front, flops_ratio <= max_flops, `where` filters), sort ('col' or '-col'; -score) and limit."""
+    """Filter (Pareto front, flops_ratio <= max_flops, `where` filters), sort and limit.
+
+    `sort` is 'col' or '-col' (descending), or several of them comma-separated; default '-score'.
+    """
     if pareto:
         table = pareto_front(table)
     if max_flops is not None:
         table = table.filter(pc.less_equal(table["flops_ratio"], max_flops))
     for item in where:
         table = table.filter(_where(table, item))
-    sort = sort or "-score"
-    name = sort.lstrip("-")
-    _column(table, name, f"sort {sort!r}")
-    table = table.sort_by([(name, "descending" if sort.startswith("-") else "ascending")])
+    keys = []
+    for key in (sort or "-score").split(","):
+        name = key.strip().lstrip("-")
+        _column(table, name, f"sort {sort!r}")
+        keys.append((name, "descending" if key.strip().startswith("-") else "ascending"))
+    table = table.sort_by(keys)
     if limit is not None:
         if limit < 0:
             raise ConfigError(f"limit must be zero or more, got {limit}")

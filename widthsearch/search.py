@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,11 +17,11 @@ from torch import nn
 
 from . import results
 from .config import SearchConfig
-from .cost import CostModel
-from .data import DataSplits, load_data
+from .cost import CostModel, Measure
+from .data import DataSplits, check_split, load_data
 from .errors import ConfigError, WidthSearchError
 from .importance import get_criterion
-from .models import load_model, save_checkpoint
+from .models import checkpoint_meta, load_model, save_checkpoint
 from .space import WidthSpace, build_space
 from .training import TrainConfig, evaluate, train
 
@@ -37,6 +38,7 @@ class Experiment:
     model: nn.Module
     space: WidthSpace
     cost: CostModel
+    measure: Measure        # what the budget bounds (config key constraint)
     base_val_acc: float
 
 
@@ -48,8 +50,14 @@ def _base_model(cfg: SearchConfig, data: DataSplits, exp_dir: str, progress: boo
     """The given checkpoint, or the experiment's own base model (trained once, then reused on resume).
 
     The own one is EXP_DIR/widthsearch/base.pt, read and written through pyarrow.fs, so EXP_DIR may be a URI.
+    A given checkpoint trained on another train/val split is refused (its split is in its metadata).
     """
     if cfg.checkpoint:
+        warning = check_split(checkpoint_meta(cfg.checkpoint).get("split"), data.split, cfg.checkpoint)
+        if warning:
+            warnings.warn(warning, stacklevel=2)
+            if progress:
+                print(f"warning: {warning}", file=sys.stderr)
         return load_model(cfg.model, data.num_classes, cfg.checkpoint, in_channels=data.in_channels)
     store = results.ResultsStore(exp_dir)
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,27 +74,32 @@ def _base_model(cfg: SearchConfig, data: DataSplits, exp_dir: str, progress: boo
         train(model, data, epochs=max(1, cfg.base_epochs),
               config=TrainConfig(lr=cfg.base_lr, batch_size=cfg.batch_size), seed=cfg.seed,
               progress="base model" if progress else False)
-        save_checkpoint(model, local, model_source=cfg.model, data=cfg.data, epochs=cfg.base_epochs)
+        save_checkpoint(model, local, model_source=cfg.model, data=cfg.data, epochs=cfg.base_epochs, split=data.split)
         store.write_bytes("base.pt", local.read_bytes())
     return model
 
 
 def prepare(cfg: SearchConfig, progress: bool = True) -> Experiment:
-    """Check everything that can be checked before a trial starts; load data, model, space and costs."""
+    """Check everything that can be checked before a trial starts; load data, model, space and costs.
+
+    The searcher's name and options and the criterion are checked first, before any data is read
+    or a base model trained.
+    """
     from searchers import searcher_class
 
-    searcher_class(cfg.searcher)
+    searcher_class(cfg.searcher).check_options(cfg.searcher_options)
     get_criterion(cfg.criterion)
     if cfg.gpus_per_trial > 0 and not torch.cuda.is_available() and not cfg.allow_cpu and not cfg.address \
             and not os.environ.get("RAY_ADDRESS"):
         raise ConfigError(f"gpus_per_trial is {cfg.gpus_per_trial} but this machine has no CUDA GPU; "
                           "set gpus_per_trial to 0, or pass --allow-cpu to run on the CPU")
     exp_dir = experiment_dir(cfg.storage, cfg.name)
-    data = load_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    data = load_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.split_seed)
     model = _base_model(cfg, data, exp_dir, progress).cpu().eval()
     base_val_acc, _ = evaluate(model, data, "val")
     space = build_space(model, data.example_input, cfg.frozen, cfg.min_width, cfg.divisor)
-    return Experiment(cfg, exp_dir, data, model, space, CostModel(space, model), base_val_acc)
+    cost = CostModel(space, model)
+    return Experiment(cfg, exp_dir, data, model, space, cost, cost.measure(cfg.constraint), base_val_acc)
 
 
 def init_ray(address: str | None, num_cpus: int | None = None, gpus_per_trial: float = 0.0) -> None:
@@ -102,6 +115,9 @@ def init_ray(address: str | None, num_cpus: int | None = None, gpus_per_trial: f
         if address:
             ray.init(address=address, **kwargs)
         else:
+            # Ray starts its workers at niceness 15, so any other busy process on the machine starves the
+            # trials (the search's actual work); a local search runs them at the driver's priority.
+            os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
     _check_gpus(gpus_per_trial, ray.cluster_resources().get("GPU", 0))
 
@@ -118,20 +134,26 @@ def _metadata(exp: Experiment) -> dict:
     return {
         "experiment": exp.config.name, "groups": exp.space.names, "widths": exp.space.widths.tolist(),
         "min_widths": exp.space.min_widths.tolist(), "base_flops": exp.cost.base_flops,
-        "base_params": exp.cost.base_params, "base_val_acc": exp.base_val_acc, "num_classes": exp.data.num_classes,
+        "base_params": exp.cost.base_params, "base_val_acc": exp.base_val_acc,
+        "constraint": exp.measure.name, "base_cost": exp.measure.base, "split": exp.data.split, "num_classes": exp.data.num_classes,
         "in_channels": exp.data.in_channels, "input_size": list(exp.data.image_size),
         "config": exp.config.to_dict(),
     }
 
 
-def _trial_job(cfg: SearchConfig, exp: Experiment, kind: str):
-    """The trainable a searcher drives (module trainables/<kind>.py), and the job shipped to its trials."""
-    import importlib
+def job_fields(cfg: SearchConfig, exp: Experiment) -> dict:
+    """The fields every trainable's Job shares (trainables.common.Job)."""
+    return dict(model=exp.model, space=exp.space, cost=exp.cost, measure=exp.measure, data=cfg.data,
+                val_fraction=cfg.val_fraction, split_seed=cfg.split_seed, seed=cfg.seed, criterion=cfg.criterion,
+                importance_batches=cfg.importance_batches, bn_batches=cfg.bn_batches, batch_size=cfg.batch_size)
 
-    common = dict(model=exp.model, space=exp.space, cost=exp.cost, data=cfg.data, val_fraction=cfg.val_fraction,
-                  seed=cfg.seed, criterion=cfg.criterion, importance_batches=cfg.importance_batches,
-                  bn_batches=cfg.bn_batches, batch_size=cfg.batch_size)
-    return importlib.import_module(f"trainables.{kind}").trial_job(cfg, exp.exp_dir, common)
+
+def criterion_batches(cfg: SearchConfig, data: DataSplits) -> list | None:
+    """Training batches (no augmentation) for a data-driven criterion (taylor, frs); None for the others."""
+    if not get_criterion(cfg.criterion).needs_batches:
+        return None
+    stream = data.stream("train", cfg.batch_size, seed=cfg.seed, augment=False)
+    return [next(stream) for _ in range(max(1, cfg.importance_batches))]
 
 
 def run_search(cfg: SearchConfig, resume: bool = False, progress: bool = True) -> tuple[str, pa.Table]:
@@ -141,6 +163,7 @@ def run_search(cfg: SearchConfig, resume: bool = False, progress: bool = True) -
     from ray.tune.search import ConcurrencyLimiter
 
     from searchers import make_searcher
+    from trainables import trial_job
 
     cfg = cfg.resolved()
     exp_dir = experiment_dir(cfg.storage, cfg.name)
@@ -152,16 +175,24 @@ def run_search(cfg: SearchConfig, resume: bool = False, progress: bool = True) -
                           "pass --resume to continue it or choose another --name")
     exp = prepare(cfg, progress)
     searcher = make_searcher(cfg.searcher, exp.space, exp.cost, budget=None if cfg.pareto else cfg.budget,
-                             seed=cfg.seed, model=exp.model, criterion=cfg.criterion, **cfg.searcher_options)
+                             seed=cfg.seed, model=exp.model, criterion=cfg.criterion, measure=exp.measure,
+                             batches=criterion_batches(cfg, exp.data), **cfg.searcher_options)
     store = results.ResultsStore.create(exp_dir, _metadata(exp), resume=resume)
-    trainable_fn, job = _trial_job(cfg, exp, searcher.trainable)
+    trainable_fn, job = trial_job(searcher.trainable, cfg, exp.exp_dir, job_fields(cfg, exp))
     init_ray(cfg.address)
     trainable = tune.with_resources(tune.with_parameters(trainable_fn, job=job),
                                     {"cpu": cfg.cpus_per_trial, "gpu": 0 if cfg.allow_cpu else cfg.gpus_per_trial})
     if resume and tune.Tuner.can_restore(exp_dir):
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=4, grace_period=1) if cfg.asha else None
+        scheduler = None
+        if cfg.asha and len(cfg.rungs()) > 1:
+            if searcher.promotes:
+                scheduler = ASHAScheduler(time_attr="finetune_steps", max_t=cfg.finetune_steps,
+                                          grace_period=cfg.min_finetune_steps, reduction_factor=cfg.reduction_factor)
+            elif progress:
+                print(f"note: searcher {cfg.searcher!r} scores its own trials; asha (promotion) does not apply",
+                      file=sys.stderr)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(metric="score", mode="max", num_samples=cfg.num_samples,
@@ -176,19 +207,52 @@ def run_search(cfg: SearchConfig, resume: bool = False, progress: bool = True) -
     return exp_dir, results.load(exp_dir)
 
 
-def choose_trial(table: pa.Table, trial: str | None) -> dict:
-    """The row of `trial`, or the best-scoring successful row (validation score)."""
-    rows = [r for r in table.to_pylist() if r["status"] == "ok"]
+def budget_of(meta: dict) -> float | None:
+    """The experiment's budget (a ratio of its constraint), or None for a Pareto search."""
+    config = meta.get("config", {})
+    return None if config.get("pareto") else config.get("budget")
+
+
+def _cost_ratio(row: dict) -> float:
+    """The row's ratio of the experiment's constraint (rows older than the cost_ratio column: FLOPs)."""
+    value = row.get("cost_ratio")
+    return row["flops_ratio"] if value is None else value
+
+
+def choose_trial(table: pa.Table, trial: str | None = None, *, budget: float | None = None,
+                 constraint: str = "flops") -> dict:
+    """The row of `trial`; else the best successful row within `budget` at the highest fidelity reached.
+
+    Candidates are the `ok` rows whose cost ratio (the experiment's constraint) is within `budget`;
+    among them, only those scored with the most fine-tune steps any of them reached (a promotion
+    scheduler stops most trials early, and a longer fine-tune scores higher), so scores compare like
+    with like; the best score wins, ties going to the cheaper profile. `budget=None` (a Pareto search
+    without a chosen bound) is refused: there is no single best.
+    """
+    rows = table.to_pylist()
     if trial is not None:
-        match = [r for r in table.to_pylist() if r["trial_id"] == trial]
+        match = [r for r in rows if r["trial_id"] == trial]
         if not match:
             raise WidthSearchError(f"no trial {trial!r} in this experiment")
         if match[0]["status"] != "ok":
-            raise WidthSearchError(f"trial {trial!r} failed ({match[0]['error']}); pick another")
+            raise WidthSearchError(f"trial {trial!r} did not score a profile (status {match[0]['status']}"
+                                   f"{': ' + match[0]['error'] if match[0]['error'] else ''}); pick another")
         return match[0]
-    if not rows:
+    ok = [r for r in rows if r["status"] == "ok" and r["score"] is not None]
+    if not ok:
         raise WidthSearchError("this experiment has no successful trial yet")
-    return max(rows, key=lambda r: (r["score"], -r["flops_ratio"]))
+    if budget is None:
+        raise WidthSearchError("this experiment searched a Pareto front, so it has no single best: give --budget R "
+                               f"(the best row whose {constraint} ratio is <= R) or --trial ID; "
+                               "`widthsearch results EXP --pareto` lists the front")
+    within = [r for r in ok if _cost_ratio(r) <= budget + 1e-9]
+    if not within:
+        smallest = min(_cost_ratio(r) for r in ok)
+        raise WidthSearchError(f"no successful trial within the budget {budget:g} ({constraint}): {len(ok)} ok rows, "
+                               f"the smallest ratio is {smallest:.4f}; give --trial ID or a larger --budget")
+    top = max(r["finetune_steps"] or 0 for r in within)
+    return max((r for r in within if (r["finetune_steps"] or 0) == top),
+               key=lambda r: (r["score"], -_cost_ratio(r)))
 
 
 def _chosen_channels(row: dict) -> dict:
@@ -201,8 +265,12 @@ def _chosen_channels(row: dict) -> dict:
 
 def run_retrain(exp_dir: str, *, trial: str | None = None, epochs: int = 30, lr: float = 0.05,
                 from_scratch: bool = False, out: str | None = None, address: str | None = None,
-                cpus: float | None = None, gpus: float | None = None, progress: bool = True) -> dict:
-    """Retrain one profile of an experiment as a Tune trial, report test accuracy, export it to `out`."""
+                cpus: float | None = None, gpus: float | None = None, budget: float | None = None,
+                progress: bool = True) -> dict:
+    """Retrain one profile of an experiment as a Tune trial, report test accuracy, export it to `out`.
+
+    Without `trial`, the row `choose_trial` picks within `budget` (default: the experiment's).
+    """
     from ray import tune
 
     from trainables.retrain import RetrainJob, build_pruned, retrain_profile
@@ -215,11 +283,10 @@ def run_retrain(exp_dir: str, *, trial: str | None = None, epochs: int = 30, lr:
         raise WidthSearchError(f"export folder {out} already exists and is not empty")
     meta = results.load_metadata(exp_dir)
     cfg = SearchConfig(**meta["config"])
-    row = choose_trial(results.load(exp_dir), trial)
+    row = choose_trial(results.load(exp_dir), trial, budget=budget if budget is not None else budget_of(meta),
+                       constraint=cfg.constraint)
     exp = prepare(cfg, progress)
-    job = RetrainJob(model=exp.model, space=exp.space, cost=exp.cost, data=cfg.data, val_fraction=cfg.val_fraction,
-                     seed=cfg.seed, criterion=cfg.criterion, importance_batches=cfg.importance_batches,
-                     bn_batches=cfg.bn_batches, batch_size=cfg.batch_size, widths=list(row["widths"]), epochs=epochs,
+    job = RetrainJob(**job_fields(cfg, exp), widths=list(row["widths"]), epochs=epochs,
                      lr=lr, from_scratch=from_scratch, model_source=cfg.model, num_classes=exp.data.num_classes,
                      in_channels=exp.data.in_channels, **_chosen_channels(row))
     init_ray(address or cfg.address)
@@ -243,7 +310,7 @@ def run_retrain(exp_dir: str, *, trial: str | None = None, epochs: int = 30, lr:
     profile = exp.space.from_vector(row["widths"])
     summary = {
         "experiment": cfg.name, "trial_id": row["trial_id"], "epochs": epochs, "from_scratch": from_scratch,
-        "search_val_acc": row["val_acc"], "val_acc": result.metrics["val_acc"], "test_acc": result.metrics["test_acc"],
+        "search_val_acc": row["val_acc"], "search_finetune_steps": row["finetune_steps"], "val_acc": result.metrics["val_acc"], "test_acc": result.metrics["test_acc"],
         "base_val_acc": exp.base_val_acc, "base_test_acc": evaluate(exp.model, exp.data, "test")[0],
         "flops": exp.cost.flops(profile), "params": exp.cost.params(profile), "flops_ratio": exp.cost.flops_ratio(profile),
         "base_flops": exp.cost.base_flops, "base_params": exp.cost.base_params,

@@ -68,6 +68,45 @@ def make_optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
     return opt, sched
 
 
+class StepTrainer:
+    """A fine-tune of `total` SGD steps with one cosine schedule and one momentum buffer, run in chunks.
+
+    However `run` is called (all at once, or a chunk per report as promotion schedules do), the
+    learning rate, momentum and batch order are those of a single `total`-step run.
+    """
+
+    def __init__(self, model: nn.Module, data: DataSplits, total: int, config: TrainConfig = TrainConfig(),
+                 seed: int = 0, device: torch.device | str = "cpu"):
+        self.model, self.total, self.done = model, int(total), 0
+        self.device = torch.device(device)
+        self.optimizer, self.scheduler = make_optimizer(model, config, max(1, self.total))
+        self.stream = data.stream("train", config.batch_size, seed=seed, device=self.device)
+        self.label_smoothing = config.label_smoothing
+
+    def run(self, steps: int, progress: "Progress | None" = None) -> float:
+        """Take the next `steps` steps (at most the remaining ones); the mean training loss (nan for none)."""
+        steps = min(int(steps), self.total - self.done)
+        self.model.to(self.device).train()
+        losses = []
+        for _ in range(steps):
+            x, y = next(self.stream)
+            losses.append(_sgd_step(self.model, self.optimizer, self.scheduler, x, y, self.label_smoothing))
+            self.done += 1
+            if progress is not None:
+                progress.update(self.done, f"loss {losses[-1]:.3f}")
+        return sum(losses) / len(losses) if losses else float("nan")
+
+
+def _sgd_step(model: nn.Module, optimizer, scheduler, x: torch.Tensor, y: torch.Tensor,
+              label_smoothing: float) -> float:
+    loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
+
+
 def train(model: nn.Module, data: DataSplits, *, steps: int | None = None, epochs: int | None = None,
           config: TrainConfig = TrainConfig(), seed: int = 0, device: torch.device | str = "cpu",
           progress: bool | str = False, start_epoch: int = 0, state: dict | None = None,
@@ -79,38 +118,33 @@ def train(model: nn.Module, data: DataSplits, *, steps: int | None = None, epoch
     """
     if (steps is None) == (epochs is None):
         raise ValueError("give exactly one of steps or epochs")
+    label = progress if isinstance(progress, str) else "train"
+    if steps is not None:
+        if steps <= 0:
+            return float("nan")
+        trainer = StepTrainer(model, data, steps, config, seed, device)
+        return trainer.run(steps, Progress(steps, label, enabled=bool(progress)))
     device = torch.device(device)
     model.to(device).train()
     per_epoch = math.ceil(len(data.train) / config.batch_size)
-    total = steps if steps is not None else epochs * per_epoch
+    total = epochs * per_epoch
     if total <= 0:
         return float("nan")
     opt, sched = make_optimizer(model, config, total)
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-    bar = Progress(total, progress if isinstance(progress, str) else "train", enabled=bool(progress))
+    bar = Progress(total, label, enabled=bool(progress))
     losses: list[float] = []
-    done = start_epoch * per_epoch if epochs is not None else 0
-    if epochs is None:
-        stream = data.stream("train", config.batch_size, seed=seed, device=device)
-        epoch_iter = [(None, (next(stream) for _ in range(total)))]
-    else:
-        epoch_iter = ((e, data.batches("train", config.batch_size, seed=seed + e, device=device))
-                      for e in range(start_epoch, epochs))
-    for epoch, batches in epoch_iter:
+    done = start_epoch * per_epoch
+    for epoch in range(start_epoch, epochs):
         epoch_losses = []
-        for x, y in batches:
-            loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            epoch_losses.append(loss.item())
+        for x, y in data.batches("train", config.batch_size, seed=seed + epoch, device=device):
+            epoch_losses.append(_sgd_step(model, opt, sched, x, y, config.label_smoothing))
             done += 1
-            bar.update(done, f"loss {loss.item():.3f}")
+            bar.update(done, f"loss {epoch_losses[-1]:.3f}")
         losses += epoch_losses
-        if on_epoch is not None and epoch is not None:
+        if on_epoch is not None:
             mean = sum(epoch_losses) / max(1, len(epoch_losses))
             on_epoch(epoch, mean, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
     return sum(losses) / max(1, len(losses))

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cost import CostModel
-from .errors import WidthSearchError
-from .space import WidthSpace, dependency_graph, root_group
+from widthsearch.cost import CostModel, Measure
+from widthsearch.errors import WidthSearchError
+from widthsearch.space import WidthSpace, dependency_graph, root_group
 
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -139,11 +139,10 @@ class GateResult:
 
 def complexity_fn(cost: CostModel, kind: str):
     """Normalised differentiable complexity of real-valued widths: FLOPs or params over the dense model's."""
-    if kind == "flops":
-        return lambda w: cost.flops_torch(w) / cost.base_flops
-    if kind == "params":
-        return lambda w: cost.params_torch(w) / cost.base_params
-    raise WidthSearchError(f"complexity must be 'flops' or 'params', got {kind!r}")
+    if kind not in CostModel.MEASURES:
+        raise WidthSearchError(f"complexity must be 'flops' or 'params', got {kind!r}")
+    measure = cost.measure(kind)
+    return lambda w: measure.torch(w) / measure.base
 
 
 def optimize_gates(model: nn.Module, space: WidthSpace, cost: CostModel, batches: Iterator, lam: float,
@@ -191,13 +190,31 @@ def optimize_gates(model: nn.Module, space: WidthSpace, cost: CostModel, batches
     return GateResult(gates.split(p), ratio, float(np.mean(tail)))
 
 
-def extract(space: WidthSpace, probabilities: list[np.ndarray]) -> dict[str, list[int]]:
-    """Kept channel indices per group: p > 0.5, at least the minimum width, rounded up to a legal width."""
-    keep = {}
+def extract(space: WidthSpace, probabilities: list[np.ndarray], measure: Measure | None = None,
+            budget: float | None = None) -> dict[str, list[int]]:
+    """Kept channel indices per group: p > 0.5, at least the minimum width, rounded up to a legal width.
+
+    With a `measure` and a `budget`, a profile that this rounding pushed above the budget then
+    loses its least probable channels (one legal width step of the group whose step removes the
+    lowest probabilities) until it fits or no group can shrink.
+    """
+    widths, orders = [], []
     for g, p in zip(space.groups, probabilities):
         width = max(int((np.asarray(p) > 0.5).sum()), g.min_width)
         while not g.allowed(width):
             width += 1
-        order = np.argsort(-np.asarray(p), kind="stable")
-        keep[g.name] = sorted(int(c) for c in order[:width])
-    return keep
+        widths.append(width)
+        orders.append(np.argsort(-np.asarray(p), kind="stable"))
+    if measure is not None and budget is not None:
+        while measure.ratio(widths) > budget:
+            steps = []
+            for j, (g, p) in enumerate(zip(space.groups, probabilities)):
+                smaller = [w for w in range(widths[j] - 1, g.min_width - 1, -1) if g.allowed(w)]
+                if smaller:
+                    dropped = np.asarray(p)[orders[j][smaller[0]:widths[j]]]
+                    steps.append((float(dropped.max()), j, smaller[0]))
+            if not steps:
+                break
+            _, j, width = min(steps)
+            widths[j] = width
+    return {g.name: sorted(int(c) for c in order[:w]) for g, order, w in zip(space.groups, orders, widths)}
