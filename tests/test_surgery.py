@@ -18,13 +18,17 @@ from widthsearch.space import dependency_graph, root_group
 X32 = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
-def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BN affine parameters and statistics, so BN channels differ (and zeroed BN outputs matter)."""
+def randomise(model: nn.Module, seed: int = 0, negative: float = 0.0) -> nn.Module:
+    """Random BN affine parameters and statistics, so BN channels differ (and zeroed BN outputs matter).
+
+    A fraction `negative` (in expectation) of the BN scales is negative.
+    """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                sign = torch.where(torch.rand(m.num_features, generator=gen) < negative, -1.0, 1.0) if negative else 1.0
+                m.weight.copy_(sign * (torch.rand(m.num_features, generator=gen) + 0.5))
                 m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
                 m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
                 m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
@@ -309,10 +313,10 @@ def test_data_criteria_drop_dead_channels(small, criterion):
     scores = score_channels(criterion, work, full_groups(work, space, ["features.3"]), batches(), seed=0)
     s = scores["features.3"]
     assert torch.all(s[dead] == 0)
-    assert (s != 0).sum() >= 20
-    if criterion == "taylor":  # |w * grad| >= 0: the dead channels go first (frs relevance may be negative)
-        kept = select_channels(model, space, {"features.3": 29}, criterion, batches=batches())["features.3"]
-        assert not set(kept) & set(dead)
+    assert (s > 0).sum() >= 20
+    # both scores are non-negative (squared Taylor term, absolute relevance): the dead channels go first
+    kept = select_channels(model, space, {"features.3": 29}, criterion, batches=batches())["features.3"]
+    assert not set(kept) & set(dead)
 
 
 def test_unknown_criterion_fails_even_when_nothing_shrinks(resnet20):
