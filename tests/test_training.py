@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import math
+import sys
 
 import pytest
 import torch
@@ -157,3 +159,21 @@ def test_set_threads():
 def test_pick_device():
     assert pick_device(0) == torch.device("cpu")
     assert pick_device(1) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("progress, terminal", [("base model", True), (True, False), (False, True)])
+def test_progress_bar_only_when_asked_and_on_a_terminal(digits, monkeypatch, progress, terminal):
+    stderr = Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    per_epoch = math.ceil(len(digits.train) / TrainConfig().batch_size)
+    train(small(digits), digits, epochs=2, start_epoch=1, progress=progress)  # resumed: the bar starts at epoch 1
+    text = stderr.getvalue()
+    if progress and terminal:
+        assert text.startswith("\rbase model:") and f"{2 * per_epoch}/{2 * per_epoch}" in text and "loss=" in text
+    else:
+        assert text == ""

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import sys
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from .data import DataSplits
 
@@ -35,29 +34,6 @@ def set_threads(n: int | float | None) -> None:
 def pick_device(gpus: float = 0) -> torch.device:
     """CUDA when the caller was given a GPU and one is visible, else CPU."""
     return torch.device("cuda") if gpus and torch.cuda.is_available() else torch.device("cpu")
-
-
-class Progress:
-    """A one-line progress bar on stderr (silent when disabled)."""
-
-    def __init__(self, total: int, label: str, enabled: bool = True):
-        self.total, self.label, self.enabled = total, label, enabled
-        self.start = time.monotonic()
-        self.last = 0.0
-
-    def update(self, done: int, info: str = "") -> None:
-        now = time.monotonic()
-        if not self.enabled or (done < self.total and now - self.last < 0.2):
-            return
-        self.last = now
-        width = 30
-        filled = int(width * done / max(1, self.total))
-        eta = (now - self.start) / max(1, done) * (self.total - done)
-        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
-                         f"{info} eta {eta:4.0f}s ")
-        if done >= self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
@@ -89,9 +65,10 @@ def train(model: nn.Module, data: DataSplits, *, steps: int | None = None, epoch
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-    bar = Progress(total, progress if isinstance(progress, str) else "train", enabled=bool(progress))
+    # progress=False: silent; otherwise a bar on stderr, shown only when stderr is a terminal (disable=None)
+    bar = tqdm(total=total, initial=start_epoch * per_epoch if epochs is not None else 0, unit="step",
+               desc=progress if isinstance(progress, str) else "train", disable=None if progress else True)
     losses: list[float] = []
-    done = start_epoch * per_epoch if epochs is not None else 0
     if epochs is None:
         stream = data.stream("train", config.batch_size, seed=seed, device=device)
         epoch_iter = [(None, (next(stream) for _ in range(total)))]
@@ -107,12 +84,13 @@ def train(model: nn.Module, data: DataSplits, *, steps: int | None = None, epoch
             opt.step()
             sched.step()
             epoch_losses.append(loss.item())
-            done += 1
-            bar.update(done, f"loss {loss.item():.3f}")
+            bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}", refresh=False)
+            bar.update()
         losses += epoch_losses
         if on_epoch is not None and epoch is not None:
             mean = sum(epoch_losses) / max(1, len(epoch_losses))
             on_epoch(epoch, mean, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+    bar.close()
     return sum(losses) / max(1, len(losses))
 
 
