@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import sys
 
 import pytest
@@ -174,6 +175,8 @@ def test_progress_bar_only_when_asked_and_on_a_terminal(digits, monkeypatch, pro
     train(small(digits), digits, epochs=2, start_epoch=1, progress=progress)  # resumed: the bar starts at epoch 1
     text = stderr.getvalue()
     if progress and terminal:
-        assert text.startswith("\rbase model:") and f"{2 * per_epoch}/{2 * per_epoch}" in text and "loss=" in text
+        first = text.split("\r")[1]
+        assert first.startswith("base model:") and f" {per_epoch}/{2 * per_epoch} " in first
+        assert f" {2 * per_epoch}/{2 * per_epoch} " in text and re.search(r"loss \d+\.\d{3}", text)
     else:
         assert text == ""

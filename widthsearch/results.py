@@ -307,6 +307,33 @@ def query(table: pa.Table, *, pareto: bool = False, max_flops: float | None = No
     return table
 
 
+SQL_TABLE = "results"
+
+
+def sql_query(table: pa.Table, sql: str) -> pa.Table:
+    """Run a DuckDB SQL query over `table` (registered as the view `results`) and return its answer.
+
+    DuckDB is the optional extra `sql`. The table is read first (through pyarrow.fs, see `load`), so
+    the same query works for local and URI storage.
+    """
+    try:
+        import duckdb
+    except ImportError:
+        raise WidthSearchError("--sql needs DuckDB: pip install 'widthsearch[sql]'") from None
+    con = duckdb.connect()
+    try:
+        con.register(SQL_TABLE, table)
+        relation = con.sql(sql)
+        if relation is None:
+            raise ConfigError(f"--sql needs a query that returns rows, such as SELECT ... FROM {SQL_TABLE}; "
+                              f"got {sql!r}")
+        return relation.to_arrow_table()
+    except duckdb.Error as exc:
+        raise ConfigError(f"--sql query failed: {exc}") from None
+    finally:
+        con.close()
+
+
 def cell_text(value) -> str:
     """A table cell: "-" for null, floats to 4 decimals."""
     if value is None:
@@ -323,14 +350,19 @@ def _widths_preview(widths: list | None, shown: int = 6) -> str:
     return f"[{head},...] ({len(widths)})" if len(widths) > shown else f"[{head}]"
 
 
+def _is_number(kind: pa.DataType) -> bool:
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind)
+
+
 def _plain(table: pa.Table) -> str:
-    """Aligned text columns: the readable subset plus a widths preview; numbers right-aligned."""
-    names = [n for n in _TABLE_COLUMNS if n in table.column_names]
-    rows = [[cell_text(r[n]) for n in names] + [_widths_preview(r.get("widths"))] for r in table.to_pylist()]
-    header = names + ["widths"]
+    """Aligned text columns, numbers right-aligned, lists previewed: of a whole results table, the readable
+    subset plus widths; of any other table (e.g. an SQL answer), every column."""
+    whole = sorted(table.column_names) == sorted(SCHEMA.names)
+    header = [*_TABLE_COLUMNS, "widths"] if whole else table.column_names
+    rows = [[_widths_preview(r[n]) if isinstance(r[n], list) else cell_text(r[n]) for n in header]
+            for r in table.to_pylist()]
     sizes = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    numeric = [n in table.column_names and (pa.types.is_integer(table.schema.field(n).type)
-                                            or pa.types.is_floating(table.schema.field(n).type)) for n in header]
+    numeric = [n in table.column_names and _is_number(table.schema.field(n).type) for n in header]
     lines = ["  ".join(c.rjust(s) if num else c.ljust(s) for c, s, num in zip(line, sizes, numeric)).rstrip()
              for line in [header, *rows]]
     return "\n".join(lines)

@@ -36,6 +36,21 @@ def pick_device(gpus: float = 0) -> torch.device:
     return torch.device("cuda") if gpus and torch.cuda.is_available() else torch.device("cpu")
 
 
+class Progress:
+    """A progress bar of `total` steps on stderr (tqdm); silent when disabled or when stderr is not a terminal."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True, initial: int = 0):
+        self.bar = tqdm(total=total, initial=initial, desc=label, unit="step", disable=None if enabled else True)
+
+    def update(self, done: int, info: str = "") -> None:
+        """Move the bar to `done` steps, showing `info`; at the total it is finished (closed)."""
+        if info:
+            self.bar.set_postfix_str(info, refresh=False)
+        self.bar.update(done - self.bar.n)
+        if done >= self.bar.total:
+            self.bar.close()
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
     """SGD + cosine annealing over `total_steps` steps."""
     opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
@@ -65,10 +80,9 @@ def train(model: nn.Module, data: DataSplits, *, steps: int | None = None, epoch
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-    # progress=False: silent; otherwise a bar on stderr, shown only when stderr is a terminal (disable=None)
-    bar = tqdm(total=total, initial=start_epoch * per_epoch if epochs is not None else 0, unit="step",
-               desc=progress if isinstance(progress, str) else "train", disable=None if progress else True)
     losses: list[float] = []
+    done = start_epoch * per_epoch if epochs is not None else 0
+    bar = Progress(total, progress if isinstance(progress, str) else "train", enabled=bool(progress), initial=done)
     if epochs is None:
         stream = data.stream("train", config.batch_size, seed=seed, device=device)
         epoch_iter = [(None, (next(stream) for _ in range(total)))]
@@ -84,13 +98,12 @@ def train(model: nn.Module, data: DataSplits, *, steps: int | None = None, epoch
             opt.step()
             sched.step()
             epoch_losses.append(loss.item())
-            bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}", refresh=False)
-            bar.update()
+            done += 1
+            bar.update(done, f"loss {loss.item():.3f}")
         losses += epoch_losses
         if on_epoch is not None and epoch is not None:
             mean = sum(epoch_losses) / max(1, len(epoch_losses))
             on_epoch(epoch, mean, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
-    bar.close()
     return sum(losses) / max(1, len(losses))
 
 
