@@ -17,6 +17,7 @@ import re
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
+from decimal import Decimal
 from importlib import metadata as importlib_metadata
 
 import pyarrow as pa
@@ -47,9 +48,11 @@ _ERROR_CHARS = 2000
 
 
 def _json_default(value):
-    """Datetimes -> ISO text, numpy scalars and arrays -> Python; anything else is a bug in the caller."""
+    """Datetimes -> ISO text, decimals and numpy scalars and arrays -> Python; anything else is a bug in the caller."""
     if isinstance(value, datetime):
         return value.isoformat()
+    if isinstance(value, Decimal):  # e.g. an SQL sum of integers
+        return int(value) if value == value.to_integral_value() else float(value)
     if hasattr(value, "tolist"):
         return value.tolist()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
@@ -322,12 +325,12 @@ def sql_query(table: pa.Table, sql: str) -> pa.Table:
         raise WidthSearchError("--sql needs DuckDB: pip install 'widthsearch[sql]'") from None
     con = duckdb.connect()
     try:
-        con.register(SQL_TABLE, table)
-        relation = con.sql(sql)
-        if relation is None:
-            raise ConfigError(f"--sql needs a query that returns rows, such as SELECT ... FROM {SQL_TABLE}; "
+        statements = con.extract_statements(sql)
+        if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+            raise ConfigError(f"--sql takes one query that returns rows, such as SELECT ... FROM {SQL_TABLE}; "
                               f"got {sql!r}")
-        return relation.to_arrow_table()
+        con.register(SQL_TABLE, table)
+        return con.sql(sql).to_arrow_table()
     except duckdb.Error as exc:
         raise ConfigError(f"--sql query failed: {exc}") from None
     finally:
