@@ -59,17 +59,24 @@ def test_search_results_retrain_export(base_ckpt, tmp_path):
                              "--out", str(export_dir), "--quiet").stdout)
     assert summary["flops_ratio"] <= 0.5 and 0 < summary["test_acc"] <= 1
     assert summary["trial_id"] == listed[0]["trial_id"]
-    for name in ("weights.pt", "profile.json", "model.json", "metrics.json", "model.torchscript.pt", "latency.json"):
+    for name in ("weights.pt", "profile.json", "model.json", "metrics.json", "model.torchscript.pt", "model.onnx",
+                 "latency.json"):
         assert (export_dir / name).is_file(), name
+    metrics = json.loads((export_dir / "metrics.json").read_text())
+    assert metrics["test_acc"] == summary["test_acc"] and metrics["onnx_check_batch"] == 64
+    assert 0 <= metrics["onnx_max_abs_diff"] <= 1e-4
 
-    from widthsearch import load_data
-    from widthsearch.export import load_exported
+    import onnxruntime
+
+    from widthsearch import load_data, load_exported
 
     model = load_exported(export_dir)
     scripted = torch.jit.load(str(export_dir / "model.torchscript.pt"))
+    session = onnxruntime.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     x = load_data("digits").normalize(load_data("digits").test.x[:32])
     with torch.no_grad():
         assert torch.allclose(model(x), scripted(x), atol=1e-5)
+        assert torch.allclose(model(x), torch.from_numpy(session.run(None, {"input": x.numpy()})[0]), atol=1e-4)
     assert json.loads((export_dir / "profile.json").read_text()) == dict(
         zip(json.loads((tmp_path / "e2e" / "widthsearch" / "experiment.json").read_text())["groups"],
             listed[0]["widths"]))

@@ -78,15 +78,22 @@ def test_rows_are_plain_parquet(store, exp_dir):
 
 
 def test_rows_readable_by_duckdb(store, exp_dir):
-    duckdb = pytest.importorskip("duckdb")
+    import duckdb  # the test extra installs it
+
     store.write_row(row("a", 0.5, 0.1))
-    assert duckdb.sql(f"select trial_id from '{exp_dir}/widthsearch/rows/*.parquet'").fetchall() == [("a",)]
+    store.write_row(row("b", 0.6, 0.2))
+    rows = f"{exp_dir}/widthsearch/rows/*.parquet"
+    assert duckdb.sql(f"select trial_id, widths from '{rows}' order by score desc").fetchall() == [
+        ("b", [2, 4]), ("a", [2, 4])]
 
 
 def test_rows_readable_by_polars(store, exp_dir):
-    polars = pytest.importorskip("polars")
+    import polars  # the test extra installs it
+
     store.write_row(row("a", 0.5, 0.1))
-    assert polars.read_parquet(f"{exp_dir}/widthsearch/rows/*.parquet")["trial_id"].to_list() == ["a"]
+    store.write_row(row("b", 0.6, 0.2))
+    frame = polars.read_parquet(f"{exp_dir}/widthsearch/rows/*.parquet").sort("score", descending=True)
+    assert frame["trial_id"].to_list() == ["b", "a"] and frame["widths"].to_list() == [[2, 4], [2, 4]]
 
 
 def test_stray_temp_files_are_ignored(store, exp_dir):

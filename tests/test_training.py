@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import math
+import re
+import sys
 
 import pytest
 import torch
@@ -157,3 +160,23 @@ def test_set_threads():
 def test_pick_device():
     assert pick_device(0) == torch.device("cpu")
     assert pick_device(1) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("progress, terminal", [("base model", True), (True, False), (False, True)])
+def test_progress_bar_only_when_asked_and_on_a_terminal(digits, monkeypatch, progress, terminal):
+    stderr = Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    per_epoch = math.ceil(len(digits.train) / TrainConfig().batch_size)
+    train(small(digits), digits, epochs=2, start_epoch=1, progress=progress)  # resumed: the bar starts at epoch 1
+    text = stderr.getvalue()
+    if progress and terminal:
+        first = text.split("\r")[1]
+        assert first.startswith("base model:") and f" {per_epoch}/{2 * per_epoch} " in first
+        assert f" {2 * per_epoch}/{2 * per_epoch} " in text and re.search(r"loss \d+\.\d{3}", text)
+    else:
+        assert text == ""

@@ -10,10 +10,11 @@ from typing import Sequence
 
 import yaml
 
-from .config import SearchConfig
+from .config import HELP, SearchConfig
 from .errors import WidthSearchError
 
 _BOOL_FLAGS = {"pareto", "asha", "allow_cpu"}
+_DASH_VALUE_FLAGS = {"--sort"}  # flags whose value may start with a dash ('-score': descending)
 
 
 def _add_search(sub) -> None:
@@ -22,15 +23,15 @@ def _add_search(sub) -> None:
     defaults = SearchConfig()
     for f in dataclasses.fields(SearchConfig):
         flag = "--" + f.name.replace("_", "-")
+        text = HELP.get(f.name, "")
         if f.name in _BOOL_FLAGS:
-            p.add_argument(flag, action="store_true", default=None, help=f"(default {getattr(defaults, f.name)})")
+            p.add_argument(flag, action="store_true", default=None, help=text)
         elif f.name == "searcher_options":
-            p.add_argument("--option", dest="searcher_options", action="append", metavar="KEY=VALUE",
-                           help="searcher option (repeatable)")
+            p.add_argument("--option", dest="searcher_options", action="append", metavar="KEY=VALUE", help=text)
         elif f.name == "frozen":
-            p.add_argument(flag, help="comma-separated module names never pruned")
+            p.add_argument(flag, help=text)
         else:
-            p.add_argument(flag, default=None, help=f"(default {getattr(defaults, f.name)!r})")
+            p.add_argument(flag, default=None, help=f"{text} (default {getattr(defaults, f.name)!r})")
     p.add_argument("--resume", action="store_true", help="continue the experiment --name")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -91,11 +92,20 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 def cmd_results(args: argparse.Namespace) -> None:
-    from .results import format_table, load, query
+    from .results import format_table, load, query, sql_query
     from .search import experiment_dir
 
-    table = query(load(experiment_dir(_storage(args.storage), args.experiment)), pareto=args.pareto,
-                  max_flops=args.max_flops, where=args.where or [], sort=args.sort, limit=args.limit)
+    table = load(experiment_dir(_storage(args.storage), args.experiment))
+    if args.sql is None:
+        table = query(table, pareto=args.pareto, max_flops=args.max_flops, where=args.where or [], sort=args.sort,
+                      limit=args.limit)
+    else:
+        given = [flag for flag, value in [("--pareto", args.pareto), ("--max-flops", args.max_flops),
+                                          ("--where", args.where), ("--sort", args.sort), ("--limit", args.limit)]
+                 if value not in (None, False)]
+        if given:
+            raise WidthSearchError(f"--sql does not combine with {', '.join(given)}; say it in the query instead")
+        table = sql_query(table, args.sql)
     text = format_table(table, args.format)
     if isinstance(text, bytes):
         if args.out is None:
@@ -134,7 +144,7 @@ def cmd_train_base(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     model = load_model(args.model, data.num_classes, in_channels=data.in_channels)
     train(model, data, epochs=args.epochs, config=TrainConfig(lr=args.lr, batch_size=args.batch_size),
-          seed=args.seed, progress=f"train {args.model}")
+          seed=args.seed, progress=False if args.quiet else f"train {args.model}")
     acc, loss = evaluate(model, data, "val")
     save_checkpoint(model, args.out, model_source=args.model, data=args.data, epochs=args.epochs, val_acc=acc,
                     split=data.split)
@@ -159,56 +169,73 @@ def _storage(storage: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="widthsearch", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, help="what to do (each has its own --help)")
     _add_search(sub)
 
     p = sub.add_parser("results", help="query an experiment's results table")
-    p.add_argument("experiment")
-    p.add_argument("--storage", default="runs")
+    _add_experiment(p)
     p.add_argument("--pareto", action="store_true", help="only the accuracy-FLOPs Pareto front")
     p.add_argument("--max-flops", type=float, help="only rows with flops_ratio <= this")
     p.add_argument("--where", action="append", help="filter such as 'val_acc>=0.9' (repeatable)")
     p.add_argument("--sort", help="column, '-column' for descending (default -score)")
-    p.add_argument("--limit", type=int)
-    p.add_argument("--format", default="table", choices=["table", "csv", "json", "parquet"])
+    p.add_argument("--limit", type=int, help="at most this many rows")
+    p.add_argument("--sql", help="a DuckDB query over the table `results` instead of the filters above, e.g. "
+                                 "\"SELECT searcher, max(score) FROM results GROUP BY searcher\" (extra: sql)")
+    p.add_argument("--format", default="table", choices=["table", "csv", "json", "parquet"],
+                   help="aligned text, CSV, JSON records or Parquet (needs --out) (default table)")
     p.add_argument("--out", help="write to this file instead of standard output")
 
     p = sub.add_parser("retrain", help="retrain a chosen profile and export it")
-    p.add_argument("experiment")
-    p.add_argument("--storage", default="runs")
+    _add_experiment(p)
     p.add_argument("--trial", help="trial id (default: --best)")
     p.add_argument("--best", action="store_true",
                    help="the best trial by validation score within the budget, at the longest fine-tune reached")
     p.add_argument("--budget", type=float,
                    help="with --best: the largest cost ratio allowed (default: the experiment's budget; "
                         "needed for a Pareto search)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
+    p.add_argument("--lr", type=float, default=0.05, help="initial learning rate, cosine schedule (default 0.05)")
     p.add_argument("--from-scratch", action="store_true", help="random init instead of the pruned base weights")
-    p.add_argument("--out", help="export folder")
-    p.add_argument("--address")
-    p.add_argument("--cpus-per-trial", type=float)
-    p.add_argument("--gpus-per-trial", type=float)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", help="export folder: weights, model.torchscript.pt, model.onnx, metrics, latency")
+    p.add_argument("--address", help="Ray cluster address to join (default: the experiment's, else a local Ray)")
+    p.add_argument("--cpus-per-trial", type=float, help="CPUs the retraining reserves (default: the search's)")
+    p.add_argument("--gpus-per-trial", type=float, help="GPUs the retraining reserves (default: the search's)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
 
     p = sub.add_parser("report", help="Pareto plot and best width profiles of an experiment (PNG + HTML)")
-    p.add_argument("experiment")
-    p.add_argument("--storage", default="runs")
+    _add_experiment(p)
     p.add_argument("--out", help="folder for pareto.png, profiles.png, index.html (default EXP-report)")
     p.add_argument("--top", type=int, default=3, help="how many best candidates to draw")
 
     p = sub.add_parser("train-base", help="train a base model and save a checkpoint")
-    p.add_argument("--model", default="small_cnn")
-    p.add_argument("--data", default="digits")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out for validation")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val carve (search with the same)")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", required=True)
+    p.add_argument("--model", default="small_cnn", help=f"{HELP['model']} (default small_cnn)")
+    p.add_argument("--data", default="digits", help=f"{HELP['data']} (default digits)")
+    p.add_argument("--epochs", type=int, default=8, help="training epochs (default 8)")
+    p.add_argument("--lr", type=float, default=0.05, help="initial learning rate, cosine schedule (default 0.05)")
+    p.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help=f"{HELP['val_fraction']} (default 0.1)")
+    p.add_argument("--split-seed", type=int, default=0, help=f"{HELP['split_seed']} (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order (default 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", required=True, help="checkpoint file to write")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
+
+
+def _add_experiment(p: argparse.ArgumentParser) -> None:
+    p.add_argument("experiment", help="experiment name (a folder under --storage)")
+    p.add_argument("--storage", default="runs", help="folder or URI that holds the experiment (default runs)")
+
+
+def _dash_values(argv: Sequence[str]) -> list[str]:
+    """Join '--sort -score' into '--sort=-score': argparse alone reads '-score' as an unknown flag."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in _DASH_VALUE_FLAGS and arg.startswith("-") and not arg.startswith("--") and arg != "-h":
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 COMMANDS = {"search": cmd_search, "results": cmd_results, "retrain": cmd_retrain, "report": cmd_report,
@@ -217,7 +244,7 @@ COMMANDS = {"search": cmd_search, "results": cmd_results, "retrain": cmd_retrain
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `widthsearch` console script."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_dash_values(sys.argv[1:] if argv is None else argv))
     try:
         COMMANDS[args.command](args)
     except WidthSearchError as exc:

@@ -110,6 +110,46 @@ class SearchConfig:
         return dataclasses.asdict(self)
 
 
+HELP = {  # one line per SearchConfig field: the --help of its flag (`widthsearch search --help`)
+    "name": "experiment name, a folder under --storage (empty: MODEL-SEARCHER-TIMESTAMP)",
+    "storage": "folder, shared path or URI (s3://, gs://) that holds the experiments",
+    "model": "model source: small_cnn, cifar_resnet20|32|56|110, cifar_vgg16, cifar_mobilenetv2, "
+             "torchvision:NAME or package.module:factory",
+    "checkpoint": "base model weights; without them a base model is trained first (--base-epochs)",
+    "data": "data source: digits, npz:PATH, cifar10:ROOT, cifar100:ROOT or imagefolder:ROOT",
+    "val_fraction": "share of the train split held out for validation, on which candidates are scored",
+    "split_seed": "seed of the train/val carve; a --checkpoint must come from the same split (train-base records it)",
+    "seed": "random seed of the base training, the searcher and the trials (not of the train/val split)",
+    "searcher": "optuna, aofp, metapruning, gradient, or the baselines uniform, random, global",
+    "searcher_options": "a searcher option KEY=VALUE (repeatable; see the README's Searchers section)",
+    "budget": "largest cost allowed (see --constraint), as a fraction of the base model's",
+    "constraint": "what the budget bounds: flops or params",
+    "pareto": "search the accuracy-FLOPs front instead of one budget",
+    "num_samples": "number of trials (for aofp and metapruning: the most trials)",
+    "concurrency": "trials running at once",
+    "finetune_steps": "fine-tuning steps of each trial before it is scored on validation",
+    "finetune_lr": "learning rate of the trials' fine-tuning",
+    "score": "the trial score: val_acc, or val_loss (score = -loss)",
+    "batch_size": "batch size of base training, fine-tuning and BatchNorm recalibration",
+    "bn_batches": "train batches that re-estimate BatchNorm statistics after pruning (adaptive BN)",
+    "criterion": "which channels a pruned layer keeps: l1, bn_scale, taylor, frs or random",
+    "importance_batches": "batches that score channels for the data-driven criteria (taylor, frs)",
+    "cpus_per_trial": "CPUs each trial reserves (and its torch threads)",
+    "gpus_per_trial": "GPUs each trial reserves; a fraction such as 0.5 shares one",
+    "allow_cpu": "run a configuration with gpus_per_trial > 0 on CPUs when there is no GPU",
+    "asha": "promotion (ASHA): every trial gets --min-finetune-steps, the best go on to --finetune-steps",
+    "min_finetune_steps": "with --asha: the cheapest fidelity every trial gets (ASHA's grace period)",
+    "reduction_factor": "with --asha: one trial in this many is promoted at each rung",
+    "base_epochs": "epochs of base training when no --checkpoint is given",
+    "base_lr": "learning rate of that base training",
+    "max_failures": "retries of a trial that crashes (e.g. its node died)",
+    "trial_timeout_s": "seconds after which a running trial fails with a TimeoutError (None: no limit)",
+    "min_width": "fewest channels a pruned layer keeps",
+    "divisor": "widths are rounded to multiples of this (e.g. 8 for tensor cores)",
+    "frozen": "comma-separated names of modules that are never pruned",
+    "address": "Ray cluster address to join (None: RAY_ADDRESS, else a local Ray)",
+}
+
 _TYPES = {"str": str, "float": float, "int": int, "bool": bool, "dict": dict, "list": list}
 
 

@@ -16,6 +16,7 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
+from decimal import Decimal
 from importlib import metadata as importlib_metadata
 
 import pyarrow as pa
@@ -47,9 +48,11 @@ _ERROR_CHARS = 2000
 
 
 def _json_default(value):
-    """Datetimes -> ISO text, numpy scalars and arrays -> Python; anything else is a bug in the caller."""
+    """Datetimes -> ISO text, decimals and numpy scalars and arrays -> Python; anything else is a bug in the caller."""
     if isinstance(value, datetime):
         return value.isoformat()
+    if isinstance(value, Decimal):  # e.g. an SQL sum of integers
+        return int(value) if value == value.to_integral_value() else float(value)
     if hasattr(value, "tolist"):
         return value.tolist()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
@@ -277,6 +280,33 @@ def query(table: pa.Table, *, pareto: bool = False, max_flops: float | None = No
     return table
 
 
+SQL_TABLE = "results"
+
+
+def sql_query(table: pa.Table, sql: str) -> pa.Table:
+    """Run a DuckDB SQL query over `table` (registered as the view `results`) and return its answer.
+
+    DuckDB is the optional extra `sql`. The table is read first (through pyarrow.fs, see `load`), so
+    the same query works for local and URI storage.
+    """
+    try:
+        import duckdb
+    except ImportError:
+        raise WidthSearchError("--sql needs DuckDB: pip install 'widthsearch[sql]'") from None
+    con = duckdb.connect()
+    try:
+        statements = con.extract_statements(sql)
+        if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+            raise ConfigError(f"--sql takes one query that returns rows, such as SELECT ... FROM {SQL_TABLE}; "
+                              f"got {sql!r}")
+        con.register(SQL_TABLE, table)
+        return con.sql(sql).to_arrow_table()
+    except duckdb.Error as exc:
+        raise ConfigError(f"--sql query failed: {exc}") from None
+    finally:
+        con.close()
+
+
 def cell_text(value) -> str:
     """A table cell: "-" for null, floats to 4 decimals."""
     if value is None:
@@ -293,14 +323,19 @@ def _widths_preview(widths: list | None, shown: int = 6) -> str:
     return f"[{head},...] ({len(widths)})" if len(widths) > shown else f"[{head}]"
 
 
+def _is_number(kind: pa.DataType) -> bool:
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind)
+
+
 def _plain(table: pa.Table) -> str:
-    """Aligned text columns: the readable subset plus a widths preview; numbers right-aligned."""
-    names = [n for n in _TABLE_COLUMNS if n in table.column_names]
-    rows = [[cell_text(r[n]) for n in names] + [_widths_preview(r.get("widths"))] for r in table.to_pylist()]
-    header = names + ["widths"]
+    """Aligned text columns, numbers right-aligned, lists previewed: of a whole results table, the readable
+    subset plus widths; of any other table (e.g. an SQL answer), every column."""
+    whole = sorted(table.column_names) == sorted(SCHEMA.names)
+    header = [*_TABLE_COLUMNS, "widths"] if whole else table.column_names
+    rows = [[_widths_preview(r[n]) if isinstance(r[n], list) else cell_text(r[n]) for n in header]
+            for r in table.to_pylist()]
     sizes = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    numeric = [n in table.column_names and (pa.types.is_integer(table.schema.field(n).type)
-                                            or pa.types.is_floating(table.schema.field(n).type)) for n in header]
+    numeric = [n in table.column_names and _is_number(table.schema.field(n).type) for n in header]
     lines = ["  ".join(c.rjust(s) if num else c.ljust(s) for c, s, num in zip(line, sizes, numeric)).rstrip()
              for line in [header, *rows]]
     return "\n".join(lines)

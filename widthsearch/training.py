@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import sys
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from .data import DataSplits
 
@@ -38,26 +37,18 @@ def pick_device(gpus: float = 0) -> torch.device:
 
 
 class Progress:
-    """A one-line progress bar on stderr (silent when disabled)."""
+    """A progress bar of `total` steps on stderr (tqdm); silent when disabled or when stderr is not a terminal."""
 
-    def __init__(self, total: int, label: str, enabled: bool = True):
-        self.total, self.label, self.enabled = total, label, enabled
-        self.start = time.monotonic()
-        self.last = 0.0
+    def __init__(self, total: int, label: str, enabled: bool = True, initial: int = 0):
+        self.bar = tqdm(total=total, initial=initial, desc=label, unit="step", disable=None if enabled else True)
 
     def update(self, done: int, info: str = "") -> None:
-        now = time.monotonic()
-        if not self.enabled or (done < self.total and now - self.last < 0.2):
-            return
-        self.last = now
-        width = 30
-        filled = int(width * done / max(1, self.total))
-        eta = (now - self.start) / max(1, done) * (self.total - done)
-        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
-                         f"{info} eta {eta:4.0f}s ")
-        if done >= self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+        """Move the bar to `done` steps, showing `info`; at the total it is finished (closed)."""
+        if info:
+            self.bar.set_postfix_str(info, refresh=False)
+        self.bar.update(done - self.bar.n)
+        if done >= self.bar.total:
+            self.bar.close()
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
@@ -134,9 +125,9 @@ def train(model: nn.Module, data: DataSplits, *, steps: int | None = None, epoch
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-    bar = Progress(total, label, enabled=bool(progress))
     losses: list[float] = []
     done = start_epoch * per_epoch
+    bar = Progress(total, label, enabled=bool(progress), initial=done)
     for epoch in range(start_epoch, epochs):
         epoch_losses = []
         for x, y in data.batches("train", config.batch_size, seed=seed + epoch, device=device):
