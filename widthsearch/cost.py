@@ -67,6 +67,9 @@ def _call_terms(module: nn.Module, inputs: tuple, output: torch.Tensor) -> tuple
     raise WidthSearchError(f"CostModel cannot model layer type {type(module).__name__}")
 
 
+Record = list[tuple[object, dict[str, float]]]  # per traced item: (what it is, {quantity: value})
+
+
 class _Recorder:
     """Forward hooks that record, per counted layer call, the quantities its cost depends on."""
 
@@ -74,14 +77,16 @@ class _Recorder:
         self.model = model
         self.names = {m: n for n, m in model.named_modules()}
 
-    def run(self, example_input: torch.Tensor) -> tuple[list[tuple[str, dict, list[_Term]]], list[tuple[int, ...]]]:
-        calls: list[tuple[str, dict, list[_Term]]] = []
+    def run(self, example_input: torch.Tensor) -> Record:
+        """One record per counted layer call (("call", name, terms), quantities), then one per parameter
+        (("param", shape), {dim index: size})."""
+        calls: Record = []
 
         def hook(module, inputs, output):
             if not isinstance(output, torch.Tensor):
                 raise WidthSearchError(f"CostModel cannot model layer {self.names[module]!r} (non-tensor output)")
             quantities, terms = _call_terms(module, inputs, output)
-            calls.append((self.names[module], quantities, terms))
+            calls.append((("call", self.names[module], terms), quantities))
 
         handles = [m.register_forward_hook(hook) for m in self.model.modules()
                    if type(m) in op_counter.MODULES_MAPPING]
@@ -91,8 +96,38 @@ class _Recorder:
         finally:
             for h in handles:
                 h.remove()
-        shapes = [tuple(p.shape) for p in self.model.parameters()]
-        return calls, shapes
+        shapes = [(("param", tuple(p.shape)), {str(d): float(n) for d, n in enumerate(p.shape)})
+                  for p in self.model.parameters()]
+        return calls + shapes
+
+
+def trace_slopes(space: WidthSpace, model: nn.Module, record) -> tuple[Record, list[dict[str, np.ndarray]]]:
+    """Quantities of a model and their exact slope in every group's width.
+
+    `record(model, example_input)` returns a list of (info, {quantity: value}); it runs on a copy of `model`,
+    once dense and once after physically removing one channel of each group in turn (cumulatively), so that
+    value(w) = value_dense - slope . (full widths - w) for every quantity that is affine in the widths
+    (channel counts, numels, features after a flatten). Returns the dense records and, per record,
+    {quantity: slope vector over the groups}. Raises WidthSearchError when pruning changes the structure.
+    """
+    work = copy.deepcopy(model).cpu()
+    example = space.example_input.cpu()
+    dense = record(work, example)
+    g = len(space)
+    slopes = [{k: np.zeros(g) for k in q} for _, q in dense]
+    graph = dependency_graph(work, example)
+    modules = dict(work.named_modules())
+    previous = dense
+    for j, group in enumerate(space.groups):
+        root_group(graph, modules[group.name], [0]).prune()
+        now = record(work, example)
+        if len(now) != len(dense):
+            raise WidthSearchError(f"pruning group {group.name!r} changed the model's structure")
+        for slope, (_, before), (_, after) in zip(slopes, previous, now):
+            for k in slope:
+                slope[k][j] = before[k] - after[k]
+        previous = now
+    return dense, slopes
 
 
 @dataclass
@@ -165,7 +200,7 @@ class CostModel:
             raise WidthSearchError("CostModel needs the model: pass it, or a space fresh from build_space")
         self.space = space
         self.batch = int(space.example_input.shape[0])
-        calls, shapes, slopes_calls, slopes_shapes = self._trace(space, model)
+        records, slopes = trace_slopes(space, model, lambda work, example: _Recorder(work).run(example))
         widths = space.widths.astype(np.float64)
         g = len(space)
 
@@ -173,49 +208,25 @@ class CostModel:
             return _Affine(value - float(slope @ widths), slope)
 
         flops_terms: list[tuple[float, list[_Affine]]] = []
-        for (name, quantities, terms), slopes in zip(calls, slopes_calls):
-            if "groups" in quantities and np.any(slopes["groups"]):
-                raise WidthSearchError(f"CostModel cannot model grouped convolution {name!r}")
-            for coef, keys in terms:
-                flops_terms.append((coef, [affine(quantities[k], slopes[k]) for k in keys]))
         params_terms: list[tuple[float, list[_Affine]]] = []
-        for shape, slopes in zip(shapes, slopes_shapes):
-            varying = [affine(float(d), s) for d, s in zip(shape, slopes) if np.any(s)]
-            fixed = float(np.prod([d for d, s in zip(shape, slopes) if not np.any(s)]))
-            if len(varying) > 2:
-                raise WidthSearchError(f"CostModel cannot model a parameter of shape {shape} (>2 pruned dims)")
-            params_terms.append((fixed, varying))
+        for (info, quantities), slope in zip(records, slopes):
+            if info[0] == "call":
+                _, name, terms = info
+                if "groups" in quantities and np.any(slope["groups"]):
+                    raise WidthSearchError(f"CostModel cannot model grouped convolution {name!r}")
+                for coef, keys in terms:
+                    flops_terms.append((coef, [affine(quantities[k], slope[k]) for k in keys]))
+            else:  # ("param", shape)
+                dims = [(quantities[k], slope[k]) for k in sorted(quantities, key=int)]
+                varying = [affine(d, s) for d, s in dims if np.any(s)]
+                fixed = float(np.prod([d for d, s in dims if not np.any(s)]))
+                if len(varying) > 2:
+                    raise WidthSearchError(f"CostModel cannot model a parameter of shape {info[1]} (>2 pruned dims)")
+                params_terms.append((fixed, varying))
         self._flops = _Polynomial.expand(flops_terms, g)
         self._params = _Polynomial.expand(params_terms, g)
         self.base_flops = self.flops(space.full())
         self.base_params = self.params(space.full())
-
-    @staticmethod
-    def _trace(space: WidthSpace, model: nn.Module):
-        """Record the dense quantities, then their slope per group by one-channel removals."""
-        work = copy.deepcopy(model).cpu()
-        example = space.example_input.cpu()
-        recorder = _Recorder(work)
-        calls, shapes = recorder.run(example)
-        g = len(space)
-        slopes_calls = [{k: np.zeros(g) for k in q} for _, q, _ in calls]
-        slopes_shapes = [[np.zeros(g) for _ in s] for s in shapes]
-        graph = dependency_graph(work, example)
-        modules = dict(work.named_modules())
-        previous_calls, previous_shapes = calls, shapes
-        for j, group in enumerate(space.groups):
-            root_group(graph, modules[group.name], [0]).prune()
-            now_calls, now_shapes = recorder.run(example)
-            if len(now_calls) != len(calls) or len(now_shapes) != len(shapes):
-                raise WidthSearchError(f"pruning group {group.name!r} changed the model's structure")
-            for slope, (_, before, _), (_, after, _) in zip(slopes_calls, previous_calls, now_calls):
-                for k in slope:
-                    slope[k][j] = before[k] - after[k]
-            for slope, before, after in zip(slopes_shapes, previous_shapes, now_shapes):
-                for d in range(len(slope)):
-                    slope[d][j] = before[d] - after[d]
-            previous_calls, previous_shapes = now_calls, now_shapes
-        return calls, shapes, slopes_calls, slopes_shapes
 
     # -- evaluation -------------------------------------------------------------------
     def _vector(self, profile: Mapping[str, int]) -> np.ndarray:
