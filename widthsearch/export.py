@@ -58,6 +58,11 @@ def measure_latency(model: nn.Module, example: torch.Tensor, batch_sizes=(1, 64)
     return out
 
 
+def legacy_onnx_kwargs() -> dict:
+    """torch.onnx.export's arguments that choose the TorchScript-based exporter (see the module docstring)."""
+    return {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+
+
 @torch.no_grad()
 def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, check_input: torch.Tensor,
                 tolerance: float = ONNX_TOLERANCE) -> dict:
@@ -69,12 +74,11 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, check
     import onnx
     import onnxruntime
 
-    legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)  # the TorchScript exporter, chosen above
         torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=ONNX_OPSET,
-                          **legacy)
+                          **legacy_onnx_kwargs())
     onnx.checker.check_model(str(path))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"input": check_input.numpy()})[0]

@@ -1,0 +1,266 @@
+"""Latency model: a Measure from measured layer timings. Numbers are asserted only with an injected timer."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from searchers import make_searcher, project_to_budget
+from widthsearch import CostModel, build_space, load_model, prune
+from widthsearch.config import SearchConfig
+from widthsearch.cost import Measure
+from widthsearch.errors import ConfigError
+from widthsearch.latency import LatencyTarget, calibrate, latency_model, monotone, plan, time_ms
+
+
+def fake_ms(module, inputs) -> float:
+    """A deterministic 'latency': 1 us per parameter plus 0.5 ms per timed call (so it is not FLOPs-shaped)."""
+    return 1e-3 * sum(p.numel() for p in module.parameters()) + 0.5
+
+
+class Counting:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, module, inputs) -> float:
+        self.calls += 1
+        return fake_ms(module, inputs)
+
+
+def built(name: str, divisor: int = 1):
+    torch.manual_seed(0)
+    model = load_model(name).eval()
+    space = build_space(model, torch.randn(1, 3, 32, 32), divisor=divisor)
+    return model, space
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return built("cifar_resnet20")
+
+
+def random_widths(space, rng) -> list[int]:
+    return [int(rng.choice([w for w in range(g.min_width, g.width + 1) if g.allowed(w)])) for g in space.groups]
+
+
+@pytest.mark.parametrize("name,divisor", [("small_cnn", 1), ("cifar_resnet20", 1), ("cifar_resnet20", 4),
+                                          ("cifar_mobilenetv2", 8)])
+def test_prediction_is_the_sum_of_interpolated_units(tmp_path, name, divisor):
+    """With a timer that is bilinear in (c_in, c_out) (parameter counts), interpolation is exact, so the
+    prediction of any legal profile equals the timer on the physically pruned model."""
+    model, space = built(name, divisor)
+    measure = latency_model(space, model, grid=2 if len(space) > 20 else 3, cache_dir=tmp_path, timer=fake_ms,
+                            progress=False)
+    assert isinstance(measure, Measure) and measure.name == "latency" and measure.unit == "ms"
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        widths = random_widths(space, rng)
+        expected = fake_ms(prune(model, space, space.from_vector(widths)), None)
+        assert measure.of(widths) == pytest.approx(expected, rel=1e-9)
+    assert measure.base == pytest.approx(fake_ms(model, None), rel=1e-9)
+    assert measure.scale == pytest.approx(1.0) and measure.overhead_ms < 0  # units add 0.5 ms each; the model once
+    batch = np.stack([random_widths(space, rng) for _ in range(5)])
+    assert np.allclose(measure.ratio_many(batch), [measure.ratio(w) for w in batch])
+    assert np.array_equal(pickle.loads(pickle.dumps(measure)).many(batch), measure.many(batch))  # shipped to trials
+
+
+def test_units_cover_residual_adds_and_divisor_widths(resnet):
+    model, space = built("cifar_resnet20", divisor=4)
+    units = plan(space, model, grid=4)
+    ops = [u for u in units if u.unit.op is not None]
+    assert len(ops) == 9 and all(u.unit.inputs == 2 and u.tied == 1.0 for u in ops)  # out + identity, per block
+    assert any(u.unit.modules[:3] == ["conv1", "bn1", "relu"] for u in units)  # conv + BN + ReLU timed together
+    for u in units:
+        const, slope = u.c_in
+        if np.count_nonzero(slope) == 1:  # the grid's widths are legal widths of that group, ends included
+            g = space.groups[int(np.flatnonzero(slope)[0])]
+            widths = (u.grid_in - const) / slope[np.flatnonzero(slope)[0]]
+            assert all(g.allowed(int(w)) for w in widths) and widths[0] == g.min_width and widths[-1] == g.width
+
+
+def test_a_searcher_keeps_proposals_within_the_latency_budget(resnet, tmp_path):
+    model, space = resnet
+    cost = CostModel(space)
+    latency = latency_model(space, model, grid=3, cache_dir=tmp_path, progress=False,
+                            timer=lambda module, inputs: fake_ms(module, inputs) + 100)  # a large fixed cost
+    at_half_flops = project_to_budget(space, cost, np.ones(len(space)), 0.5)
+    assert latency.ratio(at_half_flops) > 0.55  # FLOPs and this latency disagree: the budget must be the latency's
+    for name in ("random", "uniform", "global"):
+        searcher = make_searcher(name, space, cost, budget=0.5, measure=latency, model=model, seed=0)
+        for i in range(6):
+            config = searcher.suggest(f"t{i}")
+            if not isinstance(config, dict):
+                break
+            assert latency.ratio(config["widths"]) <= 0.5 + 1e-12
+            searcher.on_trial_complete(f"t{i}", {"score": 0.5})
+
+
+def test_a_cached_table_is_reused_and_a_changed_key_is_not(resnet, tmp_path):
+    model, space = resnet
+    timer = Counting()
+    first = latency_model(space, model, grid=2, cache_dir=tmp_path / "user", exp_dir=str(tmp_path / "exp"),
+                          timer=timer, progress=False)
+    measured = timer.calls
+    assert measured > 0 and len(list((tmp_path / "user").glob("*.json"))) == 1
+    assert len(list((tmp_path / "exp" / "widthsearch" / "latency").glob("*.json"))) == 1
+    again = latency_model(space, model, grid=2, cache_dir=tmp_path / "user", timer=timer, progress=False)
+    assert timer.calls == measured and again.base == first.base  # the user cache
+    again = latency_model(space, model, grid=2, cache_dir=tmp_path / "other", exp_dir=str(tmp_path / "exp"),
+                          timer=timer, progress=False)
+    assert timer.calls == measured  # the experiment's copy
+    for change in (dict(target=LatencyTarget(threads=2)), dict(target=LatencyTarget(batch=4)), dict(grid=3)):
+        before = timer.calls
+        latency_model(space, model, **{"grid": 2, **change}, cache_dir=tmp_path / "user", timer=timer, progress=False)
+        assert timer.calls > before, change
+    other, other_space = built("cifar_resnet20", divisor=4)  # another architecture signature
+    before = timer.calls
+    latency_model(other_space, other, grid=2, cache_dir=tmp_path / "user", timer=timer, progress=False)
+    assert timer.calls > before
+    table = json.loads(next((tmp_path / "user").glob("*.json")).read_text())
+    assert {"device_name", "torch", "threads", "batch", "dtype", "runtime", "architecture"} <= set(table["key"])
+
+
+def test_calibration_is_robust_to_one_disturbed_measurement():
+    scale, overhead = calibrate([1, 2, 3, 4, 5], [3, 5, 7, 9, 40])
+    assert scale == pytest.approx(2.0) and overhead == pytest.approx(1.0)
+
+
+def test_a_noise_fitted_scale_falls_back_to_the_units_as_measured():
+    scale, overhead = calibrate([1.0, 1.01, 1.02, 1.0, 1.01], [5.0, 4.0, 3.0, 5.5, 4.2])  # slopes are noise
+    assert scale == 1.0 and overhead == pytest.approx(np.median([4.0, 2.99, 1.98, 4.5, 3.19]))
+
+
+def test_tables_are_made_monotone_so_narrower_is_never_slower():
+    table = np.array([[1.0, 9.0, 3.0], [2.0, 2.5, 4.0], [3.0, 3.5, 5.0]])  # a noise spike at (0, 1)
+    assert monotone(table).tolist() == [[1.0, 2.5, 3.0], [2.0, 2.5, 4.0], [3.0, 3.5, 5.0]]
+
+
+def test_noisy_timings_still_give_a_measure_that_grows_with_the_widths(resnet, tmp_path):
+    model, space = resnet
+    rng = np.random.default_rng(0)
+    noisy = latency_model(space, model, grid=3, cache_dir=tmp_path, progress=False,
+                          timer=lambda module, inputs: fake_ms(module, inputs) * rng.uniform(1, 3))
+    ratios = [noisy.ratio(space.vector(space.uniform(r))) for r in (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)]
+    assert noisy.ratio(space.min_widths) <= ratios[0] and ratios == sorted(ratios) and ratios[-1] == 1.0
+
+
+def test_time_ms_takes_the_median_wall_sample_or_the_fastest_cpu_sample():
+    calls = []
+    assert time_ms(lambda: calls.append(1), repeats=3, warmup=1) >= 0 and len(calls) >= 5
+    slow = []
+    time_ms(lambda: slow.append(time.sleep(0.01)), repeats=50, min_repeats=3, budget_s=0.05, warmup=0)
+    assert 4 <= len(slow) <= 8  # long calls: enough samples for budget_s, at least min_repeats
+    assert time_ms(lambda: sum(range(1000)), clock="cpu", repeats=3) > 0
+
+
+class TinyResidual(torch.nn.Module):
+    """conv-BN-ReLU, a residual block (an elementwise add between modules), pool and linear, on 8x8 inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(16, 8, 3, padding=1))
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.body(x)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def test_onnxruntime_times_units_and_model_in_onnx_runtime(tmp_path):
+    model = TinyResidual().eval()
+    space = build_space(model, torch.randn(1, 3, 8, 8))
+    assert any(u.unit.op is not None for u in plan(space, model))  # the add is exported and timed too
+    measure = latency_model(space, model, LatencyTarget(runtime="onnxruntime"), grid=2, cache_dir=tmp_path,
+                            progress=False)
+    assert measure.base > 0 and measure.ratio(space.min_widths) <= 1
+    assert measure.table["key"]["runtime"] == "onnxruntime" and measure.table["key"]["onnxruntime"]
+
+
+def test_max_latency_ms_below_the_smallest_profile_is_refused(resnet, tmp_path):
+    model, space = resnet
+    latency = latency_model(space, model, grid=2, cache_dir=tmp_path, timer=fake_ms, progress=False)
+    floor = latency.of(space.min_widths)
+    assert latency.budget_of((floor + latency.base) / 2, space.min_widths) == pytest.approx(
+        (floor + latency.base) / 2 / latency.base)
+    assert latency.budget_of(10 * latency.base, space.min_widths) == 1.0
+    with pytest.raises(ConfigError, match="max_latency_ms .* below the smallest profile's predicted latency"):
+        latency.budget_of(floor * 0.9, space.min_widths)
+
+
+@pytest.mark.parametrize("values,text", [
+    (dict(constraint="energy"), "config key 'constraint' must be one of: flops, params, latency"),
+    (dict(constraint="latency", budget=1.5), "config key 'budget' must be a fraction"),
+    (dict(constraint="latency", latency_device="tpu"), "config key 'latency_device' must be one of: cpu, cuda"),
+    (dict(constraint="latency", latency_dtype="fp16"), "config key 'latency_dtype' must be fp32 on latency_device cpu"),
+    (dict(constraint="latency", latency_batch=0), "config key 'latency_batch' must be at least 1"),
+    (dict(constraint="latency", latency_runtime="tensorrt"), "config key 'latency_runtime' must be one of"),
+    (dict(constraint="latency", latency_clock="cpu", latency_threads=2), "config key 'latency_clock' must be wall"),
+    (dict(max_latency_ms=5.0), "config key 'max_latency_ms' must be empty unless constraint is latency"),
+    (dict(constraint="latency", max_latency_ms=-1.0), "config key 'max_latency_ms' must be positive"),
+    (dict(constraint="latency", latency_grid=1), "config key 'latency_grid' must be at least 2"),
+])
+def test_bad_latency_config_names_the_key(values, text):
+    with pytest.raises(ConfigError, match=text):
+        SearchConfig(**values)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_missing_device_fails_before_any_data_is_read(monkeypatch):
+    from widthsearch.search import prepare
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = SearchConfig(constraint="latency", latency_device="cuda", data="npz:/nonexistent/data.npz")
+    with pytest.raises(ConfigError, match="latency_device is 'cuda' but this machine has no CUDA GPU"):
+        prepare(cfg, progress=False)
+    cfg = SearchConfig(constraint="latency", latency_device="cuda", data="npz:/nonexistent/data.npz",
+                       address="ray://nowhere:10001")
+    with pytest.raises(ConfigError, match="latency_device is 'cuda' but the trials reserve no GPU"):
+        prepare(cfg, progress=False)
+
+
+def test_prepare_builds_the_latency_measure_and_converts_max_latency_ms(tmp_path, monkeypatch):
+    from widthsearch.search import prepare
+
+    monkeypatch.setenv("WIDTHSEARCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("widthsearch.latency.make_timer", lambda target: fake_ms)  # numbers asserted: no clock
+    common = dict(name="lat", storage=str(tmp_path), constraint="latency", base_epochs=1, latency_grid=2)
+    exp = prepare(SearchConfig(**common), progress=False)
+    assert exp.measure.name == "latency" and exp.measure.base > 0
+    floor, base = exp.measure.of(exp.space.min_widths), exp.measure.base
+    assert len(list((tmp_path / "lat" / "widthsearch" / "latency").glob("*.json"))) == 1
+    exp = prepare(SearchConfig(**common, max_latency_ms=(floor + base) / 2), progress=False)  # the same table
+    assert exp.measure.base == base and exp.config.budget == pytest.approx((floor + base) / 2 / base)
+    with pytest.raises(ConfigError, match="below the smallest profile's predicted latency"):
+        prepare(SearchConfig(**common, max_latency_ms=floor / 2), progress=False)
+
+
+def test_search_under_latency_end_to_end(tmp_path):
+    """Real timings (never asserted): rows carry the predicted latency, the best are timed, the report plots them."""
+    from tests.test_e2e_cli import cli, rows
+
+    env = {"WIDTHSEARCH_CACHE": str(tmp_path / "cache")}
+    cli("search", "--name", "lat", "--storage", str(tmp_path), "--base-epochs", "1", "--searcher", "random",
+        "--constraint", "latency", "--pareto", "--latency-grid", "2", "--latency-top", "2", "--num-samples", "3",
+        "--finetune-steps", "2", "--bn-batches", "2", "--concurrency", "2", "--quiet", env=env)
+    table = rows(tmp_path / "lat")
+    meta = json.loads((tmp_path / "lat" / "widthsearch" / "experiment.json").read_text())
+    assert meta["constraint"] == "latency" and meta["latency"]["key"]["batch"] == 1
+    assert len(table) == 3 and all(r["status"] == "ok" and r["latency_ms"] > 0 for r in table)
+    assert all(r["cost_ratio"] == pytest.approx(r["latency_ms"] / meta["latency"]["base_ms"]) for r in table)
+    measured = json.loads((tmp_path / "lat" / "widthsearch" / "latency" / "measured.json").read_text())
+    assert 1 <= len(measured["rows"]) <= 2 and all(r["measured_ms"] > 0 for r in measured["rows"])
+    assert {r["trial_id"] for r in measured["rows"]} <= {r["trial_id"] for r in table}
+    assert len(list((tmp_path / "cache" / "latency").glob("*.json"))) == 1  # the user cache, for the next experiment
+    cli("report", "lat", "--storage", str(tmp_path), "--out", str(tmp_path / "report"))
+    assert (tmp_path / "report" / "latency.png").stat().st_size > 0
+    assert 'src="latency.png"' in (tmp_path / "report" / "index.html").read_text()
