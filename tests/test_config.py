@@ -22,7 +22,7 @@ def test_yaml_and_overrides(tmp_path):
 
 @pytest.mark.parametrize("values, text", [
     ({"budgett": 0.5}, "unknown config key 'budgett'"),
-    ({"budget": 0}, "'budget' must be a FLOPs fraction in (0, 1], got 0"),
+    ({"budget": 0}, "'budget' must be a fraction of the base model's cost in (0, 1], got 0"),
     ({"budget": 1.5}, "got 1.5"),
     ({"num_samples": 0}, "'num_samples' must be at least 1, got 0"),
     ({"num_samples": "many"}, "'num_samples' must be int, got 'many'"),

@@ -92,9 +92,10 @@ def importance_batches(job: Job, data: DataSplits, device: torch.device) -> list
 
 def profile_fields(job: Job, widths, criterion: str, node: str, started: float, payload: str | None) -> dict:
     """The report fields every scoring trial shares: widths, their FLOPs/params, the constraint's ratio (cost_ratio),
-    criterion, node, start, payload."""
+    the predicted latency (latency_ms, under a latency constraint), criterion, node, start, payload."""
     profile = job.space.from_vector(widths)
     return {"widths": [int(w) for w in widths], "flops": job.cost.flops(profile), "params": job.cost.params(profile),
             "flops_ratio": job.cost.flops_ratio(profile), "cost_ratio": job.measure.ratio(widths),
+            "latency_ms": job.measure.of(widths) if job.measure.name == "latency" else None,
             "criterion": criterion, "node": node,
             "started_at": started, "payload": payload}

@@ -14,7 +14,7 @@ import yaml
 from .errors import ConfigError
 
 
-CONSTRAINTS = ("flops", "params")
+CONSTRAINTS = ("flops", "params", "latency")
 SCORES = ("val_acc", "val_loss")
 
 
@@ -33,7 +33,16 @@ class SearchConfig:
     searcher: str = "optuna"
     searcher_options: dict = field(default_factory=dict)
     budget: float = 0.5                 # max cost as a fraction of the base model's (see constraint)
-    constraint: str = "flops"           # what the budget bounds: flops or params
+    constraint: str = "flops"           # what the budget bounds: flops, params or latency (measured, see latency_*)
+    max_latency_ms: float | None = None  # with constraint latency: the budget in ms (replaces budget)
+    latency_device: str = "cpu"         # the device latency is measured on: cpu or cuda (where the trials run)
+    latency_threads: int = 1
+    latency_batch: int = 1
+    latency_dtype: str = "fp32"         # fp32; fp16 or bf16 on cuda
+    latency_runtime: str = "eager"      # eager (PyTorch) or onnxruntime (CPU)
+    latency_clock: str = "wall"         # wall, or cpu (process CPU time: 1 thread on a shared CPU)
+    latency_grid: int = 5               # timed widths per channel axis of every layer
+    latency_top: int = 5                # after the search, the best N profiles are timed whole
     pareto: bool = False                # search the accuracy-FLOPs front instead of one budget
     num_samples: int = 16               # trials to run
     concurrency: int = 2                # trials at once
@@ -67,7 +76,7 @@ class SearchConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             setattr(self, f.name, _coerce(f.name, value, f.type))
-        _require(0 < self.budget <= 1, "budget", self.budget, "a FLOPs fraction in (0, 1]")
+        _require(0 < self.budget <= 1, "budget", self.budget, "a fraction of the base model's cost in (0, 1]")
         _require(0 < self.val_fraction <= 0.5, "val_fraction", self.val_fraction, "in (0, 0.5]")
         _require(self.num_samples >= 1, "num_samples", self.num_samples, "at least 1")
         _require(self.concurrency >= 1, "concurrency", self.concurrency, "at least 1")
@@ -77,6 +86,13 @@ class SearchConfig:
             _require(getattr(self, key) > 0, key, getattr(self, key), "positive")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
         _require(self.constraint in CONSTRAINTS, "constraint", self.constraint, f"one of: {', '.join(CONSTRAINTS)}")
+        _require(self.max_latency_ms is None or self.max_latency_ms > 0, "max_latency_ms", self.max_latency_ms,
+                 "positive (milliseconds) or empty")
+        _require(self.max_latency_ms is None or self.constraint == "latency", "max_latency_ms", self.max_latency_ms,
+                 f"empty unless constraint is latency (constraint is {self.constraint!r})")
+        _require(self.latency_grid >= 2, "latency_grid", self.latency_grid, "at least 2")
+        _require(self.latency_top >= 0, "latency_top", self.latency_top, "at least 0")
+        self.latency_target()
         _require(self.score in SCORES, "score", self.score, f"one of: {', '.join(SCORES)}")
         _require(self.reduction_factor >= 2, "reduction_factor", self.reduction_factor, "at least 2")
         if self.asha:
@@ -90,6 +106,13 @@ class SearchConfig:
         if self.name and (os.sep in self.name or self.name.startswith(".")):
             raise ConfigError(f"name {self.name!r} must be a plain folder name")
         return self
+
+    def latency_target(self):
+        """The widthsearch.latency.LatencyTarget of the latency_* keys (checked: ConfigError naming the key)."""
+        from .latency import LatencyTarget
+
+        return LatencyTarget(device=self.latency_device, threads=self.latency_threads, batch=self.latency_batch,
+                             dtype=self.latency_dtype, runtime=self.latency_runtime, clock=self.latency_clock)
 
     def rungs(self) -> list[int]:
         """Fine-tune steps at which a scoring trial reports: with asha, min_finetune_steps x reduction_factor^i
@@ -123,7 +146,16 @@ HELP = {  # one line per SearchConfig field: the --help of its flag (`widthsearc
     "searcher": "optuna, aofp, metapruning, gradient, or the baselines uniform, random, global",
     "searcher_options": "a searcher option KEY=VALUE (repeatable; see the README's Searchers section)",
     "budget": "largest cost allowed (see --constraint), as a fraction of the base model's",
-    "constraint": "what the budget bounds: flops or params",
+    "constraint": "what the budget bounds: flops, params, or latency (measured; README: Latency budgets)",
+    "max_latency_ms": "with --constraint latency: the budget in milliseconds per forward (replaces --budget)",
+    "latency_device": "device latency is measured on: cpu or cuda (on a cluster: a node that runs the trials)",
+    "latency_threads": "CPU threads of the latency measurements",
+    "latency_batch": "batch size of the latency measurements (images per forward)",
+    "latency_dtype": "number type of the latency measurements: fp32, or fp16/bf16 on cuda",
+    "latency_runtime": "runtime of the latency measurements: eager (PyTorch) or onnxruntime (CPU, fp32)",
+    "latency_clock": "wall (wall-clock median), or cpu (fastest process CPU time; 1 thread on a shared CPU)",
+    "latency_grid": "timed widths per channel axis of each layer (more: slower to measure, closer fit)",
+    "latency_top": "with --constraint latency: after the search, time the best N profiles whole (0: none)",
     "pareto": "search the accuracy-FLOPs front instead of one budget",
     "num_samples": "number of trials (for aofp and metapruning: the most trials)",
     "concurrency": "trials running at once",

@@ -1,8 +1,10 @@
-"""`widthsearch report EXP`: a Pareto plot and the width profiles of the best candidates (PNG + HTML)."""
+"""`widthsearch report EXP`: a Pareto plot, the width profiles of the best candidates and, under a latency
+constraint, score against predicted and measured latency (PNG + HTML)."""
 
 from __future__ import annotations
 
 import html
+import json
 import os
 
 import pyarrow as pa
@@ -10,6 +12,7 @@ import pyarrow.compute as pc
 
 from . import results
 from .errors import WidthSearchError
+from .latency import MEASURED
 
 
 def pyplot():
@@ -20,6 +23,13 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: str) -> None:
+    """Lay out, write (PNG, 110 dpi) and close a figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
 
 
 def _successful(table: pa.Table) -> pa.Table:
@@ -44,9 +54,7 @@ def plot_pareto(table: pa.Table, front: pa.Table, meta: dict, path: str) -> None
     ax.set_title(f"{meta.get('experiment', '')}: {table.num_rows} successful trials")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_profiles(best: pa.Table, meta: dict, path: str) -> None:
@@ -63,12 +71,34 @@ def plot_profiles(best: pa.Table, meta: dict, path: str) -> None:
     ax.set_title("width profiles of the best candidates")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-def _html(meta: dict, front: pa.Table, best: pa.Table) -> str:
+def plot_latency(table: pa.Table, measured: dict | None, meta: dict, path: str) -> None:
+    """Validation score against latency: every trial at its predicted latency, the profiles timed after the
+    search at their measured latency (joined to their prediction)."""
+    plt = pyplot()
+    key = meta.get("latency", {}).get("key", {})
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ok = table.filter(pc.is_valid(table["latency_ms"]))
+    ax.scatter(ok["latency_ms"].to_pylist(), ok["score"].to_pylist(), s=18, alpha=0.4, label="trials (predicted)")
+    for i, row in enumerate((measured or {}).get("rows", [])):
+        ax.plot([row["predicted_ms"], row["measured_ms"]], [row["score"]] * 2, "-", color="C3", lw=0.8)
+        ax.scatter([row["measured_ms"]], [row["score"]], marker="D", s=30, color="C3",
+                   label="best, measured" if i == 0 else None)
+    if meta.get("base_val_acc") is not None and meta.get("latency"):
+        ax.scatter([meta["latency"]["base_ms"]], [meta["base_val_acc"]], marker="*", s=120, color="k",
+                   label="base model (predicted)")
+    ax.set_xlabel(f"latency (ms per forward of {key.get('batch', '?')} on {key.get('device_name', '?')}, "
+                  f"{key.get('threads', '?')} thread(s))", fontsize=8)
+    ax.set_ylabel("validation score")
+    ax.set_title(f"{meta.get('experiment', '')}: score vs latency" + ("" if measured else " (none measured yet)"))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def _html(meta: dict, front: pa.Table, best: pa.Table, latency: bool = False) -> str:
     columns = ["trial_id", "searcher", "flops_ratio", "params", "score", "val_acc", "val_loss"]
     rows = "\n".join("<tr>" + "".join(f"<td>{html.escape(results.cell_text(r[c]))}</td>" for c in columns) + "</tr>"
                      for r in front.select(columns).to_pylist())
@@ -83,6 +113,7 @@ def _html(meta: dict, front: pa.Table, best: pa.Table) -> str:
 <h2>Pareto front ({front.num_rows} trials)</h2>
 <table><tr>{''.join(f'<th>{c}</th>' for c in columns)}</tr>
 {rows}</table>
+{'<h2>Score against latency</h2><img src="latency.png" alt="score against latency">' if latency else ''}
 <h2>Best {best.num_rows} candidates</h2>
 <img src="profiles.png" alt="width profiles">
 </body></html>
@@ -90,7 +121,8 @@ def _html(meta: dict, front: pa.Table, best: pa.Table) -> str:
 
 
 def write_report(exp_dir: str, out_dir: str, top: int = 3) -> list[str]:
-    """Write pareto.png, profiles.png and index.html for an experiment into out_dir; return their paths."""
+    """Write pareto.png, profiles.png, index.html and, under a latency constraint, latency.png (score vs
+    predicted and measured latency) for an experiment into out_dir; return their paths."""
     if top < 1:
         raise WidthSearchError(f"--top must be at least 1, got {top}")
     meta = results.load_metadata(exp_dir)
@@ -101,6 +133,11 @@ def write_report(exp_dir: str, out_dir: str, top: int = 3) -> list[str]:
     paths = [os.path.join(out_dir, name) for name in ("pareto.png", "profiles.png", "index.html")]
     plot_pareto(table, front, meta, paths[0])
     plot_profiles(best, meta, paths[1])
+    latency = meta.get("constraint") == "latency"
+    if latency:
+        measured = results.ResultsStore(exp_dir).read_bytes(MEASURED)
+        paths.append(os.path.join(out_dir, "latency.png"))
+        plot_latency(table, json.loads(measured) if measured else None, meta, paths[-1])
     with open(paths[2], "w") as f:
-        f.write(_html(meta, front, best))
+        f.write(_html(meta, front, best, latency))
     return paths

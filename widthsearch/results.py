@@ -33,7 +33,8 @@ _TIMESTAMP = pa.timestamp("us", tz="UTC")
 SCHEMA = pa.schema([
     ("experiment", pa.string()), ("trial_id", pa.string()), ("searcher", pa.string()), ("status", pa.string()),
     ("error", pa.string()), ("widths", pa.list_(pa.int32())), ("keep_ratios", pa.list_(pa.float32())),
-    ("flops", pa.int64()), ("params", pa.int64()), ("flops_ratio", pa.float64()), ("cost_ratio", pa.float64()), ("val_acc", pa.float64()),
+    ("flops", pa.int64()), ("params", pa.int64()), ("flops_ratio", pa.float64()), ("cost_ratio", pa.float64()),
+    ("latency_ms", pa.float64()), ("val_acc", pa.float64()),
     ("val_loss", pa.float64()), ("score", pa.float64()), ("finetune_steps", pa.int32()), ("criterion", pa.string()),
     ("wall_s", pa.float64()), ("node", pa.string()), ("started_at", _TIMESTAMP), ("finished_at", _TIMESTAMP),
     ("checkpoint", pa.string()), ("payload", pa.string()),
@@ -167,7 +168,8 @@ class ResultsCallback(tune.Callback):
         row = self._row(trial, result)
         row["status"] = result.get("status", "ok")  # searchers may mark helper trials, e.g. aofp "probe"
         row.update({key: result.get(key) for key in ("score", "val_acc", "val_loss", "flops", "params", "flops_ratio",
-                                                     "cost_ratio", "finetune_steps", "criterion", "checkpoint")})
+                                                     "cost_ratio", "latency_ms", "finetune_steps", "criterion",
+                                                     "checkpoint")})
         row["wall_s"] = result.get("wall_s", result.get("time_total_s"))
         row["node"] = result.get("node", result.get("node_ip"))
         if result.get("started_at") is not None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch import nn
 
@@ -21,6 +22,7 @@ from .cost import CostModel, Measure
 from .data import DataSplits, check_split, load_data
 from .errors import ConfigError, WidthSearchError
 from .importance import get_criterion
+from .latency import MEASURED, latency_model, measure_profiles, ray_task
 from .models import checkpoint_meta, load_model, save_checkpoint
 from .space import WidthSpace, build_space
 from .training import TrainConfig, evaluate, train
@@ -89,17 +91,85 @@ def prepare(cfg: SearchConfig, progress: bool = True) -> Experiment:
 
     searcher_class(cfg.searcher).check_options(cfg.searcher_options)
     get_criterion(cfg.criterion)
-    if cfg.gpus_per_trial > 0 and not torch.cuda.is_available() and not cfg.allow_cpu and not cfg.address \
-            and not os.environ.get("RAY_ADDRESS"):
+    if cfg.gpus_per_trial > 0 and not torch.cuda.is_available() and not cfg.allow_cpu and not _on_cluster(cfg):
         raise ConfigError(f"gpus_per_trial is {cfg.gpus_per_trial} but this machine has no CUDA GPU; "
                           "set gpus_per_trial to 0, or pass --allow-cpu to run on the CPU")
+    if cfg.constraint == "latency":
+        _check_latency_target(cfg)
     exp_dir = experiment_dir(cfg.storage, cfg.name)
     data = load_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.split_seed)
     model = _base_model(cfg, data, exp_dir, progress).cpu().eval()
     base_val_acc, _ = evaluate(model, data, "val")
     space = build_space(model, data.example_input, cfg.frozen, cfg.min_width, cfg.divisor)
     cost = CostModel(space, model)
-    return Experiment(cfg, exp_dir, data, model, space, cost, cost.measure(cfg.constraint), base_val_acc)
+    if cfg.constraint != "latency":
+        return Experiment(cfg, exp_dir, data, model, space, cost, cost.measure(cfg.constraint), base_val_acc)
+    measure = latency_model(space, model, cfg.latency_target(), grid=cfg.latency_grid, exp_dir=exp_dir,
+                            progress=progress, on_target=_on_target(cfg))
+    if cfg.max_latency_ms is not None:
+        cfg = dataclasses.replace(cfg, budget=measure.budget_of(cfg.max_latency_ms, space.min_widths))
+    if progress:
+        print(f"latency on {measure.table['key']['device_name']} ({cfg.latency_device}, batch {cfg.latency_batch}, "
+              f"{cfg.latency_threads} thread(s)): dense {measure.base:.3f} ms predicted; table measured in "
+              f"{measure.table['measure_s']:.0f} s", file=sys.stderr)
+    return Experiment(cfg, exp_dir, data, model, space, cost, measure, base_val_acc)
+
+
+def _on_cluster(cfg: SearchConfig) -> bool:
+    """True when the search joins a Ray cluster (its trials may run on other machines than this one)."""
+    return bool(cfg.address or os.environ.get("RAY_ADDRESS"))
+
+
+def _check_latency_target(cfg: SearchConfig) -> None:
+    """ConfigError when the latency target cannot be measured where it will be (before any expensive work)."""
+    target = cfg.latency_target()
+    if not _on_cluster(cfg):
+        target.check_present()
+    elif target.device == "cuda" and (cfg.gpus_per_trial <= 0 or cfg.allow_cpu):
+        raise ConfigError("latency_device is 'cuda' but the trials reserve no GPU (gpus_per_trial "
+                          f"{cfg.gpus_per_trial:g}{', allow_cpu' if cfg.allow_cpu else ''}); the table is measured "
+                          "where the trials run: give gpus_per_trial > 0, or latency_device cpu")
+
+
+def _on_target(cfg: SearchConfig):
+    """Where latency is measured: on a cluster, a Ray task with a trial's resources (a node that runs trials);
+    else here (None)."""
+    if not _on_cluster(cfg):
+        return None
+    init_ray(cfg.address, gpus_per_trial=0 if cfg.allow_cpu else cfg.gpus_per_trial)
+    return ray_task(max(cfg.cpus_per_trial, cfg.latency_threads), 0 if cfg.allow_cpu else cfg.gpus_per_trial)
+
+
+def measure_top(exp: Experiment, table: pa.Table, progress: bool = True) -> dict | None:
+    """Time the best `latency_top` profiles whole on the latency target; write widthsearch/latency/measured.json.
+
+    The best: successful rows within the budget, longest fine-tune then highest score first (a Pareto search:
+    its front, best score first), one per distinct profile. Runs where the table was measured.
+    """
+    cfg = exp.config
+    ok = table.filter(pc.and_(pc.equal(table["status"], "ok"), pc.is_valid(table["score"])))
+    if cfg.pareto:
+        ranked = results.pareto_front(ok, minimize="cost_ratio").sort_by([("score", "descending")])
+    else:
+        ranked = results.query(ok, where=[f"cost_ratio<={cfg.budget + 1e-9}"], sort="-finetune_steps,-score")
+    rows, seen = [], set()
+    for row in ranked.to_pylist():
+        if tuple(row["widths"]) not in seen and len(rows) < cfg.latency_top:
+            seen.add(tuple(row["widths"]))
+            rows.append(row)
+    if not rows:
+        return None
+    call = _on_target(cfg) or (lambda fn, *args: fn(*args))
+    measured = call(measure_profiles, exp.space, exp.model, cfg.latency_target(), [r["widths"] for r in rows])
+    out = {"key": exp.measure.table["key"], "loadavg": list(os.getloadavg()), "rows": [
+        {"trial_id": r["trial_id"], "widths": r["widths"], "score": r["score"], "cost_ratio": r["cost_ratio"],
+         "predicted_ms": exp.measure.of(r["widths"]), "measured_ms": ms} for r, ms in zip(rows, measured)]}
+    results.ResultsStore(exp.exp_dir).write_bytes(MEASURED, json.dumps(out, indent=1).encode())
+    if progress:
+        print(f"measured latency of the best {len(rows)} profile(s): "
+              + ", ".join(f"{r['trial_id']} {r['measured_ms']:.3f} ms (predicted {r['predicted_ms']:.3f})"
+                          for r in out["rows"]), file=sys.stderr)
+    return out
 
 
 def init_ray(address: str | None, num_cpus: int | None = None, gpus_per_trial: float = 0.0) -> None:
@@ -138,6 +208,7 @@ def _metadata(exp: Experiment) -> dict:
         "constraint": exp.measure.name, "base_cost": exp.measure.base, "split": exp.data.split, "num_classes": exp.data.num_classes,
         "in_channels": exp.data.in_channels, "input_size": list(exp.data.image_size),
         "config": exp.config.to_dict(),
+        **({"latency": exp.measure.describe()} if exp.measure.name == "latency" else {}),
     }
 
 
@@ -174,6 +245,7 @@ def run_search(cfg: SearchConfig, resume: bool = False, progress: bool = True) -
         raise ConfigError(f"experiment {cfg.name!r} already exists in {cfg.storage}; "
                           "pass --resume to continue it or choose another --name")
     exp = prepare(cfg, progress)
+    cfg = exp.config  # max_latency_ms became a budget ratio
     searcher = make_searcher(cfg.searcher, exp.space, exp.cost, budget=None if cfg.pareto else cfg.budget,
                              seed=cfg.seed, model=exp.model, criterion=cfg.criterion, measure=exp.measure,
                              batches=criterion_batches(cfg, exp.data), **cfg.searcher_options)
@@ -204,7 +276,10 @@ def run_search(cfg: SearchConfig, resume: bool = False, progress: bool = True) -
                 callbacks=[results.ResultsCallback(store, cfg.name, cfg.searcher, exp.space.widths.tolist())]),
         )
     tuner.fit()
-    return exp_dir, results.load(exp_dir)
+    table = results.load(exp_dir)
+    if cfg.constraint == "latency" and cfg.latency_top > 0:
+        measure_top(exp, table, progress)
+    return exp_dir, table
 
 
 def budget_of(meta: dict) -> float | None:
