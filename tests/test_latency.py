@@ -125,6 +125,27 @@ def test_a_cached_table_is_reused_and_a_changed_key_is_not(resnet, tmp_path):
     assert {"device_name", "torch", "threads", "batch", "dtype", "runtime", "architecture"} <= set(table["key"])
 
 
+def test_on_a_cluster_the_table_is_measured_in_a_ray_task(resnet, tmp_path):
+    """The search's on_target for a cluster: a Ray task with a trial's resources, never the driver."""
+    import os
+
+    import ray
+
+    from widthsearch.latency import ray_task
+
+    model, space = resnet
+    local = latency_model(space, model, grid=2, cache_dir=tmp_path / "local", timer=fake_ms, progress=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    try:
+        remote = latency_model(space, model, grid=2, cache_dir=tmp_path / "remote", timer=fake_ms, progress=False,
+                               on_target=ray_task(1, 0))
+    finally:
+        ray.shutdown()
+    assert remote.table["measured_on"]["pid"] != os.getpid() == local.table["measured_on"]["pid"]
+    widths = np.stack([space.min_widths, space.widths, space.vector(space.uniform(0.5))])
+    assert np.allclose(remote.many(widths), local.many(widths))
+
+
 def test_calibration_is_robust_to_one_disturbed_measurement():
     scale, overhead = calibrate([1, 2, 3, 4, 5], [3, 5, 7, 9, 40])
     assert scale == pytest.approx(2.0) and overhead == pytest.approx(1.0)

@@ -437,13 +437,14 @@ def measure_table(space: WidthSpace, model: nn.Module, target: LatencyTarget, pl
         bar.update(done)
 
     profiles = [space.vector(space.uniform(r)) for r in CALIBRATION_RATIOS]
-    measured = measure_profiles(space, model, target, profiles, timer=timer, step=step)
+    measured = [m["ms"] for m in measure_profiles(space, model, target, profiles, timer=timer, step=step)]
     predicted = sums(np.stack(profiles).astype(np.float64))
     calibration = [{"ratio": r, "measured_ms": m, "units_ms": float(u)}
                    for r, m, u in zip(CALIBRATION_RATIOS, measured, predicted)]
     scale, overhead = calibrate([c["units_ms"] for c in calibration], [c["measured_ms"] for c in calibration])
     return {"format": FORMAT, "units": units, "calibration": calibration, "scale": scale, "overhead_ms": overhead,
-            "measure_s": time.time() - start, "loadavg": list(os.getloadavg()), "created_at": time.time()}
+            "measure_s": time.time() - start, "loadavg": list(os.getloadavg()), "created_at": time.time(),
+            "measured_on": {"host": platform.node(), "pid": os.getpid()}}
 
 
 def calibrate(units_ms: Sequence[float], measured_ms: Sequence[float]) -> tuple[float, float]:
@@ -604,23 +605,30 @@ def ray_task(cpus: float, gpus: float) -> Callable:
 
 
 def measure_profiles(space: WidthSpace, model: nn.Module, target: LatencyTarget, profiles: Sequence[Sequence[int]],
-                     timer: Timer | None = None, rounds: int = ROUNDS, step: Callable[[], None] | None = None
-                     ) -> list[float]:
-    """Measured latency (ms) of each width vector: the model pruned to it (l1; which channels go does not change
-    the time), timed on `target` in `rounds` interleaved passes (a burst of load hits one pass, not every
-    timing of a profile) and combined like the samples of one timing (clock cpu: the fastest; wall: median)."""
+                     *, timer: Timer | None = None, rounds: int = ROUNDS, paired: bool = False,
+                     step: Callable[[], None] | None = None) -> list[dict]:
+    """Measured latency of each width vector: the model pruned to it (l1; which channels go does not change the
+    time), timed on `target` in `rounds` interleaved passes (a burst of load hits one pass, not every timing of
+    a profile) and combined like the samples of one timing (clock cpu: the fastest; wall: the median).
+
+    Returns [{"ms": ...}] in the order of `profiles`; `paired` times the dense model right before every profile
+    and adds "ratio", the median over the passes of ms / dense ms: a change of load moves both timings of a
+    pair, so the ratio (what a budget bounds) is steadier than either on a busy machine.
+    """
     from .surgery import prune
 
     target.check_present()
     timer = timer or make_timer(target)
     example = torch.randn(target.batch, *space.example_input.shape[1:])
     models = [prune(model, space, space.from_vector(w)).eval() for w in profiles]
-    passes = []
+    times, ratios = [[] for _ in models], [[] for _ in models]
     for _ in range(rounds):
-        passes.append([])
-        for pruned in models:
-            passes[-1].append(timer(pruned, (example,)))
+        for i, pruned in enumerate(models):
+            dense = timer(model.eval(), (example,)) if paired else None
+            times[i].append(timer(pruned, (example,)))
+            if paired:
+                ratios[i].append(times[i][-1] / dense)
             if step:
                 step()
     pick = min if target.clock == "cpu" else statistics.median
-    return [pick(times) for times in zip(*passes)]
+    return [{"ms": pick(t), **({"ratio": statistics.median(r)} if paired else {})} for t, r in zip(times, ratios)]

@@ -141,7 +141,8 @@ def _on_target(cfg: SearchConfig):
 
 
 def measure_top(exp: Experiment, table: pa.Table, progress: bool = True) -> dict | None:
-    """Time the best `latency_top` profiles whole on the latency target; write widthsearch/latency/measured.json.
+    """Time the best `latency_top` profiles whole on the latency target; write widthsearch/latency/measured.json
+    (per profile: predicted and measured ms, and measured_ratio, its time over the dense model's timed beside it).
 
     The best: successful rows within the budget, longest fine-tune then highest score first (a Pareto search:
     its front, best score first), one per distinct profile. Runs where the table was measured.
@@ -159,11 +160,13 @@ def measure_top(exp: Experiment, table: pa.Table, progress: bool = True) -> dict
             rows.append(row)
     if not rows:
         return None
-    call = _on_target(cfg) or (lambda fn, *args: fn(*args))
-    measured = call(measure_profiles, exp.space, exp.model, cfg.latency_target(), [r["widths"] for r in rows])
+    call = _on_target(cfg) or (lambda fn, *args, **kwargs: fn(*args, **kwargs))
+    measured = call(measure_profiles, exp.space, exp.model, cfg.latency_target(), [r["widths"] for r in rows],
+                    paired=True)
     out = {"key": exp.measure.table["key"], "loadavg": list(os.getloadavg()), "rows": [
         {"trial_id": r["trial_id"], "widths": r["widths"], "score": r["score"], "cost_ratio": r["cost_ratio"],
-         "predicted_ms": exp.measure.of(r["widths"]), "measured_ms": ms} for r, ms in zip(rows, measured)]}
+         "predicted_ms": exp.measure.of(r["widths"]), "measured_ms": m["ms"], "measured_ratio": m["ratio"]}
+        for r, m in zip(rows, measured)]}
     results.ResultsStore(exp.exp_dir).write_bytes(MEASURED, json.dumps(out, indent=1).encode())
     if progress:
         print(f"measured latency of the best {len(rows)} profile(s): "
