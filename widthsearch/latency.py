@@ -143,7 +143,7 @@ def device_name(device: str) -> str:
 # ----------------------------------------------------------------------------- timing
 def time_ms(call: Callable[[], object], sync: Callable[[], None] = lambda: None, *, clock: str = "wall",
             warmup: int = 3, repeats: int = 15, min_repeats: int = 5, budget_s: float = 1.0,
-            min_sample_s: float = 0.001) -> float:
+            min_sample_s: float = 0.01) -> float:
     """Milliseconds per `call()`: up to `warmup` calls (0.1 s of them is enough), then samples of enough calls
     for >= min_sample_s each, `repeats` of them, or fewer (at least `min_repeats`) once they add up to `budget_s`.
 
