@@ -22,7 +22,7 @@ measured on the target platform, the network's latency being the sum of its laye
   gives measured = overhead + scale * (sum of units). Prediction = overhead + scale * sum over units.
   Tables are made monotone (a unit never predicted slower at fewer channels; timing noise only adds
   time), so predictions grow with every width and the smallest profile is the fastest.
-* **Timing.** Warm-up, then samples of enough calls for >= 1 ms each, 15 of them (at least 5, once they
+* **Timing.** Warm-up, then samples of enough calls for >= 10 ms each, 15 of them (at least 5, once they
   add up to 1 s); clock `wall` takes the median sample, clock `cpu` (one thread on a CPU shared with
   other work) the fastest sample of the process's CPU time. Whole models are timed in 3 interleaved
   passes. `threads` threads, CUDA synchronised; runtime `eager` (PyTorch, no_grad) or `onnxruntime` (each
