@@ -156,7 +156,7 @@ HELP = {  # one line per SearchConfig field: the --help of its flag (`widthsearc
     "latency_clock": "wall (wall-clock median), or cpu (fastest process CPU time; 1 thread on a shared CPU)",
     "latency_grid": "timed widths per channel axis of each layer (more: slower to measure, closer fit)",
     "latency_top": "with --constraint latency: after the search, time the best N profiles whole (0: none)",
-    "pareto": "search the accuracy-FLOPs front instead of one budget",
+    "pareto": "search the front of score against the constraint's cost (FLOPs by default) instead of one budget",
     "num_samples": "number of trials (for aofp and metapruning: the most trials)",
     "concurrency": "trials running at once",
     "finetune_steps": "fine-tuning steps of each trial before it is scored on validation",
