@@ -77,7 +77,7 @@ def cell(name: str, batch: int, args) -> dict:
     by_flops = [flops.ratio(w) * dense for w in profiles]
     return {"model": name, "batch": batch, "threads": args.threads, "clock": args.clock, "grid": args.grid,
             "groups": len(space), "table_s": table_s, "measure_s": latency.table["measure_s"],
-            "profiles_s": profiles_s, "scale": latency.scale, "overhead_ms": latency.overhead_ms,
+            "profiles_s": profiles_s, "overhead_ms": latency.overhead_ms,
             "calibration": latency.table["calibration"], "dense_measured_ms": dense, "dense_predicted_ms": latency.base,
             "uniform_half": {"flops_ratio": flops.ratio(space.vector(space.uniform(0.5))),
                              "measured_latency_ratio": half / dense},
@@ -142,7 +142,7 @@ def main() -> None:
                 continue
             cells.append(cell(name, batch, args))
             c = cells[-1]
-            print(json.dumps({k: c[k] for k in ("model", "batch", "measure_s", "scale", "overhead_ms", "model_errors",
+            print(json.dumps({k: c[k] for k in ("model", "batch", "measure_s", "overhead_ms", "model_errors",
                                                 "model_ratio_errors", "flops_proportional_errors", "uniform_half",
                                                 "loadavg_after")}),
                   flush=True)

@@ -16,12 +16,11 @@ measured on the target platform, the network's latency being the sum of its laye
   depthwise conv, a norm or an elementwise op (c_out tied to c_in) gets a 1-D grid. A unit at a grid point
   is a copy of the model's own layers shrunk with torch-pruning's layer pruners, timed on random inputs of
   the target's batch size. Between points: bilinear interpolation.
-* **Calibration.** What runs between the units (functional glue, Python dispatch of container modules)
-  and what differs for a unit inside the model (a colder cache, fresh allocations) is absorbed by a line:
-  the whole model is timed at uniform keep ratios 1, 0.75, 0.5, 0.35 and 0.25 and a robust fit (Theil-Sen)
-  gives measured = overhead + scale * (sum of units). Prediction = overhead + scale * sum over units.
-  Tables are made monotone (a unit never predicted slower at fewer channels; timing noise only adds
-  time), so predictions grow with every width and the smallest profile is the fastest.
+* **Overhead.** What runs between the units (functional glue, Python dispatch of container modules) is a
+  fixed overhead: the whole model is timed at uniform keep ratios 1, 0.75, 0.5, 0.35 and 0.25, and the
+  overhead is the median of (measured - sum of units). Prediction = overhead + sum over units. Tables are
+  made monotone (a unit is never predicted slower at fewer channels; timing noise only adds time), so
+  predictions grow with every width and the smallest profile is the fastest.
 * **Timing.** Warm-up, then samples of enough calls for >= 10 ms each, 15 of them (at least 5, once they
   add up to 1 s); clock `wall` takes the median sample, clock `cpu` (one thread on a CPU shared with
   other work) the fastest sample of the process's CPU time. Whole models are timed in 3 interleaved
@@ -29,9 +28,9 @@ measured on the target platform, the network's latency being the sum of its laye
   unit and the model exported to ONNX, one session each, CPU).
 
 Deviations from NetAdapt: interpolation between grid points instead of a table at every width (a full
-table costs hours); the calibration line (NetAdapt's tables cover whole layers of mobile runtimes, where
+table costs hours); the overhead term (NetAdapt's tables cover whole layers of mobile runtimes, where
 the glue is negligible; eager PyTorch at batch 1 spends a large share between layers); functional ops
-other than elementwise ones (flatten, cat) are not timed as units but fall to the calibration.
+other than elementwise ones (flatten, cat) are not timed as units but fall to the overhead.
 
 Tables are cached as JSON keyed by the device, library versions, threads, batch, dtype, runtime, clock,
 grid and the architecture's signature, under EXP/widthsearch/latency/ and a user cache folder
@@ -71,7 +70,6 @@ CLOCKS = ("wall", "cpu")
 MEASURED = "latency/measured.json"  # under EXP/widthsearch: the best profiles timed whole after a search
 CALIBRATION_RATIOS = (1.0, 0.75, 0.5, 0.35, 0.25)
 ROUNDS = 3                      # interleaved passes over the whole-model timings (calibration, measure_profiles)
-SCALE_RANGE = (0.5, 2.0)        # a calibration scale outside it is noise (see calibrate)
 Timer = Callable[[nn.Module, tuple], float]   # (module, inputs) -> milliseconds per forward
 
 
@@ -441,25 +439,17 @@ def measure_table(space: WidthSpace, model: nn.Module, target: LatencyTarget, pl
     predicted = sums(np.stack(profiles).astype(np.float64))
     calibration = [{"ratio": r, "measured_ms": m, "units_ms": float(u)}
                    for r, m, u in zip(CALIBRATION_RATIOS, measured, predicted)]
-    scale, overhead = calibrate([c["units_ms"] for c in calibration], [c["measured_ms"] for c in calibration])
-    return {"format": FORMAT, "units": units, "calibration": calibration, "scale": scale, "overhead_ms": overhead,
+    overhead = calibrate([c["units_ms"] for c in calibration], [c["measured_ms"] for c in calibration])
+    return {"format": FORMAT, "units": units, "calibration": calibration, "overhead_ms": overhead,
             "measure_s": time.time() - start, "loadavg": list(os.getloadavg()), "created_at": time.time(),
             "measured_on": {"host": platform.node(), "pid": os.getpid()}}
 
 
-def calibrate(units_ms: Sequence[float], measured_ms: Sequence[float]) -> tuple[float, float]:
-    """(scale, overhead) of measured = overhead + scale * units, fitted robustly (Theil-Sen: the median of the
-    pairwise slopes, then the median intercept), so one disturbed measurement cannot move the line.
-
-    A scale outside SCALE_RANGE means the calibration's differences are noise (e.g. a tiny model whose units
-    barely change with the widths): then the units count as measured (scale 1) and only the overhead is fitted.
-    """
-    x, y = np.asarray(units_ms, dtype=np.float64), np.asarray(measured_ms, dtype=np.float64)
-    pairs = [(y[j] - y[i]) / (x[j] - x[i]) for i in range(len(x)) for j in range(i + 1, len(x)) if x[j] != x[i]]
-    scale = float(np.median(pairs)) if pairs else 1.0
-    if not SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]:
-        scale = 1.0
-    return scale, float(np.median(y - scale * x))
+def calibrate(units_ms: Sequence[float], measured_ms: Sequence[float]) -> float:
+    """The overhead: the median of (measured - sum of units) over the calibration profiles, so one disturbed
+    measurement cannot move it. (A fitted scale as well was tried: on a busy machine five whole-model timings
+    do not pin down two parameters, and the fit made small profiles worse.)"""
+    return float(np.median(np.asarray(measured_ms, dtype=np.float64) - np.asarray(units_ms, dtype=np.float64)))
 
 
 def monotone(table: np.ndarray) -> np.ndarray:
@@ -517,13 +507,13 @@ class LatencyModel(Measure):
 
     def __init__(self, planned: Sequence[_Planned], table: dict, full_widths: Sequence[int]):
         self.table = table
-        self.overhead_ms, self.scale = float(table["overhead_ms"]), float(table["scale"])
+        self.overhead_ms = float(table["overhead_ms"])
         self._sums = _UnitSums(planned, table["units"])
         self.base = float(self.many(np.asarray(full_widths, dtype=np.float64))[0])
 
     def many(self, widths: np.ndarray) -> np.ndarray:
         widths = np.atleast_2d(np.asarray(widths, dtype=np.float64))
-        return self.overhead_ms + self.scale * self._sums(widths)
+        return self.overhead_ms + self._sums(widths)
 
     def budget_of(self, max_ms: float, smallest: Sequence[int]) -> float:
         """The budget ratio of an absolute latency bound; ConfigError when no profile (`smallest`) is that fast."""
@@ -535,7 +525,7 @@ class LatencyModel(Measure):
 
     def describe(self) -> dict:
         """Plain data for experiment metadata: the key, the overhead, the calibration, how long measuring took."""
-        return {"key": self.table["key"], "base_ms": self.base, "overhead_ms": self.overhead_ms, "scale": self.scale,
+        return {"key": self.table["key"], "base_ms": self.base, "overhead_ms": self.overhead_ms,
                 "calibration": self.table["calibration"], "measure_s": self.table["measure_s"],
                 "loadavg": self.table["loadavg"]}
 
