@@ -279,3 +279,34 @@ def test_search_under_latency_end_to_end(tmp_path):
     cli("report", "lat", "--storage", str(tmp_path), "--out", str(tmp_path / "report"))
     assert (tmp_path / "report" / "latency.png").stat().st_size > 0
     assert 'src="latency.png"' in (tmp_path / "report" / "index.html").read_text()
+
+
+def test_the_best_profiles_within_the_budget_are_timed_after_the_search(resnet, tmp_path, monkeypatch):
+    import types
+
+    import pyarrow as pa
+
+    from widthsearch import search
+    from widthsearch.results import SCHEMA
+
+    model, space = resnet
+    latency = latency_model(space, model, grid=2, cache_dir=tmp_path, timer=fake_ms, progress=False)
+    w = [space.widths.tolist(), space.min_widths.tolist(), space.vector(space.uniform(0.5)).tolist()]
+    rows = [dict(trial_id="over", status="ok", widths=w[0], score=0.99, cost_ratio=1.0, finetune_steps=50),
+            dict(trial_id="short", status="ok", widths=w[2], score=0.95, cost_ratio=0.4, finetune_steps=10),
+            dict(trial_id="best", status="ok", widths=w[2], score=0.90, cost_ratio=0.4, finetune_steps=50),
+            dict(trial_id="same", status="ok", widths=w[2], score=0.80, cost_ratio=0.4, finetune_steps=50),
+            dict(trial_id="second", status="ok", widths=w[1], score=0.70, cost_ratio=0.2, finetune_steps=50),
+            dict(trial_id="failed", status="error", widths=w[1], score=None, cost_ratio=0.2, finetune_steps=None)]
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    timed = []
+    monkeypatch.setattr(search, "measure_profiles", lambda space, model, target, profiles, paired: [
+        timed.append(p) or {"ms": 1.0, "ratio": 0.5} for p in profiles])
+    cfg = SearchConfig(constraint="latency", budget=0.5, latency_top=2)
+    exp = types.SimpleNamespace(config=cfg, space=space, model=model, measure=latency, exp_dir=str(tmp_path / "exp"))
+    out = search.measure_top(exp, table, progress=False)
+    assert [r["trial_id"] for r in out["rows"]] == ["best", "second"]  # within budget, longest fine-tune, distinct
+    assert timed == [w[2], w[1]]
+    written = json.loads((tmp_path / "exp" / "widthsearch" / "latency" / "measured.json").read_text())
+    assert written["rows"][0]["predicted_ms"] == pytest.approx(latency.of(w[2]))
+    assert written["rows"][0]["measured_ratio"] == 0.5
