@@ -177,3 +177,28 @@ def test_aofp_search_traces_a_trajectory_and_retrains_its_channels(base_ckpt, tm
     summary = json.loads(cli("retrain", "aofp", "--storage", str(tmp_path), "--trial", commits[-1]["trial_id"],
                              "--epochs", "1", "--quiet").stdout)
     assert summary["flops_ratio"] == ratios[-1]
+
+
+def test_promotion_gives_most_trials_the_cheap_score_and_best_picks_from_the_longest(base_ckpt, tmp_path):
+    cli("search", "--name", "asha", "--storage", str(tmp_path), "--checkpoint", str(base_ckpt), "--searcher", "random",
+        "--budget", "0.5", "--num-samples", "8", "--asha", "--min-finetune-steps", "4", "--finetune-steps", "16",
+        "--reduction-factor", "4", "--bn-batches", "5", "--concurrency", "2", "--quiet")
+    table = rows(tmp_path / "asha")
+    steps = [r["finetune_steps"] for r in table]
+    assert len(table) == 8 and set(steps) <= {4, 16} and steps.count(4) > steps.count(16) >= 1
+    summary = json.loads(cli("retrain", "asha", "--storage", str(tmp_path), "--best", "--epochs", "1",
+                             "--quiet").stdout)
+    assert summary["search_finetune_steps"] == 16
+    best = max((r for r in table if r["finetune_steps"] == 16), key=lambda r: r["score"])
+    assert summary["trial_id"] == best["trial_id"]
+
+
+def test_a_base_from_another_split_is_refused_before_any_trial(tmp_path):
+    ckpt = tmp_path / "base20.pt"
+    cli("train-base", "--model", "small_cnn", "--data", "digits", "--epochs", "1", "--val-fraction", "0.2",
+        "--out", str(ckpt), "--quiet")
+    out = cli("search", "--name", "leak", "--storage", str(tmp_path), "--checkpoint", str(ckpt), "--searcher", "random",
+              "--num-samples", "2", *FAST, ok=False)
+    assert out.returncode == 2 and "was trained on another train/val split" in out.stderr
+    assert "val_fraction 0.2, split_seed 0" in out.stderr and "val_fraction 0.1, split_seed 0" in out.stderr
+    assert not (tmp_path / "leak" / "widthsearch" / "rows").exists()
