@@ -115,7 +115,7 @@ def test_killed_driver_resumes_without_duplicates(base_ckpt, tmp_path):
     driver = subprocess.Popen(CLI + args, cwd=ROOT, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows_dir = tmp_path / "killed" / "widthsearch" / "rows"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 900  # generous: a busy machine starts trials late
     while time.monotonic() < deadline and len(list(rows_dir.glob("*.parquet"))) < 2:
         time.sleep(0.5)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
@@ -149,6 +149,19 @@ def test_bad_input_fails_before_any_trial(base_ckpt, tmp_path, args, text):
     proc = cli("search", "--name", "bad", "--storage", str(tmp_path), "--checkpoint", str(base_ckpt), *args, ok=False)
     assert proc.returncode == 2 and text in proc.stderr, proc.stderr
     assert not (tmp_path / "bad" / "widthsearch" / "rows").exists()
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--searcher", "aofp", "--option", "epsilon=abc"], "searcher 'aofp': option 'epsilon' must be a number > 0, got 'abc'"),
+    (["--option", "sampler=bogus"], "searcher 'optuna': option 'sampler' must be one of: tpe, nsga2, random"),
+    (["--searcher", "metapruning", "--option", "topk=9", "--option", "population=4"], "option 'topk' (9) exceeds"),
+])
+def test_bad_searcher_options_fail_before_the_base_model_is_trained(tmp_path, args, text):
+    # no --checkpoint: a base model would be trained first; the options are checked before that
+    proc = cli("search", "--name", "early", "--storage", str(tmp_path), "--base-epochs", "50", *args, ok=False,
+               timeout=600)
+    assert proc.returncode == 2 and text in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "training a base" not in proc.stderr and not (tmp_path / "early").exists()
 
 
 def test_mismatched_checkpoint_and_existing_name(base_ckpt, tmp_path):

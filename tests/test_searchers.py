@@ -393,3 +393,13 @@ def test_optuna_parameterizations_cover_every_group_and_stay_in_budget(resnet, h
     if how == "stage":  # the 3 inner groups of each stage share one width; so do the stream groups of a width
         widths = searcher.suggest("x")["widths"]
         assert widths[1] == widths[2] == widths[3] and widths[6] == widths[7] and widths[10] == widths[11]
+
+
+def test_the_readme_lists_the_declared_options():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- searcher-options -->", 1)[1].split("<!-- /searcher-options -->", 1)[0]
+    assert block.strip().strip("`").removeprefix("text").strip() == searchers_help(), (
+        "README's searcher options are stale: paste the output of "
+        "python -c 'from searchers import searchers_help; print(searchers_help())'")

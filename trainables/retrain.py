@@ -15,7 +15,7 @@ from widthsearch.models import load_model
 from widthsearch.surgery import prune
 from widthsearch.training import TrainConfig, evaluate, train
 
-from .common import Job, importance_batches, setup_trial
+from .common import Job, importance_batches, run_with_deadline, setup_trial
 
 
 @dataclass
@@ -29,6 +29,7 @@ class RetrainJob(Job):
     in_channels: int
     keep: dict | None = None      # explicit channels kept (searchers that choose channels, e.g. aofp)
     weights: str | None = None    # dense-shaped weights those channels come from
+    trial_timeout_s: float | None = None  # the retrain fails with a TimeoutError past this many seconds
 
 
 def build_pruned(job: RetrainJob, device: torch.device) -> torch.nn.Module:
@@ -49,7 +50,16 @@ def build_pruned(job: RetrainJob, device: torch.device) -> torch.nn.Module:
 
 
 def retrain_profile(config: dict, job: RetrainJob) -> None:
-    """Train the profile for `epochs`, report val metrics each epoch with a checkpoint; test at the end."""
+    """Train the profile for `epochs`, report val metrics each epoch with a checkpoint; test at the end.
+
+    A retrain still running after job.trial_timeout_s seconds fails with TimeoutError (its per-epoch
+    checkpoints are kept, so a rerun continues from the last one).
+    """
+    run_with_deadline(job.trial_timeout_s, lambda: _retrain(job))
+
+
+def _retrain(job: RetrainJob) -> None:
+    """The body of retrain_profile."""
     started = time.time()
     device, node = setup_trial()
     data = job.splits()
