@@ -19,9 +19,10 @@ when every group has stopped.
 
 Batches per decision. Every decision rests on ``probes x window`` batches (default 2 x 250 =
 500 batches of 128 images, the authors' 1000 iterations x 64 images per half). Fewer do not
-give a ranking: on the bench's cifar_resnet20, two independent runs rank a group's filters
-with a median Spearman of about 0.2 at 20 batches and 0.8 at 500 (``python bench/aofp.py
---agreement``; the table is in bench/results/aofp/agreement.json).
+rank the filters reproducibly: on the bench's cifar_resnet20 (first pass, all filters in S),
+two independent runs rank a group's filters with a median Spearman (over the 12 groups) of
+0.23 at 20 batches, 0.61 at 100, 0.75 at 200 and 0.88 at 500 (0.72 to 0.95 per group); see
+``python bench/aofp.py --agreement`` and bench/results/aofp/agreement.json.
 
 How it runs on Ray Tune (trainable ``aofp`` in trainables/aofp.py), the authors' multi-path
 training mapped onto trials. A *round* is one half of every active group:
