@@ -175,21 +175,33 @@ def test_mismatched_checkpoint_and_existing_name(base_ckpt, tmp_path):
     assert proc.returncode == 2 and "already exists" in proc.stderr and "--resume" in proc.stderr
 
 
-def test_aofp_search_traces_a_trajectory_and_retrains_its_channels(base_ckpt, tmp_path):
-    out = cli("search", "--name", "aofp", "--storage", str(tmp_path), "--checkpoint", str(base_ckpt),
+def test_aofp_search_on_uri_storage_traces_a_trajectory_and_retrains_its_final_model(base_ckpt, tmp_path):
+    storage = tmp_path.as_uri()  # file:///...: read and written through pyarrow.fs like s3://
+    out = cli("search", "--name", "aofp", "--storage", storage, "--checkpoint", str(base_ckpt),
               "--searcher", "aofp", "--budget", "0.8", "--num-samples", "500", "--option", "window=4",
-              "--option", "commit_steps=5", "--option", "epsilon=0.05", *FAST)
+              "--option", "epsilon=0.05", *FAST)
     table = rows(tmp_path / "aofp")
-    commits = sorted((r for r in table if r["status"] == "ok"), key=lambda r: json.loads(r["payload"])["version"])
+    phase = {r["trial_id"]: json.loads(r["payload"])["phase"] for r in table}
+    commits = sorted((r for r in table if phase[r["trial_id"]] == "commit"),
+                     key=lambda r: json.loads(r["payload"])["version"])
     probes = [r for r in table if r["status"] == "probe"]
-    assert len(probes) == 2 * len(commits) and commits, out.stdout
+    finals = [r for r in table if phase[r["trial_id"]] == "final"]
+    assert len(probes) == 2 * len(commits) and commits and len(finals) == 1, out.stdout
     ratios = [r["flops_ratio"] for r in commits]
-    assert ratios == sorted(ratios, reverse=True) and ratios[-1] <= 0.8 < ratios[0]
-    assert all(Path(r["checkpoint"]).is_file() for r in commits)
+    assert ratios == sorted(ratios, reverse=True) and ratios[-1] <= 0.8 and all(r > 0.8 for r in ratios[:-1])
+    final, stop = finals[0], json.loads(finals[0]["payload"])
+    assert final["status"] == "ok" and final["widths"] == commits[-1]["widths"] and final["finetune_steps"] == 10
+    assert stop["budget_met"] and stop["stop"].startswith("budget 0.8 met")
 
-    summary = json.loads(cli("retrain", "aofp", "--storage", str(tmp_path), "--trial", commits[-1]["trial_id"],
-                             "--epochs", "1", "--quiet").stdout)
-    assert summary["flops_ratio"] == ratios[-1]
+    exp = tmp_path / "aofp" / "widthsearch"  # every artifact under the experiment, none beside the checkout
+    versions = [f"v{i:04d}.pt" for i in range(1, len(commits) + 1)]
+    assert sorted(p.name for p in (exp / "aofp").iterdir()) == sorted(versions + ["final.pt"])
+    assert [r["checkpoint"] for r in commits] == [f"{storage}/aofp/widthsearch/aofp/{v}" for v in versions]
+    assert sorted(p.stem for p in (exp / "rows").glob("*.parquet")) == sorted(r["trial_id"] for r in table)
+    assert not (ROOT / "file:").exists()
+
+    summary = json.loads(cli("retrain", "aofp", "--storage", storage, "--best", "--epochs", "1", "--quiet").stdout)
+    assert summary["trial_id"] == final["trial_id"] and summary["flops_ratio"] == final["flops_ratio"]
 
 
 def test_promotion_gives_most_trials_the_cheap_score_and_best_picks_from_the_longest(base_ckpt, tmp_path):

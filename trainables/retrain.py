@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import tempfile
 import time
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import torch
 from ray import tune
 
 from widthsearch.models import load_model
+from widthsearch.storage import filesystem
 from widthsearch.surgery import prune
 from widthsearch.training import TrainConfig, evaluate, train
 
@@ -41,8 +43,11 @@ def build_pruned(job: RetrainJob, device: torch.device) -> torch.nn.Module:
         return prune(fresh, job.space, profile, "l1").to(device)
     if job.keep is not None:
         model = copy.deepcopy(job.model)
-        if job.weights:
-            model.load_state_dict(torch.load(job.weights, map_location="cpu", weights_only=True)["state_dict"])
+        if job.weights:  # a path or a URI (the searcher's storage)
+            fs, path = filesystem(job.weights)
+            with fs.open_input_stream(path) as f:
+                saved = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+            model.load_state_dict(saved["state_dict"])
         return prune(model, job.space, keep=job.keep).to(device)
     data = job.splits()
     return prune(job.model, job.space, profile, job.criterion,
