@@ -30,7 +30,7 @@ from widthsearch.storage import Storage
 from widthsearch.surgery import mask
 from widthsearch.training import StepTrainer, TrainConfig, evaluate
 
-from .common import Job, profile_fields, run_with_deadline, setup_trial
+from .common import Job, begin_trial, profile_fields, run_with_deadline
 
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 _BN = nn.modules.batchnorm._BatchNorm
@@ -262,9 +262,7 @@ def aofp_step(config: dict, job: AofpJob) -> None:
 
 
 def _step(config: dict, job: AofpJob) -> None:
-    started = time.time()
-    device, node = setup_trial()
-    data = job.splits()
+    device, node, data, started = begin_trial(job)
     payload = json.loads(config["payload"])
     model, optimizer_state = load_version(job, payload["version"])
     model.to(device)

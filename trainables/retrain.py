@@ -17,7 +17,7 @@ from widthsearch.storage import filesystem
 from widthsearch.surgery import prune
 from widthsearch.training import TrainConfig, evaluate, train
 
-from .common import Job, importance_batches, run_with_deadline, setup_trial
+from .common import Job, begin_trial, importance_batches, run_with_deadline
 
 
 @dataclass
@@ -65,9 +65,7 @@ def retrain_profile(config: dict, job: RetrainJob) -> None:
 
 def _retrain(job: RetrainJob) -> None:
     """The body of retrain_profile."""
-    started = time.time()
-    device, node = setup_trial()
-    data = job.splits()
+    device, node, data, started = begin_trial(job)
     model = build_pruned(job, device)
     start_epoch, state = 0, None
     checkpoint = tune.get_checkpoint()
