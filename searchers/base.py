@@ -133,7 +133,7 @@ class WidthSearcher(Searcher):
     def __init__(self, space: WidthSpace, cost: CostModel, *, budget: float | None = 0.5,
                  metric: str = "score", mode: str = "max", seed: int = 0, model: nn.Module | None = None,
                  criterion: str = "l1", measure: Measure | None = None, batches: list | None = None,
-                 **options: Any):
+                 num_samples: int | None = None, **options: Any):
         if not isinstance(metric, str) or not metric:
             raise ConfigError(f"metric must be a non-empty string, got {metric!r}")
         if mode not in ("min", "max"):
@@ -153,6 +153,7 @@ class WidthSearcher(Searcher):
         self.budget = None if budget is None else self._check_budget(budget)
         self.seed = int(seed)
         self.criterion = criterion
+        self.num_samples = num_samples        # the trials Tune will run (None: unknown), for sizing a search
         self._live: dict[str, np.ndarray] = {}        # trial_id -> widths suggested, not yet complete
         self._seen: set[tuple[int, ...]] = set()       # every profile suggested
         self.history: list[dict[str, Any]] = []       # completed trials: widths, value, cost_ratio, error

@@ -251,7 +251,8 @@ def run_search(cfg: SearchConfig, resume: bool = False, progress: bool = True) -
     cfg = exp.config  # max_latency_ms became a budget ratio
     searcher = make_searcher(cfg.searcher, exp.space, exp.cost, budget=None if cfg.pareto else cfg.budget,
                              seed=cfg.seed, model=exp.model, criterion=cfg.criterion, measure=exp.measure,
-                             batches=criterion_batches(cfg, exp.data), **cfg.searcher_options)
+                             batches=criterion_batches(cfg, exp.data), num_samples=cfg.num_samples,
+                             **cfg.searcher_options)
     store = results.ResultsStore.create(exp_dir, _metadata(exp), resume=resume)
     trainable_fn, job = trial_job(searcher.trainable, cfg, exp.exp_dir, job_fields(cfg, exp))
     init_ray(cfg.address)
@@ -344,7 +345,7 @@ def _chosen_channels(row: dict) -> dict:
 def run_retrain(exp_dir: str, *, trial: str | None = None, epochs: int = 30, lr: float = 0.05,
                 from_scratch: bool = False, out: str | None = None, address: str | None = None,
                 cpus: float | None = None, gpus: float | None = None, budget: float | None = None,
-                progress: bool = True) -> dict:
+                timeout_s: float | None = None, progress: bool = True) -> dict:
     """Retrain one profile of an experiment as a Tune trial, report test accuracy, export it to `out`.
 
     Without `trial`, the row `choose_trial` picks within `budget` (default: the experiment's).
@@ -366,7 +367,7 @@ def run_retrain(exp_dir: str, *, trial: str | None = None, epochs: int = 30, lr:
     exp = prepare(cfg, progress)
     job = RetrainJob(**job_fields(cfg, exp), widths=list(row["widths"]), epochs=epochs,
                      lr=lr, from_scratch=from_scratch, model_source=cfg.model, num_classes=exp.data.num_classes,
-                     in_channels=exp.data.in_channels, **_chosen_channels(row))
+                     in_channels=exp.data.in_channels, trial_timeout_s=timeout_s, **_chosen_channels(row))
     init_ray(address or cfg.address)
     gpus = cfg.gpus_per_trial if gpus is None else gpus
     trainable = tune.with_resources(tune.with_parameters(retrain_profile, job=job),
