@@ -69,6 +69,35 @@ def test_prediction_is_the_sum_of_interpolated_units(tmp_path, name, divisor):
     assert np.array_equal(pickle.loads(pickle.dumps(measure)).many(batch), measure.many(batch))  # shipped to trials
 
 
+def test_the_latency_model_has_the_cost_models_interface(resnet, tmp_path):
+    """The Measure methods searchers use (name, unit, base, many, of, ratio, ratio_many, torch) behave alike for
+    the FLOPs measure and the latency model: same types and shapes, ratios of base, a differentiable torch."""
+    model, space = resnet
+    flops = CostModel(space).measure("flops")
+    latency = latency_model(space, model, grid=3, cache_dir=tmp_path, timer=fake_ms, progress=False)
+    assert type(latency).many is not Measure.many and type(latency).torch is not Measure.torch
+    rng = np.random.default_rng(0)
+    batch = np.stack([random_widths(space, rng) for _ in range(5)]).astype(np.float64)
+    for measure in (flops, latency):
+        assert isinstance(measure, Measure) and measure.name and measure.unit and measure.base > 0
+        many = measure.many(batch)
+        assert isinstance(many, np.ndarray) and many.shape == (5,)
+        assert isinstance(measure.of(batch[0]), float) and measure.of(batch[0]) == pytest.approx(many[0])
+        assert measure.ratio(space.widths) == pytest.approx(1.0)
+        assert np.allclose(measure.ratio_many(batch), many / measure.base)
+        widths = torch.tensor(batch, requires_grad=True)
+        value = measure.torch(widths)
+        assert value.shape == (5,) and np.allclose(value.detach().numpy(), many)
+        value.sum().backward()
+        assert torch.all(widths.grad >= 0) and torch.any(widths.grad > 0)  # more channels never cost less
+    inner = torch.tensor(batch[0] - 0.37, requires_grad=True)  # off the grid points: the gradient is the slope
+    latency.torch(inner).backward()
+    step = 1e-4 * np.eye(len(space))
+    differences = [(latency.of(inner.detach().numpy() + e) - latency.of(inner.detach().numpy() - e)) / 2e-4
+                   for e in step]
+    assert np.allclose(inner.grad.numpy(), differences, rtol=1e-5, atol=1e-9)
+
+
 def test_units_cover_residual_adds_and_divisor_widths(resnet):
     model, space = built("cifar_resnet20", divisor=4)
     units = plan(space, model, grid=4)
@@ -108,8 +137,11 @@ def test_a_cached_table_is_reused_and_a_changed_key_is_not(resnet, tmp_path):
     measured = timer.calls
     assert measured > 0 and len(list((tmp_path / "user").glob("*.json"))) == 1
     assert len(list((tmp_path / "exp" / "widthsearch" / "latency").glob("*.json"))) == 1
+    cached = next((tmp_path / "user").glob("*.json"))
+    written = cached.stat().st_mtime_ns
     again = latency_model(space, model, grid=2, cache_dir=tmp_path / "user", timer=timer, progress=False)
-    assert timer.calls == measured and again.base == first.base  # the user cache
+    assert timer.calls == measured and again.base == first.base  # the user cache, read and not rewritten
+    assert cached.stat().st_mtime_ns == written
     again = latency_model(space, model, grid=2, cache_dir=tmp_path / "other", exp_dir=str(tmp_path / "exp"),
                           timer=timer, progress=False)
     assert timer.calls == measured  # the experiment's copy
@@ -123,6 +155,23 @@ def test_a_cached_table_is_reused_and_a_changed_key_is_not(resnet, tmp_path):
     assert timer.calls > before
     table = json.loads(next((tmp_path / "user").glob("*.json")).read_text())
     assert {"device_name", "torch", "threads", "batch", "dtype", "runtime", "architecture"} <= set(table["key"])
+
+
+def test_a_changed_dtype_is_not_reused(resnet, tmp_path, monkeypatch):
+    """fp16 and bf16 are CUDA targets: the device is faked (name, presence) and the timer injected."""
+    model, space = resnet
+    monkeypatch.setattr(LatencyTarget, "check_present", lambda self: None)
+    monkeypatch.setattr("widthsearch.latency.device_name", lambda device: f"a fake {device} device")
+    timer = Counting()
+    calls = []
+    for dtype in ("fp32", "fp16", "bf16", "fp16", "fp32"):
+        before = timer.calls
+        measure = latency_model(space, model, LatencyTarget(device="cuda", dtype=dtype), grid=2, cache_dir=tmp_path,
+                                timer=timer, progress=False)
+        assert measure.table["key"]["dtype"] == dtype
+        calls.append(timer.calls - before)
+    assert calls[0] == calls[1] == calls[2] > 0 and calls[3] == calls[4] == 0
+    assert len(list(tmp_path.glob("*.json"))) == 3
 
 
 def test_on_a_cluster_the_table_is_measured_in_a_ray_task(resnet, tmp_path):
@@ -212,15 +261,12 @@ def test_max_latency_ms_below_the_smallest_profile_is_refused(resnet, tmp_path):
 
 
 @pytest.mark.parametrize("values,text", [
-    (dict(constraint="energy"), "config key 'constraint' must be one of: flops, params, latency"),
-    (dict(constraint="latency", budget=1.5), "config key 'budget' must be a fraction"),
     (dict(constraint="latency", latency_device="tpu"), "config key 'latency_device' must be one of: cpu, cuda"),
     (dict(constraint="latency", latency_dtype="fp16"), "config key 'latency_dtype' must be fp32 on latency_device cpu"),
     (dict(constraint="latency", latency_batch=0), "config key 'latency_batch' must be at least 1"),
     (dict(constraint="latency", latency_runtime="tensorrt"), "config key 'latency_runtime' must be one of"),
     (dict(constraint="latency", latency_clock="cpu", latency_threads=2), "config key 'latency_clock' must be wall"),
     (dict(max_latency_ms=5.0), "config key 'max_latency_ms' must be empty unless constraint is latency"),
-    (dict(constraint="latency", max_latency_ms=-1.0), "config key 'max_latency_ms' must be positive"),
     (dict(constraint="latency", latency_grid=1), "config key 'latency_grid' must be at least 2"),
 ])
 def test_bad_latency_config_names_the_key(values, text):
@@ -228,14 +274,37 @@ def test_bad_latency_config_names_the_key(values, text):
         SearchConfig(**values)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_a_missing_device_fails_before_any_data_is_read(monkeypatch):
+@pytest.mark.parametrize("args,text", [
+    (["--constraint", "energy"], "config key 'constraint' must be one of: flops, params, latency, got 'energy'"),
+    (["--constraint", "latency", "--budget", "1.5"],
+     "config key 'budget' must be a fraction of the base model's cost in (0, 1], got 1.5"),
+    (["--constraint", "latency", "--budget", "0"], "config key 'budget' must be a fraction"),
+    (["--constraint", "latency", "--max-latency-ms", "0"], "config key 'max_latency_ms' must be positive"),
+    (["--constraint", "latency", "--max-latency-ms=-2.5"], "config key 'max_latency_ms' must be positive"),
+    (["--constraint", "latency", "--latency-device", "cuda"],
+     "latency_device is 'cuda' but this machine has no CUDA GPU"),
+])
+def test_bad_search_input_is_refused_before_any_work(args, text, tmp_path, capsys, monkeypatch):
+    """Through the CLI: exit status 2 and a message naming the problem, before data, Ray or timing."""
+    from widthsearch import search
+    from widthsearch.cli import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("expensive work started before the input was checked")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without a CUDA GPU
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for name in ("load_data", "latency_model", "init_ray"):
+        monkeypatch.setattr(search, name, never)
+    code = main(["search", "--name", "bad", "--storage", str(tmp_path), *args])
+    assert code == 2 and text in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_on_a_cluster_a_cuda_target_needs_trials_with_a_gpu():
+    """The table is measured where the trials run: a cuda target with CPU-only trials fails before any data."""
     from widthsearch.search import prepare
 
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    cfg = SearchConfig(constraint="latency", latency_device="cuda", data="npz:/nonexistent/data.npz")
-    with pytest.raises(ConfigError, match="latency_device is 'cuda' but this machine has no CUDA GPU"):
-        prepare(cfg, progress=False)
     cfg = SearchConfig(constraint="latency", latency_device="cuda", data="npz:/nonexistent/data.npz",
                        address="ray://nowhere:10001")
     with pytest.raises(ConfigError, match="latency_device is 'cuda' but the trials reserve no GPU"):
@@ -259,29 +328,53 @@ def test_prepare_builds_the_latency_measure_and_converts_max_latency_ms(tmp_path
         prepare(SearchConfig(**common, max_latency_ms=floor / 2), progress=False)
 
 
-def test_search_under_latency_end_to_end(tmp_path):
-    """Real timings (never asserted): rows carry the predicted latency, the best are timed, the report plots them."""
+def test_search_under_a_latency_budget_end_to_end(tmp_path):
+    """`search --constraint latency --budget 0.6` on the digits default (small_cnn; its weights, untrained, given
+    as --checkpoint): the CLI reuses the table seeded in the user cache (a fake timer: deterministic numbers, no
+    clock), rows carry the predicted latency within the budget, the best is timed (real timings, never
+    asserted), the report plots them."""
     from tests.test_e2e_cli import cli, rows
+    from widthsearch import load_data
+    from widthsearch.cli import main
+    from widthsearch.latency import cache_folder
+    from widthsearch.models import save_checkpoint
 
     env = {"WIDTHSEARCH_CACHE": str(tmp_path / "cache")}
-    cli("search", "--name", "lat", "--storage", str(tmp_path), "--base-epochs", "1", "--searcher", "random",
-        "--constraint", "latency", "--pareto", "--latency-grid", "2", "--latency-top", "2", "--num-samples", "3",
-        "--finetune-steps", "2", "--bn-batches", "2", "--concurrency", "2", "--quiet", env=env)
-    table = rows(tmp_path / "lat")
+    cfg = SearchConfig(constraint="latency", latency_grid=2)
+    data = load_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.split_seed)
+    model = load_model(cfg.model, data.num_classes, in_channels=data.in_channels)
+    space = build_space(model, data.example_input, cfg.frozen, cfg.min_width, cfg.divisor)
+    save_checkpoint(model, tmp_path / "base.pt", model_source=cfg.model, data=cfg.data, split=data.split)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WIDTHSEARCH_CACHE", env["WIDTHSEARCH_CACHE"])
+        seeded = latency_model(space, model, cfg.latency_target(), grid=2, timer=fake_ms, progress=False)
+        (cached,) = cache_folder().glob("*.json")
+    written = cached.stat().st_mtime_ns
+    out = cli("search", "--name", "lat", "--storage", str(tmp_path), "--checkpoint", str(tmp_path / "base.pt"),
+              "--searcher", "random", "--constraint", "latency", "--budget", "0.6", "--latency-grid", "2",
+              "--latency-top", "1", "--num-samples", "3", "--finetune-steps", "2", "--bn-batches", "2",
+              "--concurrency", "2", "--quiet", env=env)
+    assert cached.stat().st_mtime_ns == written and len(list(cached.parent.glob("*.json"))) == 1  # reused
+    assert "latency ratio <= 0.6" in out.stdout and "latency_ms" in out.stdout
     meta = json.loads((tmp_path / "lat" / "widthsearch" / "experiment.json").read_text())
-    assert meta["constraint"] == "latency" and meta["latency"]["key"]["batch"] == 1
-    assert len(table) == 3 and all(r["status"] == "ok" and r["latency_ms"] > 0 for r in table)
-    assert all(r["cost_ratio"] == pytest.approx(r["latency_ms"] / meta["latency"]["base_ms"]) for r in table)
+    assert meta["constraint"] == "latency" and meta["latency"]["base_ms"] == pytest.approx(seeded.base)
+    table = rows(tmp_path / "lat")
+    assert len(table) == 3 and all(r["status"] == "ok" for r in table)
+    for r in table:
+        assert r["latency_ms"] == pytest.approx(seeded.of(r["widths"]))
+        assert r["cost_ratio"] == pytest.approx(r["latency_ms"] / seeded.base) and r["cost_ratio"] <= 0.6 + 1e-9
     measured = json.loads((tmp_path / "lat" / "widthsearch" / "latency" / "measured.json").read_text())
-    assert 1 <= len(measured["rows"]) <= 2 and all(r["measured_ms"] > 0 < r["measured_ratio"] for r in measured["rows"])
-    assert {r["trial_id"] for r in measured["rows"]} <= {r["trial_id"] for r in table}
-    assert len(list((tmp_path / "cache" / "latency").glob("*.json"))) == 1  # the user cache, for the next experiment
-    cli("report", "lat", "--storage", str(tmp_path), "--out", str(tmp_path / "report"))
+    (top,) = measured["rows"]
+    assert top["measured_ms"] > 0 < top["measured_ratio"] and top["trial_id"] in {r["trial_id"] for r in table}
+    assert main(["report", "lat", "--storage", str(tmp_path), "--out", str(tmp_path / "report")]) == 0
     assert (tmp_path / "report" / "latency.png").stat().st_size > 0
     assert 'src="latency.png"' in (tmp_path / "report" / "index.html").read_text()
 
 
-def test_the_best_profiles_within_the_budget_are_timed_after_the_search(resnet, tmp_path, monkeypatch):
+@pytest.mark.parametrize("pareto,expected", [(False, ["best", "second"]), (True, ["over", "short"])])
+def test_the_best_profiles_within_the_budget_are_timed_after_the_search(resnet, tmp_path, monkeypatch, pareto,
+                                                                        expected):
+    """Budget: within it, longest fine-tune, best score, distinct profiles. Pareto: the front, best score first."""
     import types
 
     import pyarrow as pa
@@ -302,11 +395,11 @@ def test_the_best_profiles_within_the_budget_are_timed_after_the_search(resnet, 
     timed = []
     monkeypatch.setattr(search, "measure_profiles", lambda space, model, target, profiles, paired: [
         timed.append(p) or {"ms": 1.0, "ratio": 0.5} for p in profiles])
-    cfg = SearchConfig(constraint="latency", budget=0.5, latency_top=2)
+    cfg = SearchConfig(constraint="latency", budget=0.5, latency_top=2, pareto=pareto)
     exp = types.SimpleNamespace(config=cfg, space=space, model=model, measure=latency, exp_dir=str(tmp_path / "exp"))
     out = search.measure_top(exp, table, progress=False)
-    assert [r["trial_id"] for r in out["rows"]] == ["best", "second"]  # within budget, longest fine-tune, distinct
-    assert timed == [w[2], w[1]]
+    assert [r["trial_id"] for r in out["rows"]] == expected
+    assert timed == [r["widths"] for r in rows if r["trial_id"] in expected]
     written = json.loads((tmp_path / "exp" / "widthsearch" / "latency" / "measured.json").read_text())
-    assert written["rows"][0]["predicted_ms"] == pytest.approx(latency.of(w[2]))
+    assert written["rows"][0]["predicted_ms"] == pytest.approx(latency.of(timed[0]))
     assert written["rows"][0]["measured_ratio"] == 0.5

@@ -436,7 +436,7 @@ def measure_table(space: WidthSpace, model: nn.Module, target: LatencyTarget, pl
 
     profiles = [space.vector(space.uniform(r)) for r in CALIBRATION_RATIOS]
     measured = [m["ms"] for m in measure_profiles(space, model, target, profiles, timer=timer, step=step)]
-    predicted = sums(np.stack(profiles).astype(np.float64))
+    predicted = sums(torch.from_numpy(np.stack(profiles).astype(np.float64))).numpy()
     calibration = [{"ratio": r, "measured_ms": m, "units_ms": float(u)}
                    for r, m, u in zip(CALIBRATION_RATIOS, measured, predicted)]
     overhead = calibrate([c["units_ms"] for c in calibration], [c["measured_ms"] for c in calibration])
@@ -459,47 +459,62 @@ def monotone(table: np.ndarray) -> np.ndarray:
     return np.minimum.accumulate(table[:, ::-1], axis=1)[:, ::-1]
 
 
-def _axis(grid: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Lower grid index and interpolation weight of each x (clipped to the grid's range)."""
-    if len(grid) == 1:
-        return np.zeros(x.shape, dtype=np.int64), np.zeros(x.shape)
-    x = np.clip(x, grid[0], grid[-1])
-    i = np.clip(np.searchsorted(grid, x, side="right") - 1, 0, len(grid) - 2)
-    return i, (x - grid[i]) / (grid[i + 1] - grid[i])
+def _padded(rows: Sequence[np.ndarray]) -> np.ndarray:
+    """Rows of different lengths as one array, each padded with its last value."""
+    width = max(len(r) for r in rows)
+    return np.stack([np.pad(np.asarray(r, dtype=np.float64), (0, width - len(r)), mode="edge") for r in rows])
+
+
+def _axis(grid: torch.Tensor, n: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per unit u: the lower index into grid[u, :n[u]] of each x[..., u] and its interpolation weight (x clipped
+    to the grid's ends; differentiable in x)."""
+    units = torch.arange(len(n), device=x.device)
+    x = torch.clamp(x, grid[:, 0], grid[units, n - 1])
+    i = torch.minimum((grid <= x[..., None]).sum(-1) - 1, torch.clamp(n - 2, min=0))
+    lower, upper = grid[units, i], grid[units, torch.minimum(i + 1, n - 1)]
+    span = upper - lower
+    return i, torch.where(span > 0, (x - lower) / torch.where(span > 0, span, torch.ones_like(span)), 0.0)
 
 
 class _UnitSums:
-    """W (profiles x groups) -> summed unit milliseconds (bilinear in each unit's monotone table), batched by table."""
+    """W (..., groups) -> summed unit milliseconds (...): every unit bilinear in its (monotone) table, all units
+    in one vectorised pass over padded grids and tables. In torch, so the same code serves `many` (float64, no
+    grad) and the differentiable `torch`."""
 
     def __init__(self, planned: Sequence[_Planned], units: dict):
-        by_table: dict[str, list[_Planned]] = {}
-        for p in planned:
-            by_table.setdefault(p.signature, []).append(p)
-        self.parts = []
-        for signature, members in by_table.items():
-            first = members[0]
-            self.parts.append((first.grid_in, first.grid_out, monotone(units[signature]), first.tied is not None,
-                               np.array([m.c_in[0] for m in members]), np.stack([m.c_in[1] for m in members]),
-                               np.array([m.c_out[0] for m in members]), np.stack([m.c_out[1] for m in members])))
+        tables = [monotone(units[p.signature]) for p in planned]
+        k_in, k_out = max(t.shape[0] for t in tables), max(t.shape[1] for t in tables)
+        tables = np.stack([np.pad(t, ((0, k_in - t.shape[0]), (0, k_out - t.shape[1])), mode="edge")
+                           for t in tables])
+        tied = np.array([p.tied is not None for p in planned])
+        arrays = {"grid_in": _padded([p.grid_in for p in planned]), "grid_out": _padded([p.grid_out for p in planned]),
+                  "table": tables, "a_in": np.array([p.c_in[0] for p in planned]),
+                  "s_in": np.stack([p.c_in[1] for p in planned]),
+                  "a_out": np.where(tied, 0.0, [p.c_out[0] for p in planned]),  # tied: the 1-point axis, at 0
+                  "s_out": np.where(tied[:, None], 0.0, np.stack([p.c_out[1] for p in planned]))}
+        self.values = {k: torch.tensor(v, dtype=torch.float64) for k, v in arrays.items()}
+        self.n_in = torch.tensor([len(p.grid_in) for p in planned])
+        self.n_out = torch.tensor([len(p.grid_out) for p in planned])
 
-    def __call__(self, widths: np.ndarray) -> np.ndarray:
-        total = np.zeros(len(widths))
-        for grid_in, grid_out, table, tied, a_in, s_in, a_out, s_out in self.parts:
-            i, f = _axis(grid_in, widths @ s_in.T + a_in)
-            j, g = _axis(grid_out, np.zeros_like(f) if tied else widths @ s_out.T + a_out)
-            i1, j1 = np.minimum(i + 1, len(grid_in) - 1), np.minimum(j + 1, len(grid_out) - 1)
-            value = ((1 - f) * (1 - g) * table[i, j] + f * (1 - g) * table[i1, j]
-                     + (1 - f) * g * table[i, j1] + f * g * table[i1, j1])
-            total += value.sum(axis=1)
-        return total
+    def __call__(self, widths: torch.Tensor) -> torch.Tensor:
+        v = {k: t.to(widths) for k, t in self.values.items()}
+        n_in, n_out = self.n_in.to(widths.device), self.n_out.to(widths.device)
+        i, f = _axis(v["grid_in"], n_in, widths @ v["s_in"].T + v["a_in"])
+        j, g = _axis(v["grid_out"], n_out, widths @ v["s_out"].T + v["a_out"])
+        i1, j1 = torch.minimum(i + 1, n_in - 1), torch.minimum(j + 1, n_out - 1)
+        units, table = torch.arange(len(n_in), device=widths.device), v["table"]
+        value = ((1 - f) * (1 - g) * table[units, i, j] + f * (1 - g) * table[units, i1, j]
+                 + (1 - f) * g * table[units, i, j1] + f * g * table[units, i1, j1])
+        return value.sum(-1)
 
 
 # ----------------------------------------------------------------------------- the measure
 class LatencyModel(Measure):
     """Predicted latency (ms per forward of `target.batch` images) of width profiles: a Measure for searchers.
 
-    `many(W)` predicts every row of W (group order) in one vectorised pass; `base` is the dense model's
-    prediction; `table` is the measured table (its key, calibration, overhead and `measure_s`).
+    `many(W)` predicts every row of W (group order) in one vectorised pass, `torch(W)` the same differentiably;
+    `base` is the dense model's prediction; `table` is the measured table (its key, calibration, overhead and
+    `measure_s`).
     """
 
     name = "latency"
@@ -512,7 +527,13 @@ class LatencyModel(Measure):
         self.base = float(self.many(np.asarray(full_widths, dtype=np.float64))[0])
 
     def many(self, widths: np.ndarray) -> np.ndarray:
-        widths = np.atleast_2d(np.asarray(widths, dtype=np.float64))
+        widths = torch.from_numpy(np.atleast_2d(np.asarray(widths, dtype=np.float64)))
+        with torch.no_grad():
+            return (self.overhead_ms + self._sums(widths)).numpy()
+
+    def torch(self, widths: torch.Tensor) -> torch.Tensor:
+        """The prediction as a differentiable function of real-valued widths (group order, last dim):
+        piecewise bilinear, so its gradient is each unit's table slope (zero beyond a grid's ends)."""
         return self.overhead_ms + self._sums(widths)
 
     def budget_of(self, max_ms: float, smallest: Sequence[int]) -> float:

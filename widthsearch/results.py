@@ -331,9 +331,13 @@ def _is_number(kind: pa.DataType) -> bool:
 
 def _plain(table: pa.Table) -> str:
     """Aligned text columns, numbers right-aligned, lists previewed: of a whole results table, the readable
-    subset plus widths; of any other table (e.g. an SQL answer), every column."""
-    whole = sorted(table.column_names) == sorted(SCHEMA.names)
-    header = [*_TABLE_COLUMNS, "widths"] if whole else table.column_names
+    subset (and latency_ms where rows have it) plus widths; of any other table (e.g. an SQL answer), every
+    column."""
+    header = table.column_names
+    if sorted(header) == sorted(SCHEMA.names):
+        header = [*_TABLE_COLUMNS, "widths"]
+        if table["latency_ms"].null_count < table.num_rows:
+            header.insert(header.index("flops_ratio") + 1, "latency_ms")
     rows = [[_widths_preview(r[n]) if isinstance(r[n], list) else cell_text(r[n]) for n in header]
             for r in table.to_pylist()]
     sizes = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
