@@ -258,6 +258,37 @@ def fidelity_section(folder: Path) -> list[str]:
     return lines + [f"![fidelity]({folder.name}/fidelity.png)", ""]
 
 
+def latency_section(folder: Path) -> list[str]:
+    """The latency model's error on random profiles (bench/latency.py) and flops- vs latency-constrained winners
+    (bench/latency_search.py)."""
+    lines = []
+    data = _load(folder, "latency")
+    if data:
+        lines += ["## Latency model: predicted vs measured (bench/latency.py)", "",
+                  f"{data['mode']} run, {data['date']}, torch {data['torch']}; per cell a fresh table, then random "
+                  "profiles pruned and timed whole, each beside the dense model. Error: |predicted - measured| / "
+                  "measured, of the ms and of the ratio to the dense model (what a budget bounds); 'FLOPs' is the "
+                  "guess latency proportional to FLOPs. Goal: median <= 10%, max <= 20%.", "",
+                  "| model | batch | clock | profiles | table s | uniform 0.5: FLOPs / latency | ms median / max "
+                  "| ratio median / max | FLOPs ratio median / max | load |", "|---" * 10 + "|"]
+        for c in data["cells"]:
+            errs = [c[k] for k in ("model_errors", "model_ratio_errors", "flops_ratio_errors")]
+            half = c["uniform_half"]
+            lines.append(f"| {c['model']} | {c['batch']} | {c['clock']} | {len(c['rows'])} | {c['table_s']:.0f} | "
+                         f"{half['flops_ratio']:.3f} / {half['measured_latency_ratio']:.3f} | "
+                         + " | ".join(f"{e['median_abs_rel_err']:.1%} / {e['max_abs_rel_err']:.1%}" for e in errs)
+                         + f" | {c['loadavg_after'].split()[0]} |")
+        lines += ["", f"![latency]({folder.name}/latency.png)", ""]
+    cells = _cells(folder / "latency_search")
+    if cells:
+        lines += ["## Latency- vs FLOPs-constrained search (bench/latency_search.py)", "",
+                  "| constraint | seed | budget | FLOPs ratio | measured latency ratio | test acc |", "|---" * 6 + "|"]
+        lines += [f"| {c['constraint']} | {c['seed']} | {c['budget']:g} | {c['flops_ratio']:.3f} | "
+                  f"{c['measured_latency_ratio']:.3f} | {c['test_acc']:.4f} |"
+                  for c in sorted(cells, key=lambda c: (c["seed"], c["constraint"]))] + [""]
+    return lines
+
+
 def throughput_section(t: dict) -> list[str]:
     lines = [f"## Cost and scale ({t['mode']} run, {t['date']})", "",
              f"Random searcher, {t['model']}, {t['finetune_steps']} fine-tune steps per trial, 1 CPU per trial."
@@ -287,6 +318,7 @@ def main() -> None:
              "commands are in bench/run_all.py. Figures from a --quick run are smoke-test sized, not conclusions.", ""]
     lines += quality_section(folder)
     lines += fidelity_section(folder)
+    lines += latency_section(folder)
     throughput = _load(folder, "throughput")
     if throughput:
         lines += throughput_section(throughput)

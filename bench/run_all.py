@@ -39,7 +39,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     start = time.time()
     run("cost_model.py", *quick, stdout=RESULTS / "cost_model.md")
-    for script in ("search_throughput.py", "quality.py", "fidelity.py"):
+    run("latency.py", *quick)
+    for script in ("search_throughput.py", "quality.py", "fidelity.py", "latency_search.py"):
         run(script, *quick, "--data", args.data)
     run("report.py")
     print(f"all benchmarks: {time.time() - start:.0f} s")
