@@ -80,6 +80,18 @@ def base_checkpoint(model: str, data: str, epochs: int | None = None, lr: float 
     return ckpt, info
 
 
+def bench_base(model: str, data: str):
+    """The cached base of `model` with everything a bench script needs: (checkpoint, info, splits, model,
+    width space, cost model)."""
+    from widthsearch import CostModel, build_space
+
+    ckpt, info = base_checkpoint(model, data)
+    splits = bench_data(data)
+    base = load_model(model, splits.num_classes, checkpoint=str(ckpt), in_channels=splits.in_channels)
+    space = build_space(base, splits.example_input)
+    return ckpt, info, splits, base, space, CostModel(space)
+
+
 # ----------------------------------------------------------------------------- retrain cells
 RETRAIN_EPOCHS = 20
 RETRAIN_LR = 0.05

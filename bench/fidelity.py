@@ -34,11 +34,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from common import (DEFAULT_DATA, RESULTS, RETRAIN_EPOCHS, base_checkpoint, bench_data, machine_load,  # noqa: E402
+from common import (DEFAULT_DATA, RESULTS, RETRAIN_EPOCHS, bench_base, machine_load,  # noqa: E402
                     profile_key, retrain_cell)
 
 from searchers import make_searcher  # noqa: E402
-from widthsearch import CostModel, build_space, load_model, prune  # noqa: E402
+from widthsearch import prune  # noqa: E402
 from widthsearch.training import StepTrainer, TrainConfig, evaluate, recalibrate_bn, set_threads  # noqa: E402
 
 KS = (0, 25, 50, 100, 200)
@@ -129,11 +129,7 @@ def main() -> None:
     args = parser.parse_args()
     set_threads(args.threads)
     device = common.use_device(args.device)
-    ckpt, info = base_checkpoint(args.model, args.data)
-    data = bench_data(args.data)
-    base = load_model(args.model, data.num_classes, checkpoint=str(ckpt), in_channels=data.in_channels)
-    space = build_space(base, data.example_input)
-    cost = CostModel(space)
+    ckpt, info, data, base, space, cost = bench_base(args.model, args.data)
     folder = RESULTS / ("fidelity-quick" if args.quick else "fidelity")
     folder.mkdir(parents=True, exist_ok=True)
     todo = profiles(base, space, cost, args.quick)

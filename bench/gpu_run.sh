@@ -5,7 +5,12 @@
 # as .gpu/site.tar.xz (unpacked wheels, Ray without its Java jars and dashboard UI) with the data file
 # .gpu/cifar10-5k.npz; bench/cache (the cached bases) is carried too. Jobs run side by side until
 # DEADLINE seconds have passed, then are stopped (every bench script is resumable per cell) and the
-# cells, new bases and logs come back as $OUT/results.tar.gz.
+# cells, new bases and logs come back as $OUT/results.tar.gz. Untried so far: the session that wrote it
+# (2026-11-24) was lent no GPU. Build .gpu/ first (git-ignored through .git/info/exclude): `pip download
+# --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64` ray==2.60.0
+# torch-pruning optuna sqlalchemy greenlet alembic mako colorlog jsonschema jsonschema-specifications
+# referencing rpds-py; unzip them into one folder, delete ray/jars ray/dashboard/client/build ray/rllib
+# ray/serve ray/llm (the 64 MiB carry limit), `tar -cJf .gpu/site.tar.xz -C FOLDER .`; copy the npz.
 #
 #   bash bench/gpu_run.sh DEADLINE JOB...     JOB: fidelity | quality20 | quality56 | search20 | aofp20 |
 #                                                   metapruning20 | gpus

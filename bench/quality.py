@@ -37,10 +37,10 @@ import torch_pruning as tp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from common import (DEFAULT_DATA, RESULTS, SPLIT_SEED, VAL_FRACTION, base_checkpoint, bench_data,  # noqa: E402
+from common import (DEFAULT_DATA, RESULTS, SPLIT_SEED, VAL_FRACTION, bench_base,  # noqa: E402
                     machine_load, retrain_cell)
 
-from widthsearch import CostModel, build_space, load_model, prune  # noqa: E402
+from widthsearch import CostModel, prune  # noqa: E402
 from widthsearch.config import SearchConfig  # noqa: E402
 from widthsearch.export import measure_latency  # noqa: E402
 from widthsearch.models import classifier_of  # noqa: E402
@@ -170,11 +170,7 @@ def main() -> None:
     args.retrain_epochs = 1 if args.quick else None
     set_threads(args.threads)
     common.use_device(args.device)
-    ckpt, info = base_checkpoint(args.model, args.data)
-    data = bench_data(args.data)
-    base = load_model(args.model, data.num_classes, checkpoint=str(ckpt), in_channels=data.in_channels)
-    space = build_space(base, data.example_input)
-    cost = CostModel(space)
+    ckpt, info, data, base, space, cost = bench_base(args.model, args.data)
     folder = RESULTS / ("quality-quick" if args.quick else "quality")
     folder.mkdir(parents=True, exist_ok=True)
     print(f"base {args.model}: val {info['val_acc']:.4f}, test {info['test_acc']:.4f}", flush=True)
