@@ -133,7 +133,7 @@ class WidthSearcher(Searcher):
     def __init__(self, space: WidthSpace, cost: CostModel, *, budget: float | None = 0.5,
                  metric: str = "score", mode: str = "max", seed: int = 0, model: nn.Module | None = None,
                  criterion: str = "l1", measure: Measure | None = None, batches: list | None = None,
-                 **options: Any):
+                 num_samples: int | None = None, **options: Any):
         if not isinstance(metric, str) or not metric:
             raise ConfigError(f"metric must be a non-empty string, got {metric!r}")
         if mode not in ("min", "max"):
@@ -144,7 +144,8 @@ class WidthSearcher(Searcher):
         if cost.space is not space and cost.space.names != space.names:
             raise ConfigError("the cost model was built for a different width space")
         super().__init__(metric=metric, mode=mode)
-        self.options: dict[str, Any] = self.check_options(options)
+        self.num_samples = num_samples        # the search's number of trials (None: not known, e.g. from Python)
+        self.options: dict[str, Any] = self.check_options(options, num_samples)
         self._space = space
         self._cost = cost
         self._measure = measure if measure is not None else cost.measure("flops")
@@ -161,18 +162,25 @@ class WidthSearcher(Searcher):
                            self._measure.name)
 
     @classmethod
-    def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
-        """The declared defaults overlaid with `options`, each checked (ConfigError naming the option).
+    def check_options(cls, options: Mapping[str, Any], num_samples: int | None = None) -> dict[str, Any]:
+        """The declared defaults overlaid with `options`, each checked (ConfigError naming the option), then
+        checked together and against the search's number of trials.
 
         Cheap: called before any data is loaded or base model trained, and again by the constructor.
         """
         checked = check_options(cls.name or cls.__name__, cls.OPTIONS, options)
         cls.check_together(checked)
+        cls.check_trials(checked, num_samples)
         return checked
 
     @classmethod
     def check_together(cls, options: dict[str, Any]) -> None:
         """Rules across options (e.g. lam_min < lam_max); raise ConfigError. Default: none."""
+
+    @classmethod
+    def check_trials(cls, options: dict[str, Any], num_samples: int | None) -> None:
+        """Rules between options and the search's number of trials (None: not known); raise ConfigError.
+        Default: none."""
 
     def option_error(self, text: str) -> ConfigError:
         """A ConfigError in the options' message style."""

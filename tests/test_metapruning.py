@@ -1,10 +1,12 @@
-"""MetaPruning: generated weight shapes on every built-in model, PruningNet training, evolution, resume, CLI."""
+"""MetaPruning: generated weights (shapes, best channels), PruningNet training, evolution and its sizing, resume,
+timeouts, the CLI on URI storage."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +15,13 @@ import torch
 from torch import nn
 
 from searchers import make_searcher
-from trainables.metapruning import score_widths, train_pruningnet
+from searchers.metapruning import evolution_plan
+from searchers.pruningnet import PruningNet, channel_order, keep_channels, sample_widths
+from trainables.metapruning import MetaPruningJob, metapruning_step, score_widths, train_pruningnet
 from widthsearch import CostModel, build_space, load_model, prune, save_checkpoint
-from widthsearch.errors import ConfigError
-from widthsearch.pruningnet import PruningNet, prefix_keep, sample_widths
+from widthsearch.errors import ConfigError, WidthSearchError
 from widthsearch.search import _chosen_channels
+from widthsearch.storage import Storage
 from widthsearch.training import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +33,8 @@ def test_generated_weights_have_exactly_the_profile_shapes(name):
     model = load_model(name, 10, in_channels=3).eval()
     x = torch.randn(2, 3, 32, 32)
     space = build_space(model, x[:1])
-    net = PruningNet(model, space, hidden=1).eval()
+    order = channel_order(model, space, "random")  # a shuffled order: the crop must follow it on every layer
+    net = PruningNet(model, space, hidden=1, order=order).eval()
     rng = np.random.default_rng(0)
     with torch.no_grad():  # a trained-looking meta net: the generated weights depend on the encoding
         for block in net.blocks.values():
@@ -39,8 +44,8 @@ def test_generated_weights_have_exactly_the_profile_shapes(name):
         state = pruned.state_dict()
         generated = net.cropped(widths)
         assert generated and all(generated[k].shape == state[k].shape for k in generated)
-        # the reference: the base model physically pruned to the same prefix channels
-        reference = prune(model, space, keep=prefix_keep(space, widths)).state_dict()
+        # the reference: the base model physically pruned to the same channels
+        reference = prune(model, space, keep=keep_channels(space, order, widths)).state_dict()
         assert all(state[k].shape == reference[k].shape for k in reference)
         with torch.no_grad():  # the dense net with masked weights computes exactly the cropped network
             torch.testing.assert_close(net.logits(widths, x), pruned(x), atol=1e-5, rtol=1e-4)
@@ -50,13 +55,49 @@ def test_generated_weights_have_exactly_the_profile_shapes(name):
         assert all(state[f"{k}.weight"].shape[0] == generated[f"{k}.weight"].shape[0] for k in depthwise)
 
 
-def test_pruningnet_starts_at_the_base_weights_cropped():
-    model = load_model("cifar_resnet20", 10, in_channels=3).eval()
-    space = build_space(model, torch.randn(1, 3, 32, 32))
-    widths = sample_widths(space, np.random.default_rng(1), 1)[0]
-    generated = PruningNet(model, space, hidden=4).cropped(widths)
-    reference = prune(model, space, keep=prefix_keep(space, widths)).state_dict()
+def _ranked_model():
+    """small_cnn whose channel importances (l1) are known: in every group, channel c has rank[g][c] (0 = best)."""
+    torch.manual_seed(0)
+    model = load_model("small_cnn", 10, in_channels=1).eval()
+    space = build_space(model, torch.zeros(1, 1, 8, 8))
+    rank = {}
+    with torch.no_grad():
+        for g in space.groups:
+            rank[g.name] = torch.randperm(g.width, generator=torch.Generator().manual_seed(g.width)).tolist()
+            conv = dict(model.named_modules())[g.name]
+            for c, r in enumerate(rank[g.name]):  # the group's l1 is dominated by its root conv's filter
+                conv.weight[c] = conv.weight[c].sign() * 1000.0 * (g.width - r)
+    return model, space, rank
+
+
+def test_pruningnet_generates_the_base_weights_of_the_most_important_channels():
+    model, space, rank = _ranked_model()
+    cost = CostModel(space, model)
+    widths = [g.width // 2 for g in space.groups]
+    best = {g.name: sorted(c for c, r in enumerate(rank[g.name]) if r < w) for g, w in zip(space.groups, widths)}
+    order = channel_order(model, space, "l1")
+    assert keep_channels(space, order, widths) == best
+    generated = PruningNet(model, space, hidden=4, order=order).cropped(widths)
+    convs = dict(model.named_modules())
+    inputs = [slice(None)] + [best[g.name] for g in space.groups[:-1]]  # small_cnn: group i feeds group i + 1
+    for g, cols in zip(space.groups, inputs):  # each conv's generated filters: the base filters of the best channels
+        base = convs[g.name].weight[best[g.name]][:, cols]
+        torch.testing.assert_close(generated[f"{g.name}.weight"], base, rtol=0, atol=0)
+    reference = prune(model, space, keep=best).state_dict()
     assert all(torch.equal(generated[k], reference[k]) for k in generated)
+    # the searcher proposes those channels to retrain (payload "keep"), for every candidate
+    searcher = make_searcher("metapruning", space, cost, budget=0.6, model=model, seed=0, population=4,
+                             generations=2)
+    for config in _drive(searcher, 6)[1:]:
+        assert json.loads(config["payload"])["keep"] == keep_channels(space, order, config["widths"])
+        chosen = {g: sorted(c for c, r in enumerate(rank[g]) if r < w) for g, w in zip(space.names, config["widths"])}
+        assert json.loads(config["payload"])["keep"] == {g: k for g, k in chosen.items() if len(k) < space[g].width}
+
+
+def test_channel_order_must_be_a_permutation():
+    model, space, _ = _ranked_model()
+    with pytest.raises(WidthSearchError, match="channel order of group 'features.0' is not a permutation of its 16"):
+        PruningNet(model, space, order={**channel_order(model, space), "features.0": [0, 0, 1]})
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +110,16 @@ def digits_space(digits):
 
 def test_trained_pruningnet_beats_random_weights_and_resumes(digits, digits_space, tmp_path):
     model, space, cost = digits_space  # an untrained model: everything it knows comes from PruningNet training
-    net = PruningNet(model, space, hidden=8)
-    ckpt = tmp_path / "net.pt"
-    first = train_pruningnet(net, digits, cost, steps=150, lr=0.05, batch_size=64, seed=0, checkpoint=ckpt, every=50)
-    assert first["step"] == 150 and torch.load(ckpt, weights_only=True)["step"] == 150
-    resumed = PruningNet(model, space, hidden=8)  # a re-run trial: continues from the checkpoint
-    info = train_pruningnet(resumed, digits, cost, steps=300, lr=0.05, batch_size=64, seed=0, checkpoint=ckpt,
-                            every=50)
+    net = PruningNet(model, space, hidden=8, order=channel_order(model, space, "random"))
+    store = Storage(tmp_path.as_uri())  # checkpoints go through pyarrow.fs, as on s3://
+    first = train_pruningnet(net, digits, cost, steps=150, lr=0.05, batch_size=64, seed=0, store=store,
+                             name="metapruning/net.pt", every=50)
+    saved = store.load_torch("metapruning/net.pt")
+    assert first["step"] == 150 and saved["step"] == 150 and saved["order"] == net.order and saved["hidden"] == 8
+    assert (tmp_path / "widthsearch" / "metapruning" / "net.pt").is_file()
+    resumed = PruningNet(model, space, hidden=8, order=saved["order"])  # a re-run trial: continues from it
+    info = train_pruningnet(resumed, digits, cost, steps=300, lr=0.05, batch_size=64, seed=0, store=store,
+                            name="metapruning/net.pt", every=50)
     assert info["step"] == 300 and info["train_s"] > first["train_s"]
 
     profiles = sample_widths(space, np.random.default_rng(3), 6, cost, (0.2, 0.5))
@@ -105,13 +149,13 @@ def _drive(searcher, count: int, prefix: str = "t") -> list[dict]:
 def resnet_space():
     model = load_model("cifar_resnet20", 10, in_channels=3).eval()
     space = build_space(model, torch.randn(1, 3, 32, 32))
-    return space, CostModel(space, model)
+    return space, CostModel(space, model), model
 
 
 def test_evolution_only_proposes_feasible_new_profiles(resnet_space):
-    space, cost = resnet_space
+    space, cost, model = resnet_space
     opts = {"population": 8, "generations": 4, "topk": 3, "mutation_prob": 0.3}
-    searcher = make_searcher("metapruning", space, cost, budget=0.3, seed=0, **opts)
+    searcher = make_searcher("metapruning", space, cost, budget=0.3, seed=0, model=model, **opts)
     configs = _drive(searcher, 100)
     assert searcher.suggest("last") == "FINISHED"
     train, candidates = configs[0], configs[1:]
@@ -119,19 +163,21 @@ def test_evolution_only_proposes_feasible_new_profiles(resnet_space):
     widths = np.array([c["widths"] for c in candidates])
     assert np.all(cost.flops_many(widths) <= 0.3 * cost.base_flops)
     assert len({tuple(w) for w in widths}) == len(widths)
+    order = channel_order(model, space, "l1")
     for c in candidates:
-        keep = json.loads(c["payload"])["keep"]
-        assert all(keep[g] == list(range(w)) for g, w in zip(space.names, c["widths"]) if g in keep)
+        payload = json.loads(c["payload"])
+        assert payload["keep"] == keep_channels(space, order, c["widths"])
+        assert (payload["population"], payload["generations"], payload["topk"]) == (8, 4, 3)
     by_gen = [np.mean([sum(c["widths"]) for c in candidates[8 * g:8 * g + 8]]) for g in range(4)]
     assert by_gen[-1] > by_gen[0]  # selection pressure towards the (synthetic) better profiles
 
 
 def test_tight_budget_and_pareto_mode(resnet_space):
-    space, cost = resnet_space
+    space, cost, model = resnet_space
     tight = 1.2 * cost.flops(space.minimal()) / cost.base_flops  # random profiles (almost) never fit
     for budget in (tight, None):
-        searcher = make_searcher("metapruning", space, cost, budget=budget, seed=0, population=4, generations=2,
-                                 topk=2)
+        searcher = make_searcher("metapruning", space, cost, budget=budget, seed=0, model=model, population=4,
+                                 generations=2, topk=2)
         widths = np.array([c["widths"] for c in _drive(searcher, 20)[1:]])
         assert len(widths) == 8
         if budget is not None:
@@ -139,12 +185,12 @@ def test_tight_budget_and_pareto_mode(resnet_space):
 
 
 def test_searcher_state_resumes(resnet_space, tmp_path):
-    space, cost = resnet_space
+    space, cost, model = resnet_space
     opts = {"population": 6, "generations": 3, "topk": 2}
-    original = make_searcher("metapruning", space, cost, budget=0.5, seed=1, **opts)
+    original = make_searcher("metapruning", space, cost, budget=0.5, seed=1, model=model, **opts)
     _drive(original, 10)  # mid-way through generation 1
     original.save(str(tmp_path / "searcher.pkl"))
-    restored = make_searcher("metapruning", space, cost, budget=0.5, seed=1, **opts)
+    restored = make_searcher("metapruning", space, cost, budget=0.5, seed=1, model=model, **opts)
     restored.restore(str(tmp_path / "searcher.pkl"))
     assert (restored.generation, restored.checkpoint, restored.top) == (original.generation, original.checkpoint,
                                                                          original.top)
@@ -154,32 +200,129 @@ def test_searcher_state_resumes(resnet_space, tmp_path):
 @pytest.mark.parametrize("options, message", [({"population": 0}, "population"), ({"topk": 60}, "topk"),
                                               ({"mutation_prob": 2.0}, "mutation_prob"),
                                               ({"train_flops_min": 0.9, "train_flops_max": 0.5}, "train_flops_min"),
-                                              ({"speed": 1}, "unknown option")])
+                                              ({"bn_batches": 0}, "bn_batches"), ({"speed": 1}, "unknown option")])
 def test_bad_options_are_config_errors(resnet_space, options, message):
+    space, cost, model = resnet_space
     with pytest.raises(ConfigError, match=message):
-        make_searcher("metapruning", *resnet_space, budget=0.5, **options)
+        make_searcher("metapruning", space, cost, budget=0.5, model=model, **options)
 
 
-def test_metapruning_search_through_the_cli(digits, tmp_path):
+def test_it_needs_the_model_and_batches_for_data_driven_criteria(resnet_space):
+    space, cost, model = resnet_space
+    with pytest.raises(ConfigError, match="needs the base model"):
+        make_searcher("metapruning", space, cost, budget=0.5)
+    with pytest.raises(ConfigError, match="criterion 'taylor' needs training batches"):
+        make_searcher("metapruning", space, cost, budget=0.5, model=model, criterion="taylor")
+
+
+NO_SIZES = {"population": None, "generations": None, "topk": None}
+
+
+@pytest.mark.parametrize("num_samples, given, plan", [
+    (None, {}, (50, 20, 10)),            # unknown budget (Python): the paper's sizes
+    (1001, {}, (50, 20, 10)),            # enough for the paper's 1 + 50 x 20
+    (5000, {}, (50, 20, 10)),
+    (101, {}, (15, 6, 3)),               # population ~ sqrt(2.5 x 100), generations as many as fit
+    (9, {}, (4, 2, 2)),                  # the smallest automatic evolution: one generation after the random one
+    (101, {"population": 10}, (10, 10, 2)),
+    (101, {"generations": 4}, (25, 4, 5)),
+    (41, {"population": 8, "generations": 5, "topk": 3}, (8, 5, 3)),
+])
+def test_evolution_is_sized_from_num_samples(num_samples, given, plan):
+    assert tuple(evolution_plan({**NO_SIZES, **given}, num_samples).values()) == plan
+    assert 1 + plan[0] * plan[1] <= (num_samples or 1001)
+
+
+@pytest.mark.parametrize("num_samples, given, text", [
+    (8, {}, "num_samples 8 leaves the evolution only its random generation (population 4 x generations 1)"),
+    (40, {"population": 8, "generations": 5}, "num_samples 40 does not cover 1 + population x generations = "
+                                              "1 + 8 x 5 = 41 trials"),
+    (30, {"population": 20}, "give num_samples >= 41 for one generation of mutation and crossover"),
+])
+def test_a_budget_that_leaves_the_search_random_is_refused(resnet_space, num_samples, given, text):
+    space, cost, model = resnet_space
+    with pytest.raises(ConfigError) as info:
+        make_searcher("metapruning", space, cost, budget=0.5, model=model, num_samples=num_samples, **given)
+    assert text in str(info.value)
+
+
+def test_the_plan_sized_from_num_samples_is_what_runs(resnet_space):
+    space, cost, model = resnet_space
+    searcher = make_searcher("metapruning", space, cost, budget=0.5, model=model, num_samples=21)
+    configs = _drive(searcher, 100)
+    plan = evolution_plan(NO_SIZES, 21)  # 20 candidates: population 7 x 2 generations
+    assert plan == {"population": 7, "generations": 2, "topk": 2} and searcher.suggest("x") == "FINISHED"
+    assert len(configs) == 1 + 7 * 2 <= 21
+    assert all({k: json.loads(c["payload"])[k] for k in plan} == plan for c in configs)
+
+
+def _job(model, space, exp_dir: str, timeout: float | None) -> MetaPruningJob:
+    cost = CostModel(space, model)
+    return MetaPruningJob(model=model, space=space, cost=cost, measure=cost.measure("flops"), data="digits",
+                          val_fraction=0.1, split_seed=0, seed=0, criterion="l1", importance_batches=1,
+                          bn_batches=2, batch_size=32, exp_dir=exp_dir, trial_timeout_s=timeout)
+
+
+def test_training_and_candidate_trials_honour_trial_timeout_s(digits_space, tmp_path, monkeypatch):
+    import trainables.metapruning as trainable
+
+    model, space, _ = digits_space
+    reports = []
+    monkeypatch.setattr(trainable, "setup_trial", lambda: (torch.device("cpu"), "node"))
+    monkeypatch.setattr(trainable.tune, "report", reports.append)
+    order = channel_order(model, space)
+    train_payload = json.dumps({"phase": "train", "net": "n", "steps": 4, "lr": 0.01, "hidden": 2, "every": 2,
+                                "seed": 0, "flops_min": 0.0, "flops_max": 1.0, "order": order})
+    widths = [int(w) for w in space.min_widths]
+    candidate = json.dumps({"phase": "candidate", "net": "n", "bn_batches": 2, "keep": {}})
+    exp_dir = tmp_path.as_uri()
+    metapruning_step({"widths": widths, "payload": train_payload}, _job(model, space, exp_dir, None))
+    assert reports[-1]["status"] == "train" and reports[-1]["checkpoint"] == f"{exp_dir}/widthsearch/metapruning/n.pt"
+    metapruning_step({"widths": widths, "payload": candidate}, _job(model, space, exp_dir, 600))
+    assert 0 <= reports[-1]["score"] <= 1
+    for payload in (train_payload, candidate):  # a deadline far shorter than either trial
+        with pytest.raises(TimeoutError, match="trial exceeded trial_timeout_s=0.001"):
+            metapruning_step({"widths": widths, "payload": payload}, _job(model, space, exp_dir, 0.001))
+    for thread in threading.enumerate():  # the timed-out bodies finish in the background: let them, before the
+        if thread.name == "widthsearch-trial":  # monkeypatched report is undone
+            thread.join()
+
+
+def test_metapruning_search_through_the_cli_on_uri_storage(digits, tmp_path):
     torch.manual_seed(0)
     model = load_model("small_cnn", digits.num_classes, in_channels=digits.in_channels)
     train(model, digits, steps=60, config=TrainConfig(lr=0.05, batch_size=64))
     ckpt = tmp_path / "base.pt"
     save_checkpoint(model, ckpt, model_source="small_cnn")
-    args = ["search", "--name", "mp", "--storage", str(tmp_path), "--checkpoint", str(ckpt), "--searcher",
-            "metapruning", "--budget", "0.5", "--num-samples", "50", "--bn-batches", "3", "--concurrency", "2",
+    storage = (tmp_path / "store").as_uri()  # file:///...: read and written through pyarrow.fs, like s3://
+    args = ["search", "--name", "mp", "--storage", storage, "--checkpoint", str(ckpt), "--searcher",
+            "metapruning", "--budget", "0.5", "--num-samples", "3", "--bn-batches", "3", "--concurrency", "2",
             "--quiet", "--option", "train_steps=20", "--option", "checkpoint_every=10", "--option", "population=2",
-            "--option", "generations=1", "--option", "topk=2"]
+            "--option", "generations=1", "--option", "topk=2", "--option", "bn_batches=2"]
     proc = subprocess.run([sys.executable, "-m", "widthsearch.cli", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    import pyarrow.dataset as ds
+    from widthsearch.results import load
 
-    rows = ds.dataset(tmp_path / "mp" / "widthsearch" / "rows", format="parquet").to_table().to_pylist()
+    rows = load(f"{storage}/mp").to_pylist()
     trained = [r for r in rows if r["status"] == "train"]
     candidates = [r for r in rows if r["status"] == "ok"]
-    assert len(trained) == 1 and Path(trained[0]["checkpoint"]).is_file()
+    exp = tmp_path / "store" / "mp" / "widthsearch"
+    assert (exp / "experiment.json").is_file() and len(list((exp / "rows").glob("*.parquet"))) == 3
+    assert len(trained) == 1 and trained[0]["checkpoint"] == f"{storage}/mp/widthsearch/metapruning/pruningnet-s0.pt"
+    assert (exp / "metapruning" / "pruningnet-s0.pt").is_file()
     assert len(candidates) == 2 and all(r["flops_ratio"] <= 0.5 and r["finetune_steps"] == 0 for r in candidates)
     best = max(candidates, key=lambda r: r["score"])
-    keep = _chosen_channels(best)["keep"]  # what `widthsearch retrain` keeps: the prefix channels
-    assert keep == prefix_keep(build_space(model, digits.example_input), best["widths"])
+    keep = _chosen_channels(best)["keep"]  # what `widthsearch retrain` keeps: the best channels (l1) of the base
+    space = build_space(model, digits.example_input)
+    assert keep == keep_channels(space, channel_order(model, space, "l1"), best["widths"])
+
+
+def test_cli_refuses_a_num_samples_that_leaves_the_evolution_random(tmp_path):
+    args = ["search", "--name", "mp", "--storage", str(tmp_path), "--searcher", "metapruning", "--num-samples", "6",
+            "--quiet"]
+    proc = subprocess.run([sys.executable, "-m", "widthsearch.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "num_samples 6 leaves the evolution only its random generation" in proc.stderr
+    assert not (tmp_path / "mp").exists()  # refused before any data was loaded or base model trained

@@ -87,7 +87,7 @@ def prepare(cfg: SearchConfig, progress: bool = True) -> Experiment:
     """
     from searchers import searcher_class
 
-    searcher_class(cfg.searcher).check_options(cfg.searcher_options)
+    searcher_class(cfg.searcher).check_options(cfg.searcher_options, cfg.num_samples)
     get_criterion(cfg.criterion)
     if cfg.gpus_per_trial > 0 and not torch.cuda.is_available() and not cfg.allow_cpu and not cfg.address \
             and not os.environ.get("RAY_ADDRESS"):
@@ -176,7 +176,8 @@ def run_search(cfg: SearchConfig, resume: bool = False, progress: bool = True) -
     exp = prepare(cfg, progress)
     searcher = make_searcher(cfg.searcher, exp.space, exp.cost, budget=None if cfg.pareto else cfg.budget,
                              seed=cfg.seed, model=exp.model, criterion=cfg.criterion, measure=exp.measure,
-                             batches=criterion_batches(cfg, exp.data), **cfg.searcher_options)
+                             batches=criterion_batches(cfg, exp.data), num_samples=cfg.num_samples,
+                             **cfg.searcher_options)
     store = results.ResultsStore.create(exp_dir, _metadata(exp), resume=resume)
     trainable_fn, job = trial_job(searcher.trainable, cfg, exp.exp_dir, job_fields(cfg, exp))
     init_ray(cfg.address)
