@@ -15,9 +15,10 @@ Source: the paper and the authors' code (github.com/liuzechun/MetaPruning: ``*/t
    Checkpointed every ``checkpoint_every`` steps through the experiment's storage; a re-run
    trial continues from its checkpoint.
 2. **Evolutionary search**: generation 0 is ``population`` random profiles; every later
-   generation is ``population // 2`` mutants (each gene of a top-k parent resampled with
-   probability ``mutation_prob``), ``population // 2`` crossovers (gene-wise uniform between
-   two top-k parents) and random profiles for any shortfall. Every child is checked against
+   generation is ``population // 2`` mutants (each gene of a top-k parent moved to another
+   legal width with probability ``mutation_prob``, like the authors' random offset modulo the
+   choices), ``population // 2`` crossovers (gene-wise uniform between two top-k parents) and
+   random profiles for any shortfall. Every child is checked against
    the budget with the searcher's Measure and resampled until feasible (and new) before it is
    proposed; the top ``topk`` are kept over all generations. Each candidate is a trial:
    generated weights, BN statistics recalibrated on ``bn_batches`` train batches, scored on
@@ -133,7 +134,7 @@ class MetaPruningSearcher(WidthSearcher):
                                      "num_samples)", low=1, optional=True),
                "topk": Option(None, int, "parents kept over all generations (automatic: population / 5, "
                               "at least 2)", low=1, optional=True),
-               "mutation_prob": Option(0.1, float, "probability of resampling each gene of a mutant", low=0, high=1),
+               "mutation_prob": Option(0.1, float, "probability of changing each gene of a mutant", low=0, high=1),
                "bn_batches": Option(20, int, "BN recalibration batches per candidate", low=1)}
 
     @classmethod
@@ -268,9 +269,12 @@ class MetaPruningSearcher(WidthSearcher):
                 out.append([int(w) for w in self.project(self.rng.uniform(self.min_ratios, 1.0))])
 
     def _mutant(self, parents: np.ndarray, legal: list[np.ndarray]) -> np.ndarray:
+        """A random top-k parent with each gene, with probability mutation_prob, moved to another legal width."""
         child = parents[self.rng.integers(len(parents))].copy()
         for i in np.flatnonzero(self.rng.random(len(child)) < self.options["mutation_prob"]):
-            child[i] = self.rng.choice(legal[i])
+            others = legal[i][legal[i] != child[i]]
+            if len(others):
+                child[i] = self.rng.choice(others)
         return child
 
     def _crossover(self, parents: np.ndarray) -> np.ndarray:

@@ -172,6 +172,15 @@ def test_evolution_only_proposes_feasible_new_profiles(resnet_space):
     assert by_gen[-1] > by_gen[0]  # selection pressure towards the (synthetic) better profiles
 
 
+def test_a_mutated_gene_always_changes(resnet_space):
+    space, cost, model = resnet_space
+    searcher = make_searcher("metapruning", space, cost, budget=0.5, model=model, mutation_prob=1.0)
+    parent = space.min_widths[None]
+    legal = [np.array([w, w + 1]) for w in space.min_widths]  # two choices per gene: a no-op draw is likely
+    for _ in range(10):
+        assert np.all(searcher._mutant(parent, legal) == space.min_widths + 1)
+
+
 def test_tight_budget_and_pareto_mode(resnet_space):
     space, cost, model = resnet_space
     tight = 1.2 * cost.flops(space.minimal()) / cost.base_flops  # random profiles (almost) never fit
