@@ -9,14 +9,15 @@ Stages (each resumable; run them in any order, the `rank` table uses whatever ha
   metapruning row keeps (the l1 order's best ``w`` per group, which is what l1 pruning keeps) and
   retrained with the bench recipe (bench/common.py retrain_cell: 20 epochs, lr 0.05, cached in
   bench/results/retrain/). One JSON per profile in bench/results/metapruning/profiles/.
-* `nets`: PruningNets trained for each length in ``--lengths`` (steps of 128 images, lr 0.01, hidden
-  32, l1 channel order; 0 = the untrained net, i.e. the base weights of the kept channels), cached
-  in bench/cache/; their training seconds, and a base SGD step against a PruningNet step timed back
-  to back, go to bench/results/metapruning/nets.json.
+* `nets`: PruningNets trained for each ``--nets`` spec ``STEPS[:LR[:LO-HI]]`` (steps of 128 images,
+  learning rate (default 0.01), training profiles' FLOPs range (default all); hidden 32, l1 channel
+  order; 0 = the untrained net, i.e. the base weights of the kept channels), cached in bench/cache/;
+  their training seconds, and a base SGD step against a PruningNet step timed back to back, go to
+  bench/results/metapruning/nets.json.
 * `score`: every finished profile scored with every net (generated weights, BN recalibrated on
   ``--bn-batches`` batches of 128, val accuracy), written into its JSON.
-* `bn`: the BN recalibration study: the first ``--bn-profiles`` profiles scored with the longest net
-  after 1 to 80 recalibration batches, 3 seeds each -> bench/results/metapruning/bn.json.
+* `bn`: the BN recalibration study: the first ``--bn-profiles`` profiles scored with the last net of
+  ``--nets`` after 1 to 80 recalibration batches, 3 seeds each -> bench/results/metapruning/bn.json.
 * `rank` (also printed after `score`): Spearman of each net's score against the retrained test
   accuracy over the profiles finished so far.
 
@@ -30,6 +31,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +54,7 @@ from widthsearch.training import TrainConfig, set_threads, train  # noqa: E402
 MODEL = "cifar_resnet20"
 BATCH = 128
 LR = 0.01
+NETS = ("0", "500", "1500")
 HIDDEN = 32
 PROFILES = 24
 BN_COUNTS = (1, 2, 5, 10, 20, 40, 80)  # the train split is 32 batches of 128
@@ -96,14 +99,43 @@ class Bench:
     def net_store(self) -> Storage:
         return Storage(str(CACHE / f"{self.ckpt.stem}-pruningnet"))
 
-    def net_name(self, steps: int) -> str:
-        return f"l1-h{HIDDEN}-lr{LR:g}-b{BATCH}-{steps}.pt"
-
-    def load_net(self, steps: int) -> PruningNet:
+    def load_net(self, spec: NetSpec) -> PruningNet:
         net = PruningNet(self.base, self.space, HIDDEN, self.order)
-        if steps:
-            net.load_state_dict(self.net_store().load_torch(self.net_name(steps))["net"])
+        if spec.steps:
+            net.load_state_dict(self.net_store().load_torch(spec.file)["net"])
         return net.eval()
+
+    def available(self, specs: list[NetSpec]) -> list[NetSpec]:
+        """The specs whose net exists (the untrained one always does)."""
+        return [s for s in specs if s.steps == 0 or self.net_store().has(s.file)]
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """A PruningNet training run: steps, learning rate, FLOPs range of its training profiles."""
+
+    steps: int
+    lr: float = LR
+    flops: tuple[float, float] = (0.0, 1.0)
+
+    @classmethod
+    def parse(cls, text: str) -> "NetSpec":
+        """STEPS[:LR[:LO-HI]]"""
+        parts = text.split(":")
+        flops = tuple(float(x) for x in parts[2].split("-")) if len(parts) > 2 else (0.0, 1.0)
+        return cls(int(parts[0]), float(parts[1]) if len(parts) > 1 else LR, flops)
+
+    @property
+    def key(self) -> str:
+        """The score key in a profile's JSON (net0 for the untrained net)."""
+        if self.steps == 0:
+            return "net0"
+        return f"net{self.steps}-lr{self.lr:g}" + ("" if self.flops == (0.0, 1.0) else f"-f{self.flops[0]:g}-{self.flops[1]:g}")
+
+    @property
+    def file(self) -> str:
+        rng = "" if self.flops == (0.0, 1.0) else f"-f{self.flops[0]:g}-{self.flops[1]:g}"
+        return f"l1-h{HIDDEN}-lr{self.lr:g}-b{BATCH}-{self.steps}{rng}.pt"
 
 
 def stage_retrain(b: Bench, count: int) -> None:
@@ -126,7 +158,7 @@ def stage_retrain(b: Bench, count: int) -> None:
               f"(retrain {row['retrain_s']:.0f}s, load {machine_load():.1f})", flush=True)
 
 
-def stage_nets(b: Bench, lengths: list[int]) -> None:
+def stage_nets(b: Bench, specs: list[NetSpec]) -> None:
     out = b.folder / "nets.json"
     record = json.loads(out.read_text()) if out.is_file() else {"nets": {}}
     store = b.net_store()
@@ -148,24 +180,24 @@ def stage_nets(b: Bench, lengths: list[int]) -> None:
           f"{record['timing']['pruningnet_step_s']:.3f}s (x{record['timing']['ratio']:.2f}); "
           f"one base epoch = {steps_per_epoch} steps", flush=True)
     out.write_text(json.dumps(record, indent=1))
-    for steps in lengths:
-        if steps == 0 or store.has(b.net_name(steps)):
+    for spec in specs:
+        if spec in b.available(specs):
             continue
         net = PruningNet(b.base, b.space, HIDDEN, b.order)
-        info = train_pruningnet(net, b.data, b.cost, steps=steps, lr=LR, batch_size=BATCH, seed=0, store=store,
-                                name=b.net_name(steps), every=250)
-        record["nets"][str(steps)] = {**info, "base_epochs_of_steps": steps / steps_per_epoch,
-                                      "loadavg_1m": machine_load(), "date": time.strftime("%Y-%m-%d")}
+        info = train_pruningnet(net, b.data, b.cost, steps=spec.steps, lr=spec.lr, batch_size=BATCH, seed=0,
+                                flops=spec.flops, store=store, name=spec.file, every=50)
+        record["nets"][spec.key] = {**info, "base_epochs_of_steps": spec.steps / steps_per_epoch,
+                                    "loadavg_1m": machine_load(), "date": time.strftime("%Y-%m-%d")}
         out.write_text(json.dumps(record, indent=1))
-        print(f"PruningNet {steps} steps: {info['train_s']:.0f}s, final loss {info['loss']:.3f}", flush=True)
+        print(f"PruningNet {spec.key}: {info['train_s']:.0f}s, final loss {info['loss']:.3f}", flush=True)
 
 
-def stage_score(b: Bench, lengths: list[int], bn_batches: int) -> None:
-    nets = {s: b.load_net(s) for s in lengths if s == 0 or b.net_store().has(b.net_name(s))}
+def stage_score(b: Bench, specs: list[NetSpec], bn_batches: int) -> None:
+    nets = {s: b.load_net(s) for s in b.available(specs)}
     for path in sorted((b.folder / "profiles").glob("*.json")):
         row = json.loads(path.read_text())
-        for steps, net in nets.items():
-            key = f"net{steps}-bn{bn_batches}"
+        for spec, net in nets.items():
+            key = f"{spec.key}-bn{bn_batches}"
             if key not in row["scores"]:
                 start = time.time()
                 acc, loss = score_widths(net, row["widths"], b.data, bn_batches=bn_batches, batch_size=BATCH, seed=0)
@@ -173,14 +205,14 @@ def stage_score(b: Bench, lengths: list[int], bn_batches: int) -> None:
                 path.write_text(json.dumps(row, indent=1))
 
 
-def stage_bn(b: Bench, lengths: list[int], count: int) -> None:
-    steps = max(s for s in lengths if s == 0 or b.net_store().has(b.net_name(s)))
-    net = b.load_net(steps)
+def stage_bn(b: Bench, specs: list[NetSpec], count: int) -> None:
+    spec = b.available(specs)[-1]
+    net = b.load_net(spec)
     rows = b.profiles(PROFILES)[:count]
     out = b.folder / "bn.json"
     record = json.loads(out.read_text()) if out.is_file() else {}
-    if record.get("net_steps") != steps:
-        record = {"net_steps": steps, "batch": BATCH, "profiles": [r["widths"] for r in rows], "scores": {}}
+    if record.get("net") != spec.key:
+        record = {"net": spec.key, "batch": BATCH, "profiles": [r["widths"] for r in rows], "scores": {}}
     for n in (BN_COUNTS[:3] if b.quick else BN_COUNTS):
         for seed in BN_SEEDS:
             key = f"{n}-s{seed}"
@@ -200,7 +232,7 @@ def print_bn(record: dict) -> None:
         n = int(key.split("-")[0])
         by_n.setdefault(n, []).append(cell["val_acc"])
     ref = np.mean(by_n[max(by_n)], axis=0)
-    print(f"\nBN recalibration, PruningNet of {record['net_steps']} steps, {len(ref)} profiles, batches of "
+    print(f"\nBN recalibration, PruningNet {record['net']}, {len(ref)} profiles, batches of "
           f"{record['batch']}\n| batches | images | mean val acc | mean std over seeds | max std | "
           f"Spearman vs {max(by_n)} batches (per seed, mean) |\n|---|---|---|---|---|---|")
     for n in sorted(by_n):
@@ -212,7 +244,7 @@ def print_bn(record: dict) -> None:
 
 def stage_rank(b: Bench) -> None:
     rows = b.finished()
-    keys = sorted({k for r in rows for k in r["scores"]}, key=lambda k: (int(k.split("-")[0][3:]), k))
+    keys = sorted({k for r in rows for k in r["scores"]})
     print(f"\nSpearman of the PruningNet score against the retrained test accuracy ({RETRAIN_EPOCHS}-epoch retrain), "
           f"budget {b.budget:g}\n| net (steps, BN batches) | profiles | Spearman | p |\n|---|---|---|---|")
     for key in keys:
@@ -229,25 +261,25 @@ def main() -> None:
     parser.add_argument("--data", default=f"npz:{DEFAULT_DATA}")
     parser.add_argument("--budget", type=float, default=0.5)
     parser.add_argument("--profiles", type=int, default=PROFILES)
-    parser.add_argument("--lengths", type=int, nargs="+", help="PruningNet steps (default 0 500 1500 3000)")
+    parser.add_argument("--nets", nargs="+", help=f"PruningNets, STEPS[:LR[:LO-HI]] (default {' '.join(NETS)})")
     parser.add_argument("--bn-batches", type=int, default=20, help="recalibration batches for `score`")
     parser.add_argument("--bn-profiles", type=int, default=8, help="profiles in the `bn` study")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     set_threads(args.threads)
     b = Bench(args.data, args.budget, args.quick)
-    lengths = args.lengths or ([0, 20, 40] if args.quick else [0, 500, 1500, 3000])
+    specs = [NetSpec.parse(t) for t in args.nets or (["0", "20", "40"] if args.quick else NETS)]
     print(f"base {MODEL}: val {b.info['val_acc']:.4f}, test {b.info['test_acc']:.4f}; load {machine_load():.1f}",
           flush=True)
     if args.stage == "retrain":
         stage_retrain(b, 4 if args.quick else args.profiles)
     elif args.stage == "nets":
-        stage_nets(b, lengths)
+        stage_nets(b, specs)
     elif args.stage == "score":
-        stage_score(b, lengths, args.bn_batches)
+        stage_score(b, specs, args.bn_batches)
         stage_rank(b)
     elif args.stage == "bn":
-        stage_bn(b, lengths, 3 if args.quick else args.bn_profiles)
+        stage_bn(b, specs, 3 if args.quick else args.bn_profiles)
     else:
         stage_rank(b)
 

@@ -18,9 +18,9 @@ Source: the paper and the authors' code (github.com/liuzechun/MetaPruning: ``*/t
    generation is ``population // 2`` mutants (each gene of a top-k parent moved to another
    legal width with probability ``mutation_prob``, like the authors' random offset modulo the
    choices), ``population // 2`` crossovers (gene-wise uniform between two top-k parents) and
-   random profiles for any shortfall. Every child is checked against
-   the budget with the searcher's Measure and resampled until feasible (and new) before it is
-   proposed; the top ``topk`` are kept over all generations. Each candidate is a trial:
+   random profiles for any shortfall. Every child is checked against the budget with the
+   searcher's Measure and resampled until feasible (and new) before it is proposed; the top
+   ``topk`` are kept over all generations. Each candidate is a trial:
    generated weights, BN statistics recalibrated on ``bn_batches`` train batches, scored on
    val, no fine-tuning. ``suggest`` returns None while the PruningNet trains or a generation
    runs.
@@ -53,8 +53,8 @@ transform. (4) Pareto mode (no budget) ranks by domination count over (score, co
 then score; the authors search one FLOPs window. (5) Random profiles draw every group's
 width uniformly over its legal widths (the authors: scale choices 12 to 23 of 31, i.e. 46-79%
 of the width, within a FLOPs window of about +-2.5% around the target); candidates are only
-bounded above by the budget. (6) The
-training trial gets the same resources as every trial (search.py gives one set). (7) The
+bounded above by the budget. (6) The training trial gets the same resources as every trial
+(search.py gives one set). (7) The
 authors train their PruningNet for 32 ImageNet epochs from scratch (lr 0.1, label smoothing);
 ours fine-tunes from the base for ``train_steps`` steps of the search's batch size (SGD, lr
 ``lr``, cosine schedule, the project's one optimiser).
