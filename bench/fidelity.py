@@ -23,6 +23,7 @@ in bench/results/retrain/. bench/report.py computes Spearman and Kendall with bo
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -77,6 +78,15 @@ def profiles(model, space, cost, quick: bool) -> list[dict]:
     return out
 
 
+def interleaved(todo: list[dict]) -> list[tuple[int, dict]]:
+    """(index, profile) taking the 0.3 set, the 0.5 set and the spread in turn, so that a partial run already
+    covers the whole FLOPs range (the index, which seeds the scoring, is the profile's place in `profiles`)."""
+    sets = [[(i, p) for i, p in enumerate(todo) if p["target"] == 0.3],
+            [(i, p) for i, p in enumerate(todo) if p["target"] == 0.5],
+            [(i, p) for i, p in enumerate(todo) if p["target"] not in (0.3, 0.5)]]
+    return [item for row in itertools.zip_longest(*sets) for item in row if item is not None]
+
+
 def score_variants(base, space, widths, data, seed: int, ks=KS) -> dict:
     """Val accuracy/loss (full val and its first half) after adaptive BN + k fine-tune steps, and seconds."""
     half = len(data.val) // 2
@@ -126,7 +136,7 @@ def main() -> None:
     todo = profiles(base, space, cost, args.quick)
     print(f"base {args.model}: val {info['val_acc']:.4f}, test {info['test_acc']:.4f}; {len(todo)} profiles", flush=True)
     done = 0
-    for i, p in enumerate(todo):
+    for i, p in interleaved(todo):
         path = folder / f"{args.model}-{profile_key(p['widths'])}.json"
         if path.is_file():
             continue

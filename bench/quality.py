@@ -1,21 +1,31 @@
-"""Quality at equal budgets: every searcher and the torch-pruning peer at the same FLOPs budgets.
+"""The decisive benchmark: every method at the same FLOPs budgets and the same retrain, per-image test results.
 
-Search budget: the same number of Tune trials per searcher (`--trials`; for aofp that count
-includes its probe trials). Each searcher's best row *within the budget* on the validation
-score is retrained for `--retrain-epochs` (from the pruned base weights, same recipe for all);
-the peer (torch-pruning's global MagnitudePruner with L1 magnitude, and with Taylor importance)
-prunes the base to the same FLOPs and gets the same retrain. Reported: test accuracy (the test
-split is used only here, after the choice), FLOPs ratio, params, CPU latency at batch 1 and 64.
+Cells: base x method x budget x seed, one JSON each in bench/results/quality/ (resumable: finished cells
+are skipped; commit them). Methods:
 
-    python bench/quality.py [--quick] [--data npz:PATH] [--out bench/results/quality.json]
+* no search: `uniform` (the largest uniform keep ratio within the budget, L1 channels); torch-pruning's
+  own global pruner (`MetaPruner`, `global_pruning=True`, stepped until the FLOPs are within the budget)
+  with `tp-l1` (MagnitudeImportance p=1), `tp-taylor` (TaylorImportance, gradients of one train batch
+  per step) and `tp-bnscale` (BNScaleImportance);
+* widthsearch searchers (`global`, `optuna`, `aofp`, `gradient`, `metapruning`): a real `widthsearch
+  search` (Ray Tune trials) on the bench base, validation split only; the row `choose_trial` picks
+  (within the budget, longest fidelity) is pruned from the base weights (or the searcher's own weights).
+
+Every pruned model gets the same retrain (bench/common.py `retrain_cell`: 20 epochs, SGD lr 0.05 cosine,
+from the pruned weights, seed = the cell's seed) and is then evaluated on the test split, image by
+image (stored, for paired statistics). The search seed is the cell's seed too. Search cost is recorded
+in wall seconds, CPU-seconds of trials (sum of trial wall time x CPUs) and trials, next to the retrain's.
+
+    python bench/quality.py [--model cifar_resnet20] [--methods ...] [--budgets 0.5 0.3] [--seeds 0 1 2]
+                            [--threads 1] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
-import os
 import sys
 import tempfile
 import time
@@ -26,58 +36,50 @@ import torch_pruning as tp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DEFAULT_DATA, RESULTS, base_checkpoint  # noqa: E402
+from common import (DEFAULT_DATA, RESULTS, SPLIT_SEED, VAL_FRACTION, base_checkpoint, bench_data,  # noqa: E402
+                    machine_load, retrain_cell)
 
-from widthsearch import load_data, load_model  # noqa: E402
+from widthsearch import CostModel, build_space, load_model, prune  # noqa: E402
 from widthsearch.config import SearchConfig  # noqa: E402
 from widthsearch.export import measure_latency  # noqa: E402
 from widthsearch.models import classifier_of  # noqa: E402
-from widthsearch.search import run_retrain, run_search  # noqa: E402
-from widthsearch.training import TrainConfig, evaluate, set_threads, train  # noqa: E402
+from widthsearch.search import choose_trial, run_search  # noqa: E402
+from widthsearch.storage import filesystem  # noqa: E402
+from widthsearch.training import set_threads  # noqa: E402
 
-SEARCHERS = ("uniform", "random", "global", "optuna", "aofp", "gradient", "metapruning")
+PEERS = {"tp-l1": lambda: tp.importance.MagnitudeImportance(p=1),
+         "tp-taylor": lambda: tp.importance.TaylorImportance(),
+         "tp-bnscale": lambda: tp.importance.BNScaleImportance()}
+SEARCHERS = ("global", "optuna", "aofp", "gradient", "metapruning")
+METHODS = ("uniform", *PEERS, *SEARCHERS)
 
-
-def best_within(table, budget: float) -> dict | None:
-    """The best-scoring successful row whose FLOPs ratio is within the budget (validation score only)."""
-    rows = [r for r in table.to_pylist() if r["status"] == "ok" and r["flops_ratio"] <= budget + 1e-9]
-    return max(rows, key=lambda r: (r["score"], -r["flops_ratio"])) if rows else None
-
-
-def run_searcher(name: str, budget: float, seed: int, args, ckpt: Path, storage: str) -> dict:
-    cfg = SearchConfig(name=f"{name}-b{budget}-s{seed}", storage=storage, model=args.model, checkpoint=str(ckpt),
-                       data=args.data, searcher=name, budget=budget, num_samples=args.trials,
-                       concurrency=args.concurrency, finetune_steps=args.finetune_steps, cpus_per_trial=1, seed=seed)
-    start = time.time()
-    exp_dir, table = run_search(cfg, progress=False)
-    search_s = time.time() - start
-    row = best_within(table, budget)
-    if row is None:
-        return {"method": name, "budget": budget, "seed": seed, "search_s": search_s,
-                "error": f"no successful trial within the budget among {table.num_rows}"}
-    out = Path(storage) / f"export-{cfg.name}"
-    summary = run_retrain(exp_dir, trial=row["trial_id"], epochs=args.retrain_epochs, lr=args.lr, out=str(out),
-                          progress=False)
-    latency = json.loads((out / "latency.json").read_text())
-    return {"method": name, "budget": budget, "seed": seed, "search_s": search_s, "trials": table.num_rows,
-            "val_score": row["score"], "test_acc": summary["test_acc"], "flops_ratio": summary["flops_ratio"],
-            "params": summary["params"], "keep_ratios": row["keep_ratios"],
-            "batch1_ms": latency["pruned"]["batch1_ms"], "batch64_ms": latency["pruned"]["batch64_ms"],
-            "dense_batch1_ms": latency["dense"]["batch1_ms"], "dense_batch64_ms": latency["dense"]["batch64_ms"]}
+# The search each searcher gets (the same compute for all: see SEARCH_NOTE), as SearchConfig fields.
+SEARCH = {
+    "common": dict(finetune_steps=100, asha=True, min_finetune_steps=25, reduction_factor=4, num_samples=24,
+                   concurrency=2, cpus_per_trial=1, bn_batches=20, score="val_acc"),
+    "global": dict(num_samples=4),
+    "aofp": dict(num_samples=200),
+    "gradient": dict(num_samples=12),
+    "metapruning": dict(num_samples=201),
+}
+SEARCH_NOTE = ("every scoring searcher: 24 Tune trials, ASHA from 25 to 100 fine-tune steps (reduction factor 4); "
+               "aofp and metapruning: their own trial structure, capped by the same number of trial-seconds")
 
 
-def peer_prune(model: torch.nn.Module, data, budget: float, importance: str, seed: int) -> torch.nn.Module:
-    """torch-pruning's global MagnitudePruner, stepped until the FLOPs ratio is within the budget."""
+def peer_prune(model: torch.nn.Module, data, cost: CostModel, budget: float, importance: str,
+               seed: int) -> torch.nn.Module:
+    """torch-pruning's global pruner, one small step at a time until torch-pruning counts the FLOPs within budget."""
     model = copy.deepcopy(model)
     example = data.example_input
     base = tp.utils.count_ops_and_params(model, example)[0]
-    imp = tp.importance.TaylorImportance() if importance == "taylor" else tp.importance.MagnitudeImportance(p=1)
-    pruner = tp.pruner.MagnitudePruner(model, example, importance=imp, global_pruning=True, pruning_ratio=0.95,
-                                       iterative_steps=200, ignored_layers=[model.get_submodule(classifier_of(model))])
-    for _ in range(200):
-        if importance == "taylor":
+    pruner = tp.pruner.MetaPruner(model, example, importance=PEERS[importance](), global_pruning=True,
+                                  pruning_ratio=0.95, iterative_steps=400,
+                                  ignored_layers=[model.get_submodule(classifier_of(model))])
+    batches = data.stream("train", 128, seed=seed, augment=False)
+    for _ in range(400):
+        if importance == "tp-taylor":
+            x, y = next(batches)
             model.zero_grad()
-            x, y = next(data.batches("train", 128, shuffle=True, seed=seed))
             torch.nn.functional.cross_entropy(model(x), y).backward()
         pruner.step()
         if tp.utils.count_ops_and_params(model, example)[0] <= budget * base:
@@ -86,56 +88,104 @@ def peer_prune(model: torch.nn.Module, data, budget: float, importance: str, see
     return model
 
 
-def run_peer(importance: str, budget: float, seed: int, args, ckpt: Path) -> dict:
-    data = load_data(args.data, seed=seed)
-    base = load_model(args.model, data.num_classes, checkpoint=str(ckpt), in_channels=data.in_channels)
+def search_cell(name: str, budget: float, seed: int, args, ckpt: Path, base, space, data) -> tuple[torch.nn.Module, dict]:
+    """Run one widthsearch search; the pruned model of its chosen row and what the search cost."""
+    options = {**SEARCH["common"], **SEARCH.get(name, {})}
+    with tempfile.TemporaryDirectory() as storage:
+        cfg = SearchConfig(name=f"{name}-b{budget}-s{seed}", storage=storage, model=args.model, checkpoint=str(ckpt),
+                           data=args.data, val_fraction=VAL_FRACTION, split_seed=SPLIT_SEED, searcher=name,
+                           budget=budget, seed=seed, **options)
+        start = time.time()
+        exp_dir, table = run_search(cfg, progress=False)
+        search_s = time.time() - start
+        rows = table.to_pylist()
+        row = choose_trial(table, budget=budget)
+        model = pruned_from_row(row, base, space, cfg.criterion)
+    info = {"search_s": search_s, "trials": len(rows), "trial_cpu_s": sum((r["wall_s"] or 0) * 1.0 for r in rows),
+            "val_score": row["score"], "val_finetune_steps": row["finetune_steps"], "trial_id": row["trial_id"],
+            "search_config": {k: v for k, v in options.items()},
+            "rows_at_fidelity": {str(s): sum(1 for r in rows if r["finetune_steps"] == s)
+                                 for s in sorted({r["finetune_steps"] for r in rows if r["finetune_steps"] is not None})}}
+    return model, info
+
+
+def pruned_from_row(row: dict, base, space, criterion: str) -> torch.nn.Module:
+    """The chosen row's pruned model: its own channels and weights when the searcher chose them, else the criterion."""
+    payload = json.loads(row["payload"]) if row.get("payload") else {}
+    if isinstance(payload, dict) and "keep" in payload:
+        model = copy.deepcopy(base)
+        if row.get("checkpoint"):
+            fs, path = filesystem(row["checkpoint"])
+            with fs.open_input_stream(path) as f:
+                state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+            model.load_state_dict(state.get("state_dict", state))
+        return prune(model, space, keep=payload["keep"])
+    return prune(base, space, space.from_vector(row["widths"]), criterion)
+
+
+def run_cell(method: str, budget: float, seed: int, args, ckpt: Path, info: dict, base, space, cost, data) -> dict:
     start = time.time()
-    model = peer_prune(base, data, budget, importance, seed)
-    train(model, data, epochs=args.retrain_epochs, config=TrainConfig(lr=args.lr), seed=seed)
+    extra: dict = {}
+    if method == "uniform":
+        from searchers import make_searcher
+
+        widths = make_searcher("uniform", space, cost, budget=budget).suggest("u")["widths"]
+        model = prune(base, space, space.from_vector(widths), "l1")
+    elif method in PEERS:
+        model = peer_prune(base, data, cost, budget, method, seed)
+    else:
+        model, extra = search_cell(method, budget, seed, args, ckpt, base, space, data)
+    prune_s = time.time() - start
     flops, params = tp.utils.count_ops_and_params(model, data.example_input)
-    base_flops = tp.utils.count_ops_and_params(base, data.example_input)[0]
-    latency = measure_latency(model, data.example_input)
-    return {"method": f"tp-{importance}", "budget": budget, "seed": seed, "search_s": time.time() - start,
-            "test_acc": evaluate(model, data, "test")[0], "flops_ratio": flops / base_flops, "params": params,
-            "batch1_ms": latency["batch1_ms"], "batch64_ms": latency["batch64_ms"]}
+    widths = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    latency = measure_latency(copy.deepcopy(model), data.example_input)
+    retrain = retrain_cell(ckpt.stem, model, data, seed=seed, label=f"quality {method} {budget} s{seed}",
+                           **({"epochs": args.retrain_epochs} if args.retrain_epochs else {}))
+    return {"method": method, "budget": budget, "seed": seed, "model": args.model, "base": ckpt.stem,
+            "base_info": info, "flops_ratio": flops / cost.base_flops, "params": params, "conv_widths": widths,
+            "prune_or_search_s": prune_s, **extra, "retrain_key": retrain["key"], "retrain_s": retrain["train_s"],
+            "retrain_epochs": retrain["epochs"], "test_acc": retrain["test_acc"], "val_acc": retrain["val_acc"],
+            "test_correct": retrain["test_correct"], "batch1_ms": latency["batch1_ms"],
+            "batch64_ms": latency["batch64_ms"], "threads": torch.get_num_threads(), "loadavg_1m": machine_load(),
+            "date": time.strftime("%Y-%m-%d")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="resnet20, one budget, one seed, tiny budgets")
+    parser.add_argument("--model", default="cifar_resnet20")
     parser.add_argument("--data", default=f"npz:{DEFAULT_DATA}")
-    parser.add_argument("--model")
-    parser.add_argument("--searchers", nargs="+")
-    parser.add_argument("--out", default=str(RESULTS / "quality.json"))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.3])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="uniform and tp-l1 at 0.5, one seed, 1-epoch retrain")
     args = parser.parse_args()
-    quick = dict(model="cifar_resnet20", budgets=[0.5], seeds=[0], trials=4, finetune_steps=10, retrain_epochs=1,
-                 base_epochs=3, searchers=["uniform", "random", "global", "optuna"], peers=["magnitude"])
-    full = dict(model="cifar_resnet56", budgets=[0.5, 0.3], seeds=[0, 1, 2], trials=32, finetune_steps=100,
-                retrain_epochs=30, base_epochs=60, searchers=list(SEARCHERS), peers=["magnitude", "taylor"])
-    setup = quick if args.quick else full
-    args.model = args.model or setup["model"]
-    args.searchers = args.searchers or setup["searchers"]
-    args.trials, args.finetune_steps, args.retrain_epochs = setup["trials"], setup["finetune_steps"], setup["retrain_epochs"]
-    args.concurrency, args.lr = 2, 0.05
-    set_threads(2)
-    ckpt, base = base_checkpoint(args.model, args.data, setup["base_epochs"])
-    print(f"base {args.model}: test acc {base['test_acc']:.4f}, trained in {base['train_s']:.0f}s", flush=True)
-    rows = []
-    with tempfile.TemporaryDirectory() as storage:
-        for budget in setup["budgets"]:
-            for seed in setup["seeds"]:
-                for name in args.searchers:
-                    rows.append(run_searcher(name, budget, seed, args, ckpt, storage))
-                    print(json.dumps(rows[-1]), flush=True)
-                for importance in setup["peers"]:
-                    rows.append(run_peer(importance, budget, seed, args, ckpt))
-                    print(json.dumps(rows[-1]), flush=True)
-    out = {"mode": "quick" if args.quick else "full", "date": time.strftime("%Y-%m-%d"), "loadavg_1m": os.getloadavg()[0], "model": args.model,
-           "data": args.data, "base": base, "trials": args.trials, "finetune_steps": args.finetune_steps,
-           "retrain_epochs": args.retrain_epochs, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.out}")
+    if args.quick:
+        args.methods, args.budgets, args.seeds = ["uniform", "tp-l1"], [0.5], [0]
+    args.retrain_epochs = 1 if args.quick else None
+    set_threads(args.threads)
+    ckpt, info = base_checkpoint(args.model, args.data)
+    data = bench_data(args.data)
+    base = load_model(args.model, data.num_classes, checkpoint=str(ckpt), in_channels=data.in_channels)
+    space = build_space(base, data.example_input)
+    cost = CostModel(space)
+    folder = RESULTS / ("quality-quick" if args.quick else "quality")
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"base {args.model}: val {info['val_acc']:.4f}, test {info['test_acc']:.4f}", flush=True)
+    for budget in args.budgets:
+        for seed in args.seeds:
+            for method in args.methods:
+                path = folder / f"{args.model}-{method}-b{budget}-s{seed}.json"
+                if path.is_file():
+                    continue
+                try:
+                    cell = run_cell(method, budget, seed, args, ckpt, info, base, space, cost, data)
+                except Exception as exc:  # a failed cell is recorded, not fatal: the table lists it
+                    cell = {"method": method, "budget": budget, "seed": seed, "model": args.model,
+                            "error": f"{type(exc).__name__}: {exc}", "date": time.strftime("%Y-%m-%d")}
+                path.write_text(json.dumps(cell, indent=1))
+                print(f"{method} {budget} s{seed}: " + (cell.get("error") or
+                      f"test {cell['test_acc']:.4f} flops {cell['flops_ratio']:.3f}"), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,46 +1,79 @@
-"""AOFP: Approximated Oracle Filter Pruning (Ding, Ding, Guo, Han, Yan; ICML 2019).
+"""AOFP: Approximated Oracle Filter Pruning (Ding, Ding, Guo, Han, Yan; ICML 2019; code: DingXiaoH/AOFP).
 
 Oracle pruning ranks a filter by the damage done when it alone is removed: accurate but one
-evaluation per filter. AOFP approximates it with a binary search per layer (here: per
-channel group). Each group keeps a *search space* S of candidate channels (first all alive
-channels). Pruning attempts mask a random half of S in every searched group at once, on
-every batch; the damage t = ||y - y'||^2 / ||y||^2 at the output of the layers that consume
-the group (base and ablated paths share weights) is added to every masked channel's running
-sum and count. After a window of attempts the k = |S|//2 channels with the smallest mean
-damage (never-sampled ones last) are tested: if the k-th smallest mean is below epsilon,
-they are masked for good and S is reset to the remaining channels; else, if k > 1, S shrinks
-to those k; else nothing more can go from that group and it stops (the authors' code resets
-S instead; we stop it so the search ends; a stopped group still shrinks nothing). A group
-also stops at its minimum width. The widths are found, not given: with a budget, the search
-stops as soon as the FLOPs ratio of the committed widths is at or below it; without one,
+evaluation per filter. AOFP approximates it with a binary search per layer (here: per channel
+group). Each group keeps a *search space* S of candidate channels (first all alive channels).
+Pruning attempts mask a random half of S in every searched group at once, on every batch; the
+damage t = ||y - y'||^2 / ||y||^2 is taken where the authors take it, at the output of the
+next layer's BatchNorm and ReLU (base and ablated paths share weights; BN with the batch's
+statistics, as in their training-time forward; see trainables.aofp.MeasurePoint for consumers
+without BN or ReLU: the classifier and a conv feeding an addition are measured at their raw
+output), and is added to every masked channel's running sum and count. After a half's batches
+the k = |S|//2 channels with the smallest mean damage (never-sampled ones last) are tested: if
+the k-th smallest mean is below epsilon, they are masked for good and S is reset to the
+remaining channels; else, if k > 1, S shrinks to those k; else the pass failed and, as in the
+authors' code, S is reset to all alive channels and the search starts over (the weights have
+moved since, so damages differ). The widths are found, not given: with a budget, the search
+stops as soon as the measure ratio of the committed widths is at or below it; without one,
 when every group has stopped.
 
-How it runs on Ray Tune (trainable ``aofp`` in trainables/aofp.py): a *round* is
-``probes`` parallel probe trials, each evaluating ``window`` batches of masking attempts on
-the current model version and reporting per-channel damage sums and counts; then one
-*commit* trial applies the decisions (masking for good), fine-tunes the base path for
-``commit_steps`` SGD steps at ``lr`` (1e-3 in the paper) with masked channels held at zero,
-evaluates on val and writes the next model version to the experiment storage. ``suggest``
-returns None while a round or a commit is in flight.
+Batches per decision. Every decision rests on ``probes x window`` batches (default 2 x 250 =
+500 batches of 128 images, the authors' 1000 iterations x 64 images per half). Fewer do not
+rank the filters reproducibly: on the bench's cifar_resnet20 (first pass, all filters in S),
+two independent runs rank a group's filters with a median Spearman (over the 12 groups) of
+0.23 at 20 batches, 0.61 at 100, 0.75 at 200 and 0.88 at 500 (0.72 to 0.95 per group); see
+``python bench/aofp.py --agreement`` and bench/results/aofp/agreement.json.
 
-Deviations, stated: (1) the paper fine-tunes the base path on the same batches that carry
-the pruning attempts; here attempts (probe trials) and fine-tuning (commit trials) alternate,
-so that attempts parallelise across trials; one round's ``probes x window`` batches play the
-role of the code's 1000-iteration window (scaled down). (2) Searched units are DepGraph
-channel groups, so a residual stream is searched as one unit and its damage is measured at
-all its consumers; the authors search only the first conv of each ResNet block. (3) Layers
-start staggered by ``stagger`` rounds (group i joins at round i mod stagger; 0 = all at once).
+How it runs on Ray Tune (trainable ``aofp`` in trainables/aofp.py), the authors' multi-path
+training mapped onto trials. A *round* is one half of every active group:
+
+* ``probes`` parallel *probe* trials (rows with status ``probe``) take consecutive slices of
+  ``window`` batches of the round's train stream and make the pruning attempts on the current
+  model version, reporting per-channel damage sums and counts;
+* one *commit* trial trains the base path on exactly those batches, in order, at a constant
+  learning rate ``lr`` (1e-3 as in the paper) with the momentum carried over from version to
+  version and the masked channels held at zero (gradient masks, as the authors'), then applies
+  the round's decisions (masking for good) and writes the next model version (rows with status
+  ``ok``: widths after the decisions, val accuracy right after masking, ``finetune_steps`` 0);
+* once the search ends, one *final* trial fine-tunes the last version as the authors do after
+  AOFP (``finetune_steps`` at ``finetune_lr``, cosine; the search's flags) and is its last row
+  (status ``ok``), whose payload says why the search ended: ``budget_met`` and ``stop``, the
+  message naming every group that could not be pruned further and why. The same message is
+  logged. ``widthsearch retrain`` picks the final row (the most fine-tune steps in the budget).
+
+``suggest`` returns None while a round or a commit is in flight.
+
+Deviations, stated: (1) per batch, the authors make the attempts with the weights as updated by
+the previous batch; here the probes see the version's weights for the whole round and the commit
+then trains on the same batches (at lr 1e-3 the weights move little within a half), so that the
+attempts parallelise across trials. (2) All searched groups decide at the end of each round; the
+authors' halves are per layer, their starts spread over one half (``stagger`` delays group i's
+start to round i mod stagger; 0 = all at once); no warm-up before the first attempts (theirs:
+500 iterations). (3) Searched units are DepGraph channel groups, so a residual stream is searched
+as one unit with its damages summed over all its consumers; the authors search only the first
+conv of each ResNet block. (4) A group stops after ``patience`` failed passes in a row (k = 1
+test failed), and at its smallest allowed width (min width, divisor: the tested count may be
+smaller than k); the authors restart without end until their fixed training length is spent; we
+stop so that a search that cannot reach the budget ends, with its message. (5) The base path
+uses the project's SGD (Nesterov, weight decay 5e-4); the authors use plain momentum, weight
+decay 1e-4 and twice the learning rate for biases. (6) The budget is checked after every commit
+(the authors: after every epoch); the final fine-tune is the search's short one (theirs: 600
+epochs; ``widthsearch retrain`` trains longer). (7) ``max_rounds`` and ``--num-samples`` bound
+the search; if ``--num-samples`` runs out first, Tune stops before the final trial.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import numpy as np
 
 from .base import WidthSearcher
 from .options import Option
+
+logger = logging.getLogger(__name__)
 
 
 class AofpSearcher(WidthSearcher):
@@ -50,11 +83,14 @@ class AofpSearcher(WidthSearcher):
     trainable = "aofp"
     enforce_budget = False
     promotes = False  # its trials are not fine-tuned in rungs
-    OPTIONS = {"epsilon": Option(0.01, float, "damage threshold below which a half is pruned", low=0, low_open=True),
-               "probes": Option(2, int, "probe trials per round", low=1),
-               "window": Option(10, int, "batches of masking attempts per probe trial", low=1),
-               "commit_steps": Option(50, int, "fine-tune steps of the base path per commit", low=0),
-               "lr": Option(1e-3, float, "learning rate of the base path's fine-tune", low=0, low_open=True),
+    OPTIONS = {"epsilon": Option(0.01, float, "damage threshold (after the next layer's BN and ReLU) below which "
+                                 "a half is pruned", low=0, low_open=True),
+               "probes": Option(2, int, "probe trials per round; they share the round's batches", low=1),
+               "window": Option(250, int, "batches of pruning attempts per probe trial (a decision rests on "
+                                "probes x window batches; the base path trains on them)", low=1),
+               "lr": Option(1e-3, float, "constant learning rate of the base path", low=0, low_open=True),
+               "patience": Option(3, int, "failed passes in a row (no filter below epsilon at k = 1) after "
+                                  "which a group stops", low=1),
                "stagger": Option(0, int, "rounds between the starts of consecutive groups (0: all at once)", low=0),
                "max_rounds": Option(100, int, "most rounds", low=1)}
 
@@ -62,25 +98,27 @@ class AofpSearcher(WidthSearcher):
         super().__init__(space, cost, **kwargs)
         self.version = 0                  # model version the next trials start from (0 = base)
         self.round = 0
-        self.phase = "probe"              # "probe": collecting damages; "commit": waiting for the next version
+        self.phase = "probe"              # "probe" -> "commit" -> "probe" ... -> "final"
         self.alive = {g.name: list(range(g.width)) for g in space.groups}
         self.search = {g.name: list(range(g.width)) for g in space.groups}
-        self.stopped: set[str] = set()
-        self._reset_damage()
+        self.train_keep = self.alive      # the masks the base path trains under in the next commit
+        self.stopped: dict[str, str] = {}  # group -> why it stopped
+        self.failed_passes = {g.name: 0 for g in space.groups}
+        self.last_test: dict[str, float] = {}  # group -> smallest mean damage at its last failed k = 1 test
+        self.dsum = {g.name: np.zeros(g.width) for g in space.groups}
+        self.dcount = {g.name: np.zeros(g.width, dtype=np.int64) for g in space.groups}
         self.issued = 0                   # trials issued in the current phase
         self.done = 0                     # trials completed in the current phase
+        self.probes_ok = 0                # probe trials of the round that reported damages
         self.loss_evals = 0               # ablated evaluations spent by the probes (per group per batch)
         self.trajectory: list[dict] = []  # committed versions: widths, cost_ratio, val_acc
+        self.budget_met = False
+        self.stop_message: str | None = None  # why the search ended (the final trial's payload "stop")
+        for g in space.groups:
+            if not self._can_shrink(g.name):
+                self.stopped[g.name] = f"at its smallest allowed width {g.width}"
 
     # -- state ------------------------------------------------------------------------
-    def _reset_damage(self, names=None) -> None:
-        names = self.space.names if names is None else names
-        if not hasattr(self, "dsum"):
-            self.dsum, self.dcount = {}, {}
-        for n in names:
-            self.dsum[n] = np.zeros(self.space[n].width)
-            self.dcount[n] = np.zeros(self.space[n].width, dtype=np.int64)
-
     def active_groups(self) -> list[str]:
         """Groups searched this round: not stopped, and started (staggered start)."""
         stagger = self.options["stagger"]
@@ -90,49 +128,95 @@ class AofpSearcher(WidthSearcher):
     def widths(self) -> list[int]:
         return [len(self.alive[n]) for n in self.space.names]
 
+    def round_seed(self) -> int:
+        """Seed of the round's train stream (probes take slices of it; the commit trains on all of it)."""
+        return int(np.random.SeedSequence([self.seed, self.round]).generate_state(1)[0])
+
     # -- proposals ----------------------------------------------------------------------
     def _propose(self, trial_id: str):
-        if self.phase == "probe":
-            if self.issued >= self.options["probes"]:
-                return None
-            self.issued += 1
-            active = self.active_groups()
-            payload = {"phase": "probe", "version": self.version, "round": self.round, "window": self.options["window"],
-                       "seed": self.seed * 100003 + self.round * 101 + self.issued,
-                       "search": {n: self.search[n] for n in active}}
-            return self.widths(), payload
-        if self.issued >= 1:
+        if self.issued >= (self.options["probes"] if self.phase == "probe" else 1):
             return None
-        self.issued = 1
-        payload = {"phase": "commit", "version": self.version, "keep": self.alive,
-                   "commit_steps": self.options["commit_steps"], "lr": self.options["lr"]}
+        self.issued += 1
+        if self.phase == "probe":
+            window = self.options["window"]
+            payload = {"phase": "probe", "version": self.version, "round": self.round, "seed": self.round_seed(),
+                       "offset": (self.issued - 1) * window, "window": window,
+                       "search": {n: self.search[n] for n in self.active_groups()}}
+        elif self.phase == "commit":
+            payload = {"phase": "commit", "version": self.version, "round": self.round, "seed": self.round_seed(),
+                       "steps": self.options["probes"] * self.options["window"], "lr": self.options["lr"],
+                       "train_keep": self.train_keep, "keep": self.alive}
+        else:
+            payload = {"phase": "final", "version": self.version, "keep": self.alive, "budget_met": self.budget_met,
+                       "stop": self.stop_message}
         return self.widths(), payload
 
     def _observe(self, trial_id, widths, result, error, value, cost_ratio) -> None:
         if self.phase == "probe":
-            if not error and result and "damages" in result:
-                damages = json.loads(result["damages"])
-                for n, sums in damages["sum"].items():
-                    idx = np.asarray(self.search[n])
-                    self.dsum[n][idx] += np.asarray(sums)
-                    self.dcount[n][idx] += np.asarray(damages["count"][n])
-                self.loss_evals += int(result.get("loss_evals", 0))
-            self.done += 1
-            if self.done >= self.options["probes"]:
-                self.decide()
-                self.phase, self.issued, self.done = "commit", 0, 0
-            return
-        if error or not result:  # a commit that failed for good: the search cannot go on
+            self._observe_probe(result if not error else None)
+        elif self.phase == "commit":
+            self._observe_commit(result if not error else None, cost_ratio)
+        else:
             self._finished = True
+
+    def _observe_probe(self, result: dict | None) -> None:
+        if result and "damages" in result:
+            damages = json.loads(result["damages"])
+            for n, sums in damages["sum"].items():
+                idx = np.asarray(self.search[n])
+                self.dsum[n][idx] += np.asarray(sums)
+                self.dcount[n][idx] += np.asarray(damages["count"][n])
+            self.loss_evals += int(result.get("loss_evals", 0))
+            self.probes_ok += 1
+        self.done += 1
+        if self.done < self.options["probes"]:
+            return
+        if self.probes_ok == 0:
+            self._end(f"every probe trial of round {self.round} failed (see their error rows)")
+            return
+        outcome = self.decide()
+        logger.info("aofp round %d: %s", self.round, "; ".join(f"{n}: {o}" for n, o in outcome.items()))
+        self._next("commit")
+
+    def _observe_commit(self, result: dict | None, cost_ratio: float) -> None:
+        if not result:  # failed for good: the last version stands
+            self.alive = self.train_keep
+            self._end(f"the commit trial of round {self.round} failed (see its error row)")
             return
         self.version = int(result.get("version", self.version + 1))
+        self.train_keep = self.alive
         self.trajectory.append({"version": self.version, "widths": self.widths(), "cost_ratio": cost_ratio,
                                 "val_acc": result.get("val_acc")})
         self.round += 1
-        self.phase, self.issued, self.done = "probe", 0, 0
-        budget_met = self.budget is not None and cost_ratio <= self.budget
-        if budget_met or len(self.stopped) == len(self.space) or self.round >= self.options["max_rounds"]:
-            self._finished = True
+        if self.budget is not None and cost_ratio <= self.budget:
+            self.budget_met = True
+            self._end(None)
+        elif len(self.stopped) == len(self.space):
+            self._end("no group can be pruned further")
+        elif self.round >= self.options["max_rounds"]:
+            self._end(f"max_rounds={self.options['max_rounds']} reached")
+        else:
+            self._next("probe")
+
+    def _next(self, phase: str) -> None:
+        self.phase, self.issued, self.done, self.probes_ok = phase, 0, 0, 0
+
+    def _end(self, reason: str | None) -> None:
+        """Go to the final trial, with the message saying why the search ended (logged)."""
+        ratio = self.cost_ratio(self.widths())
+        unit = self.measure.unit
+        where = f"{unit} ratio {ratio:.4f} at version {self.version}"
+        if self.budget_met:
+            self.stop_message = f"budget {self.budget:g} met: {where}"
+        else:
+            head = f"budget {self.budget:g} not met ({where})" if self.budget is not None else f"search ended ({where})"
+            groups = [f"{n} ({why})" for n, why in self.stopped.items()]
+            searching = [n for n in self.space.names if n not in self.stopped]
+            self.stop_message = (f"{head}: {reason}; groups that cannot be pruned further: "
+                                 f"{', '.join(groups) or 'none'}"
+                                 + (f"; still searching: {', '.join(searching)}" if searching else ""))
+        (logger.info if self.budget_met or self.budget is None else logger.warning)("aofp: %s", self.stop_message)
+        self._next("final")
 
     # -- the binary search --------------------------------------------------------------
     def _prunable(self, name: str, k: int) -> int:
@@ -143,11 +227,15 @@ class AofpSearcher(WidthSearcher):
             m -= 1
         return max(m, 0)
 
+    def _can_shrink(self, name: str) -> bool:
+        return self._prunable(name, len(self.alive[name])) > 0
+
     def decide(self) -> dict[str, str]:
         """Apply one binary-search step to every active group; return what happened per group."""
+        self.train_keep = {n: list(c) for n, c in self.alive.items()}
         outcome = {}
         for n in self.active_groups():
-            group, space = self.space[n], np.asarray(self.search[n])
+            space = np.asarray(self.search[n])
             k = len(space) // 2
             counts = self.dcount[n][space]
             means = np.where(counts > 0, self.dsum[n][space] / np.maximum(counts, 1), np.inf)
@@ -157,15 +245,24 @@ class AofpSearcher(WidthSearcher):
                 drop = set(space[order[:m]].tolist())
                 self.alive[n] = [c for c in self.alive[n] if c not in drop]
                 self.search[n] = list(self.alive[n])
+                self.failed_passes[n] = 0
                 outcome[n] = f"pruned {len(drop)}"
-            elif k > 1:
+                if not self._can_shrink(n):
+                    self.stopped[n] = f"at its smallest allowed width {len(self.alive[n])}"
+                    outcome[n] += ", stopped at its smallest allowed width"
+            elif k > 1 and self._prunable(n, k // 2) >= 1:
                 self.search[n] = sorted(space[order[:k]].tolist())
                 outcome[n] = f"shrunk search to {k}"
             else:
-                self.stopped.add(n)
-                outcome[n] = "stopped"
-            if len(self.alive[n]) <= group.min_width and n not in self.stopped:
-                self.stopped.add(n)
-                outcome[n] += ", stopped at minimum width"
-            self._reset_damage([n])
+                self.failed_passes[n] += 1
+                self.last_test[n] = float(means[order[max(m, 1) - 1]])
+                self.search[n] = list(self.alive[n])
+                outcome[n] = f"pass failed ({self.failed_passes[n]} in a row), search restarts"
+                if self.failed_passes[n] >= self.options["patience"]:
+                    self.stopped[n] = (f"no filter's mean damage below epsilon={self.options['epsilon']:g} in "
+                                       f"{self.failed_passes[n]} passes in a row; the last test found "
+                                       f"{self.last_test[n]:.4g}")
+                    outcome[n] = f"stopped: {self.stopped[n]}"
+            self.dsum[n][:] = 0
+            self.dcount[n][:] = 0
         return outcome

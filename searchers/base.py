@@ -144,7 +144,7 @@ class WidthSearcher(Searcher):
         if cost.space is not space and cost.space.names != space.names:
             raise ConfigError("the cost model was built for a different width space")
         super().__init__(metric=metric, mode=mode)
-        self.num_samples = num_samples        # the search's number of trials (None: not known, e.g. from Python)
+        self.num_samples = num_samples        # the trials Tune will run (None: unknown, e.g. from Python), for sizing
         self.options: dict[str, Any] = self.check_options(options, num_samples)
         self._space = space
         self._cost = cost

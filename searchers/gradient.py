@@ -34,17 +34,21 @@ above the budget never counts as met), the bracket collapses, or ``max_trials`` 
 whose extracted profile ends above the budget (rounding up to the minimum width or the divisor
 can push it over) drops its least probable channels until it fits, so every budget-mode row is
 within the budget; the gates' own ratio is reported as ``gate_ratio`` and drives the bisection.
-Pareto mode: ``points`` values of lam
-spread log-uniformly over [``lam_min``, ``lam_max``], all suggested at once.
+Pareto mode: ``points`` values of lam spread log-uniformly over [``lam_min``, ``lam_max``], all
+suggested at once.
 
-Deviations, stated: (1) the full text of the paper was not reachable from this workspace
-(only its abstract and introduction); the assignment of the two temperatures above (one for
-the Bernoulli parameter, one for the concrete relaxation of the sample), the geometric
-annealing and the frozen-weights choice follow the abstract's description of a two-temperature
-relaxation that learns the architecture independently of the weights, not a checked
-re-reading of the paper's algorithm box. (2) The paper's units are its own layers' neurons /
-channels; here they are DepGraph channel groups (a residual stream is one group, one gate
-per stream channel). (3) BN uses batch statistics during the gate optimisation (the running
+Checked against the source (searched again on 2026-11-23: the stored copies at icml.cc, arXiv
+mirrors and paperswithcode hold the abstract only; paperswithcode lists no released code). What
+matches the abstract: a gradient-based extraction of sub-architectures from a trained model; the
+search posed as complexity-penalised subset selection; a two-temperature relaxation; architectures
+trained independently of the attached weights (here: weights frozen while the gates learn).
+
+Deviations, stated: (1) what could not be checked against the paper's algorithm text: the
+assignment of the two temperatures (one for the Bernoulli parameter, one for the concrete
+relaxation of the sample), their geometric annealing, Adam on the logits, and the threshold
+p > 0.5 at extraction are this implementation's reading of the abstract. (2) The paper's units
+are its own layers' neurons / channels; here they are DepGraph channel groups (a residual stream
+is one group, one gate per stream channel). (3) BN uses batch statistics during the gate optimisation (the running
 statistics are re-estimated after extraction by adaptive BN). (4) lam is searched by the
 searcher (bisection / log grid) rather than set by hand.
 """

@@ -2,9 +2,25 @@
 
 Sources: Tree-structured Parzen Estimator (Bergstra et al., 2011; multivariate TPE of
 Falkner et al., 2018, as implemented in Optuna, Akiba et al., 2019); NSGA-II (Deb et al.,
-2002). The study is driven with Optuna's ask/tell interface, like Ray Tune's OptunaSearch,
-with a define-by-run space of one keep ratio per group (params ``r0``, ``r1``, ... by group
-index; the group names are kept in the study's user attrs).
+2002). The study is driven with Optuna's ask/tell interface, like Ray Tune's OptunaSearch.
+
+Search space (option ``parameterization``):
+
+* ``group``: one keep ratio per channel group (params ``r0``, ``r1``, ... by group index).
+* ``stage``: one keep ratio per *stage*, i.e. per class of groups with the same full width and the
+  same kind (a *stream* group couples several producing layers, like a residual stream; an *inner*
+  group is one layer's output): 6 parameters for any CIFAR ResNet instead of 12 to 54.
+* ``depth``: a smooth depth profile: per kind, ``knots`` keep ratios at evenly spaced depths
+  (the group's first layer's position in the model, 0..1), linearly interpolated.
+
+The low-dimensional spaces let TPE model the results with the few trials a search can afford.
+
+Sizing from the trial count (``num_samples``): TPE's random start-up trials default to a quarter
+of the trials (at least the warm-start trials, at most 10), NSGA-II's population to a quarter
+(4 to 50), so that the model-guided part is most of a small search. Warm start: the study first
+evaluates (enqueued trials) the uniform profile and the global-ranking profiles of the
+experiment's criterion (normalisers mean and max) in budget mode, uniform profiles at three
+ratios in Pareto mode. TPE runs with ``constant_liar`` so concurrent trials are not duplicates.
 
 Deviations: in budget mode the sampled ratios are *repaired* with ``project_to_budget``
 (the largest feasible scale of the ratio vector), so an infeasible profile is never
@@ -22,36 +38,50 @@ from typing import Any
 import numpy as np
 import optuna
 from optuna.trial import TrialState
+from torch import nn
 
 from .base import WidthSearcher
 from .options import Option
 
 SAMPLERS = ("tpe", "nsga2", "random")
+PARAMETERIZATIONS = ("group", "stage", "depth")
 
 
 class OptunaWidthSearcher(WidthSearcher):
-    """Optuna study over per-group keep ratios (TPE: Bergstra et al. 2011; NSGA-II: Deb et al. 2002).
+    """Optuna study over keep ratios (TPE: Bergstra et al. 2011; NSGA-II: Deb et al. 2002).
 
-    Budget mode: ``TPESampler(seed, multivariate=True, n_startup_trials=startup_trials)`` by
-    default (option ``sampler``: "tpe" | "nsga2" | "random"), one objective (the metric, in
-    the searcher's mode); every sampled ratio vector is repaired by ``project_to_budget`` so
-    the budget holds for every suggestion. Pareto mode (``budget=None``): ``NSGAIISampler(seed)``
-    by default with two objectives, the metric (in the searcher's mode) and the FLOPs ratio
-    (minimised; the measure's ratio of the profile), without repair.
-    Errored trials and trials without a finite metric are told as FAIL.
+    Budget mode: ``TPESampler(seed, multivariate=True, constant_liar=True)`` by default (option
+    ``sampler``: "tpe" | "nsga2" | "random"), one objective (the metric, in the searcher's mode);
+    every sampled ratio vector is repaired by ``project_to_budget`` so the budget holds for every
+    suggestion. Pareto mode (``budget=None``): ``NSGAIISampler(seed)`` by default with two
+    objectives, the metric (in the searcher's mode) and the measure's ratio of the profile
+    (minimised), without repair. Errored trials and trials without a finite metric are told as FAIL.
     """
 
     name = "optuna"
     OPTIONS = {"sampler": Option(None, str, "tpe, nsga2 or random (default: tpe; nsga2 with --pareto)",
                                  choices=SAMPLERS, optional=True),
-               "startup_trials": Option(10, int, "random trials before TPE models the results", low=0),
-               "population_size": Option(50, int, "NSGA-II population", low=2),
+               "parameterization": Option("stage", str, "keep ratios per group, per stage, or a depth profile",
+                                          choices=PARAMETERIZATIONS),
+               "knots": Option(3, int, "depth parameterization: keep ratios per kind of group", low=2),
+               "warm_start": Option(True, bool, "first evaluate the uniform and global-ranking profiles"),
+               "startup_trials": Option(None, int, "random trials before TPE models the results "
+                                        "(default: a quarter of the trials, 2 to 10)", low=0, optional=True),
+               "population_size": Option(None, int, "NSGA-II population (default: a quarter of the trials, "
+                                         "4 to 50)", low=2, optional=True),
                "max_cached": Option(20, int, "repaired repeats answered from the history in a row", low=0)}
 
     def __init__(self, space, cost, **kwargs):
         super().__init__(space, cost, **kwargs)
         sampler = self.options["sampler"] or ("nsga2" if self.pareto else "tpe")
-        self.options = {**self.options, "sampler": sampler}
+        self._basis = _basis(space, self.model, self.options["parameterization"], self.options["knots"])
+        self._warm = self._warm_profiles() if self.options["warm_start"] else []
+        trials = self.num_samples or 40
+        startup = self.options["startup_trials"]
+        if startup is None:
+            startup = max(len(self._warm), min(10, max(2, math.ceil(trials / 4))))
+        population = self.options["population_size"] or int(np.clip(trials // 4, 4, 50))
+        self.options = {**self.options, "sampler": sampler, "startup_trials": startup, "population_size": population}
         self._trials: dict[str, int] = {}        # Tune trial_id -> optuna trial number
         self._scores: dict[tuple[int, ...], Any] = {}  # profile -> values told (for repeated profiles)
         self.study = self._create_study()
@@ -62,7 +92,7 @@ class OptunaWidthSearcher(WidthSearcher):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             if kind == "tpe":
-                return optuna.samplers.TPESampler(seed=self.seed, multivariate=True,
+                return optuna.samplers.TPESampler(seed=self.seed, multivariate=True, constant_liar=True,
                                                   n_startup_trials=int(self.options["startup_trials"]))
             if kind == "nsga2":
                 return optuna.samplers.NSGAIISampler(seed=self.seed,
@@ -78,21 +108,54 @@ class OptunaWidthSearcher(WidthSearcher):
         study.set_user_attr("groups", list(self.space.names))
         study.set_user_attr("searcher", self.name)
         study.set_user_attr("budget", self.budget)
+        for ratios in self._warm:
+            study.enqueue_trial(self._params_of(ratios), user_attrs={"warm_start": True})
         return study
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         ok = super().set_search_properties(metric, mode, config, **spec)
         if ok and [d.name.lower() for d in self.study.directions] != self._directions():
-            if self.study.trials:
+            if any(t.state != TrialState.WAITING for t in self.study.trials):  # enqueued warm starts don't count
                 return False
             self.study = self._create_study()
         return ok
 
+    # -- parameterization ---------------------------------------------------------------
+    @property
+    def _low(self) -> np.ndarray:
+        """Smallest value of each parameter: the largest minimum ratio among the groups it sets."""
+        return np.array([self.min_ratios[row > 0].max() for row in self._basis.T])
+
+    def _params_of(self, ratios: np.ndarray) -> dict[str, float]:
+        """Parameters whose expansion is closest (least squares) to per-group `ratios`, within bounds."""
+        values = np.linalg.lstsq(self._basis, np.asarray(ratios, dtype=np.float64), rcond=None)[0]
+        values = np.clip(values, self._low, 1.0)
+        return {f"r{i}": float(v) for i, v in enumerate(values)}
+
+    def _warm_profiles(self) -> list[np.ndarray]:
+        """Per-group keep ratios to evaluate first: uniform, and the global-ranking profiles (budget mode)."""
+        from .baselines import UniformSearcher
+        from .global_ranking import GlobalRankingSearcher
+
+        targets = [self.budget] if not self.pareto else [0.3, 0.5, 0.7]
+        targets = [t for t in targets if t >= self.min_cost_ratio]
+        profiles = [np.ones(len(self.space))] if self.pareto else []
+        for target in targets:
+            uniform = UniformSearcher(self.space, self.cost, budget=target, measure=self.measure)
+            profiles.append(np.asarray(uniform.suggest("warm")["widths"]) / self.space.widths)
+        if not self.pareto and self.model is not None:
+            ranking = GlobalRankingSearcher(self.space, self.cost, budget=self.budget, model=self.model,
+                                            criterion=self.criterion, measure=self.measure, batches=self.batches,
+                                            normalizers=["mean", "max"])
+            while isinstance(config := ranking.suggest("warm"), dict):
+                profiles.append(np.asarray(config["widths"]) / self.space.widths)
+        return profiles
+
     # -- proposals ----------------------------------------------------------------------
     def _ask(self) -> tuple[optuna.Trial, np.ndarray]:
         trial = self.study.ask()
-        ratios = np.array([trial.suggest_float(f"r{i}", float(low), 1.0)
-                           for i, low in enumerate(self.min_ratios)])
+        params = np.array([trial.suggest_float(f"r{i}", float(low), 1.0) for i, low in enumerate(self._low)])
+        ratios = np.clip(self._basis @ params, self.min_ratios, 1.0)
         if self.pareto:
             widths = np.array([g.round(r * g.width) for g, r in zip(self.space.groups, ratios)], dtype=np.int64)
         else:
@@ -101,15 +164,15 @@ class OptunaWidthSearcher(WidthSearcher):
         return trial, widths
 
     def _propose(self, trial_id):
-        for _ in range(int(self.options["max_cached"]) + 1):
+        for attempt in range(int(self.options["max_cached"]) + 1):
             trial, widths = self._ask()
             known = self._scores.get(tuple(int(w) for w in widths))
-            if known is None:
-                break
+            if known is None or attempt == self.options["max_cached"]:
+                break  # new, or too many repeats in a row: evaluate it (again)
             self.study.tell(trial, known)  # already scored: answer without a Tune trial
         trial.set_user_attr("trial_id", trial_id)
         self._trials[trial_id] = trial.number
-        return widths, {"optuna_trial": trial.number}
+        return widths, {"optuna_trial": trial.number, "warm_start": bool(trial.user_attrs.get("warm_start"))}
 
     def _observe(self, trial_id, widths, result, error, value, cost_ratio):
         number = self._trials.pop(trial_id, None)
@@ -124,3 +187,40 @@ class OptunaWidthSearcher(WidthSearcher):
             return
         self.study.tell(number, values)
         self._scores[tuple(int(w) for w in widths)] = values
+
+
+def group_kinds(space, model: nn.Module | None) -> list[str]:
+    """'stream' for a group with more than two conv/linear layers (several producers, like a residual
+    stream), else 'inner' (one layer's output and its consumer); without the model: more than 3 layers."""
+    if model is None:
+        return ["stream" if len(g.layers) > 3 else "inner" for g in space.groups]
+    layers = {n for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
+    return ["stream" if sum(1 for layer in g.layers if layer in layers) > 2 else "inner" for g in space.groups]
+
+
+def group_depths(space, model: nn.Module | None) -> np.ndarray:
+    """Each group's position in the model (its root module's index among all modules), scaled to 0..1."""
+    names = [n for n, _ in model.named_modules()] if model is not None else space.names
+    index = {n: i for i, n in enumerate(names)}
+    positions = np.array([index.get(g.name, i) for i, g in enumerate(space.groups)], dtype=np.float64)
+    span = positions.max() - positions.min()
+    return (positions - positions.min()) / span if span > 0 else np.zeros(len(positions))
+
+
+def _basis(space, model: nn.Module | None, how: str, knots: int) -> np.ndarray:
+    """Matrix B (groups x parameters) with per-group ratios = B @ parameters."""
+    n = len(space)
+    if how == "group":
+        return np.eye(n)
+    kinds = group_kinds(space, model)
+    if how == "stage":
+        classes = list(dict.fromkeys(zip(kinds, (int(w) for w in space.widths))))
+        return np.array([[1.0 if (k, int(w)) == c else 0.0 for c in classes] for k, w in zip(kinds, space.widths)])
+    depths, columns = group_depths(space, model), []
+    grid = np.linspace(0.0, 1.0, knots)
+    for kind in dict.fromkeys(kinds):
+        for j in range(knots):  # hat function of knot j, on the groups of this kind
+            hat = np.interp(depths, grid, np.eye(knots)[j])
+            columns.append(np.where(np.array(kinds) == kind, hat, 0.0))
+    basis = np.stack(columns, axis=1)
+    return basis[:, basis.sum(axis=0) > 0]

@@ -115,7 +115,7 @@ def test_killed_driver_resumes_without_duplicates(base_ckpt, tmp_path):
     driver = subprocess.Popen(CLI + args, cwd=ROOT, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows_dir = tmp_path / "killed" / "widthsearch" / "rows"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 900  # generous: a busy machine starts trials late
     while time.monotonic() < deadline and len(list(rows_dir.glob("*.parquet"))) < 2:
         time.sleep(0.5)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
@@ -151,6 +151,19 @@ def test_bad_input_fails_before_any_trial(base_ckpt, tmp_path, args, text):
     assert not (tmp_path / "bad" / "widthsearch" / "rows").exists()
 
 
+@pytest.mark.parametrize("args, text", [
+    (["--searcher", "aofp", "--option", "epsilon=abc"], "searcher 'aofp': option 'epsilon' must be a number > 0, got 'abc'"),
+    (["--option", "sampler=bogus"], "searcher 'optuna': option 'sampler' must be one of: tpe, nsga2, random"),
+    (["--searcher", "metapruning", "--option", "topk=9", "--option", "population=4"], "option 'topk' (9) exceeds"),
+])
+def test_bad_searcher_options_fail_before_the_base_model_is_trained(tmp_path, args, text):
+    # no --checkpoint: a base model would be trained first; the options are checked before that
+    proc = cli("search", "--name", "early", "--storage", str(tmp_path), "--base-epochs", "50", *args, ok=False,
+               timeout=600)
+    assert proc.returncode == 2 and text in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "training a base" not in proc.stderr and not (tmp_path / "early").exists()
+
+
 def test_mismatched_checkpoint_and_existing_name(base_ckpt, tmp_path):
     proc = cli("search", "--name", "x", "--storage", str(tmp_path), "--model", "cifar_resnet20",
                "--checkpoint", str(base_ckpt), ok=False)
@@ -162,18 +175,55 @@ def test_mismatched_checkpoint_and_existing_name(base_ckpt, tmp_path):
     assert proc.returncode == 2 and "already exists" in proc.stderr and "--resume" in proc.stderr
 
 
-def test_aofp_search_traces_a_trajectory_and_retrains_its_channels(base_ckpt, tmp_path):
-    out = cli("search", "--name", "aofp", "--storage", str(tmp_path), "--checkpoint", str(base_ckpt),
+def test_aofp_search_on_uri_storage_traces_a_trajectory_and_retrains_its_final_model(base_ckpt, tmp_path):
+    storage = tmp_path.as_uri()  # file:///...: read and written through pyarrow.fs like s3://
+    out = cli("search", "--name", "aofp", "--storage", storage, "--checkpoint", str(base_ckpt),
               "--searcher", "aofp", "--budget", "0.8", "--num-samples", "500", "--option", "window=4",
-              "--option", "commit_steps=5", "--option", "epsilon=0.05", *FAST)
+              "--option", "epsilon=0.05", *FAST)
     table = rows(tmp_path / "aofp")
-    commits = sorted((r for r in table if r["status"] == "ok"), key=lambda r: json.loads(r["payload"])["version"])
+    phase = {r["trial_id"]: json.loads(r["payload"])["phase"] for r in table}
+    commits = sorted((r for r in table if phase[r["trial_id"]] == "commit"),
+                     key=lambda r: json.loads(r["payload"])["version"])
     probes = [r for r in table if r["status"] == "probe"]
-    assert len(probes) == 2 * len(commits) and commits, out.stdout
+    finals = [r for r in table if phase[r["trial_id"]] == "final"]
+    assert len(probes) == 2 * len(commits) and commits and len(finals) == 1, out.stdout
     ratios = [r["flops_ratio"] for r in commits]
-    assert ratios == sorted(ratios, reverse=True) and ratios[-1] <= 0.8 < ratios[0]
-    assert all(Path(r["checkpoint"]).is_file() for r in commits)
+    assert ratios == sorted(ratios, reverse=True) and ratios[-1] <= 0.8 and all(r > 0.8 for r in ratios[:-1])
+    final, stop = finals[0], json.loads(finals[0]["payload"])
+    assert final["status"] == "ok" and final["widths"] == commits[-1]["widths"] and final["finetune_steps"] == 10
+    assert stop["budget_met"] and stop["stop"].startswith("budget 0.8 met")
 
-    summary = json.loads(cli("retrain", "aofp", "--storage", str(tmp_path), "--trial", commits[-1]["trial_id"],
-                             "--epochs", "1", "--quiet").stdout)
-    assert summary["flops_ratio"] == ratios[-1]
+    exp = tmp_path / "aofp" / "widthsearch"  # every artifact under the experiment, none beside the checkout
+    versions = [f"v{i:04d}.pt" for i in range(1, len(commits) + 1)]
+    assert sorted(p.name for p in (exp / "aofp").iterdir()) == sorted(versions + ["final.pt"])
+    assert [r["checkpoint"] for r in commits] == [f"{storage}/aofp/widthsearch/aofp/{v}" for v in versions]
+    assert sorted(p.stem for p in (exp / "rows").glob("*.parquet")) == sorted(r["trial_id"] for r in table)
+    assert not (ROOT / "file:").exists()
+
+    summary = json.loads(cli("retrain", "aofp", "--storage", storage, "--best", "--epochs", "1", "--quiet").stdout)
+    assert summary["trial_id"] == final["trial_id"] and summary["flops_ratio"] == final["flops_ratio"]
+
+
+def test_promotion_gives_most_trials_the_cheap_score_and_best_picks_from_the_longest(base_ckpt, tmp_path):
+    cli("search", "--name", "asha", "--storage", str(tmp_path), "--checkpoint", str(base_ckpt), "--searcher", "random",
+        "--budget", "0.5", "--num-samples", "8", "--asha", "--min-finetune-steps", "4", "--finetune-steps", "16",
+        "--reduction-factor", "4", "--bn-batches", "5", "--concurrency", "2", "--quiet")
+    table = rows(tmp_path / "asha")
+    steps = [r["finetune_steps"] for r in table]
+    assert len(table) == 8 and set(steps) <= {4, 16} and steps.count(4) > steps.count(16) >= 1
+    summary = json.loads(cli("retrain", "asha", "--storage", str(tmp_path), "--best", "--epochs", "1",
+                             "--quiet").stdout)
+    assert summary["search_finetune_steps"] == 16
+    best = max((r for r in table if r["finetune_steps"] == 16), key=lambda r: r["score"])
+    assert summary["trial_id"] == best["trial_id"]
+
+
+def test_a_base_from_another_split_is_refused_before_any_trial(tmp_path):
+    ckpt = tmp_path / "base20.pt"
+    cli("train-base", "--model", "small_cnn", "--data", "digits", "--epochs", "1", "--val-fraction", "0.2",
+        "--out", str(ckpt), "--quiet")
+    out = cli("search", "--name", "leak", "--storage", str(tmp_path), "--checkpoint", str(ckpt), "--searcher", "random",
+              "--num-samples", "2", *FAST, ok=False)
+    assert out.returncode == 2 and "was trained on another train/val split" in out.stderr
+    assert "val_fraction 0.2, split_seed 0" in out.stderr and "val_fraction 0.1, split_seed 0" in out.stderr
+    assert not (tmp_path / "leak" / "widthsearch" / "rows").exists()

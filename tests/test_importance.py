@@ -343,3 +343,11 @@ def test_data_criteria_score_every_channel(name, criterion):
         s = scores[g.name]
         assert s.shape == (g.width,) and torch.isfinite(s).all() and (s >= 0).all(), g.name
         assert s.max() > 0, g.name
+
+
+def test_a_criterion_name_is_registered_once():
+    from widthsearch.importance import CRITERIA, register
+
+    with pytest.raises(WidthSearchError, match="importance criterion 'l1' is already registered"):
+        register("l1")(lambda model, groups, batches, seed: {})
+    assert CRITERIA["l1"].name == "l1"

@@ -273,11 +273,12 @@ def _job(model, space, exp_dir: str, timeout: float | None) -> MetaPruningJob:
 
 
 def test_training_and_candidate_trials_honour_trial_timeout_s(digits_space, tmp_path, monkeypatch):
+    import trainables.common as common
     import trainables.metapruning as trainable
 
     model, space, _ = digits_space
     reports = []
-    monkeypatch.setattr(trainable, "setup_trial", lambda: (torch.device("cpu"), "node"))
+    monkeypatch.setattr(common, "setup_trial", lambda: (torch.device("cpu"), "node"))  # begin_trial's Tune context
     monkeypatch.setattr(trainable.tune, "report", reports.append)
     order = channel_order(model, space)
     train_payload = json.dumps({"phase": "train", "net": "n", "steps": 4, "lr": 0.01, "hidden": 2, "every": 2,

@@ -93,7 +93,7 @@ def test_every_suggestion_is_within_budget_and_bounds(setup, name):
 
 def test_optuna_keeps_proposing_feasible_profiles_after_feedback(resnet):
     model, space, cost = resnet
-    searcher = make_searcher("optuna", space, cost, budget=0.5, seed=0, startup_trials=5)
+    searcher = make_searcher("optuna", space, cost, budget=0.5, seed=0, startup_trials=5, parameterization="group")
     _run(searcher, space, 15)
     done = [t for t in searcher.study.trials if t.state == TrialState.COMPLETE]
     assert len(done) >= 15 and searcher.study.user_attrs["groups"] == space.names
@@ -256,7 +256,7 @@ def test_registry_line_plugs_in_a_searcher(small):
     ("aofp", {"probes": 0}, "searcher 'aofp': option 'probes' must be an integer >= 1, got 0"),
     ("aofp", {"window": 2.5}, "option 'window' must be an integer >= 1, got 2.5"),
     ("optuna", {"sampler": "bogus"}, "searcher 'optuna': option 'sampler' must be one of: tpe, nsga2, random"),
-    ("optuna", {"startup_trials": True}, "option 'startup_trials' must be an integer >= 0, got True"),
+    ("optuna", {"startup_trials": True}, "option 'startup_trials' must be an integer >= 0, or empty for automatic, got True"),
     ("global", {"normalizers": ["mean", "median"]}, "option 'normalizers' must be a list of: mean, max, sum, none"),
     ("global", {"targets": [0.5, 1.5]}, "option 'targets' must be a list of numbers in (0, 1]"),
     ("gradient", {"lam_min": 10, "lam_max": 1}, "lam_min (10.0) must be below lam_max (1.0)"),
@@ -352,3 +352,54 @@ def test_restore_refuses_another_searchers_checkpoint(small, tmp_path):
         make_searcher("random", space, cost, budget=0.4).restore(path)
     with pytest.raises(WidthSearchError, match="does not match"):
         make_searcher("optuna", space, cost, budget=0.5).restore(path)
+
+
+# -- optuna: sizing, warm start, parameterizations ---------------------------------------------
+def test_optuna_sizes_its_startup_and_population_from_the_trial_count(resnet):
+    model, space, cost = resnet
+    small = make_searcher("optuna", space, cost, budget=0.5, model=model, num_samples=16)
+    assert small.options["startup_trials"] == 4 and small.study.sampler._n_startup_trials == 4
+    big = make_searcher("optuna", space, cost, budget=0.5, model=model, num_samples=400)
+    assert big.options["startup_trials"] == 10
+    pareto = make_searcher("optuna", space, cost, budget=None, model=model, num_samples=40)
+    assert pareto.options["population_size"] == 10 and pareto.study.sampler._population_size == 10
+    fixed = make_searcher("optuna", space, cost, budget=0.5, num_samples=16, startup_trials=7, warm_start=False)
+    assert fixed.options["startup_trials"] == 7
+
+
+def test_optuna_warm_start_evaluates_uniform_and_global_profiles_first(resnet):
+    model, space, cost = resnet
+    uniform = make_searcher("uniform", space, cost, budget=0.3).suggest("u")["widths"]
+    ranking = make_searcher("global", space, cost, budget=0.3, model=model, normalizers=["mean", "max"])
+    expected = [uniform] + [c["widths"] for c in iter(lambda: ranking.suggest("g"), "FINISHED")]
+    searcher = make_searcher("optuna", space, cost, budget=0.3, model=model, num_samples=24, seed=3,
+                             parameterization="group")
+    first = [searcher.suggest(f"t{i}") for i in range(len(expected))]
+    for config, widths in zip(first, expected):
+        assert json.loads(config["payload"])["warm_start"] is True
+        assert _ratio(space, cost, config["widths"]) <= 0.3
+        assert np.all(np.array(config["widths"]) >= np.array(widths))  # the same direction, scaled up to the budget
+    assert json.loads(searcher.suggest("next")["payload"])["warm_start"] is False
+
+
+@pytest.mark.parametrize("how, count", [("group", 12), ("stage", 6), ("depth", 6)])
+def test_optuna_parameterizations_cover_every_group_and_stay_in_budget(resnet, how, count):
+    model, space, cost = resnet
+    searcher = make_searcher("optuna", space, cost, budget=0.5, model=model, num_samples=12, parameterization=how,
+                             knots=3, warm_start=False, seed=1)
+    assert searcher._basis.shape == (12, count) and (searcher._basis.sum(axis=1) > 0.99).all()
+    for i, config in enumerate(_run(searcher, space, 12)):
+        assert _ratio(space, cost, config["widths"]) <= 0.5
+    if how == "stage":  # the 3 inner groups of each stage share one width; so do the stream groups of a width
+        widths = searcher.suggest("x")["widths"]
+        assert widths[1] == widths[2] == widths[3] and widths[6] == widths[7] and widths[10] == widths[11]
+
+
+def test_the_readme_lists_the_declared_options():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- searcher-options -->", 1)[1].split("<!-- /searcher-options -->", 1)[0]
+    assert block.strip().strip("`").removeprefix("text").strip() == searchers_help(), (
+        "README's searcher options are stale: paste the output of "
+        "python -c 'from searchers import searchers_help; print(searchers_help())'")

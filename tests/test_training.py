@@ -180,3 +180,18 @@ def test_progress_bar_only_when_asked_and_on_a_terminal(digits, monkeypatch, pro
         assert f" {2 * per_epoch}/{2 * per_epoch} " in text and re.search(r"loss \d+\.\d{3}", text)
     else:
         assert text == ""
+
+
+def test_constant_schedule_keeps_the_rate_and_an_unknown_one_is_named():
+    from widthsearch.training import make_optimizer
+
+    model = nn.Linear(2, 2)
+    opt, sched = make_optimizer(model, TrainConfig(lr=0.1, schedule="constant"), total_steps=4)
+    rates = []
+    for _ in range(4):
+        opt.step()
+        sched.step()
+        rates.append(opt.param_groups[0]["lr"])
+    assert rates == [0.1] * 4
+    with pytest.raises(ValueError, match="unknown learning-rate schedule 'linear'; expected cosine or constant"):
+        make_optimizer(model, TrainConfig(schedule="linear"), total_steps=4)

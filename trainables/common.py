@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,6 +55,14 @@ def setup_trial() -> tuple[torch.device, str]:
     set_threads(resources.get("CPU", 1))
     node = f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()}"
     return pick_device(resources.get("GPU", 0)), node
+
+
+def begin_trial(job: Job) -> tuple[torch.device, str, DataSplits, float]:
+    """What every trial does first: torch threads = its CPUs, its device and node ("IP/NODE_ID"), the
+    experiment's data splits (cached per worker), and its start time."""
+    started = time.time()
+    device, node = setup_trial()
+    return device, node, job.splits(), started
 
 
 def run_with_deadline(seconds: float | None, body: Callable[[], None]) -> None:

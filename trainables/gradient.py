@@ -19,7 +19,7 @@ from searchers.gates import GateSchedule, extract, optimize_gates
 from widthsearch.surgery import prune
 
 from . import score
-from .common import profile_fields, run_with_deadline, setup_trial
+from .common import begin_trial, profile_fields, run_with_deadline
 from .score import ScoreJob, finetune_and_report
 
 SCHEDULE_KEYS = ("steps", "lr", "init_logit", "tau", "tau_end", "temp", "temp_end")
@@ -40,9 +40,7 @@ def gate_trial(config: dict, job: ScoreJob) -> None:
 
 
 def _run(config: dict, job: ScoreJob) -> None:
-    started = time.time()
-    device, node = setup_trial()
-    data = job.splits()
+    device, node, data, started = begin_trial(job)
     request = json.loads(config["payload"])
     schedule = GateSchedule(**{k: request[k] for k in SCHEDULE_KEYS})
     seed = job.seed + int(request.get("seed", 0))

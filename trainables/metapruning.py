@@ -26,7 +26,7 @@ from widthsearch.data import DataSplits
 from widthsearch.storage import Storage
 from widthsearch.training import TrainConfig, evaluate, make_optimizer, recalibrate_bn
 
-from .common import Job, profile_fields, run_with_deadline, setup_trial
+from .common import Job, begin_trial, profile_fields, run_with_deadline
 
 
 @dataclass
@@ -119,14 +119,13 @@ _CACHE: dict = {}
 
 
 def metapruning_step(config: dict, job: MetaPruningJob) -> None:
-    """One MetaPruning trial: PruningNet training (payload phase "train") or one candidate's score."""
+    """One MetaPruning trial: PruningNet training (payload phase "train") or one candidate's score; fails
+    with TimeoutError("trial exceeded trial_timeout_s=...") past job.trial_timeout_s."""
     run_with_deadline(job.trial_timeout_s, lambda: _step(config, job))
 
 
 def _step(config: dict, job: MetaPruningJob) -> None:
-    started = time.time()
-    device, node = setup_trial()
-    data = job.splits()
+    device, node, data, started = begin_trial(job)
     payload = json.loads(config["payload"])
     fixed = {**profile_fields(job, config["widths"], "metapruning", node, started, config["payload"]),
              "finetune_steps": 0}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import tempfile
 import time
 from dataclasses import dataclass
@@ -12,10 +13,11 @@ import torch
 from ray import tune
 
 from widthsearch.models import load_model
+from widthsearch.storage import filesystem
 from widthsearch.surgery import prune
 from widthsearch.training import TrainConfig, evaluate, train
 
-from .common import Job, importance_batches, setup_trial
+from .common import Job, begin_trial, importance_batches, run_with_deadline
 
 
 @dataclass
@@ -29,6 +31,7 @@ class RetrainJob(Job):
     in_channels: int
     keep: dict | None = None      # explicit channels kept (searchers that choose channels, e.g. aofp)
     weights: str | None = None    # dense-shaped weights those channels come from
+    trial_timeout_s: float | None = None  # the retrain fails with a TimeoutError past this many seconds
 
 
 def build_pruned(job: RetrainJob, device: torch.device) -> torch.nn.Module:
@@ -40,8 +43,11 @@ def build_pruned(job: RetrainJob, device: torch.device) -> torch.nn.Module:
         return prune(fresh, job.space, profile, "l1").to(device)
     if job.keep is not None:
         model = copy.deepcopy(job.model)
-        if job.weights:
-            model.load_state_dict(torch.load(job.weights, map_location="cpu", weights_only=True)["state_dict"])
+        if job.weights:  # a path or a URI (the searcher's storage)
+            fs, path = filesystem(job.weights)
+            with fs.open_input_stream(path) as f:
+                saved = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+            model.load_state_dict(saved["state_dict"])
         return prune(model, job.space, keep=job.keep).to(device)
     data = job.splits()
     return prune(job.model, job.space, profile, job.criterion,
@@ -49,10 +55,17 @@ def build_pruned(job: RetrainJob, device: torch.device) -> torch.nn.Module:
 
 
 def retrain_profile(config: dict, job: RetrainJob) -> None:
-    """Train the profile for `epochs`, report val metrics each epoch with a checkpoint; test at the end."""
-    started = time.time()
-    device, node = setup_trial()
-    data = job.splits()
+    """Train the profile for `epochs`, report val metrics each epoch with a checkpoint; test at the end.
+
+    A retrain still running after job.trial_timeout_s seconds fails with TimeoutError (its per-epoch
+    checkpoints are kept, so a rerun continues from the last one).
+    """
+    run_with_deadline(job.trial_timeout_s, lambda: _retrain(job))
+
+
+def _retrain(job: RetrainJob) -> None:
+    """The body of retrain_profile."""
+    device, node, data, started = begin_trial(job)
     model = build_pruned(job, device)
     start_epoch, state = 0, None
     checkpoint = tune.get_checkpoint()

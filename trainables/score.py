@@ -14,7 +14,7 @@ from widthsearch.data import DataSplits
 from widthsearch.surgery import prune
 from widthsearch.training import StepTrainer, TrainConfig, evaluate, recalibrate_bn
 
-from .common import Job, importance_batches, profile_fields, run_with_deadline, setup_trial
+from .common import Job, begin_trial, importance_batches, profile_fields, run_with_deadline
 
 
 @dataclass
@@ -44,9 +44,7 @@ def score_profile(config: dict, job: ScoreJob) -> None:
 
 def _score(config: dict, job: ScoreJob) -> None:
     """The body of score_profile."""
-    started = time.time()
-    device, node = setup_trial()
-    data = job.splits()
+    device, node, data, started = begin_trial(job)
     profile = job.space.from_vector(config["widths"])
     model = prune(job.model, job.space, profile, job.criterion,
                   importance_batches(job, data, device), seed=job.seed).to(device)

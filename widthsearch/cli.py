@@ -18,7 +18,11 @@ _DASH_VALUE_FLAGS = {"--sort"}  # flags whose value may start with a dash ('-sco
 
 
 def _add_search(sub) -> None:
-    p = sub.add_parser("search", help="search widths (no CONFIG: the embedded demo on digits)")
+    from searchers import searchers_help
+
+    p = sub.add_parser("search", help="search widths (no CONFIG: the embedded demo on digits)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="searcher options (--option KEY=VALUE), with their defaults:\n" + searchers_help())
     p.add_argument("config", nargs="?", help="YAML file with any of the keys below")
     defaults = SearchConfig()
     for f in dataclasses.fields(SearchConfig):
@@ -128,7 +132,7 @@ def cmd_retrain(args: argparse.Namespace) -> None:
     summary = run_retrain(experiment_dir(_storage(args.storage), args.experiment), trial=args.trial,
                           epochs=args.epochs, lr=args.lr, from_scratch=args.from_scratch, out=args.out,
                           address=args.address, cpus=args.cpus_per_trial, gpus=args.gpus_per_trial,
-                          budget=args.budget, progress=not args.quiet)
+                          budget=args.budget, timeout_s=args.trial_timeout_s, progress=not args.quiet)
     print(json.dumps(summary, indent=1))
 
 
@@ -196,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
     p.add_argument("--lr", type=float, default=0.05, help="initial learning rate, cosine schedule (default 0.05)")
     p.add_argument("--from-scratch", action="store_true", help="random init instead of the pruned base weights")
+    p.add_argument("--trial-timeout-s", type=float,
+                   help="fail the retrain after this many seconds (a rerun continues from its last epoch)")
     p.add_argument("--out", help="export folder: weights, model.torchscript.pt, model.onnx, metrics, latency")
     p.add_argument("--address", help="Ray cluster address to join (default: the experiment's, else a local Ray)")
     p.add_argument("--cpus-per-trial", type=float, help="CPUs the retraining reserves (default: the search's)")

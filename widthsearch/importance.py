@@ -40,9 +40,11 @@ CRITERIA: dict[str, Criterion] = {}
 
 
 def register(name: str, needs_batches: bool = False) -> Callable[[Scorer], Scorer]:
-    """Decorator adding a scorer to the registry."""
+    """Decorator adding a scorer to the registry under a new name (a name already taken is an error)."""
 
     def add(fn: Scorer) -> Scorer:
+        if name in CRITERIA:
+            raise WidthSearchError(f"importance criterion {name!r} is already registered")
         CRITERIA[name] = Criterion(name, needs_batches, fn)
         return fn
 

@@ -267,7 +267,7 @@ def _chosen_channels(row: dict) -> dict:
 def run_retrain(exp_dir: str, *, trial: str | None = None, epochs: int = 30, lr: float = 0.05,
                 from_scratch: bool = False, out: str | None = None, address: str | None = None,
                 cpus: float | None = None, gpus: float | None = None, budget: float | None = None,
-                progress: bool = True) -> dict:
+                timeout_s: float | None = None, progress: bool = True) -> dict:
     """Retrain one profile of an experiment as a Tune trial, report test accuracy, export it to `out`.
 
     Without `trial`, the row `choose_trial` picks within `budget` (default: the experiment's).
@@ -289,7 +289,7 @@ def run_retrain(exp_dir: str, *, trial: str | None = None, epochs: int = 30, lr:
     exp = prepare(cfg, progress)
     job = RetrainJob(**job_fields(cfg, exp), widths=list(row["widths"]), epochs=epochs,
                      lr=lr, from_scratch=from_scratch, model_source=cfg.model, num_classes=exp.data.num_classes,
-                     in_channels=exp.data.in_channels, **_chosen_channels(row))
+                     in_channels=exp.data.in_channels, trial_timeout_s=timeout_s, **_chosen_channels(row))
     init_ray(address or cfg.address)
     gpus = cfg.gpus_per_trial if gpus is None else gpus
     trainable = tune.with_resources(tune.with_parameters(retrain_profile, job=job),

@@ -16,13 +16,14 @@ from .data import DataSplits
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """SGD with momentum and a cosine learning-rate schedule."""
+    """SGD with momentum and a learning-rate schedule: cosine annealing to 0 over the run, or constant."""
 
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 128
     label_smoothing: float = 0.0
+    schedule: str = "cosine"          # "cosine" or "constant"
 
 
 def set_threads(n: int | float | None) -> None:
@@ -52,10 +53,16 @@ class Progress:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
-    """SGD + cosine annealing over `total_steps` steps."""
+    """SGD + the config's schedule: cosine annealing over `total_steps` steps, or a constant rate."""
+    if config.schedule not in ("cosine", "constant"):
+        raise ValueError(f"unknown learning-rate schedule {config.schedule!r}; expected cosine or constant")
     opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                           weight_decay=config.weight_decay, nesterov=config.momentum > 0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    if config.schedule == "constant":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
     return opt, sched
 
 
