@@ -14,15 +14,18 @@ import pytest
 import torch
 from torch import nn
 
-from searchers import make_searcher
+from searchers import make_searcher, searcher_class
 from searchers.metapruning import evolution_plan
 from searchers.pruningnet import PruningNet, channel_order, keep_channels, sample_widths
 from trainables.metapruning import MetaPruningJob, metapruning_step, score_widths, train_pruningnet
+from trainables.retrain import RetrainJob, build_pruned
 from widthsearch import CostModel, build_space, load_model, prune, save_checkpoint
 from widthsearch.errors import ConfigError, WidthSearchError
 from widthsearch.search import _chosen_channels
 from widthsearch.storage import Storage
 from widthsearch.training import TrainConfig, train
+
+from .storage_check import artifacts_under_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,6 +95,45 @@ def test_pruningnet_generates_the_base_weights_of_the_most_important_channels():
         assert json.loads(config["payload"])["keep"] == keep_channels(space, order, config["widths"])
         chosen = {g: sorted(c for c, r in enumerate(rank[g]) if r < w) for g, w in zip(space.names, config["widths"])}
         assert json.loads(config["payload"])["keep"] == {g: k for g, k in chosen.items() if len(k) < space[g].width}
+
+
+@pytest.mark.parametrize("criterion", ["l1", "bn_scale"])
+def test_first_w_is_best_w_under_the_experiments_criterion_and_retrain_keeps_those_channels(criterion):
+    model, space, l1_rank = _ranked_model()
+    modules = dict(model.named_modules())
+    bn_rank = {}
+    with torch.no_grad():  # a second ranking, by BN scale, that disagrees with the l1 one (too small to change it)
+        for g in space.groups:
+            bn_rank[g.name] = [(r + g.width // 2) % g.width for r in l1_rank[g.name]]
+            bn = modules[f"features.{int(g.name.split('.')[1]) + 1}"]  # small_cnn: conv i, then its BN at i + 1
+            bn.weight.copy_(0.1 * (g.width - torch.tensor(bn_rank[g.name], dtype=torch.float32)))
+    rank = {"l1": l1_rank, "bn_scale": bn_rank}[criterion]
+    assert l1_rank != bn_rank
+    cost = CostModel(space, model)
+    searcher = make_searcher("metapruning", space, cost, budget=0.6, model=model, criterion=criterion, seed=0,
+                             population=4, generations=2)
+    configs = _drive(searcher, 9)
+    train_payload = json.loads(configs[0]["payload"])
+    # the PruningNet's order (what the training trial builds it with): every group's channels, best first
+    assert train_payload["criterion"] == criterion
+    assert train_payload["order"] == {g: sorted(range(len(r)), key=r.__getitem__) for g, r in rank.items()}
+    net = PruningNet(model, space, hidden=4, order=train_payload["order"])
+    assert len(configs) == 9
+    for config in configs[1:]:
+        widths = config["widths"]
+        best = {g.name: sorted(c for c, r in enumerate(rank[g.name]) if r < w) for g, w in zip(space.groups, widths)}
+        keep = _chosen_channels({"payload": config["payload"]})["keep"]  # what `widthsearch retrain` reads
+        assert keep == {g: k for g, k in best.items() if len(k) < space[g].width}
+        job = RetrainJob(model=model, space=space, cost=cost, measure=cost.measure("flops"), data="digits",
+                         val_fraction=0.1, split_seed=0, seed=0, criterion=criterion, importance_batches=1,
+                         bn_batches=1, batch_size=8, widths=widths, epochs=1, lr=0.1, from_scratch=False,
+                         model_source="small_cnn", num_classes=10, in_channels=1, keep=keep)
+        retrained = build_pruned(job, torch.device("cpu")).state_dict()  # the model retrain starts from
+        candidate = net.materialize(widths).state_dict()  # the candidate the search scored (before training)
+        assert retrained.keys() == candidate.keys()
+        for k in retrained:  # the same channels: the untrained PruningNet generates their base weights
+            if not k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                assert torch.equal(retrained[k], candidate[k]), k
 
 
 def test_channel_order_must_be_a_permutation():
@@ -206,14 +248,31 @@ def test_searcher_state_resumes(resnet_space, tmp_path):
     assert _drive(original, 20, "r") == _drive(restored, 20, "r")
 
 
-@pytest.mark.parametrize("options, message", [({"population": 0}, "population"), ({"topk": 60}, "topk"),
-                                              ({"mutation_prob": 2.0}, "mutation_prob"),
-                                              ({"train_flops_min": 0.9, "train_flops_max": 0.5}, "train_flops_min"),
-                                              ({"bn_batches": 0}, "bn_batches"), ({"speed": 1}, "unknown option")])
+@pytest.mark.parametrize("options, message", [
+    ({"population": 0}, "searcher 'metapruning': option 'population' must be an integer >= 1, or empty for automatic, "
+                        "got 0"),
+    ({"generations": "abc"}, "searcher 'metapruning': option 'generations' must be an integer >= 1, or empty for "
+                             "automatic, got 'abc'"),
+    ({"topk": 60}, "searcher 'metapruning': option 'topk' (60) exceeds 'population' (50)"),
+    ({"topk": 9, "population": 4}, "searcher 'metapruning': option 'topk' (9) exceeds 'population' (4)"),
+    ({"mutation_prob": 2.0}, "searcher 'metapruning': option 'mutation_prob' must be a number in [0, 1], got 2.0"),
+    ({"lr": 0}, "searcher 'metapruning': option 'lr' must be a number > 0, got 0"),
+    ({"train_steps": 1.5}, "searcher 'metapruning': option 'train_steps' must be an integer >= 1, got 1.5"),
+    ({"train_flops_min": 0.9, "train_flops_max": 0.5},
+     "searcher 'metapruning': option 'train_flops_min' (0.9) must be below 'train_flops_max' (0.5)"),
+    ({"bn_batches": 0}, "searcher 'metapruning': option 'bn_batches' must be an integer >= 1, got 0"),
+    ({"speed": 1}, "unknown option 'speed' for searcher 'metapruning'; accepted options: bn_batches, "
+                   "checkpoint_every, generations, hidden, lr, mutation_prob, population, topk, train_flops_max, "
+                   "train_flops_min, train_steps"),
+])
 def test_bad_options_are_config_errors(resnet_space, options, message):
+    with pytest.raises(ConfigError) as early:  # the cheap check `widthsearch search` runs before any work
+        searcher_class("metapruning").check_options(options)
+    assert str(early.value) == message
     space, cost, model = resnet_space
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError) as info:  # and the same one from the constructor
         make_searcher("metapruning", space, cost, budget=0.5, model=model, **options)
+    assert str(info.value) == message
 
 
 def test_it_needs_the_model_and_batches_for_data_driven_criteria(resnet_space):
@@ -232,7 +291,9 @@ NO_SIZES = {"population": None, "generations": None, "topk": None}
     (1001, {}, (50, 20, 10)),            # enough for the paper's 1 + 50 x 20
     (5000, {}, (50, 20, 10)),
     (101, {}, (15, 6, 3)),               # population ~ sqrt(2.5 x 100), generations as many as fit
-    (9, {}, (4, 2, 2)),                  # the smallest automatic evolution: one generation after the random one
+    (9, {}, (4, 2, 2)),
+    (8, {}, (3, 2, 2)),                  # population capped at half the candidates: a second generation fits
+    (5, {}, (2, 2, 2)),                  # the smallest automatic evolution: one generation after the random one
     (101, {"population": 10}, (10, 10, 2)),
     (101, {"generations": 4}, (25, 4, 5)),
     (41, {"population": 8, "generations": 5, "topk": 3}, (8, 5, 3)),
@@ -242,8 +303,19 @@ def test_evolution_is_sized_from_num_samples(num_samples, given, plan):
     assert 1 + plan[0] * plan[1] <= (num_samples or 1001)
 
 
+def test_automatic_sizing_accepts_every_num_samples_from_the_smallest_evolution_up():
+    for num_samples in range(5, 1101):  # never refused past the first one that works; always fits; never random
+        plan = evolution_plan(NO_SIZES, num_samples)
+        assert 2 <= plan["topk"] <= plan["population"] and plan["generations"] >= 2, (num_samples, plan)
+        assert 1 + plan["population"] * plan["generations"] <= num_samples
+
+
 @pytest.mark.parametrize("num_samples, given, text", [
-    (8, {}, "num_samples 8 leaves the evolution only its random generation (population 4 x generations 1)"),
+    (4, {}, "num_samples 4 leaves the evolution only its random generation (population 2 x generations 1); "
+            "give num_samples >= 5 for one generation of mutation and crossover, or set 'generations'"),
+    (2, {}, "num_samples 2 leaves the evolution no generation (population 2 x generations 0)"),
+    (5, {"generations": 10}, "num_samples 5 leaves 4 candidate trials after the PruningNet training trial, fewer "
+                             "than 'generations' (10); give num_samples >= 11"),
     (40, {"population": 8, "generations": 5}, "num_samples 40 does not cover 1 + population x generations = "
                                               "1 + 8 x 5 = 41 trials"),
     (30, {"population": 20}, "give num_samples >= 41 for one generation of mutation and crossover"),
@@ -252,7 +324,10 @@ def test_a_budget_that_leaves_the_search_random_is_refused(resnet_space, num_sam
     space, cost, model = resnet_space
     with pytest.raises(ConfigError) as info:
         make_searcher("metapruning", space, cost, budget=0.5, model=model, num_samples=num_samples, **given)
-    assert text in str(info.value)
+    assert str(info.value).startswith("searcher 'metapruning': ") and text in str(info.value)
+    with pytest.raises(ConfigError) as early:  # the cheap check `widthsearch search` runs before any work
+        searcher_class("metapruning").check_options(given, num_samples)
+    assert str(early.value) == str(info.value)
 
 
 def test_the_plan_sized_from_num_samples_is_what_runs(resnet_space):
@@ -317,10 +392,15 @@ def test_metapruning_search_through_the_cli_on_uri_storage(digits, tmp_path):
     rows = load(f"{storage}/mp").to_pylist()
     trained = [r for r in rows if r["status"] == "train"]
     candidates = [r for r in rows if r["status"] == "ok"]
-    exp = tmp_path / "store" / "mp" / "widthsearch"
-    assert (exp / "experiment.json").is_file() and len(list((exp / "rows").glob("*.parquet"))) == 3
-    assert len(trained) == 1 and trained[0]["checkpoint"] == f"{storage}/mp/widthsearch/metapruning/pruningnet-s0.pt"
-    assert (exp / "metapruning" / "pruningnet-s0.pt").is_file()
+    # every artifact under the experiment (rows, metadata, searcher state, PruningNet), none beside the checkout
+    state = artifacts_under_experiment(tmp_path / "store", "mp", [r["trial_id"] for r in rows])
+    checkpoint = f"{storage}/mp/widthsearch/metapruning/pruningnet-s0.pt"
+    assert len(rows) == 3 and len(trained) == 1 and trained[0]["checkpoint"] == checkpoint
+    assert sorted(p.name for p in (tmp_path / "store" / "mp" / "widthsearch" / "metapruning").iterdir()) == \
+        ["pruningnet-s0.pt"]
+    assert (state["phase"], state["checkpoint"], state["num_samples"]) == ("evolve", checkpoint, 3)
+    saved = Storage(f"{storage}/mp").load_torch("metapruning/pruningnet-s0.pt")
+    assert saved["step"] == 20 and saved["order"] == channel_order(model, build_space(model, digits.example_input))
     assert len(candidates) == 2 and all(r["flops_ratio"] <= 0.5 and r["finetune_steps"] == 0 for r in candidates)
     best = max(candidates, key=lambda r: r["score"])
     keep = _chosen_channels(best)["keep"]  # what `widthsearch retrain` keeps: the best channels (l1) of the base
@@ -329,10 +409,11 @@ def test_metapruning_search_through_the_cli_on_uri_storage(digits, tmp_path):
 
 
 def test_cli_refuses_a_num_samples_that_leaves_the_evolution_random(tmp_path):
-    args = ["search", "--name", "mp", "--storage", str(tmp_path), "--searcher", "metapruning", "--num-samples", "6",
+    args = ["search", "--name", "mp", "--storage", str(tmp_path), "--searcher", "metapruning", "--num-samples", "4",
             "--quiet"]
     proc = subprocess.run([sys.executable, "-m", "widthsearch.cli", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "num_samples 6 leaves the evolution only its random generation" in proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert "num_samples 4 leaves the evolution only its random generation" in proc.stderr
+    assert "Traceback" not in proc.stderr and "training a base" not in proc.stderr
     assert not (tmp_path / "mp").exists()  # refused before any data was loaded or base model trained
