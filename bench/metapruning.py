@@ -21,7 +21,7 @@ Stages (each resumable; run them in any order, the `rank` table uses whatever ha
 * `rank` (also printed after `score`): Spearman of each net's score against the retrained test
   accuracy over the profiles finished so far.
 
-    python bench/metapruning.py STAGE [--quick] [--data npz:PATH] [--budget 0.5] [--threads 1]
+    python bench/metapruning.py STAGE [--quick] [--data npz:PATH] [--budget 0.5] [--threads 1] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import common  # noqa: E402
 from common import (CACHE, DEFAULT_DATA, RESULTS, RETRAIN_EPOCHS, base_checkpoint, bench_data,  # noqa: E402
                     machine_load, profile_key, retrain_cell)
 
@@ -168,14 +169,15 @@ def stage_nets(b: Bench, specs: list[NetSpec]) -> None:
     base_s, meta_s = [], []
     for rep in range(3 if b.quick else 10):
         start = time.time()
-        train(probe, b.data, steps=2, config=TrainConfig(lr=LR, batch_size=BATCH), seed=rep)
+        train(probe, b.data, steps=2, config=TrainConfig(lr=LR, batch_size=BATCH), seed=rep, device=common.DEVICE)
         base_s.append((time.time() - start) / 2)
         meta_s.append(train_pruningnet(timing, b.data, b.cost, steps=2, lr=LR, batch_size=BATCH,
-                                       seed=rep)["train_s"] / 2)
+                                       seed=rep, device=common.DEVICE)["train_s"] / 2)
     steps_per_epoch = math.ceil(len(b.data.train) / BATCH)
     record["timing"] = {"base_step_s": float(np.median(base_s)), "pruningnet_step_s": float(np.median(meta_s)),
                         "ratio": float(np.median(meta_s) / np.median(base_s)), "steps_per_epoch": steps_per_epoch,
-                        "batch": BATCH, "threads": torch.get_num_threads(), "loadavg_1m": machine_load()}
+                        "batch": BATCH, "threads": torch.get_num_threads(), "loadavg_1m": machine_load(),
+                        "device": common.device_name()}
     print(f"base step {record['timing']['base_step_s']:.3f}s, PruningNet step "
           f"{record['timing']['pruningnet_step_s']:.3f}s (x{record['timing']['ratio']:.2f}); "
           f"one base epoch = {steps_per_epoch} steps", flush=True)
@@ -185,9 +187,11 @@ def stage_nets(b: Bench, specs: list[NetSpec]) -> None:
             continue
         net = PruningNet(b.base, b.space, HIDDEN, b.order)
         info = train_pruningnet(net, b.data, b.cost, steps=spec.steps, lr=spec.lr, batch_size=BATCH, seed=0,
-                                flops=spec.flops, store=store, name=spec.file, every=50)
+                                flops=spec.flops, store=store, name=spec.file, every=50, device=common.DEVICE)
+        net.cpu()
         record["nets"][spec.key] = {**info, "base_epochs_of_steps": spec.steps / steps_per_epoch,
-                                    "loadavg_1m": machine_load(), "date": time.strftime("%Y-%m-%d")}
+                                    "loadavg_1m": machine_load(), "device": common.device_name(),
+                                    "date": time.strftime("%Y-%m-%d")}
         out.write_text(json.dumps(record, indent=1))
         print(f"PruningNet {spec.key}: {info['train_s']:.0f}s, final loss {info['loss']:.3f}", flush=True)
 
@@ -200,8 +204,10 @@ def stage_score(b: Bench, specs: list[NetSpec], bn_batches: int) -> None:
             key = f"{spec.key}-bn{bn_batches}"
             if key not in row["scores"]:
                 start = time.time()
-                acc, loss = score_widths(net, row["widths"], b.data, bn_batches=bn_batches, batch_size=BATCH, seed=0)
-                row["scores"][key] = {"val_acc": acc, "val_loss": loss, "seconds": time.time() - start}
+                acc, loss = score_widths(net, row["widths"], b.data, bn_batches=bn_batches, batch_size=BATCH, seed=0,
+                                         device=common.DEVICE)
+                row["scores"][key] = {"val_acc": acc, "val_loss": loss, "seconds": time.time() - start,
+                                      "device": common.device_name()}
                 path.write_text(json.dumps(row, indent=1))
 
 
@@ -219,8 +225,10 @@ def stage_bn(b: Bench, specs: list[NetSpec], count: int) -> None:
             if key in record["scores"]:
                 continue
             start = time.time()
-            accs = [score_widths(net, r["widths"], b.data, bn_batches=n, batch_size=BATCH, seed=seed)[0] for r in rows]
-            record["scores"][key] = {"val_acc": accs, "seconds": time.time() - start, "loadavg_1m": machine_load()}
+            accs = [score_widths(net, r["widths"], b.data, bn_batches=n, batch_size=BATCH, seed=seed,
+                                 device=common.DEVICE)[0] for r in rows]
+            record["scores"][key] = {"val_acc": accs, "seconds": time.time() - start, "loadavg_1m": machine_load(),
+                                     "device": common.device_name()}
             out.write_text(json.dumps(record, indent=1))
     print_bn(record)
 
@@ -265,8 +273,10 @@ def main() -> None:
     parser.add_argument("--bn-batches", type=int, default=20, help="recalibration batches for `score`")
     parser.add_argument("--bn-profiles", type=int, default=8, help="profiles in the `bn` study")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: base, retrains, PruningNet training and scores")
     args = parser.parse_args()
     set_threads(args.threads)
+    common.use_device(args.device)
     b = Bench(args.data, args.budget, args.quick)
     specs = [NetSpec.parse(t) for t in args.nets or (["0", "20", "40"] if args.quick else NETS)]
     print(f"base {MODEL}: val {b.info['val_acc']:.4f}, test {b.info['test_acc']:.4f}; load {machine_load():.1f}",
