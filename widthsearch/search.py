@@ -87,7 +87,7 @@ def prepare(cfg: SearchConfig, progress: bool = True) -> Experiment:
     """
     from searchers import searcher_class
 
-    searcher_class(cfg.searcher).check_options(cfg.searcher_options)
+    searcher_class(cfg.searcher).check_options(cfg.searcher_options, cfg.num_samples)
     get_criterion(cfg.criterion)
     if cfg.gpus_per_trial > 0 and not torch.cuda.is_available() and not cfg.allow_cpu and not cfg.address \
             and not os.environ.get("RAY_ADDRESS"):
