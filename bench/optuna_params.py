@@ -5,10 +5,11 @@ Cells: (variant, seed), one JSON each in bench/results/optuna_params/ (resumable
 steps each, no promotion) and the same score (val accuracy, the default), so the only difference is how
 the searcher proposes. Variants: TPE over one keep ratio per group (`group`), per stage (`stage`, the
 default) or a smooth depth profile (`depth`), each warm-started with the uniform and global-ranking
-profiles, and the `random` sampler over groups without warm start as the control. Figures: the best and
+profiles; `stage-cold`, the default without the warm start; and the `random` sampler over groups
+without warm start as the control. Figures: the best and
 the top-3 mean validation score a search reached (validation only: no test split here).
 
-    python bench/optuna_params.py [--variants group stage depth random] [--seeds 0 1 2] [--threads 1]
+    python bench/optuna_params.py [--variants group stage depth stage-cold random] [--seeds 0 1 2] [--threads 1]
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from widthsearch.training import set_threads  # noqa: E402
 
 VARIANTS = {"group": {"parameterization": "group"}, "stage": {"parameterization": "stage"},
             "depth": {"parameterization": "depth"},
+            "stage-cold": {"parameterization": "stage", "warm_start": False},
             "random": {"sampler": "random", "parameterization": "group", "warm_start": False}}
 BUDGET = 0.3
 SEARCH = dict(num_samples=24, finetune_steps=25, concurrency=2, cpus_per_trial=1, bn_batches=20, score="val_acc")
