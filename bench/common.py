@@ -26,6 +26,21 @@ VAL_FRACTION = 0.2
 SPLIT_SEED = 0
 BASE_EPOCHS = {"cifar_resnet20": 80, "cifar_resnet56": 80}
 BASE_LR = 0.1
+DEVICE = "cpu"  # where bases, retrains and scores run (bench scripts' --device); CPU latency stays on the CPU
+
+
+def use_device(name: str) -> str:
+    """Run the bench's training and evaluation on `name` ("cpu" or "cuda"); refuses a CUDA that is not there."""
+    global DEVICE
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: no CUDA device on this machine")
+    DEVICE = name
+    return device_name()
+
+
+def device_name() -> str:
+    """What the figures ran on, recorded in every cell (a GPU's name, or "cpu")."""
+    return torch.cuda.get_device_name(0) if DEVICE.startswith("cuda") else "cpu"
 
 
 def bench_data(data: str):
@@ -52,14 +67,29 @@ def base_checkpoint(model: str, data: str, epochs: int | None = None, lr: float 
     torch.manual_seed(seed)
     net = load_model(model, splits.num_classes, in_channels=splits.in_channels)
     start = time.time()
-    train(net, splits, epochs=epochs, config=TrainConfig(lr=lr), seed=seed, progress=f"base {model}")
+    train(net, splits, epochs=epochs, config=TrainConfig(lr=lr), seed=seed, progress=f"base {model}",
+          device=DEVICE)
     info = {"model": model, "data": data, "epochs": epochs, "lr": lr, "train_s": time.time() - start,
-            "loadavg_1m": machine_load(), "val_acc": evaluate(net, splits, "val")[0],
-            "test_acc": evaluate(net, splits, "test")[0], "split": splits.split}
+            "loadavg_1m": machine_load(), "device": device_name(),
+            "val_acc": evaluate(net, splits, "val", device=DEVICE)[0],
+            "test_acc": evaluate(net, splits, "test", device=DEVICE)[0], "split": splits.split}
+    net.cpu()
     save_checkpoint(net, ckpt, model_source=model, data=data, epochs=epochs, val_acc=info["val_acc"],
                     split=splits.split)
     info_path.write_text(json.dumps(info, indent=1))
     return ckpt, info
+
+
+def bench_base(model: str, data: str):
+    """The cached base of `model` with everything a bench script needs: (checkpoint, info, splits, model,
+    width space, cost model)."""
+    from widthsearch import CostModel, build_space
+
+    ckpt, info = base_checkpoint(model, data)
+    splits = bench_data(data)
+    base = load_model(model, splits.num_classes, checkpoint=str(ckpt), in_channels=splits.in_channels)
+    space = build_space(base, splits.example_input)
+    return ckpt, info, splits, base, space, CostModel(space)
 
 
 # ----------------------------------------------------------------------------- retrain cells
@@ -82,8 +112,8 @@ def correct_mask(model, data, split: str = "test") -> str:
     model.eval()
     hits = []
     with torch.no_grad():
-        for x, y in data.batches(split, 512, shuffle=False):
-            hits.append((model(x).argmax(1) == y).numpy())
+        for x, y in data.batches(split, 512, shuffle=False, device=DEVICE):
+            hits.append((model(x).argmax(1) == y).cpu().numpy())
     return np.packbits(np.concatenate(hits)).tobytes().hex()
 
 
@@ -113,11 +143,13 @@ def retrain_cell(base_name: str, model: torch.nn.Module, data, *, seed: int, epo
         return json.loads(path.read_text())
     start = time.time()
     torch.manual_seed(seed)
-    train(model, data, epochs=epochs, config=TrainConfig(lr=lr), seed=seed)
+    train(model, data, epochs=epochs, config=TrainConfig(lr=lr), seed=seed, device=DEVICE)
     cell = {"key": key, "label": label, "base": base_name, "epochs": epochs, "lr": lr, "seed": seed,
             "train_s": time.time() - start, "loadavg_1m": machine_load(), "threads": torch.get_num_threads(),
-            "val_acc": evaluate(model, data, "val")[0], "test_acc": evaluate(model, data, "test")[0],
+            "device": device_name(), "val_acc": evaluate(model, data, "val", device=DEVICE)[0],
+            "test_acc": evaluate(model, data, "test", device=DEVICE)[0],
             "test_correct": correct_mask(model, data, "test"), "date": time.strftime("%Y-%m-%d")}
+    model.cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cell, indent=1))
     return cell

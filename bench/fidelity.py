@@ -33,11 +33,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (DEFAULT_DATA, RESULTS, RETRAIN_EPOCHS, base_checkpoint, bench_data, machine_load,  # noqa: E402
+import common  # noqa: E402
+from common import (DEFAULT_DATA, RESULTS, RETRAIN_EPOCHS, bench_base, machine_load,  # noqa: E402
                     profile_key, retrain_cell)
 
 from searchers import make_searcher  # noqa: E402
-from widthsearch import CostModel, build_space, load_model, prune  # noqa: E402
+from widthsearch import prune  # noqa: E402
 from widthsearch.training import StepTrainer, TrainConfig, evaluate, recalibrate_bn, set_threads  # noqa: E402
 
 KS = (0, 25, 50, 100, 200)
@@ -95,13 +96,13 @@ def score_variants(base, space, widths, data, seed: int, ks=KS) -> dict:
     for k in ks:
         start = time.time()
         model = prune(base, space, space.from_vector(widths), "l1")
-        recalibrate_bn(model, data, num_batches=BN_BATCHES, seed=seed)
-        trainer = StepTrainer(model, data, k, TrainConfig(lr=FINETUNE_LR), seed=seed)
+        recalibrate_bn(model, data, num_batches=BN_BATCHES, seed=seed, device=common.DEVICE)
+        trainer = StepTrainer(model, data, k, TrainConfig(lr=FINETUNE_LR), seed=seed, device=common.DEVICE)
         stops = sorted({s for s in SNAPSHOTS if s < k} | {k}) if k == max(ks) else [k]
         for stop in stops:
             trainer.run(stop - trainer.done)
-            acc, loss = evaluate(model, data, "val")
-            acc_half, loss_half = evaluate(model, halves, "val")
+            acc, loss = evaluate(model, data, "val", device=common.DEVICE)
+            acc_half, loss_half = evaluate(model, halves, "val", device=common.DEVICE)
             name = f"k{k}" if stop == k else f"k{k}@{stop}"
             out[name] = {"val_acc": acc, "val_loss": loss, "val10_acc": acc_half, "val10_loss": loss_half,
                          "seconds": time.time() - start}
@@ -122,15 +123,13 @@ def main() -> None:
     parser.add_argument("--model", default="cifar_resnet20")
     parser.add_argument("--data", default=f"npz:{DEFAULT_DATA}")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (scores and retrains; recorded per cell)")
     parser.add_argument("--limit", type=int, help="stop after this many new profiles")
     parser.add_argument("--quick", action="store_true", help="3 profiles, k in 0/25, a 1-epoch retrain (smoke test)")
     args = parser.parse_args()
     set_threads(args.threads)
-    ckpt, info = base_checkpoint(args.model, args.data)
-    data = bench_data(args.data)
-    base = load_model(args.model, data.num_classes, checkpoint=str(ckpt), in_channels=data.in_channels)
-    space = build_space(base, data.example_input)
-    cost = CostModel(space)
+    device = common.use_device(args.device)
+    ckpt, info, data, base, space, cost = bench_base(args.model, args.data)
     folder = RESULTS / ("fidelity-quick" if args.quick else "fidelity")
     folder.mkdir(parents=True, exist_ok=True)
     todo = profiles(base, space, cost, args.quick)
@@ -150,7 +149,7 @@ def main() -> None:
                 "flops_ratio": cost.flops_ratio(space.from_vector(p["widths"])), "scores": scores,
                 "retrain_key": retrain["key"], "retrain_epochs": retrain["epochs"], "retrain_s": retrain["train_s"],
                 "test_acc": retrain["test_acc"], "retrain_val_acc": retrain["val_acc"],
-                "threads": args.threads, "loadavg_1m": machine_load(), "date": time.strftime("%Y-%m-%d")}
+                "threads": args.threads, "device": device, "loadavg_1m": machine_load(), "date": time.strftime("%Y-%m-%d")}
         path.write_text(json.dumps(cell, indent=1))
         done += 1
         print(f"{i}: {p['source']} {p['target']} flops {cell['flops_ratio']:.3f} k0 {scores['k0']['val_acc']:.4f} "

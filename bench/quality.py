@@ -36,10 +36,11 @@ import torch_pruning as tp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (DEFAULT_DATA, RESULTS, SPLIT_SEED, VAL_FRACTION, base_checkpoint, bench_data,  # noqa: E402
+import common  # noqa: E402
+from common import (DEFAULT_DATA, RESULTS, SPLIT_SEED, VAL_FRACTION, bench_base,  # noqa: E402
                     machine_load, retrain_cell)
 
-from widthsearch import CostModel, build_space, load_model, prune  # noqa: E402
+from widthsearch import CostModel, prune  # noqa: E402
 from widthsearch.config import SearchConfig  # noqa: E402
 from widthsearch.export import measure_latency  # noqa: E402
 from widthsearch.models import classifier_of  # noqa: E402
@@ -75,7 +76,7 @@ def peer_prune(model: torch.nn.Module, data, cost: CostModel, budget: float, imp
     pruner = tp.pruner.MetaPruner(model, example, importance=PEERS[importance](), global_pruning=True,
                                   pruning_ratio=0.95, iterative_steps=400,
                                   ignored_layers=[model.get_submodule(classifier_of(model))])
-    batches = data.stream("train", 128, seed=seed, augment=False)
+    batches = data.stream("train", 128, seed=seed, augment=False)  # CPU: torch-pruning steps are not the cost
     for _ in range(400):
         if importance == "tp-taylor":
             x, y = next(batches)
@@ -91,6 +92,8 @@ def peer_prune(model: torch.nn.Module, data, cost: CostModel, budget: float, imp
 def search_cell(name: str, budget: float, seed: int, args, ckpt: Path, base, space, data) -> tuple[torch.nn.Module, dict]:
     """Run one widthsearch search; the pruned model of its chosen row and what the search cost."""
     options = {**SEARCH["common"], **SEARCH.get(name, {})}
+    if common.DEVICE.startswith("cuda"):  # same trials and fidelities; only more of them at once on one GPU
+        options.update(concurrency=args.concurrency, gpus_per_trial=1 / args.concurrency)
     with tempfile.TemporaryDirectory() as storage:
         cfg = SearchConfig(name=f"{name}-b{budget}-s{seed}", storage=storage, model=args.model, checkpoint=str(ckpt),
                            data=args.data, val_fraction=VAL_FRACTION, split_seed=SPLIT_SEED, searcher=name,
@@ -147,7 +150,7 @@ def run_cell(method: str, budget: float, seed: int, args, ckpt: Path, info: dict
             "retrain_epochs": retrain["epochs"], "test_acc": retrain["test_acc"], "val_acc": retrain["val_acc"],
             "test_correct": retrain["test_correct"], "batch1_ms": latency["batch1_ms"],
             "batch64_ms": latency["batch64_ms"], "threads": torch.get_num_threads(), "loadavg_1m": machine_load(),
-            "date": time.strftime("%Y-%m-%d")}
+            "device": common.device_name(), "date": time.strftime("%Y-%m-%d")}
 
 
 def main() -> None:
@@ -158,17 +161,16 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.3])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: bases, retrains and search trials")
+    parser.add_argument("--concurrency", type=int, default=4, help="trials at once on one GPU (--device cuda)")
     parser.add_argument("--quick", action="store_true", help="uniform and tp-l1 at 0.5, one seed, 1-epoch retrain")
     args = parser.parse_args()
     if args.quick:
         args.methods, args.budgets, args.seeds = ["uniform", "tp-l1"], [0.5], [0]
     args.retrain_epochs = 1 if args.quick else None
     set_threads(args.threads)
-    ckpt, info = base_checkpoint(args.model, args.data)
-    data = bench_data(args.data)
-    base = load_model(args.model, data.num_classes, checkpoint=str(ckpt), in_channels=data.in_channels)
-    space = build_space(base, data.example_input)
-    cost = CostModel(space)
+    common.use_device(args.device)
+    ckpt, info, data, base, space, cost = bench_base(args.model, args.data)
     folder = RESULTS / ("quality-quick" if args.quick else "quality")
     folder.mkdir(parents=True, exist_ok=True)
     print(f"base {args.model}: val {info['val_acc']:.4f}, test {info['test_acc']:.4f}", flush=True)

@@ -289,6 +289,33 @@ def latency_section(folder: Path) -> list[str]:
     return lines
 
 
+def optuna_params_section(folder: Path) -> list[str]:
+    """Best and top-3 validation score per Optuna parameterisation (bench/optuna_params.py), with what is missing."""
+    from optuna_params import BUDGET, SEARCH, VARIANTS
+
+    cells = _cells(folder / "optuna_params")
+    if not cells:
+        return []
+    lines = ["## Optuna: which parameterisation helps (bench/optuna_params.py)", "",
+             f"cifar_resnet20 bench base, FLOPs {BUDGET}, {SEARCH['num_samples']} trials of {SEARCH['finetune_steps']} "
+             "fine-tune steps each, score = val accuracy (validation only). Higher is better; seeds are search seeds.", "",
+             "| variant | seeds | best val score (mean ± std) | top-3 mean | search s (mean) | load |", "|---|---|---|---|---|---|"]
+    for variant in VARIANTS:
+        group = [c for c in cells if c["variant"] == variant]
+        if not group:
+            continue
+        best, top3 = _mean_std([c["best_score"] for c in group]), _mean_std([c["top3_mean"] for c in group])
+        lines.append(f"| {variant} | {len(group)} | {best[0]:.4f} ± {best[1]:.4f} | {top3[0]:.4f} ± {top3[1]:.4f} | "
+                     f"{statistics.fmean(c['search_s'] for c in group):.0f} | "
+                     f"{statistics.fmean(c['loadavg_1m'] for c in group):.1f} |")
+    seconds = statistics.fmean(c["search_s"] for c in cells)
+    missing = [f"{v} s{s}" for v in VARIANTS for s in QUALITY_SEEDS
+               if not any(c["variant"] == v and c["seed"] == s for c in cells)]
+    if missing:
+        lines += ["", f"Missing: {', '.join(missing)} (~{seconds / 60:.0f} min each)."]
+    return lines + [""]
+
+
 def throughput_section(t: dict) -> list[str]:
     lines = [f"## Cost and scale ({t['mode']} run, {t['date']})", "",
              f"Random searcher, {t['model']}, {t['finetune_steps']} fine-tune steps per trial, 1 CPU per trial."
@@ -319,6 +346,7 @@ def main() -> None:
     lines += quality_section(folder)
     lines += fidelity_section(folder)
     lines += latency_section(folder)
+    lines += optuna_params_section(folder)
     throughput = _load(folder, "throughput")
     if throughput:
         lines += throughput_section(throughput)

@@ -144,7 +144,8 @@ class WidthSearcher(Searcher):
         if cost.space is not space and cost.space.names != space.names:
             raise ConfigError("the cost model was built for a different width space")
         super().__init__(metric=metric, mode=mode)
-        self.options: dict[str, Any] = self.check_options(options)
+        self.num_samples = num_samples        # the trials Tune will run (None: unknown, e.g. from Python), for sizing
+        self.options: dict[str, Any] = self.check_options(options, num_samples)
         self._space = space
         self._cost = cost
         self._measure = measure if measure is not None else cost.measure("flops")
@@ -153,7 +154,6 @@ class WidthSearcher(Searcher):
         self.budget = None if budget is None else self._check_budget(budget)
         self.seed = int(seed)
         self.criterion = criterion
-        self.num_samples = num_samples        # the trials Tune will run (None: unknown), for sizing a search
         self._live: dict[str, np.ndarray] = {}        # trial_id -> widths suggested, not yet complete
         self._seen: set[tuple[int, ...]] = set()       # every profile suggested
         self.history: list[dict[str, Any]] = []       # completed trials: widths, value, cost_ratio, error
@@ -162,18 +162,25 @@ class WidthSearcher(Searcher):
                            self._measure.name)
 
     @classmethod
-    def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
-        """The declared defaults overlaid with `options`, each checked (ConfigError naming the option).
+    def check_options(cls, options: Mapping[str, Any], num_samples: int | None = None) -> dict[str, Any]:
+        """The declared defaults overlaid with `options`, each checked (ConfigError naming the option), then
+        checked together and against the search's number of trials.
 
         Cheap: called before any data is loaded or base model trained, and again by the constructor.
         """
         checked = check_options(cls.name or cls.__name__, cls.OPTIONS, options)
         cls.check_together(checked)
+        cls.check_trials(checked, num_samples)
         return checked
 
     @classmethod
     def check_together(cls, options: dict[str, Any]) -> None:
         """Rules across options (e.g. lam_min < lam_max); raise ConfigError. Default: none."""
+
+    @classmethod
+    def check_trials(cls, options: dict[str, Any], num_samples: int | None) -> None:
+        """Rules between options and the search's number of trials (None: not known); raise ConfigError.
+        Default: none."""
 
     def option_error(self, text: str) -> ConfigError:
         """A ConfigError in the options' message style."""

@@ -1,34 +1,95 @@
 """MetaPruning (Liu, Mu, Zhang, Guo, Yang, Cheng, Sun; ICCV 2019), on the WidthSpace's channel groups.
 
-1. **PruningNet training** (one trial, payload phase "train"; widthsearch/pruningnet.py,
+Source: the paper ("MetaPruning: Meta Learning for Automatic Neural Network Channel Pruning",
+arXiv 1903.10258) and the authors' code, github.com/liuzechun/MetaPruning (``resnet/training/
+train.py``: PruningNet training; ``resnet/searching/search.py``: the evolution and the BN
+recalibration; the mobilenet folders are the same recipe).
+
+1. **Channel order**: before anything else, every group's channels of the base model are
+   ranked once by the experiment's criterion (``--criterion``; data-driven ones get the
+   search's training batches), best first. "The first ``w`` channels" below means the first
+   ``w`` of that order, i.e. the ``w`` best; the order travels in the training payload and
+   the PruningNet checkpoint, and every candidate's payload ``keep`` lists those channels.
+2. **PruningNet training** (one trial, payload phase "train"; searchers/pruningnet.py,
    trainables/metapruning.py): every conv/linear touched by a channel group gets a meta block
    (two FC layers) from the layer's encoding (keep ratios of the groups on its output and
    input channels) to its full-size weight, cropped to the first ``w`` channels of every
    group. Each step samples a random profile (every group's width uniform over its legal
    widths; with ``train_flops_min``/``train_flops_max``, rejection-sampled into that FLOPs
    range), generates the weights, and runs one SGD step end to end through the meta blocks,
-   with BatchNorm on batch statistics. Checkpointed every ``checkpoint_every`` steps; a
-   re-run trial continues from its checkpoint.
-2. **Evolutionary search**: generation 0 is ``population`` random profiles; every later
-   generation is ``population // 2`` mutants (each gene of a top-k parent resampled with
-   probability ``mutation_prob``), ``population // 2`` crossovers (gene-wise uniform between
-   two top-k parents) and random profiles for any shortfall. Every child is checked against
-   the FLOPs budget with the CostModel and resampled until feasible (and new) before it is
-   proposed; the top ``topk`` are kept over all generations. Each candidate is a trial:
-   generated weights, BN recalibrated on ``bn_batches`` train batches, scored on val, no
-   fine-tuning. ``suggest`` returns None while the PruningNet trains or a generation runs.
+   with BatchNorm on batch statistics. Checkpointed every ``checkpoint_every`` steps through
+   the experiment's storage (``EXP/widthsearch/metapruning/``; a path or a URI); a re-run
+   trial continues from its checkpoint.
+3. **Evolutionary search** (the authors' ``search.py``): generation 0 is ``population``
+   random profiles; every later generation is ``population // 2`` mutants (each gene of a
+   top-k parent moved, with probability ``mutation_prob``, to another legal width: the
+   authors' random non-zero offset modulo the choices), ``population // 2`` crossovers
+   (gene-wise uniform between two top-k parents) and random profiles for any shortfall. Every
+   child is checked against the budget with the searcher's Measure and resampled until
+   feasible and new before it is proposed; the top ``topk`` over all generations are the
+   parents. Each candidate is a trial: generated weights, BN statistics reset and
+   re-estimated on ``bn_batches`` train batches, scored on val, no fine-tuning. ``suggest``
+   returns None while the PruningNet trains or a generation runs.
+4. **Retrain** (``widthsearch retrain``) of a candidate row prunes the base model to the
+   row's ``keep``: the same channels the PruningNet kept for that profile.
 
-Defaults are the paper's search settings (population 50, 20 generations, top-k 10,
-mutation probability 0.1). Deviations, stated: (1) genes are channel groups (a residual
-stream is one gene, as the paper searches a stage's shortcut width once); the encoding fed
-to a meta block is keep ratios rather than channel counts. (2) BatchNorm affine parameters,
-biases and layers outside every group are plain parameters shared by all profiles, trained
-with the meta blocks (the paper's code drops BN's affine transform). (3) The meta blocks start
-at the base weights (output bias = base weight, output weight = 0), not from scratch.
-(4) Pareto mode (no budget) ranks by domination count over (score, FLOPs), then score.
-(5) The training trial gets the same resources as every trial (search.py gives one set).
-(6) Retraining a chosen profile keeps the first ``w`` channels of the *base* weights
-(payload "keep"); the paper retrains the found widths.
+Sizing: the search runs 1 + population x generations trials (the authors: 50 x 20, top 10 of
+the best 50 as parents, mutation probability 0.1). With ``num_samples`` known (the CLI passes
+it), unset ``population``/``generations`` are sized from it: the paper's 50 x 20 when it allows
+1,000 candidates, else population ~ sqrt(2.5 x candidates) (the paper's 5:2 ratio), at most
+half the candidates so that a generation of mutation and crossover follows the random one, and
+as many generations as fit. ``num_samples`` below 5 (only the random generation would run), or
+one that does not cover explicit sizes, is refused before any work (``check_trials``, run by
+``widthsearch search`` before data are loaded or a base model is trained). ``topk`` defaults
+to population / 5 (the paper's 10 of 50), at least 2. The sizes are logged and written into
+every payload.
+
+Deviations, each with its reason:
+
+1. Genes are channel groups (a residual stream is one gene, as the paper searches a stage's
+   shortcut width once); a meta block's encoding is the keep ratios of the layer's output and
+   input groups (the authors feed a block's mid/in/out ratios to each of its convs): the
+   WidthSpace is model-agnostic and knows groups, not blocks.
+2. The PruningNet starts at the trained base model (meta block output bias = base weight,
+   output weight = 0) instead of from scratch, so that a short training is useful on a
+   converged base. The authors' crop keeps the first ``w`` channels, whose order their
+   from-scratch training makes meaningful; a trained base's channel order is arbitrary, hence
+   the ranking by the criterion (step 1), which also makes a retrain keep the channels the
+   search scored.
+3. BatchNorm: the authors keep one non-affine BN per width choice. In training mode a BN
+   normalises with the batch's statistics, so per-width copies differ only in the running
+   statistics they accumulate, which the authors discard: before scoring each candidate they
+   reset them and re-estimate them on 100 augmented training batches of 1,000 images
+   (momentum 0.1). We recalibrate per candidate the same way, on ``bn_batches`` batches of
+   the search's batch size (default 20 x 128: a CPU-sized search cannot afford 100,000
+   images per candidate; bench/metapruning.py ``bn`` measures how many are enough),
+   unaugmented, as a cumulative average (the project's one recalibration,
+   ``widthsearch.training.recalibrate_bn``). Per-width statistics could not be reused anyway:
+   a BN's input depends on the widths of every group upstream, not only its own. BN's affine
+   parameters, conv/linear biases and layers outside every group are shared, trained
+   parameters (cropped with their channels), because the materialised candidate must be the
+   base architecture (retrain, export), whose BatchNorms are affine.
+4. Pareto mode (no budget) ranks by domination count over (score, cost ratio), then score:
+   the authors search one FLOPs window and have no Pareto mode.
+5. Random profiles draw every group's width uniformly over its legal widths (the authors:
+   scale choices 12 to 23 of 31, i.e. 46-79% of the width, within a FLOPs window of 1,950-
+   2,050 MFLOPs around a 2,000 target, +-2.5%); candidates are only bounded above by the
+   budget, as for every searcher here (the budget is a bound, not a target). When rejection
+   sampling runs out of tries (20 per child), the missing children are random profiles
+   projected into the budget, so a generation is always full (the authors retry mutation and
+   crossover a bounded number of times, then draw random profiles until enough fit).
+6. Training samples every group independently over all its legal widths (optionally within a
+   FLOPs range); the authors sample one ratio per stage for the shortcut widths and one per
+   block for the mid widths, over all 31 choices, and keep the last stage at full width.
+7. The training trial gets the same resources as every trial (search.py gives one set).
+8. The authors train their PruningNet for 32 ImageNet epochs from scratch (batch 256, lr 0.1
+   stepped down x0.1 at epochs 8, 16 and 24, label smoothing 0.1, weight decay 1e-4 on part of
+   the parameters); ours fine-tunes from the base for ``train_steps`` steps of the search's
+   batch size with the project's one optimiser (SGD, Nesterov momentum 0.9, weight decay
+   5e-4, lr ``lr`` on a cosine schedule, no label smoothing), because it starts from a
+   trained base (deviation 2) and searches run on CPUs. Whether that is long enough is
+   measured by bench/metapruning.py (Spearman of the generated-weight score against the
+   retrained accuracy over >= 20 profiles; the issue's goal is >= 0.6).
 """
 
 from __future__ import annotations
@@ -41,12 +102,56 @@ import numpy as np
 from ray.tune.search import Searcher
 
 from widthsearch.errors import ConfigError
-from widthsearch.pruningnet import allowed_widths, prefix_keep, sample_widths
+from widthsearch.importance import CRITERIA
 
 from .base import WidthSearcher
 from .options import Option
+from .pruningnet import allowed_widths, channel_order, keep_channels, sample_widths
 
 logger = logging.getLogger(__name__)
+
+PAPER_POPULATION, PAPER_GENERATIONS = 50, 20  # the authors' search.py (population_num, max_iters)
+
+
+def evolution_plan(options: dict, num_samples: int | None) -> dict[str, int]:
+    """{"population", "generations", "topk"}: the options, with unset ones sized from `num_samples`.
+
+    Raises ConfigError when `num_samples` (one training trial + the candidates) does not cover
+    explicit sizes, or leaves automatic sizing no generation after the random one.
+    """
+    population, generations = options["population"], options["generations"]
+    if num_samples is None:
+        population, generations = population or PAPER_POPULATION, generations or PAPER_GENERATIONS
+    else:
+        room = num_samples - 1  # the PruningNet training trial comes first
+        if population is None and generations is None and room >= PAPER_POPULATION * PAPER_GENERATIONS:
+            population, generations = PAPER_POPULATION, PAPER_GENERATIONS
+        elif population is None and generations is None:  # the paper's 5:2, leaving room for a second generation
+            population = max(2, min(int(math.sqrt(2.5 * room)), room // 2))
+        if population is None:
+            population = room // generations
+            if population < 1:
+                raise ConfigError(
+                    f"searcher 'metapruning': num_samples {num_samples} leaves {room} candidate trials after the "
+                    f"PruningNet training trial, fewer than 'generations' ({generations}); give num_samples >= "
+                    f"{1 + generations} or fewer generations")
+        automatic = generations is None
+        generations = generations or room // population
+        if population * generations > room:
+            raise ConfigError(
+                f"searcher 'metapruning': num_samples {num_samples} does not cover 1 + population x generations = "
+                f"1 + {population} x {generations} = {1 + population * generations} trials (the PruningNet training "
+                "trial, then the candidates); raise num_samples or lower population/generations")
+        if automatic and generations < 2:
+            left = "only its random generation" if generations else "no generation"
+            raise ConfigError(
+                f"searcher 'metapruning': num_samples {num_samples} leaves the evolution {left} "
+                f"(population {population} x generations {generations}); give num_samples >= "
+                f"{1 + 2 * population} for one generation of mutation and crossover, or set 'generations'")
+    topk = options["topk"] or min(population, max(2, round(population / 5)))
+    if topk > population:
+        raise ConfigError(f"searcher 'metapruning': option 'topk' ({topk}) exceeds 'population' ({population})")
+    return {"population": int(population), "generations": int(generations), "topk": int(topk)}
 
 
 class MetaPruningSearcher(WidthSearcher):
@@ -61,32 +166,52 @@ class MetaPruningSearcher(WidthSearcher):
                "checkpoint_every": Option(100, int, "PruningNet steps between checkpoints", low=1),
                "train_flops_min": Option(0.0, float, "smallest FLOPs ratio sampled in training", low=0, high=1),
                "train_flops_max": Option(1.0, float, "largest FLOPs ratio sampled in training", low=0, high=1),
-               "population": Option(50, int, "profiles per generation", low=1),
-               "generations": Option(20, int, "generations of the evolution", low=1),
-               "topk": Option(10, int, "parents kept over all generations", low=1),
-               "mutation_prob": Option(0.1, float, "probability of resampling each gene of a mutant", low=0, high=1)}
+               "population": Option(None, int, "profiles per generation (automatic: sized from num_samples)",
+                                    low=1, optional=True),
+               "generations": Option(None, int, "generations, the random one included (automatic: from "
+                                     "num_samples)", low=1, optional=True),
+               "topk": Option(None, int, "parents kept over all generations (automatic: population / 5, "
+                              "at least 2)", low=1, optional=True),
+               "mutation_prob": Option(0.1, float, "probability of changing each gene of a mutant", low=0, high=1),
+               "bn_batches": Option(20, int, "BN recalibration batches per candidate", low=1)}
 
     @classmethod
     def check_together(cls, o: dict) -> None:
         if not o["train_flops_min"] < o["train_flops_max"]:
-            raise ConfigError("searcher 'metapruning': train_flops_min must be below train_flops_max, got "
-                              f"{o['train_flops_min']!r} and {o['train_flops_max']!r}")
-        if o["topk"] > o["population"]:
-            raise ConfigError(f"searcher 'metapruning': option 'topk' ({o['topk']}) exceeds 'population' "
-                              f"({o['population']})")
+            raise ConfigError(f"searcher 'metapruning': option 'train_flops_min' ({o['train_flops_min']:g}) must be "
+                              f"below 'train_flops_max' ({o['train_flops_max']:g})")
+
+    @classmethod
+    def check_trials(cls, options: dict, num_samples: int | None) -> None:
+        evolution_plan(options, num_samples)
 
     def __init__(self, space, cost, **kwargs: Any):
         super().__init__(space, cost, **kwargs)
+        if self.model is None:
+            raise ConfigError("searcher 'metapruning' needs the base model (model=...) to rank its channels")
+        if CRITERIA[self.criterion].needs_batches and not self.batches:
+            raise ConfigError(f"searcher 'metapruning' with criterion {self.criterion!r} needs training batches "
+                              "(widthsearch search passes them; from Python, pass batches=[(x, y), ...])")
+        plan = evolution_plan(self.options, self.num_samples)
+        self.population, self.generations, self.topk = plan["population"], plan["generations"], plan["topk"]
+        logger.info("metapruning: 1 PruningNet training trial + population %d x generations %d candidates "
+                    "(top-k %d; num_samples %s)", self.population, self.generations, self.topk, self.num_samples)
+        # every group's channels, best first: a profile keeps the first w (PruningNet crop, retrain's "keep")
+        self.order = channel_order(self.model, space, self.criterion, self.batches, self.seed)
         self.rng = np.random.default_rng(self.seed)
         self.phase = "train"          # "train": waiting for the PruningNet; "evolve": running generations
         self.net = f"pruningnet-s{self.seed}"   # the PruningNet checkpoint id (EXP/widthsearch/metapruning/<net>.pt)
-        self.checkpoint: str | None = None      # its path, once trained
+        self.checkpoint: str | None = None      # its location, once trained
         self.issued = False           # the training trial was suggested
         self.generation = 0
         self.queue: list[list[int]] = []        # children of the current generation not yet suggested
         self.pending = 0              # candidates of the current generation suggested, not yet complete
         self.scored: list[dict] = []  # every candidate scored: widths, value, cost_ratio, generation
         self.top: list[dict] = []     # the top-k over all generations so far (parents of the next one)
+
+    def plan(self) -> dict[str, int]:
+        """The evolution's sizes, as run."""
+        return {"population": self.population, "generations": self.generations, "topk": self.topk}
 
     # -- proposals ----------------------------------------------------------------------
     def _propose(self, trial_id: str):
@@ -97,21 +222,23 @@ class MetaPruningSearcher(WidthSearcher):
             o = self.options
             payload = {"phase": "train", "net": self.net, "steps": o["train_steps"], "lr": o["lr"],
                        "hidden": o["hidden"], "every": o["checkpoint_every"], "seed": self.seed,
-                       "flops_min": o["train_flops_min"], "flops_max": o["train_flops_max"]}
+                       "flops_min": o["train_flops_min"], "flops_max": o["train_flops_max"],
+                       "criterion": self.criterion, "order": self.order, **self.plan()}
             label = self.space.widths if self.budget is None else self.project(np.ones(len(self.space)))
             return label, payload
         if not self.queue:
             if self.pending:
                 return None
-            self.top = self.ranked(self.scored)[: self.options["topk"]]
+            self.top = self.ranked(self.scored)[: self.topk]
             self.generation += 1
-            if self.generation >= self.options["generations"]:
+            if self.generation >= self.generations:
                 return Searcher.FINISHED
             self.queue = self.children()
         widths = self.queue.pop(0)
         self.pending += 1
-        payload = {"phase": "candidate", "net": self.net, "hidden": self.options["hidden"],
-                   "generation": self.generation, "keep": prefix_keep(self.space, widths)}
+        payload = {"phase": "candidate", "net": self.net, "generation": self.generation,
+                   "bn_batches": self.options["bn_batches"], "keep": keep_channels(self.space, self.order, widths),
+                   **self.plan()}
         return widths, payload
 
     def _observe(self, trial_id, widths, result, error, value, cost_ratio) -> None:
@@ -150,7 +277,7 @@ class MetaPruningSearcher(WidthSearcher):
 
     def children(self) -> list[list[int]]:
         """The next generation: random (generation 0), else mutants + crossovers + random fill; all feasible and new."""
-        n = self.options["population"]
+        n = self.population
         out: list[list[int]] = []
         if self.generation > 0 and self.top:
             parents = np.array([c["widths"] for c in self.top])
@@ -177,9 +304,12 @@ class MetaPruningSearcher(WidthSearcher):
                 out.append([int(w) for w in self.project(self.rng.uniform(self.min_ratios, 1.0))])
 
     def _mutant(self, parents: np.ndarray, legal: list[np.ndarray]) -> np.ndarray:
+        """A random top-k parent with each gene, with probability mutation_prob, moved to another legal width."""
         child = parents[self.rng.integers(len(parents))].copy()
         for i in np.flatnonzero(self.rng.random(len(child)) < self.options["mutation_prob"]):
-            child[i] = self.rng.choice(legal[i])
+            others = legal[i][legal[i] != child[i]]
+            if len(others):
+                child[i] = self.rng.choice(others)
         return child
 
     def _crossover(self, parents: np.ndarray) -> np.ndarray:

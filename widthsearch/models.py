@@ -367,12 +367,7 @@ def load_checkpoint(
     checkpoint is missing, unreadable or does not fit (CheckpointError).
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {_read_error(e)}") from e
+    obj = _read_checkpoint(path)
     state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else obj
     if not isinstance(state, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
@@ -388,15 +383,19 @@ def load_checkpoint(
 
 def checkpoint_meta(path: str | os.PathLike) -> dict:
     """The metadata saved with a checkpoint by save_checkpoint ({} for a bare state dict)."""
-    path = Path(path)
+    obj = _read_checkpoint(Path(path))
+    meta = obj.get("meta") if isinstance(obj, Mapping) else None
+    return dict(meta) if isinstance(meta, Mapping) else {}
+
+
+def _read_checkpoint(path: Path):
+    """torch.load of a checkpoint file (weights only), as a CheckpointError when it is missing or unreadable."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {_read_error(e)}") from e
-    meta = obj.get("meta") if isinstance(obj, Mapping) else None
-    return dict(meta) if isinstance(meta, Mapping) else {}
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, **meta: object) -> None:

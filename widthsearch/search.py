@@ -89,7 +89,7 @@ def prepare(cfg: SearchConfig, progress: bool = True) -> Experiment:
     """
     from searchers import searcher_class
 
-    searcher_class(cfg.searcher).check_options(cfg.searcher_options)
+    searcher_class(cfg.searcher).check_options(cfg.searcher_options, cfg.num_samples)
     get_criterion(cfg.criterion)
     if cfg.gpus_per_trial > 0 and not torch.cuda.is_available() and not cfg.allow_cpu and not _on_cluster(cfg):
         raise ConfigError(f"gpus_per_trial is {cfg.gpus_per_trial} but this machine has no CUDA GPU; "

@@ -4,49 +4,56 @@ Every conv/linear weight whose input or output channels belong to a channel grou
 *meta block*: two fully connected layers that map the layer's encoding (the keep ratios of
 the groups on its output and input channel axes; 1.0 for an axis outside every group) to
 the weight tensor at full size. The generated tensor is cropped to the profile by keeping
-the first ``w`` channels of every group (prefix cropping, as in the paper): physically with
-:meth:`PruningNet.materialize` (channel surgery with explicit ``keep`` indices), or, during
-training, by zeroing the channels beyond ``w`` in the dense-shaped tensor, which computes
-exactly the cropped network (every consumer of a group's channels has those input channels
-zeroed, so nothing leaks from the dropped ones).
+the first ``w`` channels of every group *in importance order* (``order``: every group's
+channels, most important first, from :func:`channel_order`), so a profile keeps the ``w``
+best channels of each group: physically with :meth:`PruningNet.materialize` (channel surgery
+with explicit ``keep`` indices, :func:`keep_channels`), or, during training, by zeroing the
+other channels in the dense-shaped tensor, which computes exactly the cropped network (every
+consumer of a group's channels has those input channels zeroed, so nothing leaks from the
+dropped ones). The authors train their PruningNet from scratch, so its channel order is
+whatever training makes it; ours starts at a trained base model, whose channel order is
+arbitrary, hence the sort.
 
 Everything else (BatchNorm affine parameters, biases, layers outside every group) is an
 ordinary parameter shared by all profiles, cropped the same way. BatchNorm statistics are
 not generated: training uses batch statistics, scoring recalibrates them per profile.
 
 Initialisation from the base model: a meta block's output bias is the base weight and its
-output weight is zero, so before training every profile gets the base weights, cropped.
+output weight is zero, so before training every profile gets the base weights of its kept
+channels (what ``prune(model, space, keep=keep_channels(...))`` gives).
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from .cost import CostModel
-from .errors import WidthSearchError
-from .space import WidthSpace, dependency_graph, root_group
-from .surgery import prune
+from widthsearch.cost import CostModel
+from widthsearch.errors import WidthSearchError
+from widthsearch.importance import Batches, score_channels
+from widthsearch.space import WidthSpace, dependency_graph, root_group
+from widthsearch.surgery import prune
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+Order = Mapping[str, Sequence[int]]  # {group: its channels, most important first}
 
 
 @dataclass(frozen=True)
 class Axis:
-    """The positions along one weight dimension that carry a group's channels, in channel order."""
+    """The positions along one weight dimension that carry a group's channels, best channel first."""
 
     group: int               # index into space.groups
-    positions: torch.Tensor  # sorted; channel c owns positions[c * per_channel:(c + 1) * per_channel]
-    per_channel: int         # > 1 when a flatten spreads a channel over several features
+    positions: torch.Tensor  # in channel importance order: the r-th best channel owns positions[r * pc:(r + 1) * pc]
+    per_channel: int         # pc; > 1 when a flatten spreads a channel over several features
 
 
-def layer_axes(model: nn.Module, space: WidthSpace) -> dict[str, dict[int, Axis]]:
+def layer_axes(model: nn.Module, space: WidthSpace, order: Order) -> dict[str, dict[int, Axis]]:
     """For every conv/linear weight touched by a group: {weight dim: Axis} (0 = out, 1 = in channels).
 
     A depthwise conv's weight is [C, 1, k, k]: its channels follow the group on dim 0.
@@ -66,15 +73,49 @@ def layer_axes(model: nn.Module, space: WidthSpace) -> dict[str, dict[int, Axis]
             if len(positions) % group.width:
                 raise WidthSearchError(f"layer {names[layer]!r} maps group {group.name!r} onto "
                                        f"{len(positions)} positions, not a multiple of its width {group.width}")
-            axes.setdefault(f"{names[layer]}.weight", {})[dim] = Axis(gi, torch.tensor(positions),
-                                                                      len(positions) // group.width)
+            per = len(positions) // group.width
+            ranked = torch.tensor(positions).view(group.width, per)[torch.tensor(order[group.name])].flatten()
+            axes.setdefault(f"{names[layer]}.weight", {})[dim] = Axis(gi, ranked, per)
     return axes
 
 
-def prefix_keep(space: WidthSpace, widths: Sequence[int]) -> dict[str, list[int]]:
-    """{group: [0, ..., w - 1]} for every group that shrinks: the channels a prefix crop keeps."""
+def channel_order(model: nn.Module, space: WidthSpace, criterion: str = "l1", batches: Batches | None = None,
+                  seed: int = 0) -> dict[str, list[int]]:
+    """Every group's channels of `model`, most important first under `criterion` (ties: lower index first).
+
+    The first ``w`` of a group's order are the channels ``prune(model, space, profile, criterion)``
+    keeps at width ``w``; data-driven criteria (taylor, frs) need `batches`.
+    """
+    work = copy.deepcopy(model)
+    graph = dependency_graph(work, space.example_input.to(next(work.parameters()).device))
+    modules = dict(work.named_modules())
+    groups = {g.name: root_group(graph, modules[g.name], range(g.width)) for g in space.groups}
+    scores = score_channels(criterion, work, groups, batches, seed)
+    return {name: torch.argsort(s, descending=True, stable=True).tolist() for name, s in scores.items()}
+
+
+def identity_order(space: WidthSpace) -> dict[str, list[int]]:
+    """Index order for every group (channel 0 first)."""
+    return {g.name: list(range(g.width)) for g in space.groups}
+
+
+def check_order(space: WidthSpace, order: Order) -> dict[str, list[int]]:
+    """`order` as lists of ints; WidthSearchError unless it is a permutation of every group's channels."""
+    out = {}
+    for g in space.groups:
+        ranked = [int(i) for i in order.get(g.name, ())]
+        if sorted(ranked) != list(range(g.width)):
+            raise WidthSearchError(f"channel order of group {g.name!r} is not a permutation of its {g.width} "
+                                   f"channels (got {len(ranked)} indices)")
+        out[g.name] = ranked
+    return out
+
+
+def keep_channels(space: WidthSpace, order: Order, widths: Sequence[int]) -> dict[str, list[int]]:
+    """{group: its ``w`` most important channels, sorted} for every group that shrinks."""
     profile = space.from_vector(widths)
-    return {g.name: list(range(profile[g.name])) for g in space.groups if profile[g.name] < g.width}
+    return {g.name: sorted(int(i) for i in order[g.name][: profile[g.name]])
+            for g in space.groups if profile[g.name] < g.width}
 
 
 def allowed_widths(space: WidthSpace) -> list[np.ndarray]:
@@ -123,14 +164,20 @@ class MetaBlock(nn.Module):
 
 
 class PruningNet(nn.Module):
-    """Generates the weights of `model` for any width vector of `space` (group order)."""
+    """Generates the weights of `model` for any width vector of `space` (group order).
 
-    def __init__(self, model: nn.Module, space: WidthSpace, hidden: int = 32):
+    `order` ranks every group's channels (most important first; default: index order); a
+    profile keeps the first ``w`` of each group's order.
+    """
+
+    def __init__(self, model: nn.Module, space: WidthSpace, hidden: int = 32, order: Order | None = None):
         super().__init__()
         if hidden < 1:
             raise WidthSearchError(f"hidden must be at least 1, got {hidden}")
+        self.hidden = hidden
+        self.order = check_order(space, identity_order(space) if order is None else order)
         self.net = copy.deepcopy(model).cpu()
-        self.axes = layer_axes(self.net, space)
+        self.axes = layer_axes(self.net, space, self.order)
         self._space = space
         params = dict(self.net.named_parameters())
         self.blocks = nn.ModuleDict({_key(k): MetaBlock(params[k].detach(), hidden) for k in self.axes})
@@ -165,7 +212,7 @@ class PruningNet(nn.Module):
         return functional_call(self.net, self(widths), (x,))
 
     def cropped(self, widths: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Generated weights cropped to the profile's exact shapes (first w channels of every group)."""
+        """Generated weights cropped to the profile's exact shapes (the w best channels of every group, index order)."""
         widths = self._space.vector(self._space.from_vector(widths))
         out = {}
         for name, weight in self(widths).items():
@@ -183,7 +230,7 @@ class PruningNet(nn.Module):
         with torch.no_grad():
             for name, weight in self(widths).items():
                 params[name].copy_(weight)
-        return prune(dense, self._space, keep=prefix_keep(self._space, widths))
+        return prune(dense, self._space, keep=keep_channels(self._space, self.order, widths))
 
 
 def _key(name: str) -> str:
