@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -179,6 +180,8 @@ def test_killed_worker_node_trials_are_retried_elsewhere(cluster, marks, tmp_pat
     """Runs last: removes a worker node (its raylet and all) while one of its trials is running."""
     storage = tmp_path.as_uri()
     workers = {n.node_id: n for n in cluster.worker_nodes}
+    for stale in marks.iterdir():  # earlier tests' trials marked the workers; only this search's marks count
+        stale.unlink()
     log = tmp_path / "driver.log"
     with log.open("w") as out:  # a file, not a pipe: nobody reads the driver's output while it runs
         driver = subprocess.Popen(CLI + ["search", "--name", "kill", "--storage", storage, "--address",
@@ -203,4 +206,4 @@ def test_killed_worker_node_trials_are_retried_elsewhere(cluster, marks, tmp_pat
     assert len(table) == 4 and len({r["trial_id"] for r in table}) == 4
     assert all(r["status"] == "ok" for r in table), [r["error"] for r in table]
     assert all(not r["node"].endswith(killed) for r in table)  # the interrupted trial finished on another node
-    assert "ActorDiedError" in log.read_text()  # it did fail once there
+    assert re.search(r"ActorDiedError|ActorUnavailableError|NodeDiedError", log.read_text())  # it failed there once
