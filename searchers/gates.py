@@ -8,8 +8,8 @@ multiplies its channel at the input of every conv/linear layer that consumes the
 ``z = 0`` computes exactly what the physically pruned model computes.
 
 `optimize_gates` minimises ``task loss(z) + lam * cost(E[widths]) / cost(dense)`` over the
-logits only (the weights are frozen), where ``E[width_g] = sum_c p_gc`` and ``cost`` is the
-CostModel's bilinear FLOPs (or params) polynomial evaluated in torch. `extract` keeps the
+logits only (the weights are frozen), where ``E[width_g] = sum_c p_gc`` and ``cost`` is a
+`Measure` evaluated in torch (FLOPs, params or the latency model). `extract` keeps the
 channels with ``p > 0.5`` (at least the group's minimum width, rounded up to a legal width).
 """
 
@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from widthsearch.cost import CostModel, Measure
-from widthsearch.errors import WidthSearchError
+from widthsearch.cost import Measure
 from widthsearch.space import WidthSpace, dependency_graph, root_group
 
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
@@ -137,22 +136,19 @@ class GateResult:
     task_loss: float                  # mean task loss over the last 10% of steps
 
 
-def complexity_fn(cost: CostModel, kind: str):
-    """Normalised differentiable complexity of real-valued widths: FLOPs or params over the dense model's."""
-    if kind not in CostModel.MEASURES:
-        raise WidthSearchError(f"complexity must be 'flops' or 'params', got {kind!r}")
-    measure = cost.measure(kind)
+def complexity_fn(measure: Measure):
+    """Normalised differentiable complexity of real-valued widths: the measure over the dense model's."""
     return lambda w: measure.torch(w) / measure.base
 
 
-def optimize_gates(model: nn.Module, space: WidthSpace, cost: CostModel, batches: Iterator, lam: float,
-                   schedule: GateSchedule = GateSchedule(), complexity: str = "flops", seed: int = 0) -> GateResult:
-    """Learn the gate logits of `model` (whose weights stay frozen) for penalty `lam`.
+def optimize_gates(model: nn.Module, space: WidthSpace, measure: Measure, batches: Iterator, lam: float,
+                   schedule: GateSchedule = GateSchedule(), seed: int = 0) -> GateResult:
+    """Learn the gate logits of `model` (whose weights stay frozen) for penalty `lam` x `measure`'s ratio.
 
     BatchNorm layers use batch statistics (train mode) without updating their running statistics,
     as adaptive BN will after extraction; `model` is left in eval mode with its parameters' grad flags restored.
     """
-    penalty = complexity_fn(cost, complexity)
+    penalty = complexity_fn(measure)
     gates = ChannelGates(model, space, schedule.init_logit)
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():

@@ -19,8 +19,9 @@ Here (machinery in searchers/gates.py, trial in trainables/gradient.py):
   exact Bernoulli(p) draw, i.e. the network sees discrete sub-architectures.
   Both temperatures are annealed geometrically over the ``steps`` gate steps.
 * Loss = cross-entropy(z) + lam * C(E[widths]) / C(dense), with ``E[width_g] = sum_c p_gc``
-  and C the CostModel's exact bilinear FLOPs (``complexity=flops``) or params polynomial,
-  evaluated in torch so its gradient in p is exact.
+  and C the measure the budget bounds (``complexity=budget``, the default: the CostModel's exact
+  bilinear FLOPs or params polynomial, or the latency model's interpolated tables) or FLOPs or params
+  whatever the budget (``complexity=flops|params``), evaluated in torch so its gradient in p is exact.
 * Weights: frozen during the gate optimisation (only the logits are trained, with Adam);
   they are trained afterwards, on their own schedule, by the fine-tune of the extracted model.
 * Extraction: channels with p > 0.5, at least the group's minimum width (the most probable
@@ -84,7 +85,8 @@ class GradientSearcher(WidthSearcher):
                "tau_end": _positive(0.1, "sampling temperature at the end"),
                "temp": _positive(1.0, "architecture temperature at the start"),
                "temp_end": _positive(0.1, "architecture temperature at the end"),
-               "complexity": Option("flops", str, "penalised quantity", choices=("flops", "params")),
+               "complexity": Option("budget", str, "penalised quantity: what the budget bounds (flops, params or "
+                                     "latency), or flops or params", choices=("budget", "flops", "params")),
                "lam0": _positive(1.0, "first penalty weight of the bisection"),
                "expand": Option(10.0, float, "bracketing factor of the bisection", low=1, low_open=True),
                "lam_min": _positive(0.01, "Pareto mode: smallest penalty weight"),

@@ -78,7 +78,7 @@ def test_complexity_is_the_cost_model_and_its_gradient_matches_finite_difference
     assert cost.params_torch(w).item() == pytest.approx(cost.params({"c1": 5, "c2": 3}))
 
     gates = ChannelGates(Synthetic(), space)
-    penalty = complexity_fn(cost, "flops")
+    penalty = complexity_fn(cost.measure("flops"))
     logits = torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
 
     def term(a):
@@ -107,7 +107,7 @@ def test_hard_gates_compute_exactly_the_pruned_model(synthetic):
 
 def test_gates_close_exactly_the_useless_channels(synthetic):
     model, space, cost, xy = synthetic
-    result = optimize_gates(model, space, cost, batches(xy), lam=0.05, schedule=SCHEDULE)
+    result = optimize_gates(model, space, cost.measure("flops"), batches(xy), lam=0.05, schedule=SCHEDULE)
     keep = extract(space, result.probabilities)
     assert keep == {n: [c for c in range(8) if c not in USELESS[n]] for n in ("c1", "c2")}
     assert result.expected_ratio == pytest.approx(cost.flops_ratio({"c1": 5, "c2": 6}), rel=0.01)
@@ -115,9 +115,9 @@ def test_gates_close_exactly_the_useless_channels(synthetic):
 
 def test_zero_penalty_keeps_everything_and_a_large_one_prunes_to_the_minimum(synthetic):
     model, space, cost, xy = synthetic
-    free = optimize_gates(model, space, cost, batches(xy), lam=0.0, schedule=SCHEDULE)
+    free = optimize_gates(model, space, cost.measure("flops"), batches(xy), lam=0.0, schedule=SCHEDULE)
     assert extract(space, free.probabilities) == {"c1": list(range(8)), "c2": list(range(8))}
-    heavy = optimize_gates(model, space, cost, batches(xy), lam=1e3, schedule=SCHEDULE)
+    heavy = optimize_gates(model, space, cost.measure("flops"), batches(xy), lam=1e3, schedule=SCHEDULE)
     assert {n: len(k) for n, k in extract(space, heavy.probabilities).items()} == {"c1": 1, "c2": 1}
 
 
@@ -197,7 +197,7 @@ def test_pareto_mode_spreads_lambda_and_bad_options_are_named(synthetic):
     assert searcher.suggest("t4") == "FINISHED"
     with pytest.raises(ConfigError, match="searcher 'gradient': option 'tau_end' must be a number > 0, got 0"):
         make_searcher("gradient", space, cost, budget=0.5, tau_end=0)
-    with pytest.raises(ConfigError, match="option 'complexity' must be one of: flops, params, got 'latency'"):
+    with pytest.raises(ConfigError, match="option 'complexity' must be one of: budget, flops, params, got 'latency'"):
         make_searcher("gradient", space, cost, budget=0.5, complexity="latency")
     with pytest.raises(ConfigError, match=r"lam_min \(5.0\) must be below lam_max \(1.0\)"):
         make_searcher("gradient", space, cost, budget=0.5, lam_min=5, lam_max=1)
@@ -218,3 +218,17 @@ def test_gradient_search_on_digits_through_the_cli(tmp_path):
         assert _chosen_channels(r) == {"keep": keep, "weights": None}  # retrain keeps exactly these channels
     summary = json.loads(cli("retrain", "grad", "--storage", str(tmp_path), "--best", "--epochs", "1", "--quiet").stdout)
     assert summary["flops_ratio"] <= 0.5
+
+
+def test_the_penalty_is_whatever_measure_the_budget_bounds_latency_included(synthetic, tmp_path):
+    """complexity=budget (the default) penalises the experiment's measure: here a latency model (an injected,
+    parameter-shaped timer); a heavy penalty prunes to the minimum and the reported ratio is that model's."""
+    from widthsearch.latency import latency_model
+
+    model, space, _, xy = synthetic
+    latency = latency_model(space, model, grid=2, cache_dir=tmp_path, progress=False,
+                            timer=lambda module, inputs: 1e-3 * sum(p.numel() for p in module.parameters()) + 0.5)
+    heavy = optimize_gates(model, space, latency, batches(xy), lam=1e3, schedule=SCHEDULE)
+    assert {n: len(k) for n, k in extract(space, heavy.probabilities).items()} == {"c1": 1, "c2": 1}
+    expected = np.array([p.sum() for p in heavy.probabilities], dtype=np.float64)
+    assert heavy.expected_ratio == pytest.approx(latency.of(expected) / latency.base, rel=1e-4)

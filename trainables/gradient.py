@@ -46,7 +46,8 @@ def _run(config: dict, job: ScoreJob) -> None:
     seed = job.seed + int(request.get("seed", 0))
     work = copy.deepcopy(job.model).to(device)
     stream = data.stream("train", job.batch_size, seed=seed, augment=False, device=device)
-    gates = optimize_gates(work, job.space, job.cost, stream, request["lam"], schedule, request["complexity"], seed)
+    complexity = job.measure if request["complexity"] == "budget" else job.cost.measure(request["complexity"])
+    gates = optimize_gates(work, job.space, complexity, stream, request["lam"], schedule, seed)
     gate_s = time.time() - started
     keep = extract(job.space, gates.probabilities, job.measure, request.get("budget"))
     gate_widths = [int((p > 0.5).sum()) for p in gates.probabilities]
