@@ -78,6 +78,14 @@ def project_to_budget(space: WidthSpace, cost: CostModel | Measure, ratios: np.n
     return project_with_scale(space, cost, ratios, target, iterations=iterations, grid=grid)[0]
 
 
+def next_queued(queue: list) -> "tuple[np.ndarray, dict] | str":
+    """The next of a searcher's proposals made up front ((widths, payload) pairs), or FINISHED when none is left."""
+    if not queue:
+        return Searcher.FINISHED
+    widths, payload = queue.pop(0)
+    return np.array(widths), payload
+
+
 def project_with_scale(space: WidthSpace, cost: CostModel | Measure, ratios: np.ndarray, target: float,
                        *, iterations: int = 6, grid: int = 33) -> tuple[np.ndarray, np.ndarray | float]:
     """`project_to_budget` that also returns the scale(s) ``s`` found."""

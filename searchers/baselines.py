@@ -11,9 +11,8 @@ the sampled ratio vector) instead of being rejected when over budget.
 from __future__ import annotations
 
 import numpy as np
-from ray.tune.search import Searcher
 
-from .base import WidthSearcher, project_with_scale
+from .base import WidthSearcher, next_queued, project_with_scale
 from .options import Option
 
 
@@ -48,10 +47,7 @@ class UniformSearcher(WidthSearcher):
         return out
 
     def _propose(self, trial_id):
-        if not self._queue:
-            return Searcher.FINISHED
-        widths, payload = self._queue.pop(0)
-        return np.array(widths), payload
+        return next_queued(self._queue)
 
 
 def _largest_uniform(searcher: WidthSearcher, target: float) -> tuple[float, np.ndarray]:

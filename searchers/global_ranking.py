@@ -18,13 +18,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from ray.tune.search import Searcher
 
 from widthsearch.errors import ConfigError
 from widthsearch.importance import CRITERIA, score_channels
 from widthsearch.space import dependency_graph, root_group
 
-from .base import WidthSearcher
+from .base import WidthSearcher, next_queued
 from .options import Option
 
 NORMALIZERS = ("mean", "max", "sum", "none")
@@ -119,7 +118,4 @@ class GlobalRankingSearcher(WidthSearcher):
         return out
 
     def _propose(self, trial_id):
-        if not self._queue:
-            return Searcher.FINISHED
-        widths, payload = self._queue.pop(0)
-        return np.array(widths), payload
+        return next_queued(self._queue)
