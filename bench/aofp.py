@@ -14,8 +14,8 @@ batches of each run, the per-filter mean damages of a group are compared by Spea
 correlation (filters that a run has not masked yet are left out). JSON in bench/results/aofp/agreement.json. One torch thread; run it under
 ``nice -n 15`` on a shared machine.
 
-    python bench/aofp.py [--quick] [--data npz:PATH]
-    python bench/aofp.py --agreement [--sizes 20,100,200,500] [--quick]
+    python -m bench.aofp [--quick] [--data npz:PATH]
+    python -m bench.aofp --agreement [--sizes 20,100,200,500] [--quick]
 """
 
 from __future__ import annotations
@@ -26,21 +26,23 @@ import json
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import DEFAULT_DATA, RESULTS, base_checkpoint, bench_data, machine_load  # noqa: E402
-
-from trainables.aofp import probe_damage  # noqa: E402
-from widthsearch import build_space, load_model  # noqa: E402
-from widthsearch.config import SearchConfig  # noqa: E402
-from widthsearch.results import load_metadata  # noqa: E402
-from widthsearch.search import run_search  # noqa: E402
+from bench.common import (
+    DEFAULT_DATA,
+    RESULTS,
+    base_checkpoint,
+    bench_data,
+    machine_load,
+)
+from trainables.aofp import probe_damage
+from widthsearch import build_space, load_model
+from widthsearch.config import SearchConfig
+from widthsearch.results import load_metadata
+from widthsearch.search import run_search
 
 
 def trajectory(args) -> None:

@@ -1,20 +1,15 @@
 """Train (once) and cache the bench's base models; print their accuracy and training time.
 
-    python bench/bases.py [--models cifar_resnet20 cifar_resnet56] [--data npz:PATH]
+    python -m bench.bases [--models cifar_resnet20 cifar_resnet56] [--data npz:PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import BASE_EPOCHS, DEFAULT_DATA, base_checkpoint  # noqa: E402
-
-from widthsearch.training import set_threads  # noqa: E402
+from bench.common import BASE_EPOCHS, DEFAULT_DATA, base_checkpoint
+from widthsearch.training import set_threads
 
 
 def main() -> None:

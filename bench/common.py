@@ -24,7 +24,7 @@ RESULTS = BENCH / "results"  # JSON figures that bench/report.py turns into RESU
 DEFAULT_DATA = BENCH.parents[1] / "shared" / "datasets" / "cifar10-5k.npz"
 VAL_FRACTION = 0.2
 SPLIT_SEED = 0
-BASE_EPOCHS = {"cifar_resnet20": 80, "cifar_resnet56": 80}
+BASE_EPOCHS = {"cifar_resnet20": 80, "cifar_resnet56": 80, "cifar_vgg16": 80}
 BASE_LR = 0.1
 DEVICE = "cpu"  # where bases, retrains and scores run (bench scripts' --device); CPU latency stays on the CPU
 
@@ -66,10 +66,11 @@ def base_checkpoint(model: str, data: str, epochs: int | None = None, lr: float 
     splits = bench_data(data)
     torch.manual_seed(seed)
     net = load_model(model, splits.num_classes, in_channels=splits.in_channels)
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     train(net, splits, epochs=epochs, config=TrainConfig(lr=lr), seed=seed, progress=f"base {model}",
           device=DEVICE)
     info = {"model": model, "data": data, "epochs": epochs, "lr": lr, "train_s": time.time() - start,
+            "cpu_s": time.process_time() - cpu_start, "threads": torch.get_num_threads(),
             "loadavg_1m": machine_load(), "device": device_name(),
             "val_acc": evaluate(net, splits, "val", device=DEVICE)[0],
             "test_acc": evaluate(net, splits, "test", device=DEVICE)[0], "split": splits.split}

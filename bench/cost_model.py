@@ -1,7 +1,7 @@
 """Benchmark: CostModel vs torch-pruning's counter, and CPU latency of dense vs pruned ResNet-56.
 
-    python bench/cost_model.py            # cifar_resnet20 + cifar_resnet56
-    python bench/cost_model.py --quick    # cifar_resnet20 only, fewer repetitions
+    python -m bench.cost_model            # cifar_resnet20 + cifar_resnet56
+    python -m bench.cost_model --quick    # cifar_resnet20 only, fewer repetitions
 
 Part 1 times `CostModel.flops` (one profile per call, averaged over many calls),
 `CostModel.flops_many` (per profile, over a large batch) and

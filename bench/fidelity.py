@@ -1,23 +1,30 @@
 """Score fidelity: does a trial's cheap score rank width profiles the way a full retrain does?
 
-Profiles (cifar_resnet20 bench base, 30 in all, FLOPs 0.25-0.6): at FLOPs 0.3 and at 0.5 each, the
-`uniform` profile, the `global` searcher's candidates (L1, normalisers mean and max) and random
-profiles from the `random` searcher (10 per budget: the set a searcher must rank at one budget);
-plus uniform profiles at 0.25, 0.35, 0.4, 0.45, 0.55, 0.6 and 4 random ones at random budgets in
-[0.25, 0.6] (the spread). Every profile is pruned with L1 channels, then:
+Two studies of the cifar_resnet20 bench base (or --model):
+
+* `--budget B` (the FLOPs-0.1 study): profiles at one budget, the set a searcher must rank: the `uniform`
+  profile, the `global` searcher's candidates (L1, normalisers mean and max), `--random N` random profiles
+  (the `random` searcher) and the best rows the searches of bench/quality.py found at that budget (the
+  `top_rows` of every quality cell; channels a searcher chose itself are kept as it chose them). Each is
+  retrained with `--retrain-seeds` (mean of at least 2 is the ground truth).
+* without `--budget` (the earlier study): 30 profiles from FLOPs 0.25 to 0.6, at FLOPs 0.3 and 0.5 each the
+  `uniform` profile, the `global` candidates and random profiles (10 per budget), plus uniform profiles at
+  0.25, 0.35, 0.4, 0.45, 0.55, 0.6 and 4 random ones at random budgets in [0.25, 0.6]; one retrain seed.
+
+Every profile is pruned (L1 channels, or the searcher's own), then:
 
 * scored like a trial: adaptive BN (20 batches of 128), a fine-tune of k steps (SGD lr 0.01, one
-  cosine schedule) for k in 0, 25, 50, 100, 200, then accuracy and loss on the validation split
-  (20% of train = 1,017 images; and on its first half, 508 images, standing for a 10% split);
-  during the 200-step fine-tune the model is also evaluated after 25, 50 and 100 steps (what a
-  promotion scheduler sees mid-schedule);
+  cosine schedule) for each k in KS, then accuracy and loss on the validation split (20% of train =
+  1,017 images; and on its first half, 508 images, standing for a 10% split); during the longest
+  fine-tune the model is also evaluated at the SNAPSHOTS (what a promotion scheduler sees mid-schedule);
 * retrained from the same pruned weights with the bench recipe (bench/common.py: 20 epochs, lr 0.05)
   and evaluated on the test split: the ground truth.
 
 One JSON per profile in bench/results/fidelity/ (resumable; rerun to continue); retrains are cached
 in bench/results/retrain/. bench/report.py computes Spearman and Kendall with bootstrap intervals.
 
-    python bench/fidelity.py [--model cifar_resnet20] [--threads 1] [--limit N] [--quick]
+    python -m bench.fidelity [--model cifar_resnet20] [--budget 0.1] [--random 10] [--retrain-seeds 0 1]
+                             [--threads 1] [--limit N] [--quick]
 """
 
 from __future__ import annotations
@@ -25,24 +32,32 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import common
+from bench.common import (
+    DEFAULT_DATA,
+    RESULTS,
+    RETRAIN_EPOCHS,
+    bench_base,
+    machine_load,
+    profile_key,
+    retrain_cell,
+)
+from searchers import make_searcher
+from widthsearch import prune
+from widthsearch.training import (
+    StepTrainer,
+    TrainConfig,
+    evaluate,
+    recalibrate_bn,
+    set_threads,
+)
 
-import common  # noqa: E402
-from common import (DEFAULT_DATA, RESULTS, RETRAIN_EPOCHS, bench_base, machine_load,  # noqa: E402
-                    profile_key, retrain_cell)
-
-from searchers import make_searcher  # noqa: E402
-from widthsearch import prune  # noqa: E402
-from widthsearch.training import StepTrainer, TrainConfig, evaluate, recalibrate_bn, set_threads  # noqa: E402
-
-KS = (0, 25, 50, 100, 200)
-SNAPSHOTS = (25, 50, 100)          # evaluations inside the 200-step fine-tune
+KS = (0, 25, 50, 100, 200, 400)
+SNAPSHOTS = (25, 50, 100, 200)     # evaluations inside the longest fine-tune
 FOCUS = (0.3, 0.5)                 # budgets with 10 profiles each
 SPREAD = (0.25, 0.35, 0.4, 0.45, 0.55, 0.6)
 FINETUNE_LR = 0.01
@@ -54,10 +69,10 @@ def profiles(model, space, cost, quick: bool) -> list[dict]:
     out, seen = [], set()
 
     def add(widths, source, target):
-        key = tuple(int(w) for w in widths)
+        key = profile_key(widths)
         if key not in seen:
             seen.add(key)
-            out.append({"widths": list(key), "source": source, "target": target})
+            out.append({"widths": [int(w) for w in widths], "source": source, "target": target})
 
     focus, per_budget = ((0.5,), 3) if quick else (FOCUS, 10)
     for budget in focus:
@@ -79,6 +94,34 @@ def profiles(model, space, cost, quick: bool) -> list[dict]:
     return out
 
 
+def budget_profiles(model, space, cost, budget: float, n_random: int, model_name: str) -> list[dict]:
+    """The profile set of the one-budget study: uniform, the global candidates, random ones and every quality
+    search's best rows at `budget` (bench/results/quality/), in that order, each once."""
+    out, seen = [], set()
+
+    def add(widths, source, keep=None, **extra):
+        key = profile_key(widths, keep)
+        if key not in seen:
+            seen.add(key)
+            out.append({"widths": [int(w) for w in widths], "keep": keep, "source": source, "target": budget, **extra})
+
+    add(make_searcher("uniform", space, cost, budget=budget).suggest("u")["widths"], "uniform")
+    glob = make_searcher("global", space, cost, budget=budget, model=model, normalizers=["mean", "max"])
+    while isinstance(config := glob.suggest("g"), dict):
+        add(config["widths"], "global")
+    rand = make_searcher("random", space, cost, budget=budget, seed=int(budget * 1000))
+    for i in range(n_random):
+        add(rand.suggest(f"r{i}")["widths"], "random")
+    for path in sorted((RESULTS / "quality").glob(f"{model_name}-*-b{budget}-s*.json")):
+        cell = json.loads(path.read_text())
+        for rank, row in enumerate(cell.get("top_rows", [])):
+            payload = json.loads(row["payload"]) if row.get("payload") else {}
+            keep = payload.get("keep") if isinstance(payload, dict) else None
+            add(row["widths"], cell["method"], keep, search_seed=cell["seed"], rank=rank,
+                trial_score=row["score"], trial_steps=row["finetune_steps"])
+    return out
+
+
 def interleaved(todo: list[dict]) -> list[tuple[int, dict]]:
     """(index, profile) taking the 0.3 set, the 0.5 set and the spread in turn, so that a partial run already
     covers the whole FLOPs range (the index, which seeds the scoring, is the profile's place in `profiles`)."""
@@ -88,14 +131,21 @@ def interleaved(todo: list[dict]) -> list[tuple[int, dict]]:
     return [item for row in itertools.zip_longest(*sets) for item in row if item is not None]
 
 
-def score_variants(base, space, widths, data, seed: int, ks=KS) -> dict:
+def pruned(base, space, profile: dict):
+    """The profile's pruned model: the searcher's own channels ("keep") or L1 channels of the base."""
+    if profile.get("keep"):
+        return prune(base, space, keep=profile["keep"])
+    return prune(base, space, space.from_vector(profile["widths"]), "l1")
+
+
+def score_variants(base, space, profile: dict, data, seed: int, ks=KS) -> dict:
     """Val accuracy/loss (full val and its first half) after adaptive BN + k fine-tune steps, and seconds."""
     half = len(data.val) // 2
     halves = _half_view(data, half)
     out = {}
     for k in ks:
         start = time.time()
-        model = prune(base, space, space.from_vector(widths), "l1")
+        model = pruned(base, space, profile)
         recalibrate_bn(model, data, num_batches=BN_BATCHES, seed=seed, device=common.DEVICE)
         trainer = StepTrainer(model, data, k, TrainConfig(lr=FINETUNE_LR), seed=seed, device=common.DEVICE)
         stops = sorted({s for s in SNAPSHOTS if s < k} | {k}) if k == max(ks) else [k]
@@ -124,6 +174,9 @@ def main() -> None:
     parser.add_argument("--data", default=f"npz:{DEFAULT_DATA}")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (scores and retrains; recorded per cell)")
+    parser.add_argument("--budget", type=float, help="the one-budget study at this FLOPs ratio (see above)")
+    parser.add_argument("--random", type=int, default=10, help="random profiles of the one-budget study")
+    parser.add_argument("--retrain-seeds", nargs="+", type=int, default=[0, 1], help="one-budget study's retrains")
     parser.add_argument("--limit", type=int, help="stop after this many new profiles")
     parser.add_argument("--quick", action="store_true", help="3 profiles, k in 0/25, a 1-epoch retrain (smoke test)")
     args = parser.parse_args()
@@ -132,23 +185,30 @@ def main() -> None:
     ckpt, info, data, base, space, cost = bench_base(args.model, args.data)
     folder = RESULTS / ("fidelity-quick" if args.quick else "fidelity")
     folder.mkdir(parents=True, exist_ok=True)
-    todo = profiles(base, space, cost, args.quick)
+    if args.budget is None:
+        todo, order, seeds, study = profiles(base, space, cost, args.quick), interleaved, [0], "mixed"
+    else:
+        todo = budget_profiles(base, space, cost, args.budget, 2 if args.quick else args.random, args.model)
+        order, seeds, study = lambda items: list(enumerate(items)), args.retrain_seeds, f"b{args.budget}"
     print(f"base {args.model}: val {info['val_acc']:.4f}, test {info['test_acc']:.4f}; {len(todo)} profiles", flush=True)
     done = 0
-    for i, p in interleaved(todo):
-        path = folder / f"{args.model}-{profile_key(p['widths'])}.json"
+    for i, p in order(todo):
+        path = folder / f"{args.model}-{profile_key(p['widths'], p.get('keep'))}.json"
         if path.is_file():
             continue
         if args.limit is not None and done >= args.limit:
             break
-        scores = score_variants(base, space, p["widths"], data, seed=i, ks=(0, 25) if args.quick else KS)
-        model = prune(base, space, space.from_vector(p["widths"]), "l1")
-        retrain = retrain_cell(ckpt.stem, model, data, seed=0, epochs=1 if args.quick else RETRAIN_EPOCHS,
-                               label=f"fidelity {p['source']} {p['target']}")
-        cell = {**p, "index": i, "model": args.model, "base": ckpt.stem, "base_info": info,
+        scores = score_variants(base, space, p, data, seed=i, ks=(0, 25) if args.quick else KS)
+        retrains = [retrain_cell(ckpt.stem, pruned(base, space, p), data, seed=r,
+                                 epochs=1 if args.quick else RETRAIN_EPOCHS, label=f"fidelity {p['source']} {p['target']}")
+                    for r in seeds]
+        accs = [r["test_acc"] for r in retrains]
+        cell = {**p, "study": study, "index": i, "model": args.model, "base": ckpt.stem, "base_info": info,
                 "flops_ratio": cost.flops_ratio(space.from_vector(p["widths"])), "scores": scores,
-                "retrain_key": retrain["key"], "retrain_epochs": retrain["epochs"], "retrain_s": retrain["train_s"],
-                "test_acc": retrain["test_acc"], "retrain_val_acc": retrain["val_acc"],
+                "retrain_key": retrains[0]["key"], "retrain_epochs": retrains[0]["epochs"],
+                "retrain_s": sum(r["train_s"] for r in retrains) / len(retrains),
+                "retrain_seeds": seeds, "test_accs": accs, "test_acc": sum(accs) / len(accs),
+                "retrain_val_acc": sum(r["val_acc"] for r in retrains) / len(retrains),
                 "threads": args.threads, "device": device, "loadavg_1m": machine_load(), "date": time.strftime("%Y-%m-%d")}
         path.write_text(json.dumps(cell, indent=1))
         done += 1

@@ -44,13 +44,13 @@ gpus_check() {  # the single-GPU path users rely on: search at 1, 0.5 and 0.25 G
 
 for job in "$@"; do
   case $job in
-    fidelity) cmd="python3 bench/fidelity.py --device cuda --data $DATA --threads 2" ;;
-    quality20) cmd="python3 bench/quality.py --device cuda --data $DATA --threads 2 --methods $NOPEERS" ;;
-    quality56) cmd="python3 bench/quality.py --model cifar_resnet56 --device cuda --data $DATA --threads 2 --methods $NOPEERS" ;;
-    search20) cmd="python3 bench/quality.py --device cuda --data $DATA --threads 1 --concurrency 4 --methods optuna global gradient" ;;
-    search56) cmd="python3 bench/quality.py --model cifar_resnet56 --device cuda --data $DATA --threads 1 --concurrency 4 --methods optuna global gradient" ;;
-    aofp20) cmd="python3 bench/quality.py --device cuda --data $DATA --threads 2 --concurrency 1 --methods aofp" ;;
-    metapruning20) cmd="python3 bench/quality.py --device cuda --data $DATA --threads 2 --concurrency 4 --methods metapruning" ;;
+    fidelity) cmd="python3 -m bench.fidelity --device cuda --data $DATA --threads 2" ;;
+    quality20) cmd="python3 -m bench.quality --device cuda --data $DATA --threads 2 --methods $NOPEERS" ;;
+    quality56) cmd="python3 -m bench.quality --model cifar_resnet56 --device cuda --data $DATA --threads 2 --methods $NOPEERS" ;;
+    search20) cmd="python3 -m bench.quality --device cuda --data $DATA --threads 1 --concurrency 4 --methods optuna global gradient" ;;
+    search56) cmd="python3 -m bench.quality --model cifar_resnet56 --device cuda --data $DATA --threads 1 --concurrency 4 --methods optuna global gradient" ;;
+    aofp20) cmd="python3 -m bench.quality --device cuda --data $DATA --threads 2 --concurrency 1 --methods aofp" ;;
+    metapruning20) cmd="python3 -m bench.quality --device cuda --data $DATA --threads 2 --concurrency 4 --methods metapruning" ;;
     gpus) cmd="gpus_check" ;;
     *) echo "unknown job $job"; continue ;;
   esac

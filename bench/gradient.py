@@ -4,25 +4,20 @@ its FLOPs and val accuracy (after adaptive BN and a short fine-tune), and the wa
 Runs the searcher in Pareto mode (lam spread log-uniformly), so every trial is one gate
 optimisation for one lam.
 
-    python bench/gradient.py [--quick] [--data npz:PATH]
+    python -m bench.gradient [--quick] [--data npz:PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import DEFAULT_DATA, base_checkpoint  # noqa: E402
-
-from widthsearch.config import SearchConfig  # noqa: E402
-from widthsearch.results import load_metadata  # noqa: E402
-from widthsearch.search import run_search  # noqa: E402
+from bench.common import DEFAULT_DATA, base_checkpoint
+from widthsearch.config import SearchConfig
+from widthsearch.results import load_metadata
+from widthsearch.search import run_search
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ the same for the naive "latency proportional to FLOPs" guess, how long the table
 load average (`/proc/loadavg`) before and after: timings under load are noisy.
 Untrained models (weights do not change the time).
 
-    python bench/latency.py [--quick] [--clock cpu|wall] [--resume] [--out bench/results/latency.json]
+    python -m bench.latency [--quick] [--clock cpu|wall] [--resume] [--out bench/results/latency.json]
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,14 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import RESULTS  # noqa: E402
-
-from searchers import make_searcher  # noqa: E402
-from widthsearch import CostModel, build_space, load_model  # noqa: E402
-from widthsearch.latency import LatencyTarget, latency_model, measure_profiles  # noqa: E402
-from widthsearch.report import pyplot, save_figure  # noqa: E402
+from bench.common import RESULTS
+from searchers import make_searcher
+from widthsearch import CostModel, build_space, load_model
+from widthsearch.latency import LatencyTarget, latency_model, measure_profiles
+from widthsearch.report import pyplot, save_figure
 
 
 def loadavg() -> str:

@@ -12,7 +12,7 @@ retrained with bench/common.py `retrain_cell` (the bench recipe) and timed whole
 (constraint, seed) under bench/results/latency_search/ (a present one is skipped; an interrupted search
 resumes from bench/cache/latency_search/). Compare test accuracy at the measured latency of the winners.
 
-    python bench/latency_search.py [--quick] [--seeds 0 1 2] [--latency-budget 0.5] [--searcher optuna]
+    python -m bench.latency_search [--quick] [--seeds 0 1 2] [--latency-budget 0.5] [--searcher optuna]
 """
 
 from __future__ import annotations
@@ -20,24 +20,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (CACHE, DEFAULT_DATA, RESULTS, RETRAIN_EPOCHS, SPLIT_SEED, VAL_FRACTION,  # noqa: E402
-                    base_checkpoint, bench_data, machine_load, retrain_cell)
-
-from searchers import project_to_budget  # noqa: E402
-from widthsearch import CostModel, build_space, load_model, prune  # noqa: E402
-from widthsearch.config import SearchConfig  # noqa: E402
-from widthsearch.latency import LatencyTarget, latency_model, measure_profiles  # noqa: E402
-from widthsearch.results import ResultsStore  # noqa: E402
-from widthsearch.search import choose_trial, experiment_dir, run_search  # noqa: E402
-from widthsearch.training import set_threads  # noqa: E402
+from bench.common import (
+    CACHE,
+    DEFAULT_DATA,
+    RESULTS,
+    RETRAIN_EPOCHS,
+    SPLIT_SEED,
+    VAL_FRACTION,
+    base_checkpoint,
+    bench_data,
+    machine_load,
+    retrain_cell,
+)
+from searchers import project_to_budget
+from widthsearch import CostModel, build_space, load_model, prune
+from widthsearch.config import SearchConfig
+from widthsearch.latency import LatencyTarget, latency_model, measure_profiles
+from widthsearch.results import ResultsStore
+from widthsearch.search import choose_trial, experiment_dir, run_search
+from widthsearch.training import set_threads
 
 
 def flops_budget_for(space, base, target: LatencyTarget, latency_budget: float, grid: int) -> float:

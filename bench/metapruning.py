@@ -21,7 +21,7 @@ Stages (each resumable; run them in any order, the `rank` table uses whatever ha
 * `rank` (also printed after `score`): Spearman of each net's score against the retrained test
   accuracy over the profiles finished so far.
 
-    python bench/metapruning.py STAGE [--quick] [--data npz:PATH] [--budget 0.5] [--threads 1] [--device cpu|cuda]
+    python -m bench.metapruning STAGE [--quick] [--data npz:PATH] [--budget 0.5] [--threads 1] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,19 +37,24 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import common  # noqa: E402
-from common import (CACHE, DEFAULT_DATA, RESULTS, RETRAIN_EPOCHS, base_checkpoint, bench_data,  # noqa: E402
-                    machine_load, profile_key, retrain_cell)
-
-from searchers import make_searcher  # noqa: E402
-from searchers.pruningnet import PruningNet, channel_order, keep_channels  # noqa: E402
-from trainables.metapruning import score_widths, train_pruningnet  # noqa: E402
-from widthsearch import CostModel, build_space, load_model, prune  # noqa: E402
-from widthsearch.storage import Storage  # noqa: E402
-from widthsearch.training import TrainConfig, set_threads, train  # noqa: E402
+from bench import common
+from bench.common import (
+    CACHE,
+    DEFAULT_DATA,
+    RESULTS,
+    RETRAIN_EPOCHS,
+    base_checkpoint,
+    bench_data,
+    machine_load,
+    profile_key,
+    retrain_cell,
+)
+from searchers import make_searcher
+from searchers.pruningnet import PruningNet, channel_order, keep_channels
+from trainables.metapruning import score_widths, train_pruningnet
+from widthsearch import CostModel, build_space, load_model, prune
+from widthsearch.storage import Storage
+from widthsearch.training import TrainConfig, set_threads, train
 
 MODEL = "cifar_resnet20"
 BATCH = 128
@@ -78,7 +82,7 @@ class Bench:
 
     def profiles(self, count: int) -> list[dict]:
         """{"widths", "source"}: extra random profiles first, then the fidelity bench's at this budget."""
-        from fidelity import profiles as fidelity_profiles
+        from bench.fidelity import profiles as fidelity_profiles
 
         shared = [p for p in fidelity_profiles(self.base, self.space, self.cost, self.quick)
                   if p["target"] == self.budget]

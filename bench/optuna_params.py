@@ -9,26 +9,28 @@ profiles; `stage-cold`, the default without the warm start; and the `random` sam
 without warm start as the control. Figures: the best and
 the top-3 mean validation score a search reached (validation only: no test split here).
 
-    python bench/optuna_params.py [--variants group stage depth stage-cold random] [--seeds 0 1 2] [--threads 1]
+    python -m bench.optuna_params [--variants group stage depth stage-cold random] [--seeds 0 1 2] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (DEFAULT_DATA, RESULTS, SPLIT_SEED, VAL_FRACTION, base_checkpoint,  # noqa: E402
-                    machine_load)
-
-from widthsearch.config import SearchConfig  # noqa: E402
-from widthsearch.search import run_search  # noqa: E402
-from widthsearch.training import set_threads  # noqa: E402
+from bench.common import (
+    DEFAULT_DATA,
+    RESULTS,
+    SPLIT_SEED,
+    VAL_FRACTION,
+    base_checkpoint,
+    machine_load,
+)
+from widthsearch.config import SearchConfig
+from widthsearch.search import run_search
+from widthsearch.training import set_threads
 
 VARIANTS = {"group": {"parameterization": "group"}, "stage": {"parameterization": "stage"},
             "depth": {"parameterization": "depth"},

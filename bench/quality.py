@@ -1,23 +1,27 @@
-"""The decisive benchmark: every method at the same FLOPs budgets and the same retrain, per-image test results.
+"""The decisive benchmark: every method at the same budget and the same retrain, per-image test results.
 
-Cells: base x method x budget x seed, one JSON each in bench/results/quality/ (resumable: finished cells
-are skipped; commit them). Methods:
+Cells: base x method x budget x seed, one JSON each in bench/results/quality/ (resumable: a finished cell is
+skipped, a cell asked for more retrain seeds than it holds gets them; commit cells as they land).
 
-* no search: `uniform` (the largest uniform keep ratio within the budget, L1 channels); torch-pruning's
-  own global pruner (`MetaPruner`, `global_pruning=True`, stepped until the FLOPs are within the budget)
-  with `tp-l1` (MagnitudeImportance p=1), `tp-taylor` (TaylorImportance, gradients of one train batch
-  per step) and `tp-bnscale` (BNScaleImportance);
-* widthsearch searchers (`global`, `optuna`, `aofp`, `gradient`, `metapruning`): a real `widthsearch
-  search` (Ray Tune trials) on the bench base, validation split only; the row `choose_trial` picks
-  (within the budget, longest fidelity) is pruned from the base weights (or the searcher's own weights).
+Methods that do not search: `uniform` (the largest uniform keep ratio within the budget, L1 channels),
+widthsearch's `global` (one global L1 ranking, its candidates scored on val), and torch-pruning's own
+global pruner (`MetaPruner`, `global_pruning=True`, stepped until its FLOPs count is within the budget) with
+`tp-l1`, `tp-taylor` and `tp-bnscale`. Searchers: `optuna`, `gradient`, `aofp`, `metapruning` and the
+`random` control, each a real widthsearch search (Ray Tune trials) on the bench base, validation split only,
+in two rows: METHOD (the options widthsearch had as defaults before the FLOPs-0.1 benchmark, DEFAULTS_BEFORE)
+and METHOD-tuned (TUNED: the options chosen on the validation split, now the defaults). Every search of a
+row gets the same trial count on every base (SEARCH); its trial CPU-seconds are recorded next to the base's
+training CPU-seconds.
 
-Every pruned model gets the same retrain (bench/common.py `retrain_cell`: 20 epochs, SGD lr 0.05 cosine,
-from the pruned weights, seed = the cell's seed) and is then evaluated on the test split, image by
-image (stored, for paired statistics). The search seed is the cell's seed too. Search cost is recorded
-in wall seconds, CPU-seconds of trials (sum of trial wall time x CPUs) and trials, next to the retrain's.
+A cell's `seed` is its search seed (the pruning seed for the methods that do not search, whose profile does
+not depend on it: they run seed 0 only); the chosen profile (the row `choose_trial` picks, pruned as
+`widthsearch retrain` prunes it) is retrained once per retrain seed with the bench recipe (bench/common.py
+`retrain_cell`: 20 epochs, SGD lr 0.05 cosine, from the pruned weights) and evaluated on the test split image
+by image (`test_correct`, one hex mask per retrain seed, for paired statistics). Searches are kept in
+bench/cache/searches/ (git-ignored), so more retrain seeds never rerun a search.
 
-    python bench/quality.py [--model cifar_resnet20] [--methods ...] [--budgets 0.5 0.3] [--seeds 0 1 2]
-                            [--threads 1] [--quick]
+    python -m bench.quality [--model cifar_resnet20] [--methods ...] [--budgets 0.1] [--seeds 0 1 2]
+                            [--retrain-seeds 0 1 2] [--threads 1] [--quick]
 """
 
 from __future__ import annotations
@@ -26,58 +30,71 @@ import argparse
 import copy
 import io
 import json
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch_pruning as tp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
-from common import (DEFAULT_DATA, RESULTS, SPLIT_SEED, VAL_FRACTION, bench_base,  # noqa: E402
-                    machine_load, retrain_cell)
-
-from widthsearch import CostModel, prune  # noqa: E402
-from widthsearch.config import SearchConfig  # noqa: E402
-from widthsearch.export import measure_latency  # noqa: E402
-from widthsearch.models import classifier_of  # noqa: E402
-from widthsearch.search import choose_trial, run_search  # noqa: E402
-from widthsearch.storage import filesystem  # noqa: E402
-from widthsearch.training import set_threads  # noqa: E402
+from bench import common
+from bench.common import (CACHE, DEFAULT_DATA, RESULTS, SPLIT_SEED, VAL_FRACTION, bench_base, machine_load,
+                          retrain_cell)
+from widthsearch import prune
+from widthsearch.config import SearchConfig
+from widthsearch.export import measure_latency
+from widthsearch.models import classifier_of
+from widthsearch.results import load, load_metadata, ranked
+from widthsearch.search import choose_trial, experiment_dir, run_search
+from widthsearch.storage import filesystem
+from widthsearch.training import set_threads
 
 PEERS = {"tp-l1": lambda: tp.importance.MagnitudeImportance(p=1),
          "tp-taylor": lambda: tp.importance.TaylorImportance(),
          "tp-bnscale": lambda: tp.importance.BNScaleImportance()}
-SEARCHERS = ("global", "optuna", "aofp", "gradient", "metapruning")
-METHODS = ("uniform", *PEERS, *SEARCHERS)
+NON_SEARCH = ("uniform", "global", *PEERS)           # methods that do not search
+SEARCHERS = ("optuna", "gradient", "aofp", "metapruning", "random")
+METHODS = (*NON_SEARCH, *SEARCHERS, *(f"{s}-tuned" for s in SEARCHERS))
+TOP = 6  # the best distinct rows of a search kept in its cell (the choice study retrains them)
 
-# The search each searcher gets (the same compute for all: see SEARCH_NOTE), as SearchConfig fields.
+# Trial settings every search of the bench shares (SearchConfig fields): one trial at a time on one core, so
+# that two bench jobs share this 2-core machine (compute is counted in trial CPU-seconds, which concurrency
+# does not change; sequential trials also make a search's order, and so its result, independent of timing).
+COMMON = dict(concurrency=1, cpus_per_trial=1, seed=0)
+# widthsearch's defaults before the FLOPs-0.1 benchmark (the "METHOD" rows), pinned so the rows keep their meaning.
+DEFAULTS_BEFORE = dict(finetune_steps=50, finetune_lr=0.01, bn_batches=20, score="val_acc", asha=False,
+                       rescore_top=0)
+# The trials each searcher gets, the same on every base (so the compute follows the base's size).
 SEARCH = {
-    "common": dict(finetune_steps=100, asha=True, min_finetune_steps=25, reduction_factor=4, num_samples=24,
-                   concurrency=2, cpus_per_trial=1, bn_batches=20, score="val_acc"),
-    "global": dict(num_samples=4),
-    "aofp": dict(num_samples=200),
-    "gradient": dict(num_samples=12),
-    "metapruning": dict(num_samples=201),
+    "global": dict(num_samples=3),
+    "optuna": dict(num_samples=32),
+    "random": dict(num_samples=32),
+    "gradient": dict(num_samples=8),
+    "aofp": dict(num_samples=40),
+    "metapruning": dict(num_samples=33, searcher_options={"train_steps": 200}),
 }
-SEARCH_NOTE = ("every scoring searcher: 24 Tune trials, ASHA from 25 to 100 fine-tune steps (reduction factor 4); "
-               "aofp and metapruning: their own trial structure, capped by the same number of trial-seconds")
+# Options chosen on the validation split of the three bases (the "-tuned" rows; see bench/RESULTS.md).
+TUNED: dict[str, dict] = {}
 
 
-def peer_prune(model: torch.nn.Module, data, cost: CostModel, budget: float, importance: str,
-               seed: int) -> torch.nn.Module:
+def method_config(method: str) -> dict:
+    """SearchConfig fields of a method's searches: its searcher, trials and options."""
+    searcher, tuned = method.removesuffix("-tuned"), method.endswith("-tuned")
+    options = {**COMMON, **DEFAULTS_BEFORE, **SEARCH.get(searcher, {})}
+    if tuned:
+        options.update(TUNED.get(searcher, {}))
+    return {"searcher": searcher, **options}
+
+
+def peer_prune(model: torch.nn.Module, data, budget: float, importance: str, seed: int) -> torch.nn.Module:
     """torch-pruning's global pruner, one small step at a time until torch-pruning counts the FLOPs within budget."""
     model = copy.deepcopy(model)
     example = data.example_input
     base = tp.utils.count_ops_and_params(model, example)[0]
     pruner = tp.pruner.MetaPruner(model, example, importance=PEERS[importance](), global_pruning=True,
-                                  pruning_ratio=0.95, iterative_steps=400,
+                                  pruning_ratio=0.99, iterative_steps=1000,
                                   ignored_layers=[model.get_submodule(classifier_of(model))])
     batches = data.stream("train", 128, seed=seed, augment=False)  # CPU: torch-pruning steps are not the cost
-    for _ in range(400):
+    for _ in range(1000):
         if importance == "tp-taylor":
             x, y = next(batches)
             model.zero_grad()
@@ -89,31 +106,58 @@ def peer_prune(model: torch.nn.Module, data, cost: CostModel, budget: float, imp
     return model
 
 
-def search_cell(name: str, budget: float, seed: int, args, ckpt: Path, base, space, data) -> tuple[torch.nn.Module, dict]:
-    """Run one widthsearch search; the pruned model of its chosen row and what the search cost."""
-    options = {**SEARCH["common"], **SEARCH.get(name, {})}
+def search_dir(args, method: str, budget: float, seed: int) -> tuple[str, str]:
+    """(storage, name) of a cell's search, kept in bench/cache/searches/."""
+    return str(CACHE / "searches" / args.model), f"{method}-b{budget}-s{seed}"
+
+
+def search_cell(method: str, budget: float, seed: int, args, ckpt: Path, base, space) -> tuple[torch.nn.Module, dict]:
+    """Run (or reuse, or resume) one widthsearch search; the pruned model of its chosen row and what it cost."""
+    options = method_config(method)
     if common.DEVICE.startswith("cuda"):  # same trials and fidelities; only more of them at once on one GPU
         options.update(concurrency=args.concurrency, gpus_per_trial=1 / args.concurrency)
-    with tempfile.TemporaryDirectory() as storage:
-        cfg = SearchConfig(name=f"{name}-b{budget}-s{seed}", storage=storage, model=args.model, checkpoint=str(ckpt),
-                           data=args.data, val_fraction=VAL_FRACTION, split_seed=SPLIT_SEED, searcher=name,
-                           budget=budget, seed=seed, **options)
-        start = time.time()
-        exp_dir, table = run_search(cfg, progress=False)
-        search_s = time.time() - start
-        rows = table.to_pylist()
-        row = choose_trial(table, budget=budget)
-        model = pruned_from_row(row, base, space, cfg.criterion)
-    info = {"search_s": search_s, "trials": len(rows), "trial_cpu_s": sum((r["wall_s"] or 0) * 1.0 for r in rows),
+    storage, name = search_dir(args, method, budget, seed)
+    options["seed"] = seed
+    cfg = SearchConfig(name=name, storage=storage, model=args.model, checkpoint=str(ckpt), data=args.data,
+                       val_fraction=VAL_FRACTION, split_seed=SPLIT_SEED, budget=budget, **options)
+    exp = experiment_dir(cfg.resolved().storage, name)
+    info_path = CACHE / "searches" / args.model / f"{name}.json"
+    if info_path.is_file():
+        cost = json.loads(info_path.read_text())
+    else:
+        resume = Path(exp, "widthsearch", "experiment.json").is_file()
+        start, cpu = time.time(), time.process_time()
+        run_search(cfg, resume=resume, progress=False)
+        cost = {"search_s": time.time() - start, "driver_cpu_s": time.process_time() - cpu,
+                "resumed": resume, "loadavg_1m": machine_load()}
+        info_path.write_text(json.dumps(cost))
+    table = load(exp)
+    rows = table.to_pylist()
+    row = choose_trial(table, budget=budget)
+    model = pruned_from_row(row, base, space, cfg.criterion)
+    main = [r for r in ranked(table, budget) if (r["run"] or "search") == "search"][:TOP]
+    keys = ("trial_id", "widths", "score", "val_acc", "val_loss", "finetune_steps", "cost_ratio", "payload", "run")
+    info = {**cost, "trials": len(rows), "trial_cpu_s": sum((r["wall_s"] or 0.0) for r in rows) * cfg.cpus_per_trial,
             "val_score": row["score"], "val_finetune_steps": row["finetune_steps"], "trial_id": row["trial_id"],
-            "search_config": {k: v for k, v in options.items()},
-            "rows_at_fidelity": {str(s): sum(1 for r in rows if r["finetune_steps"] == s)
-                                 for s in sorted({r["finetune_steps"] for r in rows if r["finetune_steps"] is not None})}}
+            "search_config": load_metadata(exp)["config"], "options": method_config(method),
+            "top_rows": [{k: r[k] for k in keys} for r in main],
+            "rescored": [{k: r[k] for k in keys} for r in rows if r["run"] == "rescore"],
+            "phase_s": _phase_totals(rows)}
     return model, info
 
 
+def _phase_totals(rows: list[dict]) -> dict:
+    """Seconds per trial phase, summed over the search's trials (where its trials report them)."""
+    out: dict[str, float] = {}
+    for r in rows:
+        for key, value in (r.get("phase_s") or []):
+            out[key] = out.get(key, 0.0) + value
+    return out
+
+
 def pruned_from_row(row: dict, base, space, criterion: str) -> torch.nn.Module:
-    """The chosen row's pruned model: its own channels and weights when the searcher chose them, else the criterion."""
+    """The chosen row's pruned model, as `widthsearch retrain` builds it: its own channels (and weights) when the
+    searcher chose them, else the criterion on the base weights."""
     payload = json.loads(row["payload"]) if row.get("payload") else {}
     if isinstance(payload, dict) and "keep" in payload:
         model = copy.deepcopy(base)
@@ -126,8 +170,18 @@ def pruned_from_row(row: dict, base, space, criterion: str) -> torch.nn.Module:
     return prune(base, space, space.from_vector(row["widths"]), criterion)
 
 
-def run_cell(method: str, budget: float, seed: int, args, ckpt: Path, info: dict, base, space, cost, data) -> dict:
-    start = time.time()
+def group_widths(model: torch.nn.Module, space) -> list[int]:
+    """The width of every group of `space` in a pruned copy of its model (its root layer's output channels)."""
+    out = []
+    for g in space.groups:
+        layer = model.get_submodule(g.name)
+        out.append(int(getattr(layer, "out_channels", getattr(layer, "out_features", 0))))
+    return out
+
+
+def prune_cell(method: str, budget: float, seed: int, args, ckpt: Path, base, space, cost, data) -> tuple:
+    """The pruned model of a cell and what finding it cost."""
+    start, cpu = time.time(), time.process_time()
     extra: dict = {}
     if method == "uniform":
         from searchers import make_searcher
@@ -135,22 +189,40 @@ def run_cell(method: str, budget: float, seed: int, args, ckpt: Path, info: dict
         widths = make_searcher("uniform", space, cost, budget=budget).suggest("u")["widths"]
         model = prune(base, space, space.from_vector(widths), "l1")
     elif method in PEERS:
-        model = peer_prune(base, data, cost, budget, method, seed)
+        model = peer_prune(base, data, budget, method, seed)
     else:
-        model, extra = search_cell(method, budget, seed, args, ckpt, base, space, data)
-    prune_s = time.time() - start
+        model, extra = search_cell(method, budget, seed, args, ckpt, base, space)
+    return model, {"prune_or_search_s": time.time() - start, "prune_cpu_s": time.process_time() - cpu, **extra}
+
+
+def run_cell(method: str, budget: float, seed: int, retrain_seeds: list[int], args, ckpt: Path, info: dict,
+             base, space, cost, data, old: dict | None) -> dict:
+    """A cell: the method's pruned model at `budget`, retrained once per retrain seed (earlier retrains kept)."""
+    model, found = prune_cell(method, budget, seed, args, ckpt, base, space, cost, data)
+    if old is not None:  # keep what the first run measured (its search cost and latency)
+        found = {**found, **{k: old[k] for k in found if k in old}}
+        latency = {"batch1_ms": old["batch1_ms"], "batch64_ms": old["batch64_ms"]}
+    else:
+        latency = measure_latency(copy.deepcopy(model), data.example_input)
     flops, params = tp.utils.count_ops_and_params(model, data.example_input)
-    widths = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    latency = measure_latency(copy.deepcopy(model), data.example_input)
-    retrain = retrain_cell(ckpt.stem, model, data, seed=seed, label=f"quality {method} {budget} s{seed}",
-                           **({"epochs": args.retrain_epochs} if args.retrain_epochs else {}))
+    retrains = []
+    for r in retrain_seeds:
+        cell = retrain_cell(ckpt.stem, copy.deepcopy(model), data, seed=r,
+                            label=f"quality {method} {budget} s{seed} r{r}",
+                            **({"epochs": args.retrain_epochs} if args.retrain_epochs else {}))
+        retrains.append({k: cell[k] for k in ("seed", "key", "test_acc", "val_acc", "test_correct", "train_s",
+                                              "loadavg_1m", "date")})
+    accs = [r["test_acc"] for r in retrains]
     return {"method": method, "budget": budget, "seed": seed, "model": args.model, "base": ckpt.stem,
-            "base_info": info, "flops_ratio": flops / cost.base_flops, "params": params, "conv_widths": widths,
-            "prune_or_search_s": prune_s, **extra, "retrain_key": retrain["key"], "retrain_s": retrain["train_s"],
-            "retrain_epochs": retrain["epochs"], "test_acc": retrain["test_acc"], "val_acc": retrain["val_acc"],
-            "test_correct": retrain["test_correct"], "batch1_ms": latency["batch1_ms"],
-            "batch64_ms": latency["batch64_ms"], "threads": torch.get_num_threads(), "loadavg_1m": machine_load(),
-            "device": common.device_name(), "date": time.strftime("%Y-%m-%d")}
+            "base_info": info, "flops_ratio": flops / cost.base_flops, "params": params,
+            "group_widths": group_widths(model, space),
+            "conv_widths": [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)],
+            **found, "retrain_epochs": args.retrain_epochs or common.RETRAIN_EPOCHS, "retrain_lr": common.RETRAIN_LR,
+            "retrains": retrains, "retrain_seeds": [r["seed"] for r in retrains],
+            "test_acc": sum(accs) / len(accs), "test_correct": [r["test_correct"] for r in retrains],
+            "retrain_s": sum(r["train_s"] for r in retrains) / len(retrains), **latency,
+            "threads": torch.get_num_threads(), "loadavg_1m": machine_load(), "device": common.device_name(),
+            "date": time.strftime("%Y-%m-%d")}
 
 
 def main() -> None:
@@ -158,36 +230,44 @@ def main() -> None:
     parser.add_argument("--model", default="cifar_resnet20")
     parser.add_argument("--data", default=f"npz:{DEFAULT_DATA}")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.3])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.1])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                        help="search seeds (methods that do not search: seed 0 only)")
+    parser.add_argument("--retrain-seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda: bases, retrains and search trials")
     parser.add_argument("--concurrency", type=int, default=4, help="trials at once on one GPU (--device cuda)")
     parser.add_argument("--quick", action="store_true", help="uniform and tp-l1 at 0.5, one seed, 1-epoch retrain")
     args = parser.parse_args()
     if args.quick:
-        args.methods, args.budgets, args.seeds = ["uniform", "tp-l1"], [0.5], [0]
+        args.methods, args.budgets, args.seeds, args.retrain_seeds = ["uniform", "tp-l1"], [0.5], [0], [0]
     args.retrain_epochs = 1 if args.quick else None
     set_threads(args.threads)
     common.use_device(args.device)
     ckpt, info, data, base, space, cost = bench_base(args.model, args.data)
     folder = RESULTS / ("quality-quick" if args.quick else "quality")
     folder.mkdir(parents=True, exist_ok=True)
+    (CACHE / "searches" / args.model).mkdir(parents=True, exist_ok=True)
     print(f"base {args.model}: val {info['val_acc']:.4f}, test {info['test_acc']:.4f}", flush=True)
     for budget in args.budgets:
         for seed in args.seeds:
             for method in args.methods:
-                path = folder / f"{args.model}-{method}-b{budget}-s{seed}.json"
-                if path.is_file():
+                if method in NON_SEARCH and seed != 0:  # their profile does not depend on the seed
                     continue
+                path = folder / f"{args.model}-{method}-b{budget}-s{seed}.json"
+                old = json.loads(path.read_text()) if path.is_file() else None
+                if old is not None and ("error" in old or set(args.retrain_seeds) <= set(old.get("retrain_seeds", []))):
+                    continue
+                seeds = sorted(set(args.retrain_seeds) | set(old.get("retrain_seeds", []) if old else []))
                 try:
-                    cell = run_cell(method, budget, seed, args, ckpt, info, base, space, cost, data)
+                    cell = run_cell(method, budget, seed, seeds, args, ckpt, info, base, space, cost, data, old)
                 except Exception as exc:  # a failed cell is recorded, not fatal: the table lists it
                     cell = {"method": method, "budget": budget, "seed": seed, "model": args.model,
                             "error": f"{type(exc).__name__}: {exc}", "date": time.strftime("%Y-%m-%d")}
                 path.write_text(json.dumps(cell, indent=1))
                 print(f"{method} {budget} s{seed}: " + (cell.get("error") or
-                      f"test {cell['test_acc']:.4f} flops {cell['flops_ratio']:.3f}"), flush=True)
+                      f"test {cell['test_acc']:.4f} over {len(cell['retrains'])} retrain(s), "
+                      f"flops {cell['flops_ratio']:.3f}"), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Run every benchmark, then bench/report.py (bench/RESULTS.md and plots).
 
-    python bench/run_all.py [--quick] [--data npz:PATH]
+    python -m bench.run_all [--quick] [--data npz:PATH]
 
 --quick finishes in minutes (smoke-test sizes); without it, the full runs take many hours on a CPU.
 """
@@ -14,19 +14,18 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
 
-from common import DEFAULT_DATA, RESULTS  # noqa: E402
+from bench.common import DEFAULT_DATA, RESULTS
 
 
 def run(script: str, *args: str, stdout: Path | None = None) -> None:
     start = time.time()
-    command = [sys.executable, str(BENCH / script), *args]
+    command = [sys.executable, "-m", f"bench.{script.removesuffix('.py')}", *args]
     print("$", " ".join(command), flush=True)
     if stdout is None:
-        subprocess.run(command, check=True)
+        subprocess.run(command, check=True, cwd=BENCH.parent)
     else:
-        stdout.write_text(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+        stdout.write_text(subprocess.run(command, check=True, capture_output=True, text=True, cwd=BENCH.parent).stdout)
     print(f"  {script}: {time.time() - start:.0f} s", flush=True)
 
 

@@ -5,7 +5,7 @@ time is the wall_s it reports (from entering the trainable to its last report) a
 runs from the first trial's start to the last trial's end (Ray start-up and preparing the
 experiment excluded; they are reported separately as "setup s").
 
-    python bench/search_throughput.py [--quick] [--data npz:PATH]
+    python -m bench.search_throughput [--quick] [--data npz:PATH]
 """
 
 from __future__ import annotations
@@ -13,17 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import DEFAULT_DATA, RESULTS, base_checkpoint  # noqa: E402
-
-from widthsearch.config import SearchConfig  # noqa: E402
-from widthsearch.search import run_search  # noqa: E402
+from bench.common import DEFAULT_DATA, RESULTS, base_checkpoint
+from widthsearch.config import SearchConfig
+from widthsearch.search import run_search
 
 
 def main() -> None:

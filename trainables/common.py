@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
+import io
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -15,6 +18,8 @@ from widthsearch.cost import CostModel, Measure
 from widthsearch.data import DataSplits, load_data
 from widthsearch.importance import get_criterion
 from widthsearch.space import WidthSpace
+from widthsearch.storage import filesystem
+from widthsearch.surgery import prune
 from widthsearch.training import pick_device, set_threads
 
 
@@ -65,6 +70,22 @@ def begin_trial(job: Job) -> tuple[torch.device, str, DataSplits, float]:
     return device, node, job.splits(), started
 
 
+@dataclass
+class Phases:
+    """Seconds a trial spent in each of its phases (reported as `phase_s`: where a trial's wall time goes)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        """Time the block and add its seconds to phase `name`."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
 def run_with_deadline(seconds: float | None, body: Callable[[], None]) -> None:
     """Run `body`; if it is still running after `seconds`, raise TimeoutError naming trial_timeout_s.
 
@@ -97,6 +118,23 @@ def importance_batches(job: Job, data: DataSplits, device: torch.device) -> list
         return None
     stream = data.stream("train", job.batch_size, seed=job.seed, augment=False, device=device)
     return [next(stream) for _ in range(max(1, job.importance_batches))]
+
+
+def pruned_model(job: Job, widths, data: DataSplits, device: torch.device, keep: dict | None = None,
+                 weights: str | None = None) -> nn.Module:
+    """A profile's pruned model: exactly the channels `keep` (of `weights`, a dense-shaped state dict's path or
+    URI, else the base weights) when a searcher chose them, else the job's criterion on the base weights."""
+    if keep is not None:
+        model = job.model
+        if weights:
+            fs, path = filesystem(weights)
+            with fs.open_input_stream(path) as f:
+                saved = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+            model = copy.deepcopy(job.model)
+            model.load_state_dict(saved["state_dict"])
+        return prune(model, job.space, keep=keep).to(device)
+    return prune(job.model, job.space, job.space.from_vector(widths), job.criterion,
+                 importance_batches(job, data, device), seed=job.seed).to(device)
 
 
 def profile_fields(job: Job, widths, criterion: str, node: str, started: float, payload: str | None) -> dict:

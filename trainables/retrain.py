@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import io
 import tempfile
 import time
 from dataclasses import dataclass
@@ -13,11 +11,10 @@ import torch
 from ray import tune
 
 from widthsearch.models import load_model
-from widthsearch.storage import filesystem
 from widthsearch.surgery import prune
 from widthsearch.training import TrainConfig, evaluate, train
 
-from .common import Job, begin_trial, importance_batches, run_with_deadline
+from .common import Job, begin_trial, pruned_model, run_with_deadline
 
 
 @dataclass
@@ -41,17 +38,7 @@ def build_pruned(job: RetrainJob, device: torch.device) -> torch.nn.Module:
         torch.manual_seed(job.seed)
         fresh = load_model(job.model_source, job.num_classes, in_channels=job.in_channels)
         return prune(fresh, job.space, profile, "l1").to(device)
-    if job.keep is not None:
-        model = copy.deepcopy(job.model)
-        if job.weights:  # a path or a URI (the searcher's storage)
-            fs, path = filesystem(job.weights)
-            with fs.open_input_stream(path) as f:
-                saved = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-            model.load_state_dict(saved["state_dict"])
-        return prune(model, job.space, keep=job.keep).to(device)
-    data = job.splits()
-    return prune(job.model, job.space, profile, job.criterion,
-                 importance_batches(job, data, device), seed=job.seed).to(device)
+    return pruned_model(job, job.widths, job.splits(), device, job.keep, job.weights)
 
 
 def retrain_profile(config: dict, job: RetrainJob) -> None:

@@ -11,10 +11,9 @@ from ray import tune
 from torch import nn
 
 from widthsearch.data import DataSplits
-from widthsearch.surgery import prune
 from widthsearch.training import StepTrainer, TrainConfig, evaluate, recalibrate_bn
 
-from .common import Job, begin_trial, importance_batches, profile_fields, run_with_deadline
+from .common import Job, Phases, begin_trial, profile_fields, pruned_model, run_with_deadline
 
 
 @dataclass
@@ -43,31 +42,40 @@ def score_profile(config: dict, job: ScoreJob) -> None:
 
 
 def _score(config: dict, job: ScoreJob) -> None:
-    """The body of score_profile."""
-    device, node, data, started = begin_trial(job)
-    profile = job.space.from_vector(config["widths"])
-    model = prune(job.model, job.space, profile, job.criterion,
-                  importance_batches(job, data, device), seed=job.seed).to(device)
-    fields = profile_fields(job, config["widths"], job.criterion, node, started, config.get("payload"))
-    finetune_and_report(model, job, data, device, fields, started)
+    """The body of score_profile. A config under "candidate" (a re-scoring run's grid) may name the exact channels
+    a searcher chose ("keep", and "weights" they come from), as `widthsearch retrain` builds them."""
+    config = config.get("candidate", config)
+    phases = Phases()
+    with phases("setup"):
+        device, node, data, started = begin_trial(job)
+    with phases("prune"):
+        model = pruned_model(job, config["widths"], data, device, config.get("keep"), config.get("weights"))
+        criterion = job.criterion if config.get("keep") is None else "chosen"
+        fields = profile_fields(job, config["widths"], criterion, node, started, config.get("payload"))
+    finetune_and_report(model, job, data, device, fields, started, phases)
 
 
 def finetune_and_report(model: nn.Module, job: ScoreJob, data: DataSplits, device: torch.device, fields: dict,
-                        started: float) -> None:
+                        started: float, phases: Phases | None = None) -> None:
     """Adaptive BN, then one fine-tune of job.finetune_steps (one schedule), reporting val at each rung.
 
-    Every report carries the score at the current fidelity (`score`, `finetune_steps`) and the
+    Every report carries the score at the current fidelity (`score`, `finetune_steps`), the
     score at the first rung (`first_score`), which every trial reaches, for searchers that must
-    compare trials at one fidelity while a promotion scheduler stops most of them early.
+    compare trials at one fidelity while a promotion scheduler stops most of them early, and
+    `phase_s`, the seconds spent so far in each phase (setup, prune, bn, finetune, eval).
     """
-    recalibrate_bn(model, data, job.bn_batches, job.batch_size, seed=job.seed, device=device)
+    phases = phases or Phases()
+    with phases("bn"):
+        recalibrate_bn(model, data, job.bn_batches, job.batch_size, seed=job.seed, device=device)
     trainer = StepTrainer(model, data, job.finetune_steps, TrainConfig(lr=job.finetune_lr, batch_size=job.batch_size),
                           seed=job.seed, device=device)
     first = None
     for rung in job.rungs:
-        trainer.run(rung - trainer.done)
-        acc, loss = evaluate(model, data, "val", device=device)
+        with phases("finetune"):
+            trainer.run(rung - trainer.done)
+        with phases("eval"):
+            acc, loss = evaluate(model, data, "val", device=device)
         score = acc if job.score == "val_acc" else -loss
         first = score if first is None else first
         tune.report({**fields, "score": score, "first_score": first, "val_acc": acc, "val_loss": loss,
-                     "finetune_steps": rung, "wall_s": time.time() - started})
+                     "finetune_steps": rung, "wall_s": time.time() - started, "phase_s": dict(phases.seconds)})

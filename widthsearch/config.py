@@ -48,6 +48,8 @@ class SearchConfig:
     concurrency: int = 2                # trials at once
     finetune_steps: int = 50            # fine-tuning steps per trial before scoring on val
     finetune_lr: float = 0.01
+    rescore_top: int = 0                # after the search, re-score the best N distinct profiles with a longer fine-tune
+    rescore_steps: int = 200            # fine-tune steps of that re-scoring (more than finetune_steps)
     score: str = "val_acc"              # the trial score: val_acc, or val_loss (score = -loss)
     batch_size: int = 128
     bn_batches: int = 20                # adaptive-BN batches after pruning
@@ -85,6 +87,10 @@ class SearchConfig:
         for key in ("finetune_lr", "base_lr", "cpus_per_trial"):
             _require(getattr(self, key) > 0, key, getattr(self, key), "positive")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
+        _require(self.rescore_top >= 0, "rescore_top", self.rescore_top, "at least 0")
+        if self.rescore_top > 0:
+            _require(self.rescore_steps > self.finetune_steps, "rescore_steps", self.rescore_steps,
+                     f"more than finetune_steps ({self.finetune_steps}) with rescore_top > 0")
         _require(self.constraint in CONSTRAINTS, "constraint", self.constraint, f"one of: {', '.join(CONSTRAINTS)}")
         _require(self.max_latency_ms is None or self.max_latency_ms > 0, "max_latency_ms", self.max_latency_ms,
                  "positive (milliseconds) or empty")
@@ -161,6 +167,9 @@ HELP = {  # one line per SearchConfig field: the --help of its flag (`widthsearc
     "concurrency": "trials running at once",
     "finetune_steps": "fine-tuning steps of each trial before it is scored on validation",
     "finetune_lr": "learning rate of the trials' fine-tuning",
+    "rescore_top": "after the search, re-score the best N distinct profiles within the budget with --rescore-steps "
+                   "of fine-tuning (rows of run 'rescore'; the best is then chosen among them; 0: off)",
+    "rescore_steps": "fine-tune steps of the re-scoring stage (more than --finetune-steps)",
     "score": "the trial score: val_acc, or val_loss (score = -loss)",
     "batch_size": "batch size of base training, fine-tuning and BatchNorm recalibration",
     "bn_batches": "train batches that re-estimate BatchNorm statistics after pruning (adaptive BN)",

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -38,7 +39,9 @@ SCHEMA = pa.schema([
     ("val_loss", pa.float64()), ("score", pa.float64()), ("finetune_steps", pa.int32()), ("criterion", pa.string()),
     ("wall_s", pa.float64()), ("node", pa.string()), ("started_at", _TIMESTAMP), ("finished_at", _TIMESTAMP),
     ("checkpoint", pa.string()), ("payload", pa.string()),
+    ("phase_s", pa.map_(pa.string(), pa.float64())), ("run", pa.string()),
 ])
+MAIN_RUN = "search"  # the Tune run of the search itself; follow-up runs (e.g. "rescore") add rows under their name
 FORMATS = ("table", "csv", "json", "parquet")
 _TABLE_COLUMNS = ("trial_id", "searcher", "status", "flops_ratio", "params", "val_acc", "score", "finetune_steps",
                   "wall_s")
@@ -153,12 +156,18 @@ class ResultsCallback(tune.Callback):
     """Driver-side: writes a row when a trial completes or (finally) errors.
 
     Ray calls on_trial_error only when no retry is left (retries go to on_trial_recover), and a trial that
-    runs again after a resume rewrites its own file, so each trial ends as exactly one row.
+    runs again after a resume rewrites its own file, so each trial ends as exactly one row. Rows carry the
+    name of the Tune run that made them (`run`: MAIN_RUN, or a follow-up run's name).
     """
 
-    def __init__(self, store: ResultsStore, experiment: str, searcher: str, space_widths: list[int]):
-        self.store, self.experiment, self.searcher = store, experiment, searcher
+    def __init__(self, store: ResultsStore, experiment: str, searcher: str, space_widths: list[int],
+                 run: str = MAIN_RUN):
+        self.store, self.experiment, self.searcher, self.run = store, experiment, searcher, run
         self.space_widths = [int(w) for w in space_widths]
+        self._scheduled: dict[str, float] = {}  # trial_id -> when the driver started it (time.time())
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self._scheduled.setdefault(trial.trial_id, time.time())
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         result = trial.last_result or {}
@@ -174,17 +183,33 @@ class ResultsCallback(tune.Callback):
         row["node"] = result.get("node", result.get("node_ip"))
         if result.get("started_at") is not None:
             row["started_at"] = datetime.fromtimestamp(result["started_at"], timezone.utc)
+        row["phase_s"] = self._phases(trial.trial_id, result)
         self.store.write_row(row)
+
+    def _phases(self, trial_id: str, result: dict) -> dict | None:
+        """The trial's own phases (`phase_s`, also when Tune flattened it to phase_s/NAME keys), plus the driver's
+        view: `start` (the driver started the trial -> its body began: actor start, job transfer) and `finish`
+        (its last report -> this row), when both clocks are this machine's (a local search)."""
+        phases = dict(result.get("phase_s") or {})
+        phases.update({k.split("/", 1)[1]: v for k, v in result.items() if k.startswith("phase_s/")})
+        scheduled, started, wall = self._scheduled.pop(trial_id, None), result.get("started_at"), result.get("wall_s")
+        if phases and scheduled is not None and started is not None and wall is not None:
+            phases["start"] = max(0.0, started - scheduled)
+            phases["finish"] = max(0.0, time.time() - started - wall)
+        return {str(k): float(v) for k, v in phases.items()} or None
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         self.store.write_row(self._row(trial, error=_trial_error(trial)))
 
     def on_experiment_end(self, trials: list, **info) -> None:
-        """Set aside rows of trials this run does not know: a driver killed between a trial's end and Tune's
-        next experiment snapshot leaves a row that the resumed run (searcher state from that snapshot)
-        proposes and evaluates again under a new trial id; without this, a resume would add a row."""
+        """Set aside rows of this run's trials that the run does not know: a driver killed between a trial's
+        end and Tune's next experiment snapshot leaves a row that the resumed run (searcher state from that
+        snapshot) proposes and evaluates again under a new trial id; without this, a resume would add a row.
+        Rows of other runs of the experiment are left alone."""
         known = {trial.trial_id for trial in trials}
-        self.store.set_aside(t for t in self.store.trial_ids() if t not in known)
+        table = load(self.store.exp_dir)
+        runs = [r or MAIN_RUN for r in table["run"].to_pylist()]
+        self.store.set_aside(t for t, r in zip(table["trial_id"].to_pylist(), runs) if r == self.run and t not in known)
 
     def _row(self, trial, result: dict | None = None, error: str | None = None) -> dict:
         """The fields known for any trial: ids, status, widths and payload (from the result, else the config)."""
@@ -193,7 +218,7 @@ class ResultsCallback(tune.Callback):
         widths = None if widths is None else [int(w) for w in widths]
         payload = result.get("payload", config.get("payload"))
         return {
-            "experiment": self.experiment, "trial_id": trial.trial_id, "searcher": self.searcher,
+            "experiment": self.experiment, "trial_id": trial.trial_id, "searcher": self.searcher, "run": self.run,
             "status": "error" if error else "ok", "error": error, "widths": widths,
             "keep_ratios": None if widths is None else [w / s for w, s in zip(widths, self.space_widths)],
             "finished_at": datetime.now(timezone.utc),
@@ -236,6 +261,36 @@ def pareto_front(table: pa.Table, maximize: str = "score", minimize: str = "flop
             keep.append(i)
             best, best_low = high, low
     return ok.take(keep)
+
+
+def cost_ratio_of(row: dict) -> float:
+    """A row's ratio of the experiment's constraint (rows older than the cost_ratio column: FLOPs)."""
+    value = row.get("cost_ratio")
+    return row["flops_ratio"] if value is None else value
+
+
+def ranked(table: pa.Table, budget: float | None = None, *, distinct: bool = True) -> list[dict]:
+    """The one ranking rule: successful rows within `budget` (a ratio of the experiment's constraint; None: all),
+    best first.
+
+    Rows scored with more fine-tune steps come first (a promotion scheduler or a re-scoring stage gives the
+    most promising rows a longer fine-tune, and a longer fine-tune scores higher, so scores compare like with
+    like), then the higher score, then the cheaper profile. With `distinct`, each width profile appears once
+    (its best row). `choose_trial`, the CLI's listing, the latency timing of the best rows, the report and
+    the bench all rank rows with this.
+    """
+    rows = [r for r in table.to_pylist() if r["status"] == "ok" and r["score"] is not None
+            and math.isfinite(r["score"]) and (budget is None or cost_ratio_of(r) <= budget + 1e-9)]
+    rows.sort(key=lambda r: (-(r["finetune_steps"] or 0), -r["score"], cost_ratio_of(r)))
+    if not distinct:
+        return rows
+    seen, out = set(), []
+    for row in rows:
+        key = tuple(row["widths"] or ())
+        if key not in seen:
+            seen.add(key)
+            out.append(row)
+    return out
 
 
 def _where(table: pa.Table, item: str) -> pa.ChunkedArray:

@@ -148,16 +148,11 @@ def measure_top(exp: Experiment, table: pa.Table, progress: bool = True) -> dict
     its front, best score first), one per distinct profile. Runs where the table was measured.
     """
     cfg = exp.config
-    ok = table.filter(pc.and_(pc.equal(table["status"], "ok"), pc.is_valid(table["score"])))
     if cfg.pareto:
-        ranked = results.pareto_front(ok, minimize="cost_ratio").sort_by([("score", "descending")])
+        ok = table.filter(pc.and_(pc.equal(table["status"], "ok"), pc.is_valid(table["score"])))
+        rows = results.ranked(results.pareto_front(ok, minimize="cost_ratio"))[:cfg.latency_top]
     else:
-        ranked = results.query(ok, where=[f"cost_ratio<={cfg.budget + 1e-9}"], sort="-finetune_steps,-score")
-    rows, seen = [], set()
-    for row in ranked.to_pylist():
-        if tuple(row["widths"]) not in seen and len(rows) < cfg.latency_top:
-            seen.add(tuple(row["widths"]))
-            rows.append(row)
+        rows = results.ranked(table, cfg.budget)[:cfg.latency_top]
     if not rows:
         return None
     call = _on_target(cfg) or (lambda fn, *args, **kwargs: fn(*args, **kwargs))
@@ -281,9 +276,58 @@ def run_search(cfg: SearchConfig, resume: bool = False, progress: bool = True) -
         )
     tuner.fit()
     table = results.load(exp_dir)
+    if cfg.rescore_top > 0 and not cfg.pareto:
+        rescore(exp, table, resume, progress)
+        table = results.load(exp_dir)
     if cfg.constraint == "latency" and cfg.latency_top > 0:
         measure_top(exp, table, progress)
     return exp_dir, table
+
+
+RESCORE_RUN = "rescore"
+
+
+def rescore(exp: Experiment, table: pa.Table, resume: bool = False, progress: bool = True) -> None:
+    """The re-scoring stage: the best `rescore_top` distinct profiles of the search (within the budget, ranked by
+    `results.ranked`) each get one more trial with `rescore_steps` of fine-tuning, as a follow-up Tune run
+    (RESCORE_RUN) in the same experiment; their rows (run RESCORE_RUN) rank first, so the final choice is made
+    on the longer fine-tune (multi-fidelity: many short trials explore, a few long ones decide).
+
+    Channels a searcher chose itself (payload "keep") are re-scored as `widthsearch retrain` builds them.
+    """
+    from ray import tune
+
+    from trainables import trial_job
+
+    cfg = exp.config
+    main = table.filter(pc.invert(pc.equal(pc.fill_null(table["run"], results.MAIN_RUN), RESCORE_RUN)))
+    rows = results.ranked(main, cfg.budget)[:cfg.rescore_top]
+    if len(rows) < 2:
+        return  # nothing to choose between
+    candidates = [{"widths": [int(w) for w in r["widths"]], **_chosen_channels(r),
+                   "payload": json.dumps({"rescore_of": r["trial_id"], "score": r["score"],
+                                          "finetune_steps": r["finetune_steps"]})} for r in rows]
+    longer = dataclasses.replace(cfg, finetune_steps=cfg.rescore_steps, asha=False, rescore_top=0)
+    trainable_fn, job = trial_job("score", longer, exp.exp_dir, job_fields(longer, exp))
+    trainable = tune.with_resources(tune.with_parameters(trainable_fn, job=job),
+                                    {"cpu": cfg.cpus_per_trial, "gpu": 0 if cfg.allow_cpu else cfg.gpus_per_trial})
+    path = f"{exp.exp_dir}/{RESCORE_RUN}"
+    if progress:
+        print(f"re-scoring the best {len(rows)} profiles with {cfg.rescore_steps} fine-tune steps", file=sys.stderr)
+    if resume and tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        store = results.ResultsStore(exp.exp_dir)
+        tuner = tune.Tuner(
+            trainable, param_space={"candidate": tune.grid_search(candidates)},
+            tune_config=tune.TuneConfig(metric="score", mode="max", max_concurrent_trials=cfg.concurrency,
+                                        reuse_actors=True),
+            run_config=tune.RunConfig(
+                name=RESCORE_RUN, storage_path=exp.exp_dir, verbose=1 if progress else 0,
+                failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                callbacks=[results.ResultsCallback(store, cfg.name, cfg.searcher, exp.space.widths.tolist(),
+                                                   run=RESCORE_RUN)]))
+    tuner.fit()
 
 
 def budget_of(meta: dict) -> float | None:
@@ -292,21 +336,12 @@ def budget_of(meta: dict) -> float | None:
     return None if config.get("pareto") else config.get("budget")
 
 
-def _cost_ratio(row: dict) -> float:
-    """The row's ratio of the experiment's constraint (rows older than the cost_ratio column: FLOPs)."""
-    value = row.get("cost_ratio")
-    return row["flops_ratio"] if value is None else value
-
-
 def choose_trial(table: pa.Table, trial: str | None = None, *, budget: float | None = None,
                  constraint: str = "flops") -> dict:
-    """The row of `trial`; else the best successful row within `budget` at the highest fidelity reached.
+    """The row of `trial`; else the best successful row within `budget` (`results.ranked`: the highest
+    fidelity reached, then the best score, ties going to the cheaper profile).
 
-    Candidates are the `ok` rows whose cost ratio (the experiment's constraint) is within `budget`;
-    among them, only those scored with the most fine-tune steps any of them reached (a promotion
-    scheduler stops most trials early, and a longer fine-tune scores higher), so scores compare like
-    with like; the best score wins, ties going to the cheaper profile. `budget=None` (a Pareto search
-    without a chosen bound) is refused: there is no single best.
+    `budget=None` (a Pareto search without a chosen bound) is refused: there is no single best.
     """
     rows = table.to_pylist()
     if trial is not None:
@@ -317,21 +352,19 @@ def choose_trial(table: pa.Table, trial: str | None = None, *, budget: float | N
             raise WidthSearchError(f"trial {trial!r} did not score a profile (status {match[0]['status']}"
                                    f"{': ' + match[0]['error'] if match[0]['error'] else ''}); pick another")
         return match[0]
-    ok = [r for r in rows if r["status"] == "ok" and r["score"] is not None]
+    ok = results.ranked(table)
     if not ok:
         raise WidthSearchError("this experiment has no successful trial yet")
     if budget is None:
         raise WidthSearchError("this experiment searched a Pareto front, so it has no single best: give --budget R "
                                f"(the best row whose {constraint} ratio is <= R) or --trial ID; "
                                "`widthsearch results EXP --pareto` lists the front")
-    within = [r for r in ok if _cost_ratio(r) <= budget + 1e-9]
+    within = results.ranked(table, budget)
     if not within:
-        smallest = min(_cost_ratio(r) for r in ok)
+        smallest = min(results.cost_ratio_of(r) for r in ok)
         raise WidthSearchError(f"no successful trial within the budget {budget:g} ({constraint}): {len(ok)} ok rows, "
                                f"the smallest ratio is {smallest:.4f}; give --trial ID or a larger --budget")
-    top = max(r["finetune_steps"] or 0 for r in within)
-    return max((r for r in within if (r["finetune_steps"] or 0) == top),
-               key=lambda r: (r["score"], -_cost_ratio(r)))
+    return within[0]
 
 
 def _chosen_channels(row: dict) -> dict:

@@ -1,0 +1,1 @@
+"""The benchmarks (not in CI): run each as `python -m bench.<script>` from the repository root."""
