@@ -12,7 +12,7 @@ from widthsearch import load_data, load_model
 from widthsearch.config import SearchConfig
 from widthsearch.data import check_split
 from widthsearch.errors import DataSourceError, WidthSearchError
-from widthsearch.results import SCHEMA
+from widthsearch.results import SCHEMA, ranked
 from widthsearch.search import choose_trial
 from widthsearch.training import StepTrainer, TrainConfig, train
 
@@ -44,6 +44,20 @@ def test_best_compares_like_with_like_across_fidelities():
     cheap = table({"score": 0.9, "cost_ratio": 0.5, "flops_ratio": 0.5, "finetune_steps": 25},
                   {"score": 0.7, "cost_ratio": 0.5, "flops_ratio": 0.5, "finetune_steps": 100})
     assert choose_trial(cheap, budget=0.5)["trial_id"] == "t1"  # the promoted trial, not the cheap high score
+
+
+def test_the_ranking_rule_orders_by_fidelity_score_then_cost_once_per_profile():
+    rows = table({"score": 0.80, "cost_ratio": 0.5, "flops_ratio": 0.5, "finetune_steps": 50, "widths": [1, 2]},
+                 {"score": 0.70, "cost_ratio": 0.4, "flops_ratio": 0.4, "finetune_steps": 200, "widths": [1, 1]},
+                 {"score": 0.70, "cost_ratio": 0.3, "flops_ratio": 0.3, "finetune_steps": 200, "widths": [2, 1]},
+                 {"score": 0.90, "cost_ratio": 0.5, "flops_ratio": 0.5, "finetune_steps": 50, "widths": [1, 1]},
+                 {"score": float("nan"), "cost_ratio": 0.1, "flops_ratio": 0.1, "finetune_steps": 0, "widths": [3, 3]},
+                 {"score": 0.99, "cost_ratio": 0.9, "flops_ratio": 0.9, "finetune_steps": 50, "widths": [2, 2]},
+                 {"status": "error", "score": None, "cost_ratio": 0.1, "flops_ratio": 0.1, "widths": [1, 3]})
+    assert [r["trial_id"] for r in ranked(rows, 0.5)] == ["t2", "t1", "t0"]  # t3 repeats t1's profile
+    assert [r["trial_id"] for r in ranked(rows, 0.5, distinct=False)] == ["t2", "t1", "t3", "t0"]
+    assert [r["trial_id"] for r in ranked(rows)] == ["t2", "t1", "t5", "t0"]
+    assert choose_trial(rows, budget=0.5)["trial_id"] == ranked(rows, 0.5)[0]["trial_id"]
 
 
 def test_pareto_experiments_need_a_bound_and_params_constraints_use_cost_ratio():

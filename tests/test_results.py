@@ -262,6 +262,36 @@ def test_rows_of_trials_the_run_does_not_know_are_set_aside(store, exp_dir, tmp_
     assert ids(load(exp_dir)) == ["t1", "t2"] and kept.is_file()
 
 
+def test_a_follow_up_run_sets_aside_only_its_own_orphans(store, exp_dir, tmp_path):
+    """A re-scoring run in the same experiment knows none of the search's trials: their rows stay."""
+    search = ResultsCallback(store, "exp", "random", [4, 8])
+    rescore = ResultsCallback(store, "exp", "random", [4, 8], run="rescore")
+    first = [fake_trial(tmp_path, t, {"score": 0.5, "widths": [2, 4]}) for t in ("s1", "s2")]
+    second = [fake_trial(tmp_path, t, {"score": 0.6, "widths": [2, 4]}) for t in ("r1", "late")]
+    for trial in first:
+        search.on_trial_complete(iteration=1, trials=first, trial=trial)
+    search.on_experiment_end(trials=first)
+    for trial in second:
+        rescore.on_trial_complete(iteration=1, trials=second, trial=trial)
+    rescore.on_experiment_end(trials=second[:1])
+    table = load(exp_dir)
+    assert ids(table) == ["r1", "s1", "s2"]
+    assert dict(zip(ids(table), table["run"].to_pylist())) == {"r1": "rescore", "s1": "search", "s2": "search"}
+
+
+def test_rows_record_where_the_trial_spent_its_time(store, exp_dir, tmp_path):
+    callback = ResultsCallback(store, "exp", "random", [4, 8])
+    trial = fake_trial(tmp_path, "t1", {"score": 0.5, "widths": [2, 4], "wall_s": 2.0, "started_at": time.time() - 2.5,
+                                        "phase_s": {"prune": 0.5, "finetune": 1.25}})
+    callback.on_trial_start(iteration=0, trials=[trial], trial=trial)
+    flat = fake_trial(tmp_path, "t2", {"score": 0.5, "widths": [2, 4], "phase_s/eval": 0.25})  # as Tune flattens it
+    for t in (trial, flat):
+        callback.on_trial_complete(iteration=1, trials=[trial, flat], trial=t)
+    one, two = (dict(r["phase_s"]) for r in load(exp_dir).to_pylist())
+    assert one["prune"] == 0.5 and one["finetune"] == 1.25 and one["start"] >= 0 and one["finish"] >= 0
+    assert two == {"eval": 0.25}  # no driver view without the trial's start
+
+
 @pytest.mark.slow
 def test_real_tune_run(tmp_path):
     ray = pytest.importorskip("ray")
