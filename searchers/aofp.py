@@ -59,13 +59,21 @@ uses the project's SGD (Nesterov, weight decay 5e-4); the authors use plain mome
 decay 1e-4 and twice the learning rate for biases. (6) The budget is checked after every commit
 (the authors: after every epoch); the final fine-tune is the search's short one (theirs: 600
 epochs; ``widthsearch retrain`` trains longer). (7) ``max_rounds`` and ``--num-samples`` bound
-the search; if ``--num-samples`` runs out first, Tune stops before the final trial.
+the search; when ``--num-samples`` leaves no room for another round and the final trial, the search
+ends there (the final trial runs) with a message that says so and estimates, from the pace of the
+last rounds, how many more trials the budget needs. (8) The authors reach a target size by choosing
+epsilon by hand; here, while a budget is not met, a group whose pass fails (k = 1) or prunes less
+than a quarter of its filters (several halvings for a few filters) has its epsilon multiplied by
+``relax`` (2 by default; 1 keeps the authors' fixed threshold, and ``patience`` then stops the
+group), so that a budget below what the initial epsilon allows is reached in a bounded number of
+rounds instead of stalling; the damages still rank the filters within each group.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -89,6 +97,9 @@ class AofpSearcher(WidthSearcher):
                "window": Option(250, int, "batches of pruning attempts per probe trial (a decision rests on "
                                 "probes x window batches; the base path trains on them)", low=1),
                "lr": Option(1e-3, float, "constant learning rate of the base path", low=0, low_open=True),
+               "relax": Option(2.0, float, "with a budget not yet met: a group whose pass fails, or prunes less than a "
+                               "quarter of its filters, has its epsilon multiplied by this (1: fixed epsilon, "
+                               "as the authors)", low=1),
                "patience": Option(3, int, "failed passes in a row (no filter below epsilon at k = 1) after "
                                   "which a group stops", low=1),
                "stagger": Option(0, int, "rounds between the starts of consecutive groups (0: all at once)", low=0),
@@ -104,6 +115,9 @@ class AofpSearcher(WidthSearcher):
         self.train_keep = self.alive      # the masks the base path trains under in the next commit
         self.stopped: dict[str, str] = {}  # group -> why it stopped
         self.failed_passes = {g.name: 0 for g in space.groups}
+        self.epsilon = {g.name: float(self.options["epsilon"]) for g in space.groups}  # grows with `relax`
+        self.trials = 0                   # trials issued in all
+        self.ratios: list[float] = []     # measure ratio after each commit (the pace, for running-out messages)
         self.last_test: dict[str, float] = {}  # group -> smallest mean damage at its last failed k = 1 test
         self.dsum = {g.name: np.zeros(g.width) for g in space.groups}
         self.dcount = {g.name: np.zeros(g.width, dtype=np.int64) for g in space.groups}
@@ -136,7 +150,10 @@ class AofpSearcher(WidthSearcher):
     def _propose(self, trial_id: str):
         if self.issued >= (self.options["probes"] if self.phase == "probe" else 1):
             return None
+        if self.phase == "probe" and self.issued == 0 and self._out_of_trials():
+            self._end(self._running_out())
         self.issued += 1
+        self.trials += 1
         if self.phase == "probe":
             window = self.options["window"]
             payload = {"phase": "probe", "version": self.version, "round": self.round, "seed": self.round_seed(),
@@ -187,6 +204,7 @@ class AofpSearcher(WidthSearcher):
         self.train_keep = self.alive
         self.trajectory.append({"version": self.version, "widths": self.widths(), "cost_ratio": cost_ratio,
                                 "val_acc": result.get("val_acc")})
+        self.ratios.append(cost_ratio)
         self.round += 1
         if self.budget is not None and cost_ratio <= self.budget:
             self.budget_met = True
@@ -197,6 +215,21 @@ class AofpSearcher(WidthSearcher):
             self._end(f"max_rounds={self.options['max_rounds']} reached")
         else:
             self._next("probe")
+
+    def _out_of_trials(self) -> bool:
+        """True when --num-samples leaves no room for another round (probes + commit) and the final trial."""
+        return self.num_samples is not None and self.num_samples - self.trials < self.options["probes"] + 2
+
+    def _running_out(self) -> str:
+        """Why the search ends early: the trials ran out; how many more a search would need at its pace so far."""
+        now, per_round = self.cost_ratio(self.widths()), self.options["probes"] + 1
+        text = f"num_samples={self.num_samples} ran out after {self.round} rounds"
+        recent = self.ratios[-10:]
+        if self.budget is None or len(recent) < 2 or recent[0] <= recent[-1]:
+            return text + " (no estimate of the trials still needed: too little progress to extrapolate)"
+        rounds = math.ceil((now - self.budget) / ((recent[0] - recent[-1]) / (len(recent) - 1)))
+        return (text + f"; at the pace of its last {len(recent)} rounds it needs about {rounds * per_round} more "
+                f"trials ({rounds} rounds of {per_round}): raise --num-samples (or the epsilon/relax options)")
 
     def _next(self, phase: str) -> None:
         self.phase, self.issued, self.done, self.probes_ok = phase, 0, 0, 0
@@ -230,10 +263,17 @@ class AofpSearcher(WidthSearcher):
     def _can_shrink(self, name: str) -> bool:
         return self._prunable(name, len(self.alive[name])) > 0
 
+    def _relax(self, name: str) -> bool:
+        """Raise a group's epsilon by `relax` while a budget is not met; False when it does not apply."""
+        if self.budget is None or self.options["relax"] <= 1:
+            return False
+        self.epsilon[name] *= self.options["relax"]
+        return True
+
     def decide(self) -> dict[str, str]:
         """Apply one binary-search step to every active group; return what happened per group."""
         self.train_keep = {n: list(c) for n, c in self.alive.items()}
-        outcome = {}
+        outcome, dropped = {}, []
         for n in self.active_groups():
             space = np.asarray(self.search[n])
             k = len(space) // 2
@@ -241,8 +281,11 @@ class AofpSearcher(WidthSearcher):
             means = np.where(counts > 0, self.dsum[n][space] / np.maximum(counts, 1), np.inf)
             order = np.argsort(means, kind="stable")
             m = self._prunable(n, k)
-            if m >= 1 and means[order[m - 1]] < self.options["epsilon"]:
+            if m >= 1 and means[order[m - 1]] < self.epsilon[n]:
                 drop = set(space[order[:m]].tolist())
+                dropped += [(float(means[i]), n, int(space[i])) for i in order[:m]]
+                if 4 * len(drop) < len(self.alive[n]):
+                    self._relax(n)  # a slow pass: several halvings for a few filters
                 self.alive[n] = [c for c in self.alive[n] if c not in drop]
                 self.search[n] = list(self.alive[n])
                 self.failed_passes[n] = 0
@@ -258,11 +301,34 @@ class AofpSearcher(WidthSearcher):
                 self.last_test[n] = float(means[order[max(m, 1) - 1]])
                 self.search[n] = list(self.alive[n])
                 outcome[n] = f"pass failed ({self.failed_passes[n]} in a row), search restarts"
-                if self.failed_passes[n] >= self.options["patience"]:
-                    self.stopped[n] = (f"no filter's mean damage below epsilon={self.options['epsilon']:g} in "
+                if self._relax(n):
+                    self.failed_passes[n] = 0
+                    outcome[n] += f" with epsilon {self.epsilon[n]:.4g}"
+                elif self.failed_passes[n] >= self.options["patience"]:
+                    self.stopped[n] = (f"no filter's mean damage below epsilon={self.epsilon[n]:g} in "
                                        f"{self.failed_passes[n]} passes in a row; the last test found "
                                        f"{self.last_test[n]:.4g}")
                     outcome[n] = f"stopped: {self.stopped[n]}"
             self.dsum[n][:] = 0
             self.dcount[n][:] = 0
+        self._spare_past_budget(dropped, outcome)
         return outcome
+
+    def _spare_past_budget(self, dropped: list[tuple[float, str, int]], outcome: dict[str, str]) -> None:
+        """When a round's decisions take the widths below the budget, give back the most damaging of its filters
+        for as long as the budget still holds (all groups decide at once, so the last round may overshoot)."""
+        if self.budget is None or not dropped or self.cost_ratio(self.widths()) >= self.budget:
+            return
+        spared = 0
+        for _, n, c in sorted(dropped, reverse=True):
+            trial = sorted(self.alive[n] + [c])
+            if not self.space[n].allowed(len(trial)):
+                continue
+            before, self.alive[n] = self.alive[n], trial
+            if self.cost_ratio(self.widths()) > self.budget:
+                self.alive[n] = before
+            else:
+                spared += 1
+                self.search[n] = list(self.alive[n])
+        if spared:
+            outcome["budget"] = f"{spared} filter(s) spared: the round's decisions went past the budget"

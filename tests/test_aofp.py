@@ -160,7 +160,7 @@ def test_a_search_that_cannot_reach_the_budget_ends_with_a_message_naming_the_gr
     _, space, cost = synthetic
     first, second = space.names
     damages = {first: [0.0] * 4 + [1.0] * 4, second: [1.0] * 8}
-    searcher = make_searcher("aofp", space, cost, budget=0.2, window=20, probes=1, patience=2)
+    searcher = make_searcher("aofp", space, cost, budget=0.2, window=20, probes=1, patience=2, relax=1)
     with caplog.at_level(logging.WARNING, logger="searchers.aofp"):
         payloads = drive(searcher, lambda r: damages)
     final = payloads[-1]
@@ -172,9 +172,48 @@ def test_a_search_that_cannot_reach_the_budget_ends_with_a_message_naming_the_gr
     assert text in caplog.text
 
 
+def test_with_a_budget_epsilon_relaxes_until_the_budget_is_met(synthetic):
+    """Every filter does damage 0.05 (> epsilon 0.01): fixed epsilon stops both groups; relaxed, the budget is met."""
+    _, space, cost = synthetic
+    damages = {n: [0.05] * 8 for n in space.names}
+    fixed = make_searcher("aofp", space, cost, budget=0.5, window=20, probes=1, patience=2, relax=1)
+    assert not drive(fixed, lambda r: damages)[-1]["budget_met"]
+    relaxed = make_searcher("aofp", space, cost, budget=0.5, window=20, probes=1, patience=2)
+    payloads = drive(relaxed, lambda r: damages)
+    assert payloads[-1]["budget_met"] and relaxed.trajectory[-1]["cost_ratio"] <= 0.5
+    assert all(0.05 < e <= 0.16 for e in relaxed.epsilon.values())  # doubled until above the damage, no further
+    assert len(payloads) < 40
+
+
+def test_the_last_round_gives_back_what_it_took_past_the_budget(synthetic):
+    _, space, cost = synthetic
+    first, second = space.names
+    damages = {first: [0.001 * (i + 1) for i in range(8)], second: [0.0] * 8}
+    searcher = make_searcher("aofp", space, cost, budget=0.6, window=50, probes=1)
+    payloads = drive(searcher, lambda r: damages)
+    final = searcher.trajectory[-1]["cost_ratio"]
+    assert payloads[-1]["budget_met"] and final <= 0.6
+    widths = searcher.widths()
+    one_more = [searcher.cost_ratio([w + (i == j) for j, w in enumerate(widths)]) for i in range(2) if widths[i] < 8]
+    assert one_more and min(one_more) > 0.6  # no filter could have been spared and stayed within the budget
+
+
+def test_running_out_of_trials_ends_with_the_final_trial_and_how_many_more_it_needs(synthetic):
+    _, space, cost = synthetic
+    first, second = space.names
+    damages = {first: [0.0] * 8, second: [1.0] * 8}  # only the first group can go, slowly (relax off)
+    searcher = make_searcher("aofp", space, cost, budget=0.05, window=5, probes=1, relax=1, patience=50,
+                             num_samples=9)
+    payloads = drive(searcher, lambda r: damages)
+    assert len(payloads) <= 9 and phases(payloads)[-1] == "final"
+    stop = payloads[-1]["stop"]
+    assert stop.startswith("budget 0.05 not met") and "num_samples=9 ran out after 4 rounds" in stop  # 4 x 2 + final
+    assert "more trials (" in stop and "raise --num-samples" in stop
+
+
 def test_max_rounds_ends_the_search_with_a_message(synthetic):
     _, space, cost = synthetic
-    searcher = make_searcher("aofp", space, cost, budget=0.2, window=5, probes=1, max_rounds=2)
+    searcher = make_searcher("aofp", space, cost, budget=0.2, window=5, probes=1, max_rounds=2, relax=1)
     payloads = drive(searcher, lambda r: {n: [1.0] * 8 for n in space.names})
     assert phases(payloads) == ["probe", "commit", "probe", "commit", "final"]
     assert "max_rounds=2 reached" in payloads[-1]["stop"] and "still searching: " in payloads[-1]["stop"]
