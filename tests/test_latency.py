@@ -195,8 +195,18 @@ def test_on_a_cluster_the_table_is_measured_in_a_ray_task(resnet, tmp_path):
     assert np.allclose(remote.many(widths), local.many(widths))
 
 
-def test_the_overhead_is_robust_to_one_disturbed_measurement():
-    assert calibrate([1, 2, 3, 4, 5], [2, 3, 4, 5, 40]) == pytest.approx(1.0)
+def test_the_overhead_and_scale_are_robust_to_one_disturbed_measurement():
+    assert calibrate([1, 2, 3, 4, 5], [2, 3, 4, 5, 40]) == pytest.approx((1.0, 1.0))
+    overhead, scale = calibrate([1, 2, 3, 4, 5, 6, 7], [1.3, 2.4, 3.5, 9.0, 5.7, 6.8, 7.9])  # 0.2 + 1.1 x, one spike
+    assert overhead == pytest.approx(0.2) and scale == pytest.approx(1.1)
+
+
+def test_the_scale_is_clipped_so_noise_cannot_make_a_narrower_profile_slower():
+    from widthsearch.latency import SCALE_RANGE
+
+    assert calibrate([1, 2, 3], [5, 3, 1])[1] == SCALE_RANGE[0] > 0  # measured falls as the units grow: noise
+    assert calibrate([1, 2, 3], [1, 10, 20])[1] == SCALE_RANGE[1]
+    assert calibrate([2, 2, 2], [3, 3.5, 4]) == (pytest.approx(1.5), 1.0)  # no spread: no slope to fit
 
 
 def test_tables_are_made_monotone_so_narrower_is_never_slower():
@@ -316,7 +326,7 @@ def test_prepare_builds_the_latency_measure_and_converts_max_latency_ms(tmp_path
 
     monkeypatch.setenv("WIDTHSEARCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr("widthsearch.latency.make_timer", lambda target: fake_ms)  # numbers asserted: no clock
+    monkeypatch.setattr("widthsearch.latency.make_timer", lambda target, *args, **kwargs: fake_ms)  # numbers asserted: no clock
     common = dict(name="lat", storage=str(tmp_path), constraint="latency", base_epochs=1, latency_grid=2)
     exp = prepare(SearchConfig(**common), progress=False)
     assert exp.measure.name == "latency" and exp.measure.base > 0

@@ -62,14 +62,17 @@ from .cost import Measure, trace_slopes
 from .errors import ConfigError, WidthSearchError
 from .space import WidthSpace, eval_mode
 
-FORMAT = 1                      # of the cached table; a change invalidates old tables
+FORMAT = 2                      # of the cached table; a change invalidates old tables
 DEVICES = ("cpu", "cuda")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RUNTIMES = ("eager", "onnxruntime")
 CLOCKS = ("wall", "cpu")
 MEASURED = "latency/measured.json"  # under EXP/widthsearch: the best profiles timed whole after a search
-CALIBRATION_RATIOS = (1.0, 0.75, 0.5, 0.35, 0.25)
+CALIBRATION_RATIOS = (1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1)
 ROUNDS = 3                      # interleaved passes over the whole-model timings (calibration, measure_profiles)
+SCALE_RANGE = (0.8, 1.5)        # the calibrated in-context scale of the summed units is clipped to this range
+UNIT_PASSES = 2                 # interleaved passes over each unit's grid
+UNIT_TIMING = {"min_sample_s": 0.002, "repeats": 10, "min_repeats": 3, "budget_s": 0.1}  # per grid point and pass
 Timer = Callable[[nn.Module, tuple], float]   # (module, inputs) -> milliseconds per forward
 
 
@@ -169,18 +172,25 @@ def time_ms(call: Callable[[], object], sync: Callable[[], None] = lambda: None,
     return (min(samples) if clock == "cpu" else statistics.median(samples)) * 1e3
 
 
-def make_timer(target: LatencyTarget, repeats: int = 15) -> Timer:
-    """The timer of `target`: (module, CPU fp32 inputs) -> ms per forward on the target (see time_ms)."""
+def make_timer(target: LatencyTarget, repeats: int = 15, **timing) -> Timer:
+    """The timer of `target`: (module, CPU fp32 inputs) -> ms per forward on the target (see time_ms; `timing`:
+    its other sampling arguments). Its `prepare(module, inputs)` readies a module once (copied to the device;
+    for onnxruntime exported and loaded in a session) and returns a function that times it, for repeated timings."""
     device, dtype = torch.device(target.device), DTYPES[target.dtype]
     sync = torch.cuda.synchronize if target.device == "cuda" else (lambda: None)
+    sampling = {"clock": target.clock, "repeats": repeats, **timing}
 
-    def eager(module: nn.Module, inputs: tuple) -> float:
+    def eager(module: nn.Module, inputs: tuple) -> Callable[[], float]:
         module = copy.deepcopy(module).to(device=device, dtype=dtype).eval()
         xs = tuple(x.to(device=device, dtype=dtype) for x in inputs)
-        with torch.no_grad():
-            return time_ms(lambda: module(*xs), sync, clock=target.clock, repeats=repeats)
 
-    def onnx(module: nn.Module, inputs: tuple) -> float:
+        def run() -> float:
+            with torch.no_grad():
+                return time_ms(lambda: module(*xs), sync, **sampling)
+
+        return run
+
+    def onnx(module: nn.Module, inputs: tuple) -> Callable[[], float]:
         import onnxruntime
 
         from .export import ONNX_OPSET, legacy_onnx_kwargs
@@ -195,18 +205,26 @@ def make_timer(target: LatencyTarget, repeats: int = 15) -> Timer:
             options.intra_op_num_threads, options.inter_op_num_threads = target.threads, 1
             session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         feeds = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
-        return time_ms(lambda: session.run(None, feeds), clock=target.clock, repeats=repeats)
+        return lambda: time_ms(lambda: session.run(None, feeds), **sampling)
 
-    timer = onnx if target.runtime == "onnxruntime" else eager
+    ready = onnx if target.runtime == "onnxruntime" else eager
 
-    def timed(module: nn.Module, inputs: tuple) -> float:
+    def threaded(fn: Callable, *args) -> float:
         threads = torch.get_num_threads()
         torch.set_num_threads(target.threads)
         try:
-            return timer(module, inputs)
+            return fn(*args)
         finally:
             torch.set_num_threads(threads)
 
+    def prepare(module: nn.Module, inputs: tuple) -> Callable[[], float]:
+        run = threaded(ready, module, inputs)
+        return lambda: threaded(run)
+
+    def timed(module: nn.Module, inputs: tuple) -> float:
+        return prepare(module, inputs)()
+
+    timed.prepare = prepare
     return timed
 
 
@@ -346,18 +364,38 @@ class _Planned:
 
 
 def _grid(const: float, slope: np.ndarray, space: WidthSpace, points: int) -> np.ndarray:
-    """`points` channel counts over the range this affine map takes on legal profiles, ends included."""
+    """`points` channel counts over the range this affine map takes on legal profiles, ends included: of one
+    group's legal widths, :func:`grid_widths`; of several groups' (a concat), evenly spaced."""
     groups = np.flatnonzero(slope)
     if len(groups) == 0:
         return np.array([const])
     if len(groups) == 1:
         g = space.groups[groups[0]]
         legal = np.array([w for w in range(g.min_width, g.width + 1) if g.allowed(w)], dtype=np.float64)
-        picks = legal[np.unique(np.round(np.linspace(0, len(legal) - 1, points)).astype(int))]
-        return const + slope[groups[0]] * picks
+        return const + slope[groups[0]] * grid_widths(legal, points)
     low = const + slope @ space.min_widths
     high = const + slope @ space.widths
     return np.unique(np.round(np.linspace(low, high, points)))
+
+
+def grid_widths(legal: np.ndarray, points: int) -> np.ndarray:
+    """`points` of the sorted `legal` widths (all of them when there are no more): the two narrowest, the widest,
+    and the rest spaced geometrically between the second and the widest, each the nearest legal width.
+
+    The two narrowest: at the narrowest width a layer often runs another kernel (a depthwise conv of one
+    channel is a plain conv, 3x faster than a depthwise one of two channels on oneDNN; a 1x1 conv of one
+    input channel is a rank-1 product), so interpolating from it to a wide grid point misses everything in
+    between. Geometric spacing: fixed costs and kernel switches bend the time curve at small widths; above
+    them a unit's time is close to bilinear in its channels, where sparse points suffice.
+    """
+    legal = np.asarray(legal, dtype=np.float64)
+    if len(legal) <= points:
+        return legal
+    if points < 3:
+        return legal[[0, -1]]
+    inner = np.geomspace(legal[1], legal[-1], points - 1)[1:-1]
+    picks = {0, 1, len(legal) - 1} | {int(np.abs(legal - v).argmin()) for v in inner}
+    return legal[sorted(picks)]
 
 
 def _replica(model_modules: dict, unit: _Unit, c_in: int, c_out: int, batch: int) -> tuple[nn.Module, tuple]:
@@ -406,23 +444,29 @@ def measure_table(space: WidthSpace, model: nn.Module, target: LatencyTarget, pl
     """Time every distinct unit on its grid and the whole model at the calibration profiles (the table)."""
     from .training import Progress
 
-    timer = timer or make_timer(target)
+    whole = timer or make_timer(target)
+    unit_timer = timer or make_timer(target, **UNIT_TIMING)
+    prepare = getattr(unit_timer, "prepare", lambda module, inputs: lambda: unit_timer(module, inputs))
     modules = dict(model.named_modules())
     distinct = {p.signature: p for p in planned}
-    points = sum(len(p.grid_in) * len(p.grid_out) for p in distinct.values()) + len(CALIBRATION_RATIOS) * ROUNDS
-    bar = Progress(points, f"latency table ({target.device}, batch {target.batch})", enabled=progress)
-    start, done, units = time.time(), 0, {}
+    points = sum(len(p.grid_in) * len(p.grid_out) for p in distinct.values())
+    bar = Progress(points * UNIT_PASSES + len(CALIBRATION_RATIOS) * ROUNDS,
+                   f"latency table ({target.device}, batch {target.batch})", enabled=progress)
+    start, cpu_start, done, units = time.time(), time.process_time(), 0, {}
     for signature, p in distinct.items():
-        table = np.zeros((len(p.grid_in), len(p.grid_out)))
-        for i, c_in in enumerate(p.grid_in):
-            for j, c_out in enumerate(p.grid_out):
-                c_out = round(p.tied * c_in) if p.tied is not None else c_out
-                module, inputs = _replica(modules, p.unit, int(c_in), int(c_out), target.batch)
+        what = p.unit.modules[0] if p.unit.modules else repr(_Op(p.unit.op, p.unit.template, {}))
+        cells = [(i, j, int(c_in), int(round(p.tied * c_in) if p.tied is not None else c_out))
+                 for i, c_in in enumerate(p.grid_in) for j, c_out in enumerate(p.grid_out)]
+        runs = {}
+        table = np.full((len(p.grid_in), len(p.grid_out)), np.inf)
+        for _ in range(UNIT_PASSES):  # interleaved: a burst of load slows one pass over the grid, not every one
+            for i, j, c_in, c_out in cells:
                 try:
-                    table[i, j] = timer(module, inputs)
+                    if (i, j) not in runs:
+                        runs[i, j] = prepare(*_replica(modules, p.unit, c_in, c_out, target.batch))
+                    table[i, j] = min(table[i, j], runs[i, j]())
                 except Exception as exc:
-                    what = p.unit.modules[0] if p.unit.modules else repr(_Op(p.unit.op, p.unit.template, {}))
-                    raise WidthSearchError(f"timing {what!r} at {int(c_in)} -> {int(c_out)} channels failed: "
+                    raise WidthSearchError(f"timing {what!r} at {c_in} -> {c_out} channels failed: "
                                            f"{type(exc).__name__}: {exc}") from exc
                 done += 1
                 bar.update(done)
@@ -435,21 +479,31 @@ def measure_table(space: WidthSpace, model: nn.Module, target: LatencyTarget, pl
         bar.update(done)
 
     profiles = [space.vector(space.uniform(r)) for r in CALIBRATION_RATIOS]
-    measured = [m["ms"] for m in measure_profiles(space, model, target, profiles, timer=timer, step=step)]
+    measured = [m["ms"] for m in measure_profiles(space, model, target, profiles, timer=whole, step=step)]
     predicted = sums(torch.from_numpy(np.stack(profiles).astype(np.float64))).numpy()
     calibration = [{"ratio": r, "measured_ms": m, "units_ms": float(u)}
                    for r, m, u in zip(CALIBRATION_RATIOS, measured, predicted)]
-    overhead = calibrate([c["units_ms"] for c in calibration], [c["measured_ms"] for c in calibration])
-    return {"format": FORMAT, "units": units, "calibration": calibration, "overhead_ms": overhead,
-            "measure_s": time.time() - start, "loadavg": list(os.getloadavg()), "created_at": time.time(),
+    overhead, scale = calibrate([c["units_ms"] for c in calibration], [c["measured_ms"] for c in calibration])
+    return {"format": FORMAT, "units": units, "calibration": calibration, "overhead_ms": overhead, "scale": scale,
+            "measure_s": time.time() - start, "measure_cpu_s": time.process_time() - cpu_start,
+            "loadavg": list(os.getloadavg()), "created_at": time.time(),
             "measured_on": {"host": platform.node(), "pid": os.getpid()}}
 
 
-def calibrate(units_ms: Sequence[float], measured_ms: Sequence[float]) -> float:
-    """The overhead: the median of (measured - sum of units) over the calibration profiles, so one disturbed
-    measurement cannot move it. (A fitted scale as well was tried: on a busy machine five whole-model timings
-    do not pin down two parameters, and the fit made small profiles worse.)"""
-    return float(np.median(np.asarray(measured_ms, dtype=np.float64) - np.asarray(units_ms, dtype=np.float64)))
+def calibrate(units_ms: Sequence[float], measured_ms: Sequence[float]) -> tuple[float, float]:
+    """(overhead, scale) with measured ~ overhead + scale x sum of units, fitted on the calibration profiles by
+    Theil-Sen (the median of the pairwise slopes, then the median intercept), so one disturbed measurement
+    cannot move either; the scale is clipped to SCALE_RANGE.
+
+    The scale: a unit runs slower inside the model than alone, where its weights and input stay in the caches
+    between calls; the more the layers move, the more they evict each other (cifar_resnet56, batch 1: about
+    10% on the units' sum, drift-free residuals of bench/latency.py). A constant overhead alone left small
+    profiles predicted slow and large ones fast."""
+    x, y = np.asarray(units_ms, dtype=np.float64), np.asarray(measured_ms, dtype=np.float64)
+    slopes = [(y[j] - y[i]) / (x[j] - x[i]) for i in range(len(x)) for j in range(i + 1, len(x))
+              if abs(x[j] - x[i]) > 1e-9 * max(abs(x[i]), abs(x[j]), 1e-12)]
+    scale = float(np.clip(np.median(slopes), *SCALE_RANGE)) if slopes else 1.0
+    return float(np.median(y - scale * x)), scale
 
 
 def monotone(table: np.ndarray) -> np.ndarray:
@@ -497,15 +551,18 @@ class _UnitSums:
         self.n_out = torch.tensor([len(p.grid_out) for p in planned])
 
     def __call__(self, widths: torch.Tensor) -> torch.Tensor:
+        return self.units(widths).sum(-1)
+
+    def units(self, widths: torch.Tensor) -> torch.Tensor:
+        """W (..., groups) -> each unit's interpolated milliseconds (..., units)."""
         v = {k: t.to(widths) for k, t in self.values.items()}
         n_in, n_out = self.n_in.to(widths.device), self.n_out.to(widths.device)
         i, f = _axis(v["grid_in"], n_in, widths @ v["s_in"].T + v["a_in"])
         j, g = _axis(v["grid_out"], n_out, widths @ v["s_out"].T + v["a_out"])
         i1, j1 = torch.minimum(i + 1, n_in - 1), torch.minimum(j + 1, n_out - 1)
         units, table = torch.arange(len(n_in), device=widths.device), v["table"]
-        value = ((1 - f) * (1 - g) * table[units, i, j] + f * (1 - g) * table[units, i1, j]
-                 + (1 - f) * g * table[units, i, j1] + f * g * table[units, i1, j1])
-        return value.sum(-1)
+        return ((1 - f) * (1 - g) * table[units, i, j] + f * (1 - g) * table[units, i1, j]
+                + (1 - f) * g * table[units, i, j1] + f * g * table[units, i1, j1])
 
 
 # ----------------------------------------------------------------------------- the measure
@@ -523,18 +580,27 @@ class LatencyModel(Measure):
     def __init__(self, planned: Sequence[_Planned], table: dict, full_widths: Sequence[int]):
         self.table = table
         self.overhead_ms = float(table["overhead_ms"])
+        self.scale = float(table.get("scale", 1.0))
         self._sums = _UnitSums(planned, table["units"])
+        self.unit_names = [p.unit.modules[0] if p.unit.modules else getattr(p.unit.op, "__name__", "op")
+                           for p in planned]
         self.base = float(self.many(np.asarray(full_widths, dtype=np.float64))[0])
+
+    def unit_ms(self, widths: np.ndarray) -> np.ndarray:
+        """Each unit's interpolated ms alone (..., units; names in `unit_names`) at W (..., groups); the prediction
+        is overhead_ms + scale x their sum."""
+        with torch.no_grad():
+            return self._sums.units(torch.from_numpy(np.asarray(widths, dtype=np.float64))).numpy()
 
     def many(self, widths: np.ndarray) -> np.ndarray:
         widths = torch.from_numpy(np.atleast_2d(np.asarray(widths, dtype=np.float64)))
         with torch.no_grad():
-            return (self.overhead_ms + self._sums(widths)).numpy()
+            return (self.overhead_ms + self.scale * self._sums(widths)).numpy()
 
     def torch(self, widths: torch.Tensor) -> torch.Tensor:
         """The prediction as a differentiable function of real-valued widths (group order, last dim):
         piecewise bilinear, so its gradient is each unit's table slope (zero beyond a grid's ends)."""
-        return self.overhead_ms + self._sums(widths)
+        return self.overhead_ms + self.scale * self._sums(widths)
 
     def budget_of(self, max_ms: float, smallest: Sequence[int]) -> float:
         """The budget ratio of an absolute latency bound; ConfigError when no profile (`smallest`) is that fast."""
@@ -546,7 +612,7 @@ class LatencyModel(Measure):
 
     def describe(self) -> dict:
         """Plain data for experiment metadata: the key, the overhead, the calibration, how long measuring took."""
-        return {"key": self.table["key"], "base_ms": self.base, "overhead_ms": self.overhead_ms,
+        return {"key": self.table["key"], "base_ms": self.base, "overhead_ms": self.overhead_ms, "scale": self.scale,
                 "calibration": self.table["calibration"], "measure_s": self.table["measure_s"],
                 "loadavg": self.table["loadavg"]}
 
