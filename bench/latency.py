@@ -250,7 +250,7 @@ def main() -> None:
     parser.add_argument("--profiles", type=int, default=50)
     parser.add_argument("--flops", nargs=2, type=float, default=[0.05, 0.9], metavar=("LOW", "HIGH"),
                         help="FLOPs budgets of the random profiles, evenly spread")
-    parser.add_argument("--grid", type=int, default=5, help="grid points per channel axis (latency_grid)")
+    parser.add_argument("--grid", type=int, default=7, help="grid points per channel axis (latency_grid)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", default="wall", choices=["cpu", "wall"],
                         help="wall: wall-clock (a quiet machine); cpu: this process's CPU time (a shared, loaded one)")

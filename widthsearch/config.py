@@ -41,7 +41,7 @@ class SearchConfig:
     latency_dtype: str = "fp32"         # fp32; fp16 or bf16 on cuda
     latency_runtime: str = "eager"      # eager (PyTorch) or onnxruntime (CPU)
     latency_clock: str = "wall"         # wall, or cpu (process CPU time: 1 thread on a shared CPU)
-    latency_grid: int = 5               # timed widths per channel axis of every layer
+    latency_grid: int = 7               # timed widths per channel axis of every layer
     latency_top: int = 5                # after the search, the best N profiles are timed whole
     pareto: bool = False                # search the accuracy-FLOPs front instead of one budget
     num_samples: int = 16               # trials to run

@@ -11,26 +11,43 @@ measured on the target platform, the network's latency being the sum of its laye
 * **Widths.** Every unit's input and output channel counts are affine in the group widths; their slopes
   come from :func:`widthsearch.cost.trace_slopes`, the CostModel's trace (one channel removed per group).
 * **Grid.** Each distinct unit (same layers, same input size, same channel ranges) is timed at a grid of
-  (c_in, c_out): `grid` legal widths per axis, ends included, taken from the group's own legal widths
-  (multiples of the divisor), so profiles made with `--divisor` fall on or between measured points; a
-  depthwise conv, a norm or an elementwise op (c_out tied to c_in) gets a 1-D grid. A unit at a grid point
-  is a copy of the model's own layers shrunk with torch-pruning's layer pruners, timed on random inputs of
-  the target's batch size. Between points: bilinear interpolation.
-* **Overhead.** What runs between the units (functional glue, Python dispatch of container modules) is a
-  fixed overhead: the whole model is timed at uniform keep ratios 1, 0.75, 0.5, 0.35 and 0.25, and the
-  overhead is the median of (measured - sum of units). Prediction = overhead + sum over units. Tables are
-  made monotone (a unit is never predicted slower at fewer channels; timing noise only adds time), so
-  predictions grow with every width and the smallest profile is the fastest.
-* **Timing.** Warm-up, then samples of enough calls for >= 10 ms each, 15 of them (at least 5, once they
-  add up to 1 s); clock `wall` takes the median sample, clock `cpu` (one thread on a CPU shared with
-  other work) the fastest sample of the process's CPU time. Whole models are timed in 3 interleaved
-  passes. `threads` threads, CUDA synchronised; runtime `eager` (PyTorch, no_grad) or `onnxruntime` (each
-  unit and the model exported to ONNX, one session each, CPU).
+  (c_in, c_out): `grid` legal widths per axis (:func:`grid_widths`), taken from the group's own legal widths
+  (multiples of the divisor), so profiles made with `--divisor` fall on or between measured points: the two
+  narrowest and the two widest, the rest spaced evenly in square root in between. The narrowest width often
+  runs another kernel (a depthwise conv of one channel is a plain conv, 3x faster on oneDNN than one of two
+  channels: interpolating from it put cifar_mobilenetv2's depthwise units 15-30% low on average, 70% at two
+  channels); the full width often runs another kernel than the one below it (oneDNN at batch 64: 3 -> 64
+  channels 2.5x slower than 3 -> 63; 462 -> 462 at 4x4 slower than 512 -> 512). A depthwise conv, a norm or an
+  elementwise op (c_out tied to c_in) gets a 1-D grid. A unit at a grid point is a copy of the model's own
+  layers shrunk with torch-pruning's layer pruners, timed on random inputs of the target's batch size.
+  Between points: bilinear interpolation.
+* **Monotone.** Tables are made monotone below the full width (a unit is never predicted slower at fewer
+  channels; timing noise only adds time), so predictions grow with every width below the full ones and the
+  smallest profile is the fastest; the full width itself keeps its own time (it may run a faster kernel).
+* **Composition.** A unit runs slower inside the model than alone, where its weights and inputs stay in the
+  caches between calls, and what runs between the units (functional glue, Python dispatch of container
+  modules, a runtime's session call) is not in any unit: prediction = overhead + scale x sum over units. The
+  whole model is timed at the dense profile and at six random profiles around keep ratios 0.85 to 0.2
+  (:func:`calibration_profiles`: widths of every kind, not only the round ones of uniform ratios), and
+  (overhead, scale) fitted by Theil-Sen, robust to one disturbed timing (:func:`calibrate`).
+* **Timing.** Warm-up, then samples of enough calls for a minimum duration each; clock `wall` takes the median
+  sample, clock `cpu` (one thread on a CPU shared with other work) the fastest sample of the process's CPU
+  time. Grid points: samples of >= 1 ms, 2 to 8 of them within 40 ms, and two interleaved passes over each
+  unit's grid for points timed in under 50 ms (a burst of load slows one pass, not both), the faster kept.
+  Whole models: samples of >= 10 ms (calibration: 3 to 10 in 0.25 s), 3 interleaved passes. `threads`
+  threads, CUDA synchronised; runtime `eager` (PyTorch, no_grad) or `onnxruntime` (each unit and the model
+  exported to ONNX, one session each, CPU).
 
 Deviations from NetAdapt: interpolation between grid points instead of a table at every width (a full
-table costs hours); the overhead term (NetAdapt's tables cover whole layers of mobile runtimes, where
-the glue is negligible; eager PyTorch at batch 1 spends a large share between layers); functional ops
-other than elementwise ones (flatten, cat) are not timed as units but fall to the overhead.
+table costs hours), with the grid's ends doubled where kernels switch; the composition term (NetAdapt's
+tables cover whole layers of mobile runtimes, where the glue is negligible; eager PyTorch at batch 1 spends
+a large share between layers, and a layer alone runs from warmer caches than inside the model); functional
+ops other than elementwise ones (flatten, cat) are not timed as units but fall to the overhead. Known
+limits: a unit's time is not smooth in its channels where the kernel's blocking depends on them (oneDNN at
+batch 64: 512 -> 364 channels 1.5x slower per FLOP than 512 -> 512 or 512 -> 242), which interpolation
+cannot follow between grid points (single units off by up to 30%; the errors partly cancel over a model's
+units); onnxruntime rewrites the whole graph (blocked NCHWc layout where channels are multiples of the
+block, fused adds), which a sum of separately run units follows less well than eager PyTorch.
 
 Tables are cached as JSON keyed by the device, library versions, threads, batch, dtype, runtime, clock,
 grid and the architecture's signature, under EXP/widthsearch/latency/ and a user cache folder
@@ -68,11 +85,13 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RUNTIMES = ("eager", "onnxruntime")
 CLOCKS = ("wall", "cpu")
 MEASURED = "latency/measured.json"  # under EXP/widthsearch: the best profiles timed whole after a search
-CALIBRATION_RATIOS = (1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1)
+CALIBRATION_RATIOS = (1.0, 0.85, 0.7, 0.55, 0.4, 0.3, 0.2)
 ROUNDS = 3                      # interleaved passes over the whole-model timings (calibration, measure_profiles)
 SCALE_RANGE = (0.8, 1.5)        # the calibrated in-context scale of the summed units is clipped to this range
-UNIT_PASSES = 2                 # interleaved passes over each unit's grid
-UNIT_TIMING = {"min_sample_s": 0.002, "repeats": 10, "min_repeats": 3, "budget_s": 0.1}  # per grid point and pass
+UNIT_PASSES = 2                 # interleaved passes over each unit's grid, for points timed in under REPASS_S
+REPASS_S = 0.05                 # a point whose timing spans longer is timed once (a burst of load hits few samples)
+UNIT_TIMING = {"warmup": 1, "min_sample_s": 0.001, "repeats": 8, "min_repeats": 2, "budget_s": 0.04}  # per point
+CALIBRATION_TIMING = {"repeats": 10, "min_repeats": 3, "budget_s": 0.25}  # per calibration profile and round
 Timer = Callable[[nn.Module, tuple], float]   # (module, inputs) -> milliseconds per forward
 
 
@@ -379,22 +398,27 @@ def _grid(const: float, slope: np.ndarray, space: WidthSpace, points: int) -> np
 
 
 def grid_widths(legal: np.ndarray, points: int) -> np.ndarray:
-    """`points` of the sorted `legal` widths (all of them when there are no more): the two narrowest, the widest,
-    and the rest spaced geometrically between the second and the widest, each the nearest legal width.
+    """`points` of the sorted `legal` widths (all of them when there are no more): the two narrowest, the two
+    widest, and the rest spaced evenly in square root between the second narrowest and the second widest, each
+    the nearest legal width (`points` 2: the ends; 3: the two narrowest and the widest).
 
     The two narrowest: at the narrowest width a layer often runs another kernel (a depthwise conv of one
-    channel is a plain conv, 3x faster than a depthwise one of two channels on oneDNN; a 1x1 conv of one
-    input channel is a rank-1 product), so interpolating from it to a wide grid point misses everything in
-    between. Geometric spacing: fixed costs and kernel switches bend the time curve at small widths; above
-    them a unit's time is close to bilinear in its channels, where sparse points suffice.
+    channel is a plain conv, 3x faster on oneDNN than a depthwise one of two channels), so interpolating from
+    it to a wide grid point misses everything in between. The two widest: the full width is often a multiple
+    of the vector or block size that the one below it is not, and runs another kernel, faster or slower
+    (oneDNN at batch 64: 3 -> 64 channels 2.5x slower than 3 -> 63); with the second widest on the grid, the
+    step stays between the two widest and every pruned width is interpolated between widths of its own kind. Square-root spacing in between: denser at small widths, where
+    fixed costs bend the time curve, yet not sparse at large ones, where a kernel's efficiency still grows.
     """
     legal = np.asarray(legal, dtype=np.float64)
-    if len(legal) <= points:
+    n = len(legal)
+    if n <= points:
         return legal
     if points < 3:
         return legal[[0, -1]]
-    inner = np.geomspace(legal[1], legal[-1], points - 1)[1:-1]
-    picks = {0, 1, len(legal) - 1} | {int(np.abs(legal - v).argmin()) for v in inner}
+    ends = {0, 1, n - 1} | ({n - 2} if points >= 4 else set())
+    inner = np.linspace(np.sqrt(legal[1]), np.sqrt(legal[-2]), points - 2)[1:-1] ** 2 if points > 4 else []
+    picks = ends | {int(np.abs(legal - v).argmin()) for v in inner}
     return legal[sorted(picks)]
 
 
@@ -408,7 +432,7 @@ def _replica(model_modules: dict, unit: _Unit, c_in: int, c_out: int, batch: int
     return (layers[0] if len(layers) == 1 else nn.Sequential(*layers)), inputs
 
 
-def plan(space: WidthSpace, model: nn.Module, grid: int = 5) -> list[_Planned]:
+def plan(space: WidthSpace, model: nn.Module, grid: int = 7) -> list[_Planned]:
     """The units of `model` with their affine channel maps, grids and signatures (no timing)."""
     if grid < 2:
         raise ConfigError(f"the latency grid needs at least 2 points per axis, got {grid}")
@@ -434,7 +458,7 @@ def architecture_signature(space: WidthSpace, model: nn.Module, planned: Sequenc
     """A digest of what the table depends on in the model: its units, its groups and the example input."""
     text = json.dumps({"model": type(model).__qualname__, "groups": space.describe(),
                        "input": list(space.example_input.shape), "units": [p.signature for p in planned],
-                       "calibration": CALIBRATION_RATIOS})
+                       "calibration": [w.tolist() for w in calibration_profiles(space)]})
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -444,7 +468,7 @@ def measure_table(space: WidthSpace, model: nn.Module, target: LatencyTarget, pl
     """Time every distinct unit on its grid and the whole model at the calibration profiles (the table)."""
     from .training import Progress
 
-    whole = timer or make_timer(target)
+    whole = timer or make_timer(target, **CALIBRATION_TIMING)
     unit_timer = timer or make_timer(target, **UNIT_TIMING)
     prepare = getattr(unit_timer, "prepare", lambda module, inputs: lambda: unit_timer(module, inputs))
     modules = dict(model.named_modules())
@@ -457,20 +481,24 @@ def measure_table(space: WidthSpace, model: nn.Module, target: LatencyTarget, pl
         what = p.unit.modules[0] if p.unit.modules else repr(_Op(p.unit.op, p.unit.template, {}))
         cells = [(i, j, int(c_in), int(round(p.tied * c_in) if p.tied is not None else c_out))
                  for i, c_in in enumerate(p.grid_in) for j, c_out in enumerate(p.grid_out)]
-        runs = {}
+        runs, spans = {}, {}
         table = np.full((len(p.grid_in), len(p.grid_out)), np.inf)
-        for _ in range(UNIT_PASSES):  # interleaved: a burst of load slows one pass over the grid, not every one
+        for k in range(UNIT_PASSES):  # interleaved: a burst of load slows one pass over the grid, not every one
             for i, j, c_in, c_out in cells:
                 try:
                     if (i, j) not in runs:
                         runs[i, j] = prepare(*_replica(modules, p.unit, c_in, c_out, target.batch))
-                    table[i, j] = min(table[i, j], runs[i, j]())
+                    if k == 0 or spans[i, j] < REPASS_S:
+                        begin = time.perf_counter()
+                        table[i, j] = min(table[i, j], runs[i, j]())
+                        spans[i, j] = time.perf_counter() - begin
                 except Exception as exc:
                     raise WidthSearchError(f"timing {what!r} at {c_in} -> {c_out} channels failed: "
                                            f"{type(exc).__name__}: {exc}") from exc
                 done += 1
                 bar.update(done)
         units[signature] = table.tolist()
+    units_cpu_s = time.process_time() - cpu_start
     sums = _UnitSums(planned, units)
 
     def step() -> None:
@@ -478,16 +506,31 @@ def measure_table(space: WidthSpace, model: nn.Module, target: LatencyTarget, pl
         done += 1
         bar.update(done)
 
-    profiles = [space.vector(space.uniform(r)) for r in CALIBRATION_RATIOS]
+    profiles = calibration_profiles(space)
     measured = [m["ms"] for m in measure_profiles(space, model, target, profiles, timer=whole, step=step)]
     predicted = sums(torch.from_numpy(np.stack(profiles).astype(np.float64))).numpy()
-    calibration = [{"ratio": r, "measured_ms": m, "units_ms": float(u)}
-                   for r, m, u in zip(CALIBRATION_RATIOS, measured, predicted)]
+    calibration = [{"ratio": r, "measured_ms": m, "units_ms": float(u), "widths": w.tolist()}
+                   for r, m, u, w in zip(CALIBRATION_RATIOS, measured, predicted, profiles)]
     overhead, scale = calibrate([c["units_ms"] for c in calibration], [c["measured_ms"] for c in calibration])
     return {"format": FORMAT, "units": units, "calibration": calibration, "overhead_ms": overhead, "scale": scale,
             "measure_s": time.time() - start, "measure_cpu_s": time.process_time() - cpu_start,
+            "units_cpu_s": units_cpu_s,
             "loadavg": list(os.getloadavg()), "created_at": time.time(),
             "measured_on": {"host": platform.node(), "pid": os.getpid()}}
+
+
+def calibration_profiles(space: WidthSpace) -> list[np.ndarray]:
+    """The profiles the whole model is timed at to fit the overhead and scale: the dense one, and for each smaller
+    ratio r of CALIBRATION_RATIOS, keep ratios r x exp(N(0, 0.3)) per group (seeded, within (0, 1]): widths of
+    every kind, as a search's are. Uniform ratios give round widths (half of 512 is 256), which run aligned
+    kernels faster than the widths around them (oneDNN, batch 64); a fit on those alone predicted every other
+    profile too fast."""
+    rng = np.random.default_rng(0)
+    profiles = []
+    for r in CALIBRATION_RATIOS:
+        ratios = np.ones(len(space)) if r >= 1 else np.clip(r * np.exp(rng.normal(0.0, 0.3, len(space))), 1e-6, 1)
+        profiles.append(space.vector(space.from_ratios(ratios.tolist())))
+    return profiles
 
 
 def calibrate(units_ms: Sequence[float], measured_ms: Sequence[float]) -> tuple[float, float]:
@@ -507,10 +550,22 @@ def calibrate(units_ms: Sequence[float], measured_ms: Sequence[float]) -> tuple[
 
 
 def monotone(table: np.ndarray) -> np.ndarray:
-    """Each entry lowered to the fastest time at the same or more channels on both axes: timing noise only adds
-    time, and a layer is not slower with fewer channels; so predictions never grow as widths shrink."""
-    table = np.minimum.accumulate(np.asarray(table, dtype=np.float64)[::-1], axis=0)[::-1]
-    return np.minimum.accumulate(table[:, ::-1], axis=1)[:, ::-1]
+    """Each entry lowered to the fastest time at the same or more channels on both axes, except that the widest
+    point of an axis (the full width, see :func:`grid_widths`) lowers no other: timing noise only adds time, and
+    a layer is not slower with fewer channels, but the full width may run a faster kernel than any narrower
+    one. So predictions never grow as widths shrink below the full ones."""
+    table = np.array(table, dtype=np.float64)
+    a, b = max(1, table.shape[0] - 1), max(1, table.shape[1] - 1)
+
+    def down(t: np.ndarray, axis: int) -> np.ndarray:
+        return np.flip(np.minimum.accumulate(np.flip(t, axis), axis=axis), axis)
+
+    table[:a, :b] = down(down(table[:a, :b], 0), 1)
+    if table.shape[1] > 1:
+        table[:a, -1] = down(table[:a, -1], 0)
+    if table.shape[0] > 1:
+        table[-1, :b] = down(table[-1, :b], 0)
+    return table
 
 
 def _padded(rows: Sequence[np.ndarray]) -> np.ndarray:
@@ -655,7 +710,7 @@ def load_or_measure(space: WidthSpace, model: nn.Module, target: LatencyTarget, 
     return table
 
 
-def latency_model(space: WidthSpace, model: nn.Module, target: LatencyTarget = LatencyTarget(), *, grid: int = 5,
+def latency_model(space: WidthSpace, model: nn.Module, target: LatencyTarget = LatencyTarget(), *, grid: int = 7,
                   exp_dir: str | None = None, cache_dir: str | os.PathLike | None = None, timer: Timer | None = None,
                   progress: bool = True, on_target: Callable | None = None) -> LatencyModel:
     """The LatencyModel of `model` on `target`: its table loaded from a cache or measured (minutes on a CPU).
