@@ -37,6 +37,7 @@ from bench.common import RESULTS
 from searchers import make_searcher
 from widthsearch import CostModel, build_space, load_model, prune
 from widthsearch.latency import (
+    ALIGN,
     UNIT_TIMING,
     LatencyTarget,
     _replica,
@@ -90,7 +91,7 @@ def residuals(space, model, latency, target: LatencyTarget, profiles, grid: int,
     interpolation error (bilinear over the fresh grid points against the exact time: the grid's resolution)
     and drift (the table's value against the fresh one). Per profile: composition error (measured whole
     against the sum of exact units plus the overhead: the overhead term, cache effects between layers)."""
-    planned = plan(space, model, grid)
+    planned = plan(space, model, grid, ALIGN.get(target.runtime, 0))
     modules = dict(model.named_modules())
     timer, whole_timer = make_timer(target, **UNIT_TIMING), make_timer(target)
     units_table = latency.table["units"]
@@ -102,6 +103,8 @@ def residuals(space, model, latency, target: LatencyTarget, profiles, grid: int,
         for k, (p, name, pred) in enumerate(zip(planned, latency.unit_names, table_ms)):
             c_in = float(p.c_in[0] + p.c_in[1] @ widths)
             c_out = p.tied * c_in if p.tied is not None else float(p.c_out[0] + p.c_out[1] @ widths)
+            if not p.active(c_in):  # the other residue class's entry of a unit split by ALIGN (predicts 0)
+                continue
             corners = [((i, j), f * g) for i, f in _corners(p.grid_in, c_in)
                        for j, g in _corners(p.grid_out, 0.0 if p.tied is not None else c_out) if f * g > 0]
             points = {"exact": (round(c_in), round(c_out))}
@@ -110,7 +113,8 @@ def residuals(space, model, latency, target: LatencyTarget, profiles, grid: int,
                 points[i, j] = (ci, round(p.tied * ci) if p.tied is not None else int(p.grid_out[j]))
             for key, (ci, co) in points.items():
                 jobs.setdefault((p.signature, ci, co), (p, ci, co))
-            rows.append((p, f"{k}:{name}", float(pred), points, corners, round(c_in), round(c_out)))
+            rows.append((p, f"{k}:{name}", float(pred), points, corners, round(c_in), round(c_out),
+                         latency.weights[k]))
         runs = {k: timer.prepare(*_replica(modules, p.unit, ci, co, target.batch)) for k, (p, ci, co) in jobs.items()}
         pruned = prune(model, space, space.from_vector(list(w))).eval()
         whole_run = whole_timer.prepare(pruned, (torch.randn(target.batch, *space.example_input.shape[1:]),))
@@ -120,19 +124,21 @@ def residuals(space, model, latency, target: LatencyTarget, profiles, grid: int,
             for k, run in runs.items():
                 fresh[k] = min(fresh[k], run())
             measured = min(measured, whole_run())
-        exact_sum = 0.0
-        for p, name, pred, points, corners, c_in, c_out in rows:
+        exact_sum = interp_sum = weighted = 0.0
+        for p, name, pred, points, corners, c_in, c_out, weight in rows:
             exact = fresh[(p.signature, *points["exact"])]
             interp = sum(wt * fresh[(p.signature, *points[ij])] for ij, wt in corners)
             table = np.asarray(units_table[p.signature])
             table_interp = sum(wt * table[ij] for ij, wt in corners)
             exact_sum += exact
+            interp_sum += interp
+            weighted += weight * exact
             per_unit.setdefault(name, []).append({"c_in": c_in, "c_out": c_out, "predicted_ms": pred,
                                                   "exact_ms": exact, "fresh_interp_ms": interp,
                                                   "table_interp_ms": float(table_interp)})
-        whole.append({"measured_ms": measured, "units_exact_ms": exact_sum,
+        whole.append({"measured_ms": measured, "units_exact_ms": exact_sum, "units_fresh_interp_ms": interp_sum,
                       "units_predicted_ms": float(table_ms.sum()),
-                      "exact_plus_overhead_ms": latency.overhead_ms + latency.scale * exact_sum})
+                      "exact_plus_overhead_ms": latency.overhead_ms + weighted})
 
     def rel(a, b):
         return (a - b) / b
@@ -145,8 +151,8 @@ def residuals(space, model, latency, target: LatencyTarget, profiles, grid: int,
             "worst_units": [{"unit": n, "median_interp_err": e, "worst": w} for n, e, w in worst[:15]],
             "unit_interp_errors": errors([r["fresh_interp_ms"] for r in every], [r["exact_ms"] for r in every]),
             "unit_drift": statistics.median(r["table_interp_ms"] / r["fresh_interp_ms"] for r in every),
-            "interp_sum_errors": errors([sum(rows[k]["fresh_interp_ms"] for rows in per_unit.values())
-                                         for k in range(len(whole))], [r["units_exact_ms"] for r in whole]),
+            "interp_sum_errors": errors([r["units_fresh_interp_ms"] for r in whole],
+                                        [r["units_exact_ms"] for r in whole]),
             "composition_errors": errors([r["exact_plus_overhead_ms"] for r in whole],
                                          [r["measured_ms"] for r in whole])}
 
@@ -182,7 +188,7 @@ def cell(name: str, batch: int, args) -> dict:
            "grid": args.grid, "groups": len(space), "units": len(latency.unit_names),
            "table_s": table_s, "table_cpu_s": table_cpu_s, "measure_s": latency.table["measure_s"],
            "profiles_s": profiles_s, "overhead_ms": latency.overhead_ms,
-           "scale": latency.scale, "calibration": latency.table["calibration"],
+           "scale": latency.scale, "aligned_scale": latency.aligned_scale, "calibration": latency.table["calibration"],
            "dense_predicted_ms": latency.base, "dense_table_ms": dense_table,
            "dense_before_profiles_ms": dense_before, "dense_after_profiles_ms": dense_after,
            "drift": statistics.fmean([dense_before, dense_after]) / dense_table,

@@ -233,7 +233,8 @@ def test_the_grid_keeps_the_two_narrowest_and_the_two_widest_widths():
     assert np.allclose(np.diff(inner), np.diff(inner).mean(), rtol=0.05)  # evenly spaced in square root
     assert grid_widths(np.arange(8, 65, 8), 5).tolist() == [8, 16, 32, 56, 64]  # legal widths of --divisor 8
     assert grid_widths(np.array([4, 8, 12]), 5).tolist() == [4, 8, 12]
-    assert grid_widths(np.arange(1, 17), 2).tolist() == [1, 16] and grid_widths(np.arange(1, 17), 3).tolist() == [1, 2, 16]
+    assert grid_widths(np.arange(1, 17), 2).tolist() == [1, 16]
+    assert grid_widths(np.arange(1, 17), 3).tolist() == [1, 2, 16]
 
 
 def switching(module, inputs) -> float:
@@ -265,6 +266,42 @@ def test_a_kernel_switch_at_the_narrowest_or_the_full_width_is_not_smeared_over_
     assert [g.width for g in space.groups] == [16, 8]  # body.0's output, then the residual stream
     body = measure.unit_ms(np.array([[15, 8], [16, 8]], dtype=np.float64))  # body.0 at 15 and 16 channels
     assert body[0].sum() > body[1].sum()
+
+
+def residue(module, inputs) -> float:
+    """fake_ms, plus 5 ms for a conv whose input channels are not a multiple of 4 (onnxruntime's kernels)."""
+    convs = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+    return fake_ms(module, inputs) + (5.0 if convs and convs[0].in_channels % 4 else 0.0)
+
+
+def test_under_onnxruntime_a_conv_has_a_grid_per_residue_of_its_input_channels(resnet, tmp_path, monkeypatch):
+    """plan(align=4) splits every conv whose input widths take both classes into two entries with grids of one
+    class each; with a timer that is bilinear within each class, every profile's units are then exact, and
+    only the entry of the width's class counts. Without the split the same timer is interpolated across."""
+    from widthsearch.latency import ALIGN, _replica
+
+    model, space = resnet
+    assert ALIGN == {"onnxruntime": 4}
+    planned, modules = plan(space, model, 5, align=4), dict(model.named_modules())
+    split = [p for p in planned if p.align == 4]
+    assert split and all(p.unit.modules for p in split) and len(planned) == len(plan(space, model, 5)) + len(split) // 2
+    for p in split:
+        assert all((np.round(p.grid_in) % 4 == 0) == p.aligned)
+    monkeypatch.setattr(LatencyTarget, "check_present", lambda self: None)  # a fake onnxruntime target
+    measure = latency_model(space, model, LatencyTarget(runtime="onnxruntime"), grid=5, cache_dir=tmp_path,
+                            timer=residue, progress=False)
+    assert len(measure.unit_names) == len(planned) and any("c_in % 4 == 0" in n for n in measure.unit_names)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        widths = np.array(random_widths(space, rng), dtype=np.float64)
+        for p, predicted in zip(planned, measure.unit_ms(widths)):
+            c_in = p.c_in[0] + p.c_in[1] @ widths
+            c_out = p.tied * c_in if p.tied is not None else p.c_out[0] + p.c_out[1] @ widths
+            expected = residue(*_replica(modules, p.unit, round(c_in), round(c_out), 1)) if p.active(c_in) else 0.0
+            assert predicted == pytest.approx(expected)
+    eager = latency_model(space, model, grid=5, cache_dir=tmp_path, timer=residue, progress=False)
+    widths = np.array([w - 1 if w % 4 == 0 and w > 4 else w for w in space.vector(space.uniform(0.5))], float)
+    assert eager.of(widths) != pytest.approx(measure.of(widths))
 
 
 def test_tables_keep_a_faster_full_width():
@@ -460,7 +497,8 @@ def test_prepare_builds_the_latency_measure_and_converts_max_latency_ms(tmp_path
 
     monkeypatch.setenv("WIDTHSEARCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr("widthsearch.latency.make_timer", lambda target, *args, **kwargs: fake_ms)  # numbers asserted: no clock
+    monkeypatch.setattr("widthsearch.latency.make_timer",
+                        lambda target, *args, **kwargs: fake_ms)  # numbers asserted: no clock
     common = dict(name="lat", storage=str(tmp_path), constraint="latency", base_epochs=1, latency_grid=2)
     exp = prepare(SearchConfig(**common), progress=False)
     assert exp.measure.name == "latency" and exp.measure.base > 0

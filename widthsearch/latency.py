@@ -18,12 +18,17 @@ measured on the target platform, the network's latency being the sum of its laye
   channels: interpolating from it put cifar_mobilenetv2's depthwise units 15-30% low on average, 70% at two
   channels); the full width often runs another kernel than the one below it (oneDNN at batch 64: 3 -> 64
   channels 2.5x slower than 3 -> 63; 462 -> 462 at 4x4 slower than 512 -> 512). A depthwise conv, a norm or an
-  elementwise op (c_out tied to c_in) gets a 1-D grid. A unit at a grid point is a copy of the model's own
+  elementwise op (c_out tied to c_in) gets a 1-D grid. Runtime onnxruntime (ALIGN): a conv whose input
+  channels are a multiple of 4 runs another kernel (ONNX Runtime 1.32 on AVX-512: a depthwise conv of 577
+  channels 10x slower than one of 576, a 3x3 conv of 61 input channels 1.8x slower than one of 60), so such a
+  conv gets two grids, one over input widths that are multiples of 4 and one over the others, and a profile
+  is read from the grid of its width's class. A unit at a grid point is a copy of the model's own
   layers shrunk with torch-pruning's layer pruners, timed on random inputs of the target's batch size.
   Between points: bilinear interpolation.
 * **Monotone.** Tables are made monotone below the full width (a unit is never predicted slower at fewer
   channels; timing noise only adds time), so predictions grow with every width below the full ones and the
-  smallest profile is the fastest; the full width itself keeps its own time (it may run a faster kernel).
+  smallest profile is the fastest; the full width itself keeps its own time (it may run a faster kernel), and
+  under onnxruntime a width that is a multiple of 4 may be faster than the one below it.
 * **Composition.** A unit runs slower inside the model than alone, where its weights and inputs stay in the
   caches between calls, and what runs between the units (functional glue, Python dispatch of container
   modules, a runtime's session call) is not in any unit: prediction = overhead + scale x sum over units. The
@@ -84,10 +89,11 @@ DEVICES = ("cpu", "cuda")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RUNTIMES = ("eager", "onnxruntime")
 CLOCKS = ("wall", "cpu")
+ALIGN = {"onnxruntime": 4}      # runtime -> the input-channel modulus whose multiples run other kernels (plan)
 MEASURED = "latency/measured.json"  # under EXP/widthsearch: the best profiles timed whole after a search
 CALIBRATION_RATIOS = (1.0, 0.85, 0.7, 0.55, 0.4, 0.3, 0.2)
 ROUNDS = 3                      # interleaved passes over the whole-model timings (calibration, measure_profiles)
-SCALE_RANGE = (0.8, 1.5)        # the calibrated in-context scale of the summed units is clipped to this range
+SCALE_RANGE = (0.5, 2.0)        # the calibrated in-context scale of the summed units is clipped to this range
 UNIT_PASSES = 2                 # interleaved passes over each unit's grid, for points timed in under REPASS_S
 REPASS_S = 0.05                 # a point whose timing spans longer is timed once (a burst of load hits few samples)
 UNIT_TIMING = {"warmup": 1, "min_sample_s": 0.001, "repeats": 8, "min_repeats": 2, "budget_s": 0.04}  # per point
@@ -223,8 +229,22 @@ def make_timer(target: LatencyTarget, repeats: int = 15, **timing) -> Timer:
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads, options.inter_op_num_threads = target.threads, 1
             session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        feeds = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
-        return lambda: time_ms(lambda: session.run(None, feeds), **sampling)
+        # Inputs and outputs bound once to CPU buffers: a run copies no output into a new array (a copy a unit
+        # alone would pay, on its output's size, that the model pays once).
+        arrays = [np.ascontiguousarray(x.numpy()) for x in inputs]
+        outputs = [np.empty_like(o) for o in session.run(None, {i.name: a for i, a in zip(session.get_inputs(),
+                                                                                           arrays)})]
+        binding = session.io_binding()
+        for i, a in zip(session.get_inputs(), arrays):
+            binding.bind_cpu_input(i.name, a)
+        for o, buffer in zip(session.get_outputs(), outputs):
+            binding.bind_output(o.name, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
+
+        def run() -> float:
+            keep = (arrays, outputs)  # noqa: F841  (the bound buffers live as long as the timing)
+            return time_ms(lambda: session.run_with_iobinding(binding), **sampling)
+
+        return run
 
     ready = onnx if target.runtime == "onnxruntime" else eager
 
@@ -380,18 +400,36 @@ class _Planned:
     grid_in: np.ndarray
     grid_out: np.ndarray                   # [0] when tied
     signature: str
+    align: int = 0                         # >1: this entry holds the c_in of one residue class (see ALIGN)
+    aligned: bool = False                  # which: c_in % align == 0, else != 0
+
+    def active(self, c_in: float) -> bool:
+        """Whether this entry predicts the unit at `c_in` input channels (always, unless split by residue)."""
+        return self.align < 2 or (round(c_in) % self.align == 0) == self.aligned
 
 
-def _grid(const: float, slope: np.ndarray, space: WidthSpace, points: int) -> np.ndarray:
+def _channels(const: float, slope: np.ndarray, space: WidthSpace) -> np.ndarray | None:
+    """The channel counts this affine map takes on one group's legal widths; None when several groups feed it."""
+    groups = np.flatnonzero(slope)
+    if len(groups) != 1:
+        return None
+    g = space.groups[groups[0]]
+    return const + slope[groups[0]] * np.array([w for w in range(g.min_width, g.width + 1) if g.allowed(w)],
+                                               dtype=np.float64)
+
+
+def _grid(const: float, slope: np.ndarray, space: WidthSpace, points: int,
+          keep: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """`points` channel counts over the range this affine map takes on legal profiles, ends included: of one
-    group's legal widths, :func:`grid_widths`; of several groups' (a concat), evenly spaced."""
+    group's legal widths (those whose channel counts `keep` selects), :func:`grid_widths`; of several groups'
+    (a concat), evenly spaced."""
     groups = np.flatnonzero(slope)
     if len(groups) == 0:
         return np.array([const])
-    if len(groups) == 1:
-        g = space.groups[groups[0]]
-        legal = np.array([w for w in range(g.min_width, g.width + 1) if g.allowed(w)], dtype=np.float64)
-        return const + slope[groups[0]] * grid_widths(legal, points)
+    channels = _channels(const, slope, space)
+    if channels is not None:
+        channels = np.sort(channels if keep is None else channels[keep(channels)])
+        return grid_widths(channels, points)
     low = const + slope @ space.min_widths
     high = const + slope @ space.widths
     return np.unique(np.round(np.linspace(low, high, points)))
@@ -402,13 +440,14 @@ def grid_widths(legal: np.ndarray, points: int) -> np.ndarray:
     widest, and the rest spaced evenly in square root between the second narrowest and the second widest, each
     the nearest legal width (`points` 2: the ends; 3: the two narrowest and the widest).
 
-    The two narrowest: at the narrowest width a layer often runs another kernel (a depthwise conv of one
-    channel is a plain conv, 3x faster on oneDNN than a depthwise one of two channels), so interpolating from
-    it to a wide grid point misses everything in between. The two widest: the full width is often a multiple
-    of the vector or block size that the one below it is not, and runs another kernel, faster or slower
-    (oneDNN at batch 64: 3 -> 64 channels 2.5x slower than 3 -> 63); with the second widest on the grid, the
-    step stays between the two widest and every pruned width is interpolated between widths of its own kind. Square-root spacing in between: denser at small widths, where
-    fixed costs bend the time curve, yet not sparse at large ones, where a kernel's efficiency still grows.
+    The two narrowest: at the narrowest width a layer often runs another kernel (a depthwise conv of one channel is
+    a plain conv, 3x faster on oneDNN than a depthwise one of two channels), so interpolating from it to a wide grid
+    point misses everything in between. The two widest: the full width is often a multiple of the vector or block
+    size that the one below it is not, and runs another kernel, faster or slower (oneDNN at batch 64: 3 -> 64
+    channels 2.5x slower than 3 -> 63); with the second widest on the grid, the step stays between the two widest
+    and every pruned width is interpolated between widths of its own kind. Square-root spacing in between: denser at
+    small widths, where fixed costs bend the time curve, yet not sparse at large ones, where a kernel's efficiency
+    still grows.
     """
     legal = np.asarray(legal, dtype=np.float64)
     n = len(legal)
@@ -432,8 +471,12 @@ def _replica(model_modules: dict, unit: _Unit, c_in: int, c_out: int, batch: int
     return (layers[0] if len(layers) == 1 else nn.Sequential(*layers)), inputs
 
 
-def plan(space: WidthSpace, model: nn.Module, grid: int = 7) -> list[_Planned]:
-    """The units of `model` with their affine channel maps, grids and signatures (no timing)."""
+def plan(space: WidthSpace, model: nn.Module, grid: int = 7, align: int = 0) -> list[_Planned]:
+    """The units of `model` with their affine channel maps, grids and signatures (no timing). `align` > 1: a
+    conv whose input channels take both multiples of `align` and other counts is planned as two entries, one
+    per residue class, each with its own grid (see ALIGN)."""
+    from torch_pruning import ops
+
     if grid < 2:
         raise ConfigError(f"the latency grid needs at least 2 points per axis, got {grid}")
     records, slopes = trace_slopes(space, model, lambda work, example: _UnitTrace(work).run(example))
@@ -445,12 +488,20 @@ def plan(space: WidthSpace, model: nn.Module, grid: int = 7) -> list[_Planned]:
         c_out = (q["c_out"] - float(slope["c_out"] @ widths), slope["c_out"])
         ratio = q["c_out"] / q["c_in"]
         tied = ratio if np.allclose(c_out[1], ratio * c_in[1]) and np.isclose(c_out[0], ratio * c_in[0]) else None
-        grid_in = _grid(*c_in, space, grid)
         grid_out = np.array([0.0]) if tied is not None else _grid(*c_out, space, grid)
-        corner = _replica(modules, unit, int(grid_in[-1]), int(q["c_out"]), 1)[0]
-        signature = json.dumps([repr(corner), unit.input_shape[2:], unit.inputs, tied, grid_in.tolist(),
-                                grid_out.tolist()])
-        planned.append(_Planned(unit, c_in, c_out, tied, grid_in, grid_out, signature))
+        classes = [(0, False, None)]
+        channels = _channels(*c_in, space)
+        if align > 1 and channels is not None and unit.modules and ops.module2type(modules[unit.modules[0]]) in (
+                ops.OPTYPE.CONV, ops.OPTYPE.DEPTHWISE_CONV) and 0 < np.sum(np.round(channels) % align == 0) < len(
+                channels):
+            classes = [(align, False, lambda c: np.round(c) % align != 0),
+                       (align, True, lambda c: np.round(c) % align == 0)]
+        for residue, aligned, keep in classes:
+            grid_in = _grid(*c_in, space, grid, keep)
+            corner = _replica(modules, unit, int(grid_in[-1]), int(q["c_out"]), 1)[0]
+            signature = json.dumps([repr(corner), unit.input_shape[2:], unit.inputs, tied, grid_in.tolist(),
+                                    grid_out.tolist()] + ([residue, aligned] if residue else []))
+            planned.append(_Planned(unit, c_in, c_out, tied, grid_in, grid_out, signature, residue, aligned))
     return planned
 
 
@@ -508,11 +559,20 @@ def measure_table(space: WidthSpace, model: nn.Module, target: LatencyTarget, pl
 
     profiles = calibration_profiles(space)
     measured = [m["ms"] for m in measure_profiles(space, model, target, profiles, timer=whole, step=step)]
-    predicted = sums(torch.from_numpy(np.stack(profiles).astype(np.float64))).numpy()
-    calibration = [{"ratio": r, "measured_ms": m, "units_ms": float(u), "widths": w.tolist()}
-                   for r, m, u, w in zip(CALIBRATION_RATIOS, measured, predicted, profiles)]
-    overhead, scale = calibrate([c["units_ms"] for c in calibration], [c["measured_ms"] for c in calibration])
+    per_entry = sums.units(torch.from_numpy(np.stack(profiles).astype(np.float64))).numpy()
+    aligned = np.array([p.align > 1 and p.aligned for p in planned])
+    calibration = [{"ratio": r, "measured_ms": m, "units_ms": float(u.sum()),
+                    "aligned_units_ms": float(u[aligned].sum()), "widths": w.tolist()}
+                   for r, m, u, w in zip(CALIBRATION_RATIOS, measured, per_entry, profiles)]
+    if aligned.any():
+        overhead, scale, aligned_scale = calibrate_aligned(
+            [c["units_ms"] - c["aligned_units_ms"] for c in calibration], [c["aligned_units_ms"] for c in calibration],
+            [c["measured_ms"] for c in calibration])
+    else:
+        overhead, scale = calibrate([c["units_ms"] for c in calibration], [c["measured_ms"] for c in calibration])
+        aligned_scale = scale
     return {"format": FORMAT, "units": units, "calibration": calibration, "overhead_ms": overhead, "scale": scale,
+            "aligned_scale": aligned_scale,
             "measure_s": time.time() - start, "measure_cpu_s": time.process_time() - cpu_start,
             "units_cpu_s": units_cpu_s,
             "loadavg": list(os.getloadavg()), "created_at": time.time(),
@@ -547,6 +607,31 @@ def calibrate(units_ms: Sequence[float], measured_ms: Sequence[float]) -> tuple[
               if abs(x[j] - x[i]) > 1e-9 * max(abs(x[i]), abs(x[j]), 1e-12)]
     scale = float(np.clip(np.median(slopes), *SCALE_RANGE)) if slopes else 1.0
     return float(np.median(y - scale * x)), scale
+
+
+def calibrate_aligned(other_ms: Sequence[float], aligned_ms: Sequence[float],
+                      measured_ms: Sequence[float]) -> tuple[float, float, float]:
+    """(overhead, scale, aligned scale) with measured ~ overhead + scale x the units of no residue class or the
+    unaligned one + aligned scale x the aligned ones (runtime onnxruntime, see ALIGN), by least squares with
+    the worst point dropped when it is off by over 3x the median residual; both scales clipped to SCALE_RANGE.
+
+    The aligned entries get their own scale: a unit alone converts its input to the runtime's blocked layout
+    and back, which the dense model, all of whose convs are aligned, does once for the whole graph (ONNX
+    Runtime, cifar_resnet20 at batch 1: the dense model ran in 0.78 of its units' summed time, pruned profiles
+    in 0.85-0.9); one scale for all left the dense model, the base of every ratio, predicted 13% slow."""
+    x = np.stack([np.ones(len(measured_ms)), np.asarray(other_ms, float), np.asarray(aligned_ms, float)], axis=1)
+    y = np.asarray(measured_ms, dtype=np.float64)
+    keep = np.ones(len(y), dtype=bool)
+    for _ in range(2):
+        coef = np.linalg.lstsq(x[keep], y[keep], rcond=None)[0]
+        coef[1:] = np.clip(coef[1:], *SCALE_RANGE)
+        residual = np.abs(y - x @ coef)
+        worst = int(np.argmax(np.where(keep, residual, -1)))
+        if keep.sum() <= 4 or residual[worst] <= 3 * np.median(residual[keep]):
+            break
+        keep[worst] = False
+    overhead = float(np.median((y - x[:, 1:] @ coef[1:])[keep]))
+    return overhead, float(coef[1]), float(coef[2])
 
 
 def monotone(table: np.ndarray) -> np.ndarray:
@@ -600,7 +685,9 @@ class _UnitSums:
                   "table": tables, "a_in": np.array([p.c_in[0] for p in planned]),
                   "s_in": np.stack([p.c_in[1] for p in planned]),
                   "a_out": np.where(tied, 0.0, [p.c_out[0] for p in planned]),  # tied: the 1-point axis, at 0
-                  "s_out": np.where(tied[:, None], 0.0, np.stack([p.c_out[1] for p in planned]))}
+                  "s_out": np.where(tied[:, None], 0.0, np.stack([p.c_out[1] for p in planned])),
+                  "align": np.array([float(p.align) for p in planned]),
+                  "aligned": np.array([float(p.aligned) for p in planned])}
         self.values = {k: torch.tensor(v, dtype=torch.float64) for k, v in arrays.items()}
         self.n_in = torch.tensor([len(p.grid_in) for p in planned])
         self.n_out = torch.tensor([len(p.grid_out) for p in planned])
@@ -612,12 +699,16 @@ class _UnitSums:
         """W (..., groups) -> each unit's interpolated milliseconds (..., units)."""
         v = {k: t.to(widths) for k, t in self.values.items()}
         n_in, n_out = self.n_in.to(widths.device), self.n_out.to(widths.device)
-        i, f = _axis(v["grid_in"], n_in, widths @ v["s_in"].T + v["a_in"])
+        c_in = widths @ v["s_in"].T + v["a_in"]
+        i, f = _axis(v["grid_in"], n_in, c_in)
         j, g = _axis(v["grid_out"], n_out, widths @ v["s_out"].T + v["a_out"])
         i1, j1 = torch.minimum(i + 1, n_in - 1), torch.minimum(j + 1, n_out - 1)
         units, table = torch.arange(len(n_in), device=widths.device), v["table"]
-        return ((1 - f) * (1 - g) * table[units, i, j] + f * (1 - g) * table[units, i1, j]
-                + (1 - f) * g * table[units, i, j1] + f * g * table[units, i1, j1])
+        value = ((1 - f) * (1 - g) * table[units, i, j] + f * (1 - g) * table[units, i1, j]
+                 + (1 - f) * g * table[units, i, j1] + f * g * table[units, i1, j1])
+        split = v["align"] > 1  # an entry of one residue class counts only where c_in is in its class
+        aligned = torch.remainder(torch.round(c_in), torch.where(split, v["align"], 1.0)) == 0
+        return value * torch.where(split, aligned == (v["aligned"] > 0), True).to(value.dtype)
 
 
 # ----------------------------------------------------------------------------- the measure
@@ -636,26 +727,31 @@ class LatencyModel(Measure):
         self.table = table
         self.overhead_ms = float(table["overhead_ms"])
         self.scale = float(table.get("scale", 1.0))
+        self.aligned_scale = float(table.get("aligned_scale", self.scale))
+        self.weights = np.array([self.aligned_scale if p.align > 1 and p.aligned else self.scale for p in planned])
+        self._weights = torch.tensor(self.weights, dtype=torch.float64)
         self._sums = _UnitSums(planned, table["units"])
-        self.unit_names = [p.unit.modules[0] if p.unit.modules else getattr(p.unit.op, "__name__", "op")
+        self.unit_names = [(p.unit.modules[0] if p.unit.modules else getattr(p.unit.op, "__name__", "op"))
+                           + (f" [c_in % {p.align} {'=' if p.aligned else '!'}= 0]" if p.align > 1 else "")
                            for p in planned]
         self.base = float(self.many(np.asarray(full_widths, dtype=np.float64))[0])
 
     def unit_ms(self, widths: np.ndarray) -> np.ndarray:
-        """Each unit's interpolated ms alone (..., units; names in `unit_names`) at W (..., groups); the prediction
-        is overhead_ms + scale x their sum."""
+        """Each planned entry's interpolated ms alone (..., entries; names in `unit_names`) at W (..., groups): a
+        unit, or one residue class of a unit split by ALIGN (0 where the widths are in the other class); the
+        prediction is overhead_ms + their sum weighted by `weights` (scale; aligned_scale for aligned entries)."""
         with torch.no_grad():
             return self._sums.units(torch.from_numpy(np.asarray(widths, dtype=np.float64))).numpy()
 
     def many(self, widths: np.ndarray) -> np.ndarray:
         widths = torch.from_numpy(np.atleast_2d(np.asarray(widths, dtype=np.float64)))
         with torch.no_grad():
-            return (self.overhead_ms + self.scale * self._sums(widths)).numpy()
+            return (self.overhead_ms + self._sums.units(widths) @ self._weights).numpy()
 
     def torch(self, widths: torch.Tensor) -> torch.Tensor:
         """The prediction as a differentiable function of real-valued widths (group order, last dim):
         piecewise bilinear, so its gradient is each unit's table slope (zero beyond a grid's ends)."""
-        return self.overhead_ms + self.scale * self._sums(widths)
+        return self.overhead_ms + self._sums.units(widths) @ self._weights.to(widths)
 
     def budget_of(self, max_ms: float, smallest: Sequence[int]) -> float:
         """The budget ratio of an absolute latency bound; ConfigError when no profile (`smallest`) is that fast."""
@@ -668,6 +764,7 @@ class LatencyModel(Measure):
     def describe(self) -> dict:
         """Plain data for experiment metadata: the key, the overhead, the calibration, how long measuring took."""
         return {"key": self.table["key"], "base_ms": self.base, "overhead_ms": self.overhead_ms, "scale": self.scale,
+                "aligned_scale": self.aligned_scale,
                 "calibration": self.table["calibration"], "measure_s": self.table["measure_s"],
                 "loadavg": self.table["loadavg"]}
 
@@ -718,7 +815,7 @@ def latency_model(space: WidthSpace, model: nn.Module, target: LatencyTarget = L
     `on_target(fn, *args, **kwargs)` runs the loading/measuring elsewhere (e.g. :func:`ray_task`, on the
     nodes that run the trials); default: here. `timer` replaces the real clock (tests).
     """
-    planned = plan(space, model, grid)
+    planned = plan(space, model, grid, ALIGN.get(target.runtime, 0))
     call = on_target or (lambda fn, *args, **kwargs: fn(*args, **kwargs))
     table = call(load_or_measure, space, model, target, planned, grid=grid, exp_dir=exp_dir, cache_dir=cache_dir,
                  timer=timer, progress=progress)
