@@ -34,7 +34,8 @@ measured on the target platform, the network's latency being the sum of its laye
   modules, a runtime's session call) is not in any unit: prediction = overhead + scale x sum over units. The
   whole model is timed at the dense profile and at six random profiles around keep ratios 0.85 to 0.2
   (:func:`calibration_profiles`: widths of every kind, not only the round ones of uniform ratios), and
-  (overhead, scale) fitted by Theil-Sen, robust to one disturbed timing (:func:`calibrate`).
+  (overhead, scale) fitted by Theil-Sen, robust to one disturbed timing (:func:`calibrate`); under onnxruntime
+  the aligned entries get a scale of their own (:func:`calibrate_aligned`).
 * **Timing.** Warm-up, then samples of enough calls for a minimum duration each; clock `wall` takes the median
   sample, clock `cpu` (one thread on a CPU shared with other work) the fastest sample of the process's CPU
   time. Grid points: samples of >= 1 ms, 2 to 8 of them within 40 ms, and two interleaved passes over each
@@ -51,8 +52,8 @@ ops other than elementwise ones (flatten, cat) are not timed as units but fall t
 limits: a unit's time is not smooth in its channels where the kernel's blocking depends on them (oneDNN at
 batch 64: 512 -> 364 channels 1.5x slower per FLOP than 512 -> 512 or 512 -> 242), which interpolation
 cannot follow between grid points (single units off by up to 30%; the errors partly cancel over a model's
-units); onnxruntime rewrites the whole graph (blocked NCHWc layout where channels are multiples of the
-block, fused adds), which a sum of separately run units follows less well than eager PyTorch.
+units); onnxruntime lays out the whole graph at once (a blocked layout where channels allow it, fused adds),
+which per-class scales (ALIGN) follow only on average: a pruned model's layout changes between its layers.
 
 Tables are cached as JSON keyed by the device, library versions, threads, batch, dtype, runtime, clock,
 grid and the architecture's signature, under EXP/widthsearch/latency/ and a user cache folder
