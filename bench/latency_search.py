@@ -20,7 +20,7 @@ measured latency ratio (linearly between the two FLOPs winners whose measured ra
 image; none when the front does not bracket it), against the latency winner's; the mean difference over
 seeds with a 95% interval (seeds and images resampled, paired), and the measured speed of both.
 
-    python -m bench.latency_search [--quick] [--model cifar_resnet56] [--seeds 0 1 2] [--summary]
+    python -m bench.latency_search [--quick] [--model cifar_resnet56] [--seeds 0 1 2] [--device cuda] [--summary]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import common
 from bench.common import (
     CACHE,
     DEFAULT_DATA,
@@ -77,7 +78,8 @@ def run_cell(searcher: str, constraint: str, latency_budget: float, budget: floa
                        budget=budget, constraint=constraint, num_samples=args.trials,
                        concurrency=args.concurrency, finetune_steps=args.finetune_steps, cpus_per_trial=1,
                        latency_batch=args.latency_batch, latency_clock=args.clock, latency_grid=args.grid,
-                       latency_top=0)
+                       latency_top=0,
+                       **({"gpus_per_trial": 1 / args.concurrency} if common.DEVICE.startswith("cuda") else {}))
     start = time.time()
     exp_dir, table = run_search(cfg, resume=ResultsStore(experiment_dir(storage, name)).exists(), progress=False)
     search_s = time.time() - start
@@ -192,6 +194,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--finetune-steps", type=int, default=100)
     parser.add_argument("--retrain-epochs", type=int, default=RETRAIN_EPOCHS)
+    parser.add_argument("--device", default="cpu",
+                        help="cpu or cuda: base, search trials and retrains (latency is timed on the CPU regardless)")
     parser.add_argument("--summary", action="store_true", help="only rewrite summary.json and the plot")
     args = parser.parse_args()
     folder = RESULTS / ("latency_search-quick" if args.quick else "latency_search")
@@ -203,6 +207,7 @@ def main() -> None:
         args.model, base_epochs, args.searchers, args.latency_budgets, args.flops_factors = (
             "cifar_resnet20", 2, ["optuna"], [0.5], [0.7, 1.4])
         args.seeds, args.trials, args.finetune_steps, args.retrain_epochs, args.grid = [0], 3, 5, 1, 3
+    common.use_device(args.device)
     os.environ.setdefault("WIDTHSEARCH_CACHE", str(CACHE))  # latency tables: bench/cache/latency/
     set_threads(1)
     ckpt, info = base_checkpoint(args.model, args.data, base_epochs)
