@@ -42,10 +42,11 @@ measured on the target platform, the network's latency being the sum of its laye
   unit's grid for points timed in under 50 ms (a burst of load slows one pass, not both), the faster kept.
   Whole models: samples of >= 10 ms (calibration: 3 to 10 in 0.25 s), 3 interleaved passes. `threads`
   threads, CUDA synchronised; runtime `eager` (PyTorch, no_grad) or `onnxruntime` (each unit and the model
-  exported to ONNX, one session each, CPU).
+  exported to ONNX, one session each, CPU, inputs and outputs bound to buffers once).
 
 Deviations from NetAdapt: interpolation between grid points instead of a table at every width (a full
-table costs hours), with the grid's ends doubled where kernels switch; the composition term (NetAdapt's
+table costs hours), with the grid's ends doubled where kernels switch, and a grid per residue class of the
+input channels under onnxruntime; the composition term (NetAdapt's
 tables cover whole layers of mobile runtimes, where the glue is negligible; eager PyTorch at batch 1 spends
 a large share between layers, and a layer alone runs from warmer caches than inside the model); functional
 ops other than elementwise ones (flatten, cat) are not timed as units but fall to the overhead. Known
