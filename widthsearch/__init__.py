@@ -6,7 +6,7 @@
 from .cost import CostModel
 from .data import DataSplits, load_data
 from .errors import WidthSearchError
-from .export import load_exported
+from .export import load_exported, load_preprocessing
 from .importance import CRITERIA
 from .models import load_model, save_checkpoint
 from .space import ChannelGroup, WidthSpace, build_space
@@ -14,5 +14,5 @@ from .surgery import mask, prune, select_channels
 
 __all__ = [
     "CRITERIA", "ChannelGroup", "CostModel", "DataSplits", "WidthSearchError", "WidthSpace", "build_space",
-    "load_data", "load_exported", "load_model", "mask", "prune", "save_checkpoint", "select_channels",
+    "load_data", "load_exported", "load_model", "load_preprocessing", "mask", "prune", "save_checkpoint", "select_channels",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -30,7 +31,8 @@ from .space import build_space
 from .surgery import prune
 
 FILES = ("weights.pt", "profile.json", "model.json", "metrics.json", "model.torchscript.pt", "model.onnx",
-         "latency.json")
+         "latency.json", "preprocessing.json")
+ONNX_PREPROCESSING = "widthsearch.preprocessing"  # the ONNX metadata key holding preprocessing.json's record
 ONNX_OPSET = 17            # supported by torch 2.1..2.14's TorchScript exporter and by ONNX Runtime >= 1.13
 ONNX_TOLERANCE = 1e-4      # max abs difference of ONNX Runtime's outputs from PyTorch's
 
@@ -65,8 +67,9 @@ def legacy_onnx_kwargs() -> dict:
 
 @torch.no_grad()
 def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, check_input: torch.Tensor,
-                tolerance: float = ONNX_TOLERANCE) -> dict:
-    """Write `model` (CPU, eval) as ONNX with a dynamic batch axis; check it in ONNX Runtime on `check_input`.
+                tolerance: float = ONNX_TOLERANCE, metadata: Mapping[str, str] | None = None) -> dict:
+    """Write `model` (CPU, eval) as ONNX with a dynamic batch axis and `metadata` (the model's metadata_props);
+    check it in ONNX Runtime on `check_input`.
 
     Returns {"onnx_opset", "onnx_check_batch", "onnx_max_abs_diff"}; raises WidthSearchError when ONNX
     Runtime's outputs differ from PyTorch's by more than `tolerance`.
@@ -79,6 +82,10 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, check
         torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=ONNX_OPSET,
                           **legacy_onnx_kwargs())
+    if metadata:
+        proto = onnx.load(str(path))
+        onnx.helper.set_model_props(proto, dict(metadata))
+        onnx.save(proto, str(path))
     onnx.checker.check_model(str(path))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"input": check_input.numpy()})[0]
@@ -91,12 +98,16 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, check
 
 def export(pruned: nn.Module, dense: nn.Module, out_dir: str | Path, *, profile: Mapping[str, int],
            source: Mapping, metrics: Mapping, example_input: torch.Tensor,
-           check_input: torch.Tensor | None = None) -> Path:
-    """Write the export folder atomically (a temp folder renamed into place); refuse to overwrite.
+           check_input: torch.Tensor | None = None, preprocessing: Mapping | None = None) -> Path:
+    """Write the export folder atomically (a temp folder renamed into place, with the usual file modes); refuse
+    to overwrite.
 
     `source` = {"model": model source, "num_classes", "in_channels", "frozen", "min_width", "divisor"}:
     enough for `load_exported` to rebuild the architecture. `check_input` is the batch on which ONNX Runtime
-    must match PyTorch (default: `example_input`); metrics.json gets the ONNX figures.
+    must match PyTorch (default: `example_input`); metrics.json gets the ONNX figures. `preprocessing`
+    (`DataSplits.preprocessing()`: input shape, mean, std, channel order, class names, data source) goes to
+    preprocessing.json and into the ONNX model's metadata (key ONNX_PREPROCESSING); `load_preprocessing`
+    reads it back.
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -113,15 +124,29 @@ def export(pruned: nn.Module, dense: nn.Module, out_dir: str | Path, *, profile:
         torch.save(pruned.state_dict(), folder / "weights.pt")
         (folder / "profile.json").write_text(json.dumps(dict(profile), indent=1))
         (folder / "model.json").write_text(json.dumps(dict(source), indent=1))
-        onnx_check = export_onnx(pruned, folder / "model.onnx", example, check)
+        record = dict(preprocessing or {})
+        (folder / "preprocessing.json").write_text(json.dumps(record, indent=1))
+        onnx_check = export_onnx(pruned, folder / "model.onnx", example, check,
+                                 metadata={ONNX_PREPROCESSING: json.dumps(record)} if record else None)
         (folder / "metrics.json").write_text(json.dumps({**metrics, **onnx_check}, indent=1))
         (folder / "latency.json").write_text(json.dumps(latency, indent=1))
         torch.jit.trace(pruned, example).save(str(folder / "model.torchscript.pt"))
         if out.exists():
             out.rmdir()
+        umask = os.umask(0)
+        os.umask(umask)
+        folder.chmod(0o777 & ~umask)  # a temporary folder is private (0700); an export is not
         shutil.move(str(folder), str(out))
         folder.mkdir()  # let TemporaryDirectory clean up its (now empty) name
     return out
+
+
+def load_preprocessing(folder: str | Path) -> dict:
+    """The preprocessing record of an export folder (preprocessing.json; exports made before it: {})."""
+    path = Path(folder) / "preprocessing.json"
+    if not (Path(folder) / "model.json").is_file():
+        raise WidthSearchError(f"{folder} is not a widthsearch export (missing model.json)")
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def load_exported(folder: str | Path) -> nn.Module:

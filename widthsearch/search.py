@@ -432,6 +432,7 @@ def run_retrain(exp_dir: str, *, trial: str | None = None, epochs: int = 30, lr:
                   "input_size": list(exp.data.image_size), "frozen": cfg.frozen, "min_width": cfg.min_width,
                   "divisor": cfg.divisor}
         export(model, exp.model, out, profile=profile, source=source, metrics=summary,
-               example_input=exp.data.example_input, check_input=exp.data.normalize(exp.data.val.x[:64]))
+               example_input=exp.data.example_input, check_input=exp.data.normalize(exp.data.val.x[:64]),
+               preprocessing=exp.data.preprocessing())
         summary["export"] = str(out)
     return summary
