@@ -42,7 +42,7 @@ from .options import Option, check_options
 
 logger = logging.getLogger(__name__)
 
-_TRANSIENT = ("_space", "_cost", "_model", "_measure", "_batches")  # never pickled by save()
+_TRANSIENT = ("_space", "_cost", "_model", "_measure", "_batches", "_journal")  # never pickled by save()
 
 # A proposal: widths in group order and an optional JSON-able payload.
 Proposal = tuple[np.ndarray, Any]
@@ -141,7 +141,7 @@ class WidthSearcher(Searcher):
     def __init__(self, space: WidthSpace, cost: CostModel, *, budget: float | None = 0.5,
                  metric: str = "score", mode: str = "max", seed: int = 0, model: nn.Module | None = None,
                  criterion: str = "l1", measure: Measure | None = None, batches: list | None = None,
-                 num_samples: int | None = None, **options: Any):
+                 num_samples: int | None = None, exp_dir: str | None = None, **options: Any):
         if not isinstance(metric, str) or not metric:
             raise ConfigError(f"metric must be a non-empty string, got {metric!r}")
         if mode not in ("min", "max"):
@@ -153,6 +153,7 @@ class WidthSearcher(Searcher):
             raise ConfigError("the cost model was built for a different width space")
         super().__init__(metric=metric, mode=mode)
         self.num_samples = num_samples        # the trials Tune will run (None: unknown, e.g. from Python), for sizing
+        self.exp_dir = exp_dir                # the experiment's folder or URI, for searchers that keep files there
         self.options: dict[str, Any] = self.check_options(options, num_samples)
         self._space = space
         self._cost = cost

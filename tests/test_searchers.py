@@ -6,6 +6,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import optuna
 from optuna.trial import TrialState
 from ray import tune
 from ray.tune.search import Searcher
@@ -403,3 +404,33 @@ def test_the_readme_lists_the_declared_options():
     assert block.strip().strip("`").removeprefix("text").strip() == searchers_help(), (
         "README's searcher options are stale: paste the output of "
         "python -c 'from searchers import searchers_help; print(searchers_help())'")
+
+
+def test_optuna_records_its_study_in_the_experiment_and_a_restored_search_adds_each_trial_once(small, tmp_path):
+    """optuna.load_study (and optuna-dashboard) open the study of a search: EXP/widthsearch/optuna/study.journal."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    _, space, cost = small
+    exp = tmp_path / "exp1"
+    searcher = make_searcher("optuna", space, cost, budget=0.5, seed=0, exp_dir=str(exp), num_samples=8)
+    _run(searcher, space, 4)
+    searcher.suggest("a")
+    searcher.on_trial_complete("a", None, error=True)
+    snapshot = tmp_path / "state.pkl"
+    searcher.save(str(snapshot))
+    _run(searcher, space, 2, start=10)  # finished after the snapshot: the journal has them, the snapshot does not
+    restored = make_searcher("optuna", space, cost, budget=0.5, seed=0, exp_dir=str(exp), num_samples=8)
+    restored.restore(str(snapshot))
+    _run(restored, space, 3, start=20)
+
+    path = exp / "widthsearch" / "optuna" / "study.journal"
+    study = optuna.load_study(study_name="exp1", storage=JournalStorage(JournalFileBackend(str(path))))
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == len(study.trials) - 1
+    # the restored sampler proposes what the first one proposed after the snapshot: each of those is recorded once
+    assert [(t.user_attrs["search_number"], t.params) for t in study.trials] == \
+        [(t.number, t.params) for t in restored.study.trials]
+    assert study.best_value == max(t.value for t in restored.study.trials if t.state == TrialState.COMPLETE)
+    assert study.user_attrs["groups"] == list(space.names) and study.user_attrs["budget"] == 0.5
+    assert all("widths" in t.user_attrs for t in study.trials)

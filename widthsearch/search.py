@@ -247,7 +247,7 @@ def run_search(cfg: SearchConfig, resume: bool = False, progress: bool = True) -
     searcher = make_searcher(cfg.searcher, exp.space, exp.cost, budget=None if cfg.pareto else cfg.budget,
                              seed=cfg.seed, model=exp.model, criterion=cfg.criterion, measure=exp.measure,
                              batches=criterion_batches(cfg, exp.data), num_samples=cfg.num_samples,
-                             **cfg.searcher_options)
+                             exp_dir=exp.exp_dir, **cfg.searcher_options)
     store = results.ResultsStore.create(exp_dir, _metadata(exp), resume=resume)
     trainable_fn, job = trial_job(searcher.trainable, cfg, exp.exp_dir, job_fields(cfg, exp))
     init_ray(cfg.address)
