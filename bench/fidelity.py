@@ -56,8 +56,8 @@ from widthsearch.training import (
     set_threads,
 )
 
-KS = (0, 25, 50, 100, 200, 400)
-SNAPSHOTS = (25, 50, 100, 200)     # evaluations inside the longest fine-tune
+KS = (0, 10, 25, 50, 100, 200)
+SNAPSHOTS = (25, 50, 100)          # evaluations inside the longest fine-tune
 FOCUS = (0.3, 0.5)                 # budgets with 10 profiles each
 SPREAD = (0.25, 0.35, 0.4, 0.45, 0.55, 0.6)
 FINETUNE_LR = 0.01
