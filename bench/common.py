@@ -67,8 +67,8 @@ def base_checkpoint(model: str, data: str, epochs: int | None = None, lr: float 
     torch.manual_seed(seed)
     net = load_model(model, splits.num_classes, in_channels=splits.in_channels)
     start, cpu_start = time.time(), time.process_time()
-    train(net, splits, epochs=epochs, config=TrainConfig(lr=lr), seed=seed, progress=f"base {model}",
-          device=DEVICE)
+    train(net, splits, epochs=epochs, config=TrainConfig(lr=lr, channels_last=False), seed=seed,
+          progress=f"base {model}", device=DEVICE)
     info = {"model": model, "data": data, "epochs": epochs, "lr": lr, "train_s": time.time() - start,
             "cpu_s": time.process_time() - cpu_start, "threads": torch.get_num_threads(),
             "loadavg_1m": machine_load(), "device": device_name(),
@@ -95,7 +95,7 @@ def bench_base(model: str, data: str):
 
 # ----------------------------------------------------------------------------- retrain cells
 RETRAIN_EPOCHS = 20
-RETRAIN_LR = 0.05
+RETRAIN_LR = 0.05  # and contiguous (NCHW) tensors, as the first cells were retrained (channels-last came later)
 
 
 def profile_key(widths, keep: dict | None = None) -> str:
@@ -144,7 +144,7 @@ def retrain_cell(base_name: str, model: torch.nn.Module, data, *, seed: int, epo
         return json.loads(path.read_text())
     start = time.time()
     torch.manual_seed(seed)
-    train(model, data, epochs=epochs, config=TrainConfig(lr=lr), seed=seed, device=DEVICE)
+    train(model, data, epochs=epochs, config=TrainConfig(lr=lr, channels_last=False), seed=seed, device=DEVICE)
     cell = {"key": key, "label": label, "base": base_name, "epochs": epochs, "lr": lr, "seed": seed,
             "train_s": time.time() - start, "loadavg_1m": machine_load(), "threads": torch.get_num_threads(),
             "device": device_name(), "val_acc": evaluate(model, data, "val", device=DEVICE)[0],
