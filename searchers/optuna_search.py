@@ -40,8 +40,9 @@ import optuna
 from optuna.trial import TrialState
 from torch import nn
 
+from widthsearch.options import Option
+
 from .base import WidthSearcher
-from .options import Option
 
 SAMPLERS = ("tpe", "nsga2", "random")
 PARAMETERIZATIONS = ("group", "stage", "depth")

@@ -59,10 +59,17 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """The device of a model's parameters (its first parameter's)."""
+    return next(model.parameters()).device
+
+
 def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
-    """Trace `model` (in eval mode, so BN statistics are not touched) into a DependencyGraph."""
+    """Trace `model` (in eval mode, so BN statistics are not touched; the example moved to the model's device)
+    into a DependencyGraph."""
     with eval_mode(model):
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input.to(device_of(model)),
+                                                     verbose=False)
 
 
 def root_group(graph: tp.DependencyGraph, root: nn.Module, idxs: Sequence[int]) -> tp.Group:
