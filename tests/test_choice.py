@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from widthsearch import load_data, load_model
-from widthsearch.config import SearchConfig
+from widthsearch.app.config import SearchConfig
 from widthsearch.data import check_split
 from widthsearch.errors import DataSourceError, WidthSearchError
-from widthsearch.results import SCHEMA
-from widthsearch.search import choose_trial
+from widthsearch.results import SCHEMA, choose_trial
 from widthsearch.training import StepTrainer, TrainConfig, train
 
 
@@ -24,11 +23,11 @@ def table(*rows: dict) -> pa.Table:
 
 def test_best_never_returns_a_row_over_the_budget():
     # an aofp-like trajectory (unpruned first version scores best) and a gradient-like over-budget lam
-    rows = table({"score": 0.95, "flops_ratio": 1.0, "cost_ratio": 1.0, "finetune_steps": 50},
-                 {"score": 0.93, "flops_ratio": 0.62, "cost_ratio": 0.62, "finetune_steps": 50},
-                 {"score": 0.90, "flops_ratio": 0.49, "cost_ratio": 0.49, "finetune_steps": 50},
-                 {"score": 0.91, "flops_ratio": 0.5004, "cost_ratio": 0.5004, "finetune_steps": 50},
-                 {"score": 0.88, "flops_ratio": 0.45, "cost_ratio": 0.45, "finetune_steps": 50})
+    rows = table({"score": 0.95, "flops_ratio": 1.0, "cost_ratio": 1.0, "steps_reached": 50},
+                 {"score": 0.93, "flops_ratio": 0.62, "cost_ratio": 0.62, "steps_reached": 50},
+                 {"score": 0.90, "flops_ratio": 0.49, "cost_ratio": 0.49, "steps_reached": 50},
+                 {"score": 0.91, "flops_ratio": 0.5004, "cost_ratio": 0.5004, "steps_reached": 50},
+                 {"score": 0.88, "flops_ratio": 0.45, "cost_ratio": 0.45, "steps_reached": 50})
     assert choose_trial(rows, budget=0.5)["trial_id"] == "t2"
     assert choose_trial(rows, budget=0.7)["trial_id"] == "t1"
     with pytest.raises(WidthSearchError, match=r"no successful trial within the budget 0.4 \(flops\).*smallest ratio"):
@@ -36,18 +35,18 @@ def test_best_never_returns_a_row_over_the_budget():
 
 
 def test_best_compares_like_with_like_across_fidelities():
-    rows = table({"score": 0.80, "cost_ratio": 0.5, "flops_ratio": 0.5, "finetune_steps": 100},
-                 {"score": 0.70, "cost_ratio": 0.5, "flops_ratio": 0.5, "finetune_steps": 100},
-                 {"score": 0.60, "cost_ratio": 0.5, "flops_ratio": 0.5, "finetune_steps": 25},   # stopped early:
-                 {"score": 0.85, "cost_ratio": 0.6, "flops_ratio": 0.6, "finetune_steps": 400})  # over budget
+    rows = table({"score": 0.80, "cost_ratio": 0.5, "flops_ratio": 0.5, "steps_reached": 100},
+                 {"score": 0.70, "cost_ratio": 0.5, "flops_ratio": 0.5, "steps_reached": 100},
+                 {"score": 0.60, "cost_ratio": 0.5, "flops_ratio": 0.5, "steps_reached": 25},   # stopped early:
+                 {"score": 0.85, "cost_ratio": 0.6, "flops_ratio": 0.6, "steps_reached": 400})  # over budget
     assert choose_trial(rows, budget=0.5)["trial_id"] == "t0"
-    cheap = table({"score": 0.9, "cost_ratio": 0.5, "flops_ratio": 0.5, "finetune_steps": 25},
-                  {"score": 0.7, "cost_ratio": 0.5, "flops_ratio": 0.5, "finetune_steps": 100})
+    cheap = table({"score": 0.9, "cost_ratio": 0.5, "flops_ratio": 0.5, "steps_reached": 25},
+                  {"score": 0.7, "cost_ratio": 0.5, "flops_ratio": 0.5, "steps_reached": 100})
     assert choose_trial(cheap, budget=0.5)["trial_id"] == "t1"  # the promoted trial, not the cheap high score
 
 
 def test_pareto_experiments_need_a_bound_and_params_constraints_use_cost_ratio():
-    rows = table({"score": 0.9, "cost_ratio": 0.3, "flops_ratio": 0.6, "finetune_steps": 10})
+    rows = table({"score": 0.9, "cost_ratio": 0.3, "flops_ratio": 0.6, "steps_reached": 10})
     with pytest.raises(WidthSearchError, match="Pareto front.*--budget R"):
         choose_trial(rows, budget=None)
     assert choose_trial(rows, budget=0.35, constraint="params")["trial_id"] == "t0"  # params ratio 0.3
