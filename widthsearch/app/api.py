@@ -120,7 +120,8 @@ class Search:
         return results.pareto_front(ok, minimize="cost_ratio")
 
     def retrain(self, row: Mapping | str | None = None, *, epochs: int = 30, lr: float = 0.05,
-                from_scratch: bool = False, budget: float | None = None, cpus: float | None = None, gpus: float | None = None, timeout_s: float | None = None,
+                from_scratch: bool = False, budget: float | None = None, cpus: float | None = None,
+                gpus: float | None = None, timeout_s: float | None = None,
                 progress: bool = True) -> tuple[nn.Module, dict]:
         """Retrain a profile for `epochs` (cosine schedule from `lr`) as a Ray Tune trial that resumes from its last
         epoch, and report its test accuracy: `row` (a row of the table, or a trial id; default: `best(budget)`),
@@ -132,8 +133,8 @@ class Search:
         if row is None or isinstance(row, str):
             row = self.best(budget, trial=row)
         with ray_session():
-            model, metrics = runs.retrain(self._prepared(progress), dict(row), epochs=epochs, lr=lr, from_scratch=from_scratch,
-                                          cpus=cpus, gpus=gpus, timeout_s=timeout_s,
+            model, metrics = runs.retrain(self._prepared(progress), dict(row), epochs=epochs, lr=lr,
+                                          from_scratch=from_scratch, cpus=cpus, gpus=gpus, timeout_s=timeout_s,
                                           progress=progress)
         self._metrics[model] = metrics
         return model, metrics

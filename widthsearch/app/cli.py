@@ -10,7 +10,7 @@ from typing import Sequence
 import yaml
 
 from ..errors import WidthSearchError
-from ..options import value_text
+from ..options import Option, value_text
 from .config import declared
 
 _DASH_VALUE_FLAGS = {"--sort"}  # flags whose value may start with a dash ('-score': descending)
@@ -31,11 +31,17 @@ def _add_search(sub) -> None:
         elif option.kind is dict:
             p.add_argument(flag, dest=key, action="append", metavar="KEY=VALUE", help=option.help)
         else:
-            p.add_argument(flag, dest=key, default=None, metavar=key.upper(),
-                           help=f"{option.help}: {option.describe()} (default {value_text(option.default)})"
-                           .replace("%", "%%"))
+            p.add_argument(flag, dest=key, default=None, help=_flag_help(option))
     p.add_argument("--resume", action="store_true", help="continue the experiment --name")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _flag_help(option: Option) -> str:
+    """A setting's --help line: its help, what a valid value is (not "a string") and its default (if any)."""
+    what = option.describe().removeprefix("a string").removeprefix(", or ")
+    default = "" if option.default is None else value_text(option.default)
+    notes = "; ".join(part for part in (what, default and f"default {default}") if part)
+    return (option.help + (f" ({notes})" if notes else "")).replace("%", "%%")
 
 
 def _search_overrides(args: argparse.Namespace) -> dict:

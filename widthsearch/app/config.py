@@ -62,7 +62,7 @@ class SearchConfig:
     model: str = setting("small_cnn", f"model source: {', '.join(BUILTIN_MODELS)}, torchvision:NAME or "
                          "package.module:factory")
     checkpoint: str | None = setting(None, "base model weights; without them a base model is trained first "
-                                     "(--base-epochs)", empty="(train a base model)")
+                                     "(--base-epochs)", empty="to train one")
     data: str = setting("digits", f"data source: {', '.join(SOURCES.values())}")
     val_fraction: float = setting(0.1, "share of the train split held out for validation, on which candidates are "
                                   "scored", low=0, low_open=True, high=0.5)
@@ -77,7 +77,7 @@ class SearchConfig:
     constraint: str = setting("flops", "what the budget bounds (latency: measured; README: Latency budgets)",
                               choices=CONSTRAINTS)
     max_latency_ms: float | None = setting(None, "with --constraint latency: the budget in milliseconds per forward "
-                                           "(replaces --budget)", low=0, low_open=True, empty="(use --budget)")
+                                           "(replaces --budget)", low=0, low_open=True, empty="to use --budget")
     latency_device: str = setting("cpu", "device latency is measured on (on a cluster: a node that runs the trials)",
                                   choices=DEVICES)
     latency_threads: int = setting(1, "CPU threads of the latency measurements", low=1)
@@ -121,11 +121,11 @@ class SearchConfig:
     base_lr: float = setting(0.05, "learning rate of that base training", low=0, low_open=True)
     max_failures: int = setting(1, "retries of a trial that crashes (e.g. its node died)", low=0)
     trial_timeout_s: float | None = setting(None, "seconds after which a running trial fails with a TimeoutError",
-                                            low=0, low_open=True, empty="(no limit)")
+                                            low=0, low_open=True, empty="for no limit")
     min_width: int = setting(1, "fewest channels a pruned layer keeps", low=1)
     divisor: int = setting(1, "widths are rounded to multiples of this (e.g. 8 for tensor cores)", low=1)
     frozen: list = setting([], "comma-separated names of modules that are never pruned", item=str)
-    address: str | None = setting(None, "Ray cluster address to join", empty="(RAY_ADDRESS, else a local Ray)")
+    address: str | None = setting(None, "Ray cluster address to join", empty="for RAY_ADDRESS, else a local Ray")
 
     def __post_init__(self) -> None:
         self.check()
