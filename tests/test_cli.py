@@ -46,7 +46,8 @@ def test_search_help_names_come_from_the_registries():
     text = " ".join(subparsers.choices["search"].format_help().split())
     for names in (SEARCHERS, CRITERIA, BUILTIN_MODELS):
         assert all(name in text for name in names)
-    assert "(an integer >= 1" in text and "(default 16)" in text  # --num-samples: its check and its default
+    assert "--num-samples NUM_SAMPLES number of trials (for aofp and metapruning: the most trials) (an integer >= 1; " \
+           "default 16)" in text  # its help, its check and its default, from its one declaration
 
 
 def test_every_flag_has_a_help_line():

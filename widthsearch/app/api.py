@@ -145,7 +145,8 @@ class Search:
         latency.json, model.torchscript.pt and model.onnx (checked in ONNX Runtime). `widthsearch.load_exported`
         reads it back."""
         check_export_folder(out)
-        exp = self._prepared(progress=False)
+        with ray_session():  # preparing may measure latency on the experiment's cluster
+            exp = self._prepared(progress=False)
         cfg = exp.config
         pruned = build_space(model.cpu().eval(), exp.data.example_input, cfg.frozen)
         if pruned.names != exp.space.names:
