@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from searchers import make_searcher, searcher_class
+from searchers.base import Payload
 from searchers.metapruning import evolution_plan
 from trainables.metapruning import MetaPruningJob, metapruning_step, score_widths, train_pruningnet
 from trainables.retrain import RetrainJob, build_pruned
@@ -356,10 +357,11 @@ def test_training_and_candidate_trials_honour_trial_timeout_s(digits_space, tmp_
     monkeypatch.setattr(common, "setup_trial", lambda: (torch.device("cpu"), "node"))  # begin_trial's Tune context
     monkeypatch.setattr(trainable.tune, "report", reports.append)
     order = channel_order(model, space)
-    train_payload = json.dumps({"phase": "train", "net": "n", "steps": 4, "lr": 0.01, "hidden": 2, "every": 2,
-                                "seed": 0, "flops_min": 0.0, "flops_max": 1.0, "order": order})
+    # the payloads as the searcher hands them to its trials
+    train_payload = Payload({"phase": "train", "net": "n", "steps": 4, "lr": 0.01, "hidden": 2, "every": 2,
+                             "seed": 0, "flops_min": 0.0, "flops_max": 1.0, "order": order})
     widths = [int(w) for w in space.min_widths]
-    candidate = json.dumps({"phase": "candidate", "net": "n", "bn_batches": 2, "keep": {}})
+    candidate = Payload({"phase": "candidate", "net": "n", "bn_batches": 2, "keep": {}})
     exp_dir = tmp_path.as_uri()
     metapruning_step({"widths": widths, "payload": train_payload}, _job(model, space, exp_dir, None))
     assert reports[-1]["status"] == "train" and reports[-1]["checkpoint"] == f"{exp_dir}/widthsearch/metapruning/n.pt"
