@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from widthsearch import load_data, load_model, save_checkpoint
-from widthsearch.training import TrainConfig, evaluate, train
+from widthsearch.training import TrainConfig, evaluate, train, train_base
 
 BENCH = Path(__file__).resolve().parent
 CACHE = BENCH / "cache"
@@ -64,11 +64,9 @@ def base_checkpoint(model: str, data: str, epochs: int | None = None, lr: float 
     if ckpt.is_file() and info_path.is_file():
         return ckpt, json.loads(info_path.read_text())
     splits = bench_data(data)
-    torch.manual_seed(seed)
-    net = load_model(model, splits.num_classes, in_channels=splits.in_channels)
     start, cpu_start = time.time(), time.process_time()
-    train(net, splits, epochs=epochs, config=TrainConfig(lr=lr, channels_last=False), seed=seed,
-          progress=f"base {model}", device=DEVICE)
+    net = train_base(model, splits, epochs=epochs, config=TrainConfig(lr=lr, channels_last=False), seed=seed,
+                     device=DEVICE, progress=f"base {model}")
     info = {"model": model, "data": data, "epochs": epochs, "lr": lr, "train_s": time.time() - start,
             "cpu_s": time.process_time() - cpu_start, "threads": torch.get_num_threads(),
             "loadavg_1m": machine_load(), "device": device_name(),

@@ -118,7 +118,7 @@ def budget_profiles(model, space, cost, budget: float, n_random: int, model_name
             payload = json.loads(row["payload"]) if row.get("payload") else {}
             keep = payload.get("keep") if isinstance(payload, dict) else None
             add(row["widths"], cell["method"], keep, search_seed=cell["seed"], rank=rank,
-                trial_score=row["score"], trial_steps=row["finetune_steps"])
+                trial_score=row["score"], trial_steps=row.get("steps_reached", row.get("finetune_steps")))
     return out
 
 

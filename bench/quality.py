@@ -14,7 +14,7 @@ row gets the same trial count on every base (SEARCH); its trial CPU-seconds are 
 training CPU-seconds.
 
 A cell's `seed` is its search seed (the pruning seed for the methods that do not search, whose profile does
-not depend on it: they run seed 0 only); the chosen profile (the row `choose_trial` picks, pruned as
+not depend on it: they run seed 0 only); the chosen profile (the row `Search.best` picks, pruned as
 `widthsearch retrain` prunes it) is retrained once per retrain seed with the bench recipe (bench/common.py
 `retrain_cell`: 20 epochs, SGD lr 0.05 cosine, from the pruned weights) and evaluated on the test split image
 by image (`test_correct`, one hex mask per retrain seed, for paired statistics). Searches are kept in
@@ -39,12 +39,10 @@ import torch_pruning as tp
 from bench import common
 from bench.common import (CACHE, DEFAULT_DATA, RESULTS, SPLIT_SEED, VAL_FRACTION, bench_base, machine_load,
                           retrain_cell)
-from widthsearch import prune
-from widthsearch.config import SearchConfig
+from widthsearch import Search, SearchConfig, load_search, prune
 from widthsearch.export import measure_latency
 from widthsearch.models import classifier_of
-from widthsearch.results import load, load_metadata, ranked
-from widthsearch.search import choose_trial, experiment_dir, run_search
+from widthsearch.results import load_metadata, ranked
 from widthsearch.storage import filesystem
 from widthsearch.training import set_threads
 
@@ -120,25 +118,26 @@ def search_cell(method: str, budget: float, seed: int, args, ckpt: Path, base, s
     options["seed"] = seed
     cfg = SearchConfig(name=name, storage=storage, model=args.model, checkpoint=str(ckpt), data=args.data,
                        val_fraction=VAL_FRACTION, split_seed=SPLIT_SEED, budget=budget, **options)
-    exp = experiment_dir(cfg.resolved().storage, name)
+    exp = f"{cfg.resolved().storage}/{name}"
     info_path = CACHE / "searches" / args.model / f"{name}.json"
     if info_path.is_file():
         cost = json.loads(info_path.read_text())
     else:
         resume = Path(exp, "widthsearch", "experiment.json").is_file()
         start, cpu = time.time(), time.process_time()
-        run_search(cfg, resume=resume, progress=False)
+        (load_search(exp) if resume else Search(cfg)).fit(progress=False)
         cost = {"search_s": time.time() - start, "driver_cpu_s": time.process_time() - cpu,
                 "resumed": resume, "loadavg_1m": machine_load()}
         info_path.write_text(json.dumps(cost))
-    table = load(exp)
+    run = load_search(exp)
+    table = run.results()
     rows = table.to_pylist()
-    row = choose_trial(table, budget=budget)
+    row = run.best(budget)
     model = pruned_from_row(row, base, space, cfg.criterion)
     main = [r for r in ranked(table, budget) if (r["run"] or "search") == "search"][:TOP]
-    keys = ("trial_id", "widths", "score", "val_acc", "val_loss", "finetune_steps", "cost_ratio", "payload", "run")
+    keys = ("trial_id", "widths", "score", "val_acc", "val_loss", "steps_reached", "cost_ratio", "payload", "run")
     info = {**cost, "trials": len(rows), "trial_cpu_s": sum((r["wall_s"] or 0.0) for r in rows) * cfg.cpus_per_trial,
-            "val_score": row["score"], "val_finetune_steps": row["finetune_steps"], "trial_id": row["trial_id"],
+            "val_score": row["score"], "val_finetune_steps": row["steps_reached"], "trial_id": row["trial_id"],
             "search_config": load_metadata(exp)["config"], "options": method_config(method),
             "top_rows": [{k: r[k] for k in keys} for r in main],
             "rescored": [{k: r[k] for k in keys} for r in rows if r["run"] == "rescore"],

@@ -16,10 +16,10 @@ from typing import Any
 
 from widthsearch.cost import CostModel
 from widthsearch.errors import ConfigError
+from widthsearch.options import Option, options_help
 from widthsearch.space import WidthSpace
 
 from .base import WidthSearcher, project_to_budget
-from .options import Option, options_help
 
 SEARCHERS: dict[str, str] = {
     "uniform": "searchers.baselines:UniformSearcher",

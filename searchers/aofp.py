@@ -78,8 +78,9 @@ from typing import Any
 
 import numpy as np
 
+from widthsearch.options import Option
+
 from .base import WidthSearcher
-from .options import Option
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """WidthSearcher: the Ray Tune Searcher every width-search algorithm derives from.
 
 A searcher proposes *width profiles* of a :class:`~widthsearch.space.WidthSpace` as Tune
-configs ``{"widths": [int, ...] (group order), "payload": JSON text or None}``.
+configs ``{"widths": [int, ...] (group order), "payload": Payload or None}`` (the payload: the
+searcher's own values for its trial, a mapping; the results store it as JSON text).
 
 What the budget bounds is a :class:`~widthsearch.cost.Measure` (the experiment's constraint:
 FLOPs by default, params, or a device's measured latency); searchers only ever see that
@@ -22,11 +23,13 @@ searcher's own state (never the space, the measure, the model or data).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import pickle
-from typing import Any, ClassVar, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 from ray.tune.search import Searcher
@@ -35,17 +38,37 @@ from torch import nn
 from widthsearch.cost import CostModel, Measure
 from widthsearch.errors import ConfigError, WidthSearchError
 from widthsearch.importance import CRITERIA
+from widthsearch.options import Option, check_options
 from widthsearch.space import WidthSpace
 from widthsearch.storage import write_atomic
-
-from .options import Option, check_options
 
 logger = logging.getLogger(__name__)
 
 _TRANSIENT = ("_space", "_cost", "_model", "_measure", "_batches", "_journal")  # never pickled by save()
 
-# A proposal: widths in group order and an optional JSON-able payload.
+# A proposal: widths in group order and an optional payload (a mapping; JSON-able but for dataclasses).
 Proposal = tuple[np.ndarray, Any]
+
+
+class Payload(Mapping):
+    """A proposal's payload on its way to the trial: the searcher's own values, read by the trial as proposed (no
+    JSON round trip). One leaf of the trial's config (Tune would flatten a dict into many), shown by Tune, and
+    stored in the results' payload column, as JSON text."""
+
+    def __init__(self, values: Mapping[str, Any]):
+        self.values = dict(values)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.values)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __repr__(self) -> str:
+        return json.dumps(self.values, sort_keys=True, default=dataclasses.asdict)
 
 
 def as_measure(cost: CostModel | Measure) -> Measure:
@@ -160,7 +183,7 @@ class WidthSearcher(Searcher):
         self._measure = measure if measure is not None else cost.measure("flops")
         self._model = model
         self._batches = batches               # training batches for data-driven criteria (never pickled)
-        self.budget = None if budget is None else self._check_budget(budget)
+        self.budget = None if budget is None else self._measure.check_budget(budget, space.min_widths)
         self.seed = int(seed)
         self.criterion = criterion
         self._live: dict[str, np.ndarray] = {}        # trial_id -> widths suggested, not yet complete
@@ -233,19 +256,6 @@ class WidthSearcher(Searcher):
         """Measure ratio of the smallest profile."""
         return self._measure.ratio(self._space.min_widths)
 
-    def _check_budget(self, budget: float) -> float:
-        try:
-            budget = float(budget)
-        except (TypeError, ValueError):
-            raise ConfigError(f"budget must be a number in (0, 1] or None, got {budget!r}") from None
-        if not 0.0 < budget <= 1.0 or math.isnan(budget):
-            raise ConfigError(f"budget must be in (0, 1], got {budget!r}")
-        smallest = self.min_cost_ratio
-        if smallest > budget:
-            raise ConfigError(f"budget {budget:g} is unreachable: the smallest profile of this model has "
-                              f"{self._measure.unit} ratio {smallest:.4g}")
-        return budget
-
     def cost_ratio(self, widths) -> float:
         """Measure ratio of a width vector (validated)."""
         return self._measure.ratio(self._space.vector(self._space.from_vector(widths)))
@@ -284,8 +294,7 @@ class WidthSearcher(Searcher):
         widths = self._checked(np.asarray(widths))
         self._live[trial_id] = widths
         self._seen.add(tuple(int(w) for w in widths))
-        return {"widths": [int(w) for w in widths],
-                "payload": None if payload is None else json.dumps(payload, sort_keys=True)}
+        return {"widths": [int(w) for w in widths], "payload": None if payload is None else Payload(payload)}
 
     def _checked(self, widths: np.ndarray) -> np.ndarray:
         """Validate bounds and, in budget mode, the FLOPs budget (repairing if needed)."""

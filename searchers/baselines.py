@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from widthsearch.options import Option
+
 from .base import WidthSearcher, next_queued, project_with_scale
-from .options import Option
 
 
 class UniformSearcher(WidthSearcher):

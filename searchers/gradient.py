@@ -6,7 +6,7 @@ arXiv:2107.03375). Architecture search is a complexity-penalised subset-selectio
 ``min_S  L(S) + lam * C(S)`` over the subset S of channels kept, solved by gradient descent
 on a relaxation with two temperatures; the architecture is learned separately from the weights.
 
-Here (machinery in searchers/gates.py, trial in trainables/gradient.py):
+Here (machinery in widthsearch/gates.py, trial in trainables/gradient.py):
 
 * One logit ``a`` per channel of every channel group (coupled layers share the gate).
 * **Architecture temperature** ``T`` (options ``temp`` -> ``temp_end``): the Bernoulli keep
@@ -56,6 +56,7 @@ searcher (bisection / log grid) rather than set by hand.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -63,9 +64,10 @@ import numpy as np
 from ray.tune.search import Searcher
 
 from widthsearch.errors import ConfigError
+from widthsearch.gates import GateSchedule
+from widthsearch.options import Option
 
 from .base import WidthSearcher
-from .options import Option
 
 
 def _positive(default: float, text: str) -> Option:
@@ -128,8 +130,10 @@ class GradientSearcher(WidthSearcher):
         return math.sqrt(self.lo * self.hi)
 
     def _payload(self, lam: float) -> dict:
-        keys = ("steps", "lr", "init_logit", "tau", "tau_end", "temp", "temp_end", "complexity")
-        return {"lam": float(lam), "seed": self.seed, "budget": self.budget, **{k: self.options[k] for k in keys}}
+        """What one trial runs: lam, the gate schedule, what is penalised, the budget its extraction keeps to."""
+        schedule = GateSchedule(**{f.name: self.options[f.name] for f in dataclasses.fields(GateSchedule)})
+        return {"lam": float(lam), "seed": self.seed, "budget": self.budget, "complexity": self.options["complexity"],
+                "schedule": schedule}
 
     # -- Tune hooks ---------------------------------------------------------------------
     def _propose(self, trial_id: str):

@@ -10,7 +10,7 @@ recalibration; the mobilenet folders are the same recipe).
    search's training batches), best first. "The first ``w`` channels" below means the first
    ``w`` of that order, i.e. the ``w`` best; the order travels in the training payload and
    the PruningNet checkpoint, and every candidate's payload ``keep`` lists those channels.
-2. **PruningNet training** (one trial, payload phase "train"; searchers/pruningnet.py,
+2. **PruningNet training** (one trial, payload phase "train"; widthsearch/pruningnet.py,
    trainables/metapruning.py): every conv/linear touched by a channel group gets a meta block
    (two FC layers) from the layer's encoding (keep ratios of the groups on its output and
    input channels) to its full-size weight, cropped to the first ``w`` channels of every
@@ -103,10 +103,10 @@ from ray.tune.search import Searcher
 
 from widthsearch.errors import ConfigError
 from widthsearch.importance import CRITERIA
+from widthsearch.options import Option
+from widthsearch.pruningnet import allowed_widths, channel_order, keep_channels, sample_widths
 
 from .base import WidthSearcher
-from .options import Option
-from .pruningnet import allowed_widths, channel_order, keep_channels, sample_widths
 
 logger = logging.getLogger(__name__)
 

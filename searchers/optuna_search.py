@@ -56,8 +56,9 @@ from optuna.trial import TrialState
 from widthsearch.storage import Storage, filesystem
 from torch import nn
 
+from widthsearch.options import Option
+
 from .base import WidthSearcher
-from .options import Option
 
 SAMPLERS = ("tpe", "nsga2", "random")
 PARAMETERIZATIONS = ("group", "stage", "depth")

@@ -15,7 +15,7 @@ import yaml
 from widthsearch.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "widthsearch.cli"]
+CLI = [sys.executable, "-m", "widthsearch.app.cli"]
 SMALL = ["--num-samples", "4", "--concurrency", "2", "--finetune-steps", "10", "--bn-batches", "5",
          "--base-epochs", "1", "--searcher", "random", "--quiet"]
 
@@ -41,9 +41,9 @@ def test_cluster_yaml_passes_rays_own_schema():
 
 
 def test_results_and_base_model_on_a_file_uri(tmp_path, digits):
-    from widthsearch.config import SearchConfig
+    from widthsearch.app.config import SearchConfig
+    from widthsearch.app.experiment import _base_model, experiment_dir
     from widthsearch.results import ResultsStore, load
-    from widthsearch.search import _base_model, experiment_dir
 
     storage = tmp_path.as_uri()  # file:///...: the same pyarrow.fs path as s3:// or gs://
     cfg = SearchConfig(name="uri", storage=storage, base_epochs=1).resolved()
@@ -61,13 +61,13 @@ def test_results_and_base_model_on_a_file_uri(tmp_path, digits):
 
 
 def test_trial_timeout_is_a_checked_config_key():
-    from widthsearch.cli import _search_overrides, build_parser
-    from widthsearch.config import SearchConfig, load_config
+    from widthsearch.app.cli import _search_overrides, build_parser
+    from widthsearch.app.config import SearchConfig, load_config
 
     assert SearchConfig().trial_timeout_s is None
     assert load_config(None, _search_overrides(build_parser().parse_args(
         ["search", "--trial-timeout-s", "90"]))).trial_timeout_s == 90.0
-    with pytest.raises(ConfigError, match="'trial_timeout_s' must be positive"):
+    with pytest.raises(ConfigError, match="'trial_timeout_s' must be a number > 0"):
         SearchConfig(trial_timeout_s=0)
 
 
@@ -154,7 +154,7 @@ def cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 def test_gpu_trials_on_a_cluster_without_gpus_fail_fast(cluster):
     import ray
 
-    from widthsearch.search import init_ray
+    from widthsearch.app.tuning import init_ray
 
     try:
         with pytest.raises(ConfigError, match=r"gpus_per_trial is 0.5 but the Ray cluster has 0 GPUs"):

@@ -12,10 +12,11 @@ import torch
 
 from searchers import make_searcher, project_to_budget
 from widthsearch import CostModel, build_space, load_model, prune
-from widthsearch.config import SearchConfig
+from widthsearch.app.config import SearchConfig
 from widthsearch.cost import Measure
 from widthsearch.errors import ConfigError
-from widthsearch.latency import LatencyTarget, calibrate, latency_model, monotone, plan, time_ms
+from widthsearch.latency import LatencyTarget, calibrate, latency_model, monotone, plan
+from widthsearch.timing import time_ms
 
 
 def fake_ms(module, inputs) -> float:
@@ -263,11 +264,11 @@ def test_max_latency_ms_below_the_smallest_profile_is_refused(resnet, tmp_path):
 @pytest.mark.parametrize("values,text", [
     (dict(constraint="latency", latency_device="tpu"), "config key 'latency_device' must be one of: cpu, cuda"),
     (dict(constraint="latency", latency_dtype="fp16"), "config key 'latency_dtype' must be fp32 on latency_device cpu"),
-    (dict(constraint="latency", latency_batch=0), "config key 'latency_batch' must be at least 1"),
+    (dict(constraint="latency", latency_batch=0), "config key 'latency_batch' must be an integer >= 1, got 0"),
     (dict(constraint="latency", latency_runtime="tensorrt"), "config key 'latency_runtime' must be one of"),
     (dict(constraint="latency", latency_clock="cpu", latency_threads=2), "config key 'latency_clock' must be wall"),
     (dict(max_latency_ms=5.0), "config key 'max_latency_ms' must be empty unless constraint is latency"),
-    (dict(constraint="latency", latency_grid=1), "config key 'latency_grid' must be at least 2"),
+    (dict(constraint="latency", latency_grid=1), "config key 'latency_grid' must be an integer >= 2, got 1"),
 ])
 def test_bad_latency_config_names_the_key(values, text):
     with pytest.raises(ConfigError, match=text):
@@ -276,26 +277,26 @@ def test_bad_latency_config_names_the_key(values, text):
 
 @pytest.mark.parametrize("args,text", [
     (["--constraint", "energy"], "config key 'constraint' must be one of: flops, params, latency, got 'energy'"),
-    (["--constraint", "latency", "--budget", "1.5"],
-     "config key 'budget' must be a fraction of the base model's cost in (0, 1], got 1.5"),
-    (["--constraint", "latency", "--budget", "0"], "config key 'budget' must be a fraction"),
-    (["--constraint", "latency", "--max-latency-ms", "0"], "config key 'max_latency_ms' must be positive"),
-    (["--constraint", "latency", "--max-latency-ms=-2.5"], "config key 'max_latency_ms' must be positive"),
+    (["--constraint", "latency", "--budget", "1.5"], "config key 'budget' must be a number in (0, 1], got 1.5"),
+    (["--constraint", "latency", "--budget", "0"], "config key 'budget' must be a number in (0, 1], got 0"),
+    (["--constraint", "latency", "--max-latency-ms", "0"], "config key 'max_latency_ms' must be a number > 0"),
+    (["--constraint", "latency", "--max-latency-ms=-2.5"], "config key 'max_latency_ms' must be a number > 0"),
     (["--constraint", "latency", "--latency-device", "cuda"],
      "latency_device is 'cuda' but this machine has no CUDA GPU"),
 ])
 def test_bad_search_input_is_refused_before_any_work(args, text, tmp_path, capsys, monkeypatch):
     """Through the CLI: exit status 2 and a message naming the problem, before data, Ray or timing."""
-    from widthsearch import search
-    from widthsearch.cli import main
+    from widthsearch.app import experiment, runs
+    from widthsearch.app.cli import main
 
     def never(*args, **kwargs):
         raise AssertionError("expensive work started before the input was checked")
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without a CUDA GPU
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    for name in ("load_data", "latency_model", "init_ray"):
-        monkeypatch.setattr(search, name, never)
+    for module, name in ((experiment, "load_data"), (experiment, "latency_model"), (experiment, "init_ray"),
+                         (runs, "init_ray")):
+        monkeypatch.setattr(module, name, never)
     code = main(["search", "--name", "bad", "--storage", str(tmp_path), *args])
     assert code == 2 and text in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
@@ -303,7 +304,7 @@ def test_bad_search_input_is_refused_before_any_work(args, text, tmp_path, capsy
 
 def test_on_a_cluster_a_cuda_target_needs_trials_with_a_gpu():
     """The table is measured where the trials run: a cuda target with CPU-only trials fails before any data."""
-    from widthsearch.search import prepare
+    from widthsearch.app.experiment import prepare
 
     cfg = SearchConfig(constraint="latency", latency_device="cuda", data="npz:/nonexistent/data.npz",
                        address="ray://nowhere:10001")
@@ -312,7 +313,7 @@ def test_on_a_cluster_a_cuda_target_needs_trials_with_a_gpu():
 
 
 def test_prepare_builds_the_latency_measure_and_converts_max_latency_ms(tmp_path, monkeypatch):
-    from widthsearch.search import prepare
+    from widthsearch.app.experiment import prepare
 
     monkeypatch.setenv("WIDTHSEARCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -335,7 +336,7 @@ def test_search_under_a_latency_budget_end_to_end(tmp_path):
     asserted), the report plots them."""
     from tests.test_e2e_cli import cli, rows
     from widthsearch import load_data
-    from widthsearch.cli import main
+    from widthsearch.app.cli import main
     from widthsearch.latency import cache_folder
     from widthsearch.models import save_checkpoint
 
@@ -371,33 +372,34 @@ def test_search_under_a_latency_budget_end_to_end(tmp_path):
     assert 'src="latency.png"' in (tmp_path / "report" / "index.html").read_text()
 
 
-@pytest.mark.parametrize("pareto,expected", [(False, ["best", "second"]), (True, ["over", "short"])])
+@pytest.mark.parametrize("pareto,expected", [(False, ["best", "second"]), (True, ["over", "second"])])
 def test_the_best_profiles_within_the_budget_are_timed_after_the_search(resnet, tmp_path, monkeypatch, pareto,
                                                                         expected):
-    """Budget: within it, longest fine-tune, best score, distinct profiles. Pareto: the front, best score first."""
+    """Budget: within it, longest fine-tune, best score, distinct profiles. Pareto: the front (over, short, second),
+    in the same order (results.ranked): `short` scored after a shorter fine-tune comes last."""
     import types
 
     import pyarrow as pa
 
-    from widthsearch import search
+    from widthsearch.app import runs
     from widthsearch.results import SCHEMA
 
     model, space = resnet
     latency = latency_model(space, model, grid=2, cache_dir=tmp_path, timer=fake_ms, progress=False)
     w = [space.widths.tolist(), space.min_widths.tolist(), space.vector(space.uniform(0.5)).tolist()]
-    rows = [dict(trial_id="over", status="ok", widths=w[0], score=0.99, cost_ratio=1.0, finetune_steps=50),
-            dict(trial_id="short", status="ok", widths=w[2], score=0.95, cost_ratio=0.4, finetune_steps=10),
-            dict(trial_id="best", status="ok", widths=w[2], score=0.90, cost_ratio=0.4, finetune_steps=50),
-            dict(trial_id="same", status="ok", widths=w[2], score=0.80, cost_ratio=0.4, finetune_steps=50),
-            dict(trial_id="second", status="ok", widths=w[1], score=0.70, cost_ratio=0.2, finetune_steps=50),
-            dict(trial_id="failed", status="error", widths=w[1], score=None, cost_ratio=0.2, finetune_steps=None)]
+    rows = [dict(trial_id="over", status="ok", widths=w[0], score=0.99, cost_ratio=1.0, steps_reached=50),
+            dict(trial_id="short", status="ok", widths=w[2], score=0.95, cost_ratio=0.4, steps_reached=10),
+            dict(trial_id="best", status="ok", widths=w[2], score=0.90, cost_ratio=0.4, steps_reached=50),
+            dict(trial_id="same", status="ok", widths=w[2], score=0.80, cost_ratio=0.4, steps_reached=50),
+            dict(trial_id="second", status="ok", widths=w[1], score=0.70, cost_ratio=0.2, steps_reached=50),
+            dict(trial_id="failed", status="error", widths=w[1], score=None, cost_ratio=0.2, steps_reached=None)]
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     timed = []
-    monkeypatch.setattr(search, "measure_profiles", lambda space, model, target, profiles, paired: [
+    monkeypatch.setattr(runs, "measure_profiles", lambda space, model, target, profiles, paired: [
         timed.append(p) or {"ms": 1.0, "ratio": 0.5} for p in profiles])
     cfg = SearchConfig(constraint="latency", budget=0.5, latency_top=2, pareto=pareto)
     exp = types.SimpleNamespace(config=cfg, space=space, model=model, measure=latency, exp_dir=str(tmp_path / "exp"))
-    out = search.measure_top(exp, table, progress=False)
+    out = runs.measure_top(exp, table, progress=False)
     assert [r["trial_id"] for r in out["rows"]] == expected
     assert timed == [r["widths"] for r in rows if r["trial_id"] in expected]
     written = json.loads((tmp_path / "exp" / "widthsearch" / "latency" / "measured.json").read_text())

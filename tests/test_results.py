@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -186,11 +187,26 @@ def test_query_errors(table, kwargs, message):
         query(table, **kwargs)
 
 
+def test_rows_written_before_a_column_was_renamed_load_under_its_new_name(store, exp_dir):
+    """Rows of an experiment stored before `finetune_steps` became `steps_reached` (and before `phase_s` and `run`
+    existed) load into today's schema."""
+    store.write_row(row("new", 0.5, 0.7, steps_reached=20))
+    fields = [pa.field("finetune_steps", pa.int32()) if f.name == "steps_reached" else f for f in SCHEMA
+              if f.name not in ("phase_s", "run")]
+    old = pa.Table.from_pylist([{"trial_id": "old", "status": "ok", "score": 0.6, "finetune_steps": 50}],
+                               schema=pa.schema(fields))
+    pq.write_table(old, Path(exp_dir) / "widthsearch" / "rows" / "old.parquet")
+    table = load(exp_dir)
+    assert table.schema.remove_metadata().equals(SCHEMA)
+    assert dict(zip(ids(table), table["steps_reached"].to_pylist())) == {"new": 20, "old": 50}
+    assert table.filter(pc.equal(table["trial_id"], "old"))["run"].to_pylist() == [None]
+
+
 def test_format_table(table):
     text = format_table(query(table))
     lines = text.splitlines()
     assert lines[0].split() == ["trial_id", "searcher", "status", "flops_ratio", "params", "val_acc", "score",
-                                "finetune_steps", "wall_s", "widths"]
+                                "steps_reached", "wall_s", "widths"]
     assert len(lines) == 6 and lines[1].split()[:4] == ["d", "random", "ok", "0.9000"] and "[2,4]" in lines[1]
     records = list(csv.DictReader(io.StringIO(format_table(table, "csv"))))
     assert list(records[0]) == SCHEMA.names and len(records) == 5
@@ -231,14 +247,14 @@ def test_callback_rows(store, exp_dir, tmp_path):
     callback = ResultsCallback(store, "exp", "random", [4, 8])
     started = time.time() - 5
     result = {"score": 0.8, "val_acc": 0.8, "val_loss": 0.5, "flops": 250, "params": 30, "flops_ratio": 0.25,
-              "widths": [2, 4], "finetune_steps": 10, "criterion": "l1", "wall_s": 5.0, "node": "10.0.0.2",
+              "widths": [2, 4], "steps_reached": 10, "criterion": "l1", "wall_s": 5.0, "node": "10.0.0.2",
               "started_at": started, "payload": '{"arm": 3}', "training_iteration": 1}
     callback.on_trial_complete(iteration=1, trials=[], trial=fake_trial(tmp_path, "t1", result))
     callback.on_trial_error(iteration=2, trials=[], trial=fake_trial(tmp_path, "t2", {}, ERROR_FILE))
     callback.on_trial_complete(iteration=3, trials=[], trial=fake_trial(tmp_path, "t3", {"training_iteration": 0}))
     ok, failed, silent = load(exp_dir).to_pylist()
     assert ok["status"] == "ok" and ok["error"] is None and ok["searcher"] == "random"
-    assert ok["keep_ratios"] == [0.5, 0.5] and ok["flops"] == 250 and ok["finetune_steps"] == 10
+    assert ok["keep_ratios"] == [0.5, 0.5] and ok["flops"] == 250 and ok["steps_reached"] == 10
     assert ok["node"] == "10.0.0.2" and ok["payload"] == '{"arm": 3}'
     assert abs(ok["started_at"].timestamp() - started) < 1e-3 and ok["finished_at"] > ok["started_at"]
     assert failed["status"] == "error" and failed["error"] == "ValueError: boom"
@@ -301,7 +317,7 @@ def test_real_tune_run(tmp_path):
         if config["widths"] == [2, 2]:
             raise ValueError("boom")
         tune.report({"score": 0.5, "val_acc": 0.5, "val_loss": 1.0, "flops": 10, "params": 2, "flops_ratio": 0.5,
-                     "widths": config["widths"], "finetune_steps": 0, "criterion": "l1", "wall_s": 0.1,
+                     "widths": config["widths"], "steps_reached": 0, "criterion": "l1", "wall_s": 0.1,
                      "node": "local", "started_at": time.time(), "payload": None})
 
     exp_dir = str(tmp_path / "run")

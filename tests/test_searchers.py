@@ -86,7 +86,7 @@ def test_every_suggestion_is_within_budget_and_bounds(setup, name):
         assert len(config["widths"]) == len(space)
         assert all(isinstance(w, int) for w in config["widths"])
         assert _ratio(space, cost, config["widths"]) <= 0.5
-        assert config["payload"] is None or isinstance(json.loads(config["payload"]), dict)
+        assert config["payload"] is None or isinstance(json.loads(json.dumps(dict(config["payload"]))), dict)
     if name in ("random", "optuna"):
         assert len(profiles) == 20  # never FINISHED on their own
     assert len(searcher.history) == len(profiles)
@@ -136,7 +136,7 @@ def test_uniform_budget_mode_suggests_once_then_finishes(resnet):
     first = searcher.suggest("a")
     assert searcher.suggest("b") == Searcher.FINISHED
     assert searcher.suggest("c") == Searcher.FINISHED
-    ratio = json.loads(first["payload"])["ratio"]
+    ratio = first["payload"]["ratio"]
     assert first["widths"] == list(space.vector(space.uniform(ratio)))
     assert 0.45 <= _ratio(space, cost, first["widths"]) <= 0.5
 
@@ -147,7 +147,7 @@ def test_uniform_pareto_mode_spans_ratios(small):
     configs = _run(searcher, space, 10)
     assert configs[-1] == Searcher.FINISHED and len(configs) == 6
     assert configs[-2]["widths"] == list(space.widths)
-    ratios = [json.loads(c["payload"])["ratio"] for c in configs[:-1]]
+    ratios = [c["payload"]["ratio"] for c in configs[:-1]]
     assert ratios == sorted(ratios) and ratios[-1] == 1.0
 
 
@@ -157,7 +157,7 @@ def test_random_pareto_mode_and_no_duplicates(small):
     configs = _run(searcher, space, 20)
     widths = [tuple(c["widths"]) for c in configs]
     assert len(set(widths)) == len(widths)
-    targets = [json.loads(c["payload"])["target"] for c in configs]
+    targets = [c["payload"]["target"] for c in configs]
     for w, t in zip(widths, targets):
         assert _ratio(space, cost, w) <= t + 1e-9
 
@@ -170,7 +170,7 @@ def test_global_one_candidate_per_normalizer_then_finished(resnet):
     candidates = configs[:-1]
     assert 1 <= len(candidates) <= 3
     assert len({tuple(c["widths"]) for c in candidates}) == len(candidates)
-    covered = sorted(n for c in candidates for n in json.loads(c["payload"])["normalizers"])
+    covered = sorted(n for c in candidates for n in c["payload"]["normalizers"])
     assert covered == ["max", "mean", "none"]
     for c in candidates:
         assert 0.45 <= _ratio(space, cost, c["widths"]) <= 0.5  # removal stops right at the budget
@@ -196,7 +196,7 @@ def test_global_pareto_targets(small):
     configs = _run(searcher, space, 5)
     assert configs[-1] == Searcher.FINISHED and len(configs) == 3
     for c in configs[:-1]:
-        assert _ratio(space, cost, c["widths"]) <= json.loads(c["payload"])["target"]
+        assert _ratio(space, cost, c["widths"]) <= c["payload"]["target"]
 
 
 def test_global_needs_model(small):
@@ -232,7 +232,10 @@ def test_unknown_option_and_searcher(small):
         make_searcher("random", space, cost, mode="best")
 
 
-def test_registry_line_plugs_in_a_searcher(small):
+def test_registry_line_plugs_in_a_searcher(small, tmp_path, monkeypatch):
+    """A searcher defined outside the package, registered with one line, runs end to end through the API."""
+    import widthsearch as ws
+
     _, space, cost = small
     SEARCHERS["test_fixed"] = f"{__name__}:_Fixed"
     try:
@@ -242,6 +245,13 @@ def test_registry_line_plugs_in_a_searcher(small):
         assert _ratio(space, cost, config["widths"]) <= 0.5
         with pytest.raises(ConfigError, match="unknown searcher 'nope'.*test_fixed"):
             searcher_class("nope")
+        assert "test_fixed:" in searchers_help()
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a local Ray, started and stopped by fit()
+        run = ws.Search(name="plugin", storage=str(tmp_path), searcher="test_fixed", searcher_options={"rate": 1},
+                        budget=0.5, num_samples=2, concurrency=1, finetune_steps=2, bn_batches=2, base_epochs=1)
+        rows = run.fit(progress=False).to_pylist()
+        assert len(rows) == 2 and all(r["status"] == "ok" and r["searcher"] == "test_fixed" for r in rows)
+        assert all(r["cost_ratio"] <= 0.5 for r in rows) and run.best()["trial_id"] in {r["trial_id"] for r in rows}
     finally:
         SEARCHERS.pop("test_fixed")
     SEARCHERS["test_bad"] = f"{__name__}:_ratio"
@@ -377,10 +387,10 @@ def test_optuna_warm_start_evaluates_uniform_and_global_profiles_first(resnet):
                              parameterization="group")
     first = [searcher.suggest(f"t{i}") for i in range(len(expected))]
     for config, widths in zip(first, expected):
-        assert json.loads(config["payload"])["warm_start"] is True
+        assert config["payload"]["warm_start"] is True
         assert _ratio(space, cost, config["widths"]) <= 0.3
         assert np.all(np.array(config["widths"]) >= np.array(widths))  # the same direction, scaled up to the budget
-    assert json.loads(searcher.suggest("next")["payload"])["warm_start"] is False
+    assert searcher.suggest("next")["payload"]["warm_start"] is False
 
 
 @pytest.mark.parametrize("how, count", [("group", 12), ("stage", 6), ("depth", 6)])

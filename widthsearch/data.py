@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from widthsearch.errors import DataSourceError
 
 SPLITS = ("train", "val", "test")
-_USAGE = "expected digits, npz:PATH, cifar10:ROOT, cifar100:ROOT or imagefolder:ROOT"
+SOURCES = {"digits": "digits", "npz": "npz:PATH", "cifar10": "cifar10:ROOT", "cifar100": "cifar100:ROOT",
+           "imagefolder": "imagefolder:ROOT"}  # each kind of data source, as a source of it is written
+_USAGE = f"expected {', '.join(list(SOURCES.values())[:-1])} or {list(SOURCES.values())[-1]}"
 _OPTIONS = {"digits": (), "npz": (), "cifar10": ("download",), "cifar100": ("download",),
             "imagefolder": ("size",)}
 _NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test")

@@ -14,9 +14,7 @@ import inspect
 import json
 import os
 import shutil
-import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Mapping
@@ -27,8 +25,9 @@ from torch import nn
 
 from .errors import WidthSearchError
 from .models import load_model
-from .space import build_space
+from .space import build_space, device_of
 from .surgery import prune
+from .timing import time_ms
 
 FILES = ("weights.pt", "profile.json", "model.json", "metrics.json", "model.torchscript.pt", "model.onnx",
          "latency.json", "preprocessing.json")
@@ -38,25 +37,16 @@ ONNX_TOLERANCE = 1e-4      # max abs difference of ONNX Runtime's outputs from P
 
 
 @torch.no_grad()
-def measure_latency(model: nn.Module, example: torch.Tensor, batch_sizes=(1, 64), repeats: int = 20) -> dict:
-    """Median forward time in milliseconds per batch size, eval mode, on the model's device."""
+def measure_latency(model: nn.Module, example: torch.Tensor, batch_sizes=(1, 64)) -> dict:
+    """Milliseconds per forward ("batch{N}_ms", the median wall-clock sample of `timing.time_ms`) per batch size,
+    eval mode, on the model's device."""
     model.eval()
-    device = next(model.parameters()).device
+    device = device_of(model)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     out = {}
     for bs in batch_sizes:
         x = example[:1].to(device).expand(bs, *example.shape[1:]).contiguous()
-        for _ in range(3):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append((time.perf_counter() - t) * 1e3)
-        out[f"batch{bs}_ms"] = statistics.median(times)
+        out[f"batch{bs}_ms"] = time_ms(lambda: model(x), sync)
     return out
 
 
@@ -96,6 +86,14 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, check
     return {"onnx_opset": ONNX_OPSET, "onnx_check_batch": len(check_input), "onnx_max_abs_diff": diff}
 
 
+def check_export_folder(out_dir: str | os.PathLike) -> Path:
+    """`out_dir` as a Path; WidthSearchError when it exists and is not empty (an export never overwrites)."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise WidthSearchError(f"export folder {out} already exists and is not empty")
+    return out
+
+
 def export(pruned: nn.Module, dense: nn.Module, out_dir: str | Path, *, profile: Mapping[str, int],
            source: Mapping, metrics: Mapping, example_input: torch.Tensor,
            check_input: torch.Tensor | None = None, preprocessing: Mapping | None = None) -> Path:
@@ -109,9 +107,7 @@ def export(pruned: nn.Module, dense: nn.Module, out_dir: str | Path, *, profile:
     preprocessing.json and into the ONNX model's metadata (key ONNX_PREPROCESSING); `load_preprocessing`
     reads it back.
     """
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise WidthSearchError(f"export folder {out} already exists and is not empty")
+    out = check_export_folder(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     pruned, dense = pruned.cpu().eval(), dense.cpu().eval()
     example = example_input.cpu()

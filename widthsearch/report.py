@@ -98,10 +98,15 @@ def plot_latency(table: pa.Table, measured: dict | None, meta: dict, path: str) 
     save_figure(fig, path)
 
 
-def _html(meta: dict, front: pa.Table, best: pa.Table, latency: bool = False) -> str:
+def _html_table(table: pa.Table) -> str:
+    """Rows as an HTML table of their main columns."""
     columns = ["trial_id", "searcher", "flops_ratio", "params", "score", "val_acc", "val_loss"]
     rows = "\n".join("<tr>" + "".join(f"<td>{html.escape(results.cell_text(r[c]))}</td>" for c in columns) + "</tr>"
-                     for r in front.select(columns).to_pylist())
+                     for r in table.select(columns).to_pylist())
+    return f"<table><tr>{''.join(f'<th>{c}</th>' for c in columns)}</tr>\n{rows}</table>"
+
+
+def _html(meta: dict, front: pa.Table, best: pa.Table, latency: bool = False) -> str:
     title = html.escape(f"widthsearch report: {meta.get('experiment', '')}")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{title}</title>
@@ -111,24 +116,26 @@ def _html(meta: dict, front: pa.Table, best: pa.Table, latency: bool = False) ->
 {meta.get('base_val_acc')}. Scores are on the validation split.</p>
 <img src="pareto.png" alt="score against FLOPs">
 <h2>Pareto front ({front.num_rows} trials)</h2>
-<table><tr>{''.join(f'<th>{c}</th>' for c in columns)}</tr>
-{rows}</table>
+{_html_table(front)}
 {'<h2>Score against latency</h2><img src="latency.png" alt="score against latency">' if latency else ''}
 <h2>Best {best.num_rows} candidates</h2>
+<p>Within the budget, longest fine-tune first, then the best score.</p>
+{_html_table(best)}
 <img src="profiles.png" alt="width profiles">
 </body></html>
 """
 
 
 def write_report(exp_dir: str, out_dir: str, top: int = 3) -> list[str]:
-    """Write pareto.png, profiles.png, index.html and, under a latency constraint, latency.png (score vs
-    predicted and measured latency) for an experiment into out_dir; return their paths."""
+    """Write pareto.png, profiles.png (the `top` best distinct profiles within the experiment's budget, by
+    `results.ranked`), index.html and, under a latency constraint, latency.png (score vs predicted and measured
+    latency) for an experiment into out_dir; return their paths."""
     if top < 1:
         raise WidthSearchError(f"--top must be at least 1, got {top}")
     meta = results.load_metadata(exp_dir)
     table = _successful(results.load(exp_dir))
     front = results.pareto_front(table)
-    best = table.sort_by([("score", "descending"), ("flops_ratio", "ascending")]).slice(0, top)
+    best = results.ranked_table(table, results.budget_of(meta), limit=top)
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, name) for name in ("pareto.png", "profiles.png", "index.html")]
     plot_pareto(table, front, meta, paths[0])

@@ -9,13 +9,14 @@ All I/O goes through pyarrow.fs, so EXP_DIR may be a local path, a file:// or an
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
 import os
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from decimal import Decimal
 from importlib import metadata as importlib_metadata
@@ -36,14 +37,16 @@ SCHEMA = pa.schema([
     ("error", pa.string()), ("widths", pa.list_(pa.int32())), ("keep_ratios", pa.list_(pa.float32())),
     ("flops", pa.int64()), ("params", pa.int64()), ("flops_ratio", pa.float64()), ("cost_ratio", pa.float64()),
     ("latency_ms", pa.float64()), ("val_acc", pa.float64()),
-    ("val_loss", pa.float64()), ("score", pa.float64()), ("finetune_steps", pa.int32()), ("criterion", pa.string()),
+    ("val_loss", pa.float64()), ("score", pa.float64()), ("steps_reached", pa.int32()), ("criterion", pa.string()),
     ("wall_s", pa.float64()), ("node", pa.string()), ("started_at", _TIMESTAMP), ("finished_at", _TIMESTAMP),
     ("checkpoint", pa.string()), ("payload", pa.string()),
     ("phase_s", pa.map_(pa.string(), pa.float64())), ("run", pa.string()),
 ])
 MAIN_RUN = "search"  # the Tune run of the search itself; follow-up runs (e.g. "rescore") add rows under their name
+# Columns renamed since: their name in rows written before -> their name now (`load` reads both).
+RENAMED = {"finetune_steps": "steps_reached"}
 FORMATS = ("table", "csv", "json", "parquet")
-_TABLE_COLUMNS = ("trial_id", "searcher", "status", "flops_ratio", "params", "val_acc", "score", "finetune_steps",
+_TABLE_COLUMNS = ("trial_id", "searcher", "status", "flops_ratio", "params", "val_acc", "score", "steps_reached",
                   "wall_s")
 _WHERE = re.compile(r"^\s*(\w+)\s*(==|!=|<=|>=|=|<|>)\s*(.*?)\s*$")
 _OPS = {"=": pc.equal, "==": pc.equal, "!=": pc.not_equal, "<": pc.less, "<=": pc.less_equal,
@@ -52,7 +55,12 @@ _ERROR_CHARS = 2000
 
 
 def _json_default(value):
-    """Datetimes -> ISO text, decimals and numpy scalars and arrays -> Python; anything else is a bug in the caller."""
+    """Datetimes -> ISO text, decimals and numpy scalars and arrays -> Python, dataclasses and other mappings (a
+    searcher's payload on its way to a trial) -> dicts; anything else is a bug in the caller."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, Mapping):
+        return dict(value)
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, Decimal):  # e.g. an SQL sum of integers
@@ -177,7 +185,7 @@ class ResultsCallback(tune.Callback):
         row = self._row(trial, result)
         row["status"] = result.get("status", "ok")  # searchers may mark helper trials, e.g. aofp "probe"
         row.update({key: result.get(key) for key in ("score", "val_acc", "val_loss", "flops", "params", "flops_ratio",
-                                                     "cost_ratio", "latency_ms", "finetune_steps", "criterion",
+                                                     "cost_ratio", "latency_ms", "steps_reached", "criterion",
                                                      "checkpoint")})
         row["wall_s"] = result.get("wall_s", result.get("time_total_s"))
         row["node"] = result.get("node", result.get("node_ip"))
@@ -223,7 +231,7 @@ class ResultsCallback(tune.Callback):
             "keep_ratios": None if widths is None else [w / s for w, s in zip(widths, self.space_widths)],
             "finished_at": datetime.now(timezone.utc),
             "payload": payload if payload is None or isinstance(payload, str)
-            else json.dumps(payload, default=_json_default),
+            else json.dumps(payload, sort_keys=True, default=_json_default),
         }
 
 
@@ -232,13 +240,18 @@ def load_metadata(exp_dir: str) -> dict:
 
 
 def load(exp_dir: str) -> pa.Table:
-    """All rows of an experiment (ordered by trial_id), with the group metadata on the schema."""
+    """All rows of an experiment (ordered by trial_id), with the group metadata on the schema; a column of rows
+    written before it was renamed (RENAMED) is read under its new name."""
     store = ResultsStore(exp_dir)
     schema = _schema(store.metadata())
     paths = [f"{store.rows}/{trial_id}.parquet" for trial_id in store.trial_ids()]
     if not paths:
         return schema.empty_table()
-    table = ds.dataset(paths, schema=schema, format="parquet", filesystem=store.fs).to_table()
+    scan = pa.schema([*schema, *(pa.field(old, schema.field(new).type) for old, new in RENAMED.items())])
+    table = ds.dataset(paths, schema=scan, format="parquet", filesystem=store.fs).to_table()
+    for old, new in RENAMED.items():
+        merged = pc.coalesce(table[new], table[old])
+        table = table.set_column(schema.get_field_index(new), schema.field(new), merged).drop_columns([old])
     return table.sort_by("trial_id").replace_schema_metadata(schema.metadata)
 
 
@@ -281,7 +294,7 @@ def ranked(table: pa.Table, budget: float | None = None, *, distinct: bool = Tru
     """
     rows = [r for r in table.to_pylist() if r["status"] == "ok" and r["score"] is not None
             and math.isfinite(r["score"]) and (budget is None or cost_ratio_of(r) <= budget + 1e-9)]
-    rows.sort(key=lambda r: (-(r["finetune_steps"] or 0), -r["score"], cost_ratio_of(r)))
+    rows.sort(key=lambda r: (-(r["steps_reached"] or 0), -r["score"], cost_ratio_of(r)))
     if not distinct:
         return rows
     seen, out = set(), []
@@ -291,6 +304,55 @@ def ranked(table: pa.Table, budget: float | None = None, *, distinct: bool = Tru
             seen.add(key)
             out.append(row)
     return out
+
+
+def ranked_table(table: pa.Table, budget: float | None = None, limit: int | None = None) -> pa.Table:
+    """`ranked` (distinct profiles) as a table of the same schema, at most `limit` rows."""
+    return pa.Table.from_pylist(ranked(table, budget)[:limit], schema=table.schema)
+
+
+def budget_of(meta: dict) -> float | None:
+    """An experiment's budget (a ratio of its constraint) from its metadata, or None for a Pareto search."""
+    config = meta.get("config", {})
+    return None if config.get("pareto") else config.get("budget")
+
+
+def choose_trial(table: pa.Table, trial: str | None = None, *, budget: float | None = None,
+                 constraint: str = "flops") -> dict:
+    """The row of `trial`; else the best successful row within `budget` (`ranked`: the highest fidelity reached,
+    then the best score, ties going to the cheaper profile).
+
+    `budget=None` (a Pareto search without a chosen bound) is refused: there is no single best.
+    """
+    if trial is not None:
+        match = [r for r in table.to_pylist() if r["trial_id"] == trial]
+        if not match:
+            raise WidthSearchError(f"no trial {trial!r} in this experiment")
+        if match[0]["status"] != "ok":
+            raise WidthSearchError(f"trial {trial!r} did not score a profile (status {match[0]['status']}"
+                                   f"{': ' + match[0]['error'] if match[0]['error'] else ''}); pick another")
+        return match[0]
+    ok = ranked(table)
+    if not ok:
+        raise WidthSearchError("this experiment has no successful trial yet")
+    if budget is None:
+        raise WidthSearchError("this experiment searched a Pareto front, so it has no single best: give --budget R "
+                               f"(the best row whose {constraint} ratio is <= R) or --trial ID; "
+                               "`widthsearch results EXP --pareto` lists the front")
+    within = ranked(table, budget)
+    if not within:
+        smallest = min(cost_ratio_of(r) for r in ok)
+        raise WidthSearchError(f"no successful trial within the budget {budget:g} ({constraint}): {len(ok)} ok rows, "
+                               f"the smallest ratio is {smallest:.4f}; give --trial ID or a larger --budget")
+    return within[0]
+
+
+def chosen_channels(row: Mapping) -> dict:
+    """keep/weights of a row whose searcher chose the channels itself (its payload has "keep"); else {}."""
+    payload = json.loads(row["payload"]) if row.get("payload") else {}
+    if not isinstance(payload, dict) or "keep" not in payload:
+        return {}
+    return {"keep": payload["keep"], "weights": row.get("checkpoint")}
 
 
 def _where(table: pa.Table, item: str) -> pa.ChunkedArray:

@@ -59,15 +59,22 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """The device of a model's parameters (its first parameter's)."""
+    return next(model.parameters()).device
+
+
 def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
-    """Trace `model` (in eval mode, so BN statistics are not touched) into a DependencyGraph.
+    """Trace `model` (in eval mode, so BN statistics are not touched; the example moved to the model's device)
+    into a DependencyGraph.
 
     A model torch-pruning cannot trace (e.g. a channel shuffle: a view that interleaves channel groups)
     raises WidthSearchError naming the op and the layers around it.
     """
     with eval_mode(model):
         try:
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input.to(device_of(model)),
+                                                         verbose=False)
         except (ZeroDivisionError, IndexError, KeyError, ValueError, RuntimeError) as exc:
             raise WidthSearchError(_trace_failure(model, exc)) from exc
 

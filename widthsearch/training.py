@@ -13,6 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import DataSplits
+from .models import load_model
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,18 @@ def _train_epochs(model, data, epochs, config, seed, device, fmt, label, progres
             mean = sum(epoch_losses) / max(1, len(epoch_losses))
             on_epoch(epoch, mean, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
     return sum(losses) / max(1, len(losses))
+
+
+
+def train_base(source: str, data: DataSplits, *, epochs: int, config: TrainConfig = TrainConfig(), seed: int = 0,
+               device: torch.device | str = "cpu", progress: bool | str = False) -> nn.Module:
+    """A base model: `source` (a model source, see widthsearch.models) initialised with torch seed `seed`, then
+    trained `epochs` epochs on `data`'s train split (batch order seeded by `seed`). The one recipe behind a
+    search's own base model, `widthsearch train-base` and the bench's bases."""
+    torch.manual_seed(seed)
+    model = load_model(source, data.num_classes, in_channels=data.in_channels)
+    train(model, data, epochs=epochs, config=config, seed=seed, device=device, progress=progress)
+    return model
 
 
 @torch.no_grad()

@@ -1,20 +1,20 @@
-"""`widthsearch` command line: search, results, retrain, report, train-base."""
+"""`widthsearch` command line: search, results, retrain, report, train-base (the Python API, parsed and printed)."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from typing import Sequence
 
 import yaml
 
-from .config import HELP, SearchConfig
-from .errors import WidthSearchError
+from ..errors import WidthSearchError
+from ..options import Option, value_text
+from .config import declared
 
-_BOOL_FLAGS = {"pareto", "asha", "allow_cpu"}
 _DASH_VALUE_FLAGS = {"--sort"}  # flags whose value may start with a dash ('-score': descending)
+_FLAGS = {"searcher_options": "--option"}  # settings whose flag is not --KEY-NAME
 
 
 def _add_search(sub) -> None:
@@ -24,35 +24,40 @@ def _add_search(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="searcher options (--option KEY=VALUE), with their defaults:\n" + searchers_help())
     p.add_argument("config", nargs="?", help="YAML file with any of the keys below")
-    defaults = SearchConfig()
-    for f in dataclasses.fields(SearchConfig):
-        flag = "--" + f.name.replace("_", "-")
-        text = HELP.get(f.name, "")
-        if f.name in _BOOL_FLAGS:
-            p.add_argument(flag, action="store_true", default=None, help=text)
-        elif f.name == "searcher_options":
-            p.add_argument("--option", dest="searcher_options", action="append", metavar="KEY=VALUE", help=text)
-        elif f.name == "frozen":
-            p.add_argument(flag, help=text)
+    for key, option in declared().items():
+        flag = _FLAGS.get(key, "--" + key.replace("_", "-"))
+        if option.kind is bool:
+            p.add_argument(flag, dest=key, action="store_true", default=None, help=option.help)
+        elif option.kind is dict:
+            p.add_argument(flag, dest=key, action="append", metavar="KEY=VALUE", help=option.help)
         else:
-            p.add_argument(flag, default=None, help=f"{text} (default {getattr(defaults, f.name)!r})")
+            p.add_argument(flag, dest=key, default=None, help=_flag_help(option))
     p.add_argument("--resume", action="store_true", help="continue the experiment --name")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
+def _flag_help(option: Option) -> str:
+    """A setting's --help line: its help, what a valid value is (not "a string") and its default (if any)."""
+    what = option.describe().removeprefix("a string").removeprefix(", or ")
+    default = "" if option.default is None else value_text(option.default)
+    notes = "; ".join(part for part in (what, default and f"default {default}") if part)
+    return (option.help + (f" ({notes})" if notes else "")).replace("%", "%%")
+
+
 def _search_overrides(args: argparse.Namespace) -> dict:
+    """The search settings given as flags, typed as in YAML (lists comma-separated, --option KEY=VALUE)."""
     out = {}
-    for f in dataclasses.fields(SearchConfig):
-        value = getattr(args, f.name, None)
+    for key, option in declared().items():
+        value = getattr(args, key, None)
         if value is None:
             continue
-        if f.name == "searcher_options":
+        if option.kind is dict:
             value = dict(_key_value(item) for item in value)
-        elif f.name == "frozen":
+        elif option.kind is list:
             value = [v for v in value.split(",") if v]
-        elif f.name not in _BOOL_FLAGS and not f.type.startswith("str"):
-            value = yaml.safe_load(value)  # numbers and booleans typed as in YAML; checked by SearchConfig
-        out[f.name] = value
+        elif option.kind is not str and option.kind is not bool:
+            value = yaml.safe_load(value)  # numbers typed as in YAML; checked by SearchConfig
+        out[key] = value
     return out
 
 
@@ -64,52 +69,54 @@ def _key_value(item: str) -> tuple[str, object]:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from .config import load_config
-    from .results import format_table, load_metadata, query
-    from .search import budget_of, choose_trial, run_search
+    from ..results import format_table, ranked_table
+    from .api import Search, load_search
+    from .config import absolute, load_config
+    from .experiment import experiment_dir
 
     cfg = load_config(args.config, _search_overrides(args))
-    if args.resume and not cfg.name:
-        raise WidthSearchError("--resume needs --name of the experiment to continue")
-    exp_dir, table = run_search(cfg, resume=args.resume, progress=not args.quiet)
-    name = exp_dir.rstrip("/").rsplit("/", 1)[-1]
-    storage = exp_dir.rstrip("/").rsplit("/", 1)[0]
+    if args.resume:
+        if not cfg.name:
+            raise WidthSearchError("--resume needs --name of the experiment to continue")
+        run = load_search(experiment_dir(absolute(cfg.storage), cfg.name), address=cfg.address)
+    else:
+        run = Search(cfg)
+    table = run.fit(progress=not args.quiet)
+    name, storage, constraint = run.config.name, run.config.storage, run.config.constraint
     ok = sum(1 for s in table.column("status").to_pylist() if s == "ok")
-    print(f"{table.num_rows} trials ({ok} ok) in {exp_dir}")
-    budget = budget_of(load_metadata(exp_dir))
+    print(f"{table.num_rows} trials ({ok} ok) in {run.path}")
+    budget = run.budget
     if budget is None:
-        print(format_table(query(table, pareto=True)))
+        print(format_table(run.front()))
         print(f"\nnext: widthsearch retrain {name} --storage {storage} --best --budget R --epochs 30 --out {name}-export"
-              f"  (R: the {cfg.constraint} ratio you can afford)")
+              f"  (R: the {constraint} ratio you can afford)")
         return
-    shown = query(table, where=["status=ok", f"cost_ratio<={budget + 1e-9}"], sort="-finetune_steps,-score", limit=10)
-    print(f"best rows within the budget ({cfg.constraint} ratio <= {budget:g}), longest fine-tune first:")
-    print(format_table(shown))
+    print(f"best profiles within the budget ({constraint} ratio <= {budget:g}), longest fine-tune first:")
+    print(format_table(ranked_table(table, budget, limit=10)))
     try:
-        best = choose_trial(table, budget=budget, constraint=cfg.constraint)
+        best = run.best()
     except WidthSearchError as exc:
         print(f"\n{exc}")
         return
-    print(f"\nbest: trial {best['trial_id']} (score {best['score']:.4f} after {best['finetune_steps']} fine-tune steps, "
-          f"{cfg.constraint} ratio {best['cost_ratio']:.4f})")
+    print(f"\nbest: trial {best['trial_id']} (score {best['score']:.4f} after {best['steps_reached']} fine-tune steps, "
+          f"{constraint} ratio {best['cost_ratio']:.4f})")
     print(f"next: widthsearch retrain {name} --storage {storage} --best --epochs 30 --out {name}-export")
 
 
 def cmd_results(args: argparse.Namespace) -> None:
-    from .results import format_table, load, query, sql_query
-    from .search import experiment_dir
+    from ..results import format_table, query
 
-    table = load(experiment_dir(_storage(args.storage), args.experiment))
+    run = _experiment(args)
     if args.sql is None:
-        table = query(table, pareto=args.pareto, max_flops=args.max_flops, where=args.where or [], sort=args.sort,
-                      limit=args.limit)
+        table = query(run.results(), pareto=args.pareto, max_flops=args.max_flops, where=args.where or [],
+                      sort=args.sort, limit=args.limit)
     else:
         given = [flag for flag, value in [("--pareto", args.pareto), ("--max-flops", args.max_flops),
                                           ("--where", args.where), ("--sort", args.sort), ("--limit", args.limit)]
                  if value not in (None, False)]
         if given:
             raise WidthSearchError(f"--sql does not combine with {', '.join(given)}; say it in the query instead")
-        table = sql_query(table, args.sql)
+        table = run.sql(args.sql)
     text = format_table(table, args.format)
     if isinstance(text, bytes):
         if args.out is None:
@@ -125,30 +132,31 @@ def cmd_results(args: argparse.Namespace) -> None:
 
 
 def cmd_retrain(args: argparse.Namespace) -> None:
-    from .search import experiment_dir, run_retrain
+    from ..export import check_export_folder
 
     if args.best and args.trial:
         raise WidthSearchError("give --trial ID or --best, not both")
-    summary = run_retrain(experiment_dir(_storage(args.storage), args.experiment), trial=args.trial,
-                          epochs=args.epochs, lr=args.lr, from_scratch=args.from_scratch, out=args.out,
-                          address=args.address, cpus=args.cpus_per_trial, gpus=args.gpus_per_trial,
-                          budget=args.budget, timeout_s=args.trial_timeout_s, progress=not args.quiet)
-    print(json.dumps(summary, indent=1))
+    if args.out is not None:
+        check_export_folder(args.out)  # before the retrain, not after it
+    run = _experiment(args, address=args.address)
+    model, metrics = run.retrain(args.trial, epochs=args.epochs, lr=args.lr, from_scratch=args.from_scratch,
+                                 budget=args.budget, cpus=args.cpus_per_trial, gpus=args.gpus_per_trial,
+                                 timeout_s=args.trial_timeout_s, progress=not args.quiet)
+    if args.out is not None:
+        run.export(model, args.out, metrics)
+        metrics["export"] = str(args.out)
+    print(json.dumps(metrics, indent=1))
 
 
 def cmd_train_base(args: argparse.Namespace) -> None:
-    import torch
-
-    from .data import load_data
-    from .models import load_model, save_checkpoint
-    from .training import TrainConfig, evaluate, set_threads, train
+    from ..data import load_data
+    from ..models import save_checkpoint
+    from ..training import TrainConfig, evaluate, set_threads, train_base
 
     set_threads(args.threads)
     data = load_data(args.data, val_fraction=args.val_fraction, seed=args.split_seed)
-    torch.manual_seed(args.seed)
-    model = load_model(args.model, data.num_classes, in_channels=data.in_channels)
-    train(model, data, epochs=args.epochs, config=TrainConfig(lr=args.lr, batch_size=args.batch_size),
-          seed=args.seed, progress=False if args.quiet else f"train {args.model}")
+    model = train_base(args.model, data, epochs=args.epochs, config=TrainConfig(lr=args.lr, batch_size=args.batch_size),
+                       seed=args.seed, progress=False if args.quiet else f"train {args.model}")
     acc, loss = evaluate(model, data, "val")
     save_checkpoint(model, args.out, model_source=args.model, data=args.data, epochs=args.epochs, val_acc=acc,
                     split=data.split)
@@ -157,18 +165,16 @@ def cmd_train_base(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from .report import write_report
-    from .search import experiment_dir
-
-    out = args.out or f"{args.experiment}-report"
-    paths = write_report(experiment_dir(_storage(args.storage), args.experiment), out, top=args.top)
-    print("\n".join(paths))
+    print("\n".join(_experiment(args).report(args.out, top=args.top)))
 
 
-def _storage(storage: str) -> str:
-    from .config import SearchConfig
+def _experiment(args: argparse.Namespace, address: str | None = None):
+    """The experiment named by the command's EXPERIMENT and --storage (widthsearch.load_search)."""
+    from .api import load_search
+    from .config import absolute
+    from .experiment import experiment_dir
 
-    return SearchConfig(storage=storage).resolved().storage
+    return load_search(experiment_dir(absolute(args.storage), args.experiment), address=address)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,14 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for pareto.png, profiles.png, index.html (default EXP-report)")
     p.add_argument("--top", type=int, default=3, help="how many best candidates to draw")
 
+    settings = declared()
     p = sub.add_parser("train-base", help="train a base model and save a checkpoint")
-    p.add_argument("--model", default="small_cnn", help=f"{HELP['model']} (default small_cnn)")
-    p.add_argument("--data", default="digits", help=f"{HELP['data']} (default digits)")
+    p.add_argument("--model", default="small_cnn", help=f"{settings['model'].help} (default small_cnn)")
+    p.add_argument("--data", default="digits", help=f"{settings['data'].help} (default digits)")
     p.add_argument("--epochs", type=int, default=8, help="training epochs (default 8)")
     p.add_argument("--lr", type=float, default=0.05, help="initial learning rate, cosine schedule (default 0.05)")
     p.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help=f"{HELP['val_fraction']} (default 0.1)")
-    p.add_argument("--split-seed", type=int, default=0, help=f"{HELP['split_seed']} (default 0)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help=f"{settings['val_fraction'].help} (default 0.1)")
+    p.add_argument("--split-seed", type=int, default=0, help=f"{settings['split_seed'].help} (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", required=True, help="checkpoint file to write")
