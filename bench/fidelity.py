@@ -95,8 +95,9 @@ def profiles(model, space, cost, quick: bool) -> list[dict]:
 
 
 def budget_profiles(model, space, cost, budget: float, n_random: int, model_name: str) -> list[dict]:
-    """The profile set of the one-budget study: uniform, the global candidates, random ones and every quality
-    search's best rows at `budget` (bench/results/quality/), in that order, each once."""
+    """The profile set of the one-budget study, each once, in this order: uniform, the global candidates, every
+    quality search's best rows at `budget` (bench/results/quality/; every search's best first, then every
+    search's second, ...), then `n_random` random ones."""
     out, seen = [], set()
 
     def add(widths, source, keep=None, **extra):
@@ -109,16 +110,16 @@ def budget_profiles(model, space, cost, budget: float, n_random: int, model_name
     glob = make_searcher("global", space, cost, budget=budget, model=model, normalizers=["mean", "max"])
     while isinstance(config := glob.suggest("g"), dict):
         add(config["widths"], "global")
+    cells = [json.loads(p.read_text()) for p in sorted((RESULTS / "quality").glob(f"{model_name}-*-b{budget}-s*.json"))]
+    ranked_rows = [(rank, cell, row) for cell in cells for rank, row in enumerate(cell.get("top_rows", []))]
+    for rank, cell, row in sorted(ranked_rows, key=lambda item: item[0]):
+        payload = json.loads(row["payload"]) if row.get("payload") else {}
+        keep = payload.get("keep") if isinstance(payload, dict) else None
+        add(row["widths"], cell["method"], keep, search_seed=cell["seed"], rank=rank,
+            trial_score=row["score"], trial_steps=row.get("steps_reached", row.get("finetune_steps")))
     rand = make_searcher("random", space, cost, budget=budget, seed=int(budget * 1000))
     for i in range(n_random):
         add(rand.suggest(f"r{i}")["widths"], "random")
-    for path in sorted((RESULTS / "quality").glob(f"{model_name}-*-b{budget}-s*.json")):
-        cell = json.loads(path.read_text())
-        for rank, row in enumerate(cell.get("top_rows", [])):
-            payload = json.loads(row["payload"]) if row.get("payload") else {}
-            keep = payload.get("keep") if isinstance(payload, dict) else None
-            add(row["widths"], cell["method"], keep, search_seed=cell["seed"], rank=rank,
-                trial_score=row["score"], trial_steps=row.get("steps_reached", row.get("finetune_steps")))
     return out
 
 
