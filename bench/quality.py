@@ -142,7 +142,10 @@ def search_cell(method: str, budget: float, seed: int, args, ckpt: Path, base, s
     model = pruned_from_row(row, base, space, cfg.criterion)
     main = [r for r in ranked(table, budget) if (r["run"] or "search") == "search"][:TOP]
     keys = ("trial_id", "widths", "score", "val_acc", "val_loss", "steps_reached", "cost_ratio", "payload", "run")
-    info = {**cost, "trials": len(rows), "trial_cpu_s": sum((r["wall_s"] or 0.0) for r in rows) * cfg.cpus_per_trial,
+    info = {**cost, "trials": len(rows),
+            "trial_cpu_s": sum(r.get("cpu_s") or (r["wall_s"] or 0.0) * cfg.cpus_per_trial for r in rows),
+            "trial_wall_s": sum(r["wall_s"] or 0.0 for r in rows),
+            "cpu_measured": all(r.get("cpu_s") is not None for r in rows),
             "val_score": row["score"], "val_finetune_steps": row["steps_reached"], "trial_id": row["trial_id"],
             "search_config": load_metadata(exp)["config"], "options": method_config(method),
             "top_rows": [{k: r[k] for k in keys} for r in main],

@@ -46,3 +46,4 @@ def test_the_best_profiles_are_rescored_and_the_choice_is_made_on_the_longer_fin
     assert f"best: trial {chosen['trial_id']} (score {chosen['score']:.4f} after 15 fine-tune steps" in proc.stdout
     phases = dict(rescored[0]["phase_s"])
     assert {"setup", "prune", "bn", "finetune", "eval"} <= set(phases) and phases["finetune"] > 0
+    assert all(0 < r["cpu_s"] for r in rows)  # each trial's compute, whatever the load

@@ -298,12 +298,14 @@ def test_a_follow_up_run_sets_aside_only_its_own_orphans(store, exp_dir, tmp_pat
 def test_rows_record_where_the_trial_spent_its_time(store, exp_dir, tmp_path):
     callback = ResultsCallback(store, "exp", "random", [4, 8])
     trial = fake_trial(tmp_path, "t1", {"score": 0.5, "widths": [2, 4], "wall_s": 2.0, "started_at": time.time() - 2.5,
-                                        "phase_s": {"prune": 0.5, "finetune": 1.25}})
+                                        "phase_s": {"prune": 0.5, "finetune": 1.25}, "cpu_s": 1.5})
     callback.on_trial_start(iteration=0, trials=[trial], trial=trial)
     flat = fake_trial(tmp_path, "t2", {"score": 0.5, "widths": [2, 4], "phase_s/eval": 0.25})  # as Tune flattens it
     for t in (trial, flat):
         callback.on_trial_complete(iteration=1, trials=[trial, flat], trial=t)
-    one, two = (dict(r["phase_s"]) for r in load(exp_dir).to_pylist())
+    first, second = load(exp_dir).to_pylist()
+    assert first["cpu_s"] == 1.5 and second["cpu_s"] is None
+    one, two = dict(first["phase_s"]), dict(second["phase_s"])
     assert one["prune"] == 0.5 and one["finetune"] == 1.25 and one["start"] >= 0 and one["finish"] >= 0
     assert two == {"eval": 0.25}  # no driver view without the trial's start
 

@@ -30,7 +30,7 @@ from widthsearch.storage import Storage
 from widthsearch.surgery import mask
 from widthsearch.training import StepTrainer, TrainConfig, evaluate
 
-from .common import Job, begin_trial, profile_fields, run_with_deadline
+from .common import Job, Phases, begin_trial, profile_fields, run_with_deadline
 
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 _BN = nn.modules.batchnorm._BatchNorm
@@ -262,20 +262,21 @@ def aofp_step(config: dict, job: AofpJob) -> None:
 
 
 def _step(config: dict, job: AofpJob) -> None:
+    cpu = Phases()
     device, node, data, started = begin_trial(job)
     payload = config["payload"]
     model, optimizer_state = load_version(job, payload["version"])
     model.to(device)
     fields = profile_fields(job, config["widths"], "aofp-damage", node, started, None)
     if payload["phase"] == "probe":
-        _probe(model, payload, job, data, device, fields)
+        _probe(model, payload, job, data, device, fields, cpu)
     elif payload["phase"] == "commit":
-        _commit(model, optimizer_state, payload, job, data, device, fields)
+        _commit(model, optimizer_state, payload, job, data, device, fields, cpu)
     else:
-        _final(model, payload, job, data, device, fields)
+        _final(model, payload, job, data, device, fields, cpu)
 
 
-def _probe(model, payload, job, data, device, fields) -> None:
+def _probe(model, payload, job, data, device, fields, cpu: Phases) -> None:
     batches = round_batches(data, job.batch_size, payload["seed"], payload["offset"], payload["window"], device)
     rng = np.random.default_rng([payload["seed"], payload["offset"]])
     sums, counts, evals = probe_damage(model, job.space, payload["search"], batches, rng)
@@ -285,10 +286,10 @@ def _probe(model, payload, job, data, device, fields) -> None:
                                         "count": {n: c.tolist() for n, c in counts.items()}}),
                  "payload": json.dumps({"phase": "probe", "version": payload["version"], "round": payload["round"],
                                         "loss_evals": evals, "batches": payload["window"]}),
-                 "wall_s": time.time() - fields["started_at"]})
+                 "wall_s": time.time() - fields["started_at"], "cpu_s": cpu.cpu_s()})
 
 
-def _commit(model, optimizer_state, payload, job, data, device, fields) -> None:
+def _commit(model, optimizer_state, payload, job, data, device, fields, cpu: Phases) -> None:
     """Train the base path on the round's batches under the version's masks, then apply the round's decisions."""
     state = train_base_path(model, job.space, payload["train_keep"], data, steps=payload["steps"], lr=payload["lr"],
                             batch_size=job.batch_size, seed=payload["seed"], optimizer_state=optimizer_state,
@@ -301,11 +302,12 @@ def _commit(model, optimizer_state, payload, job, data, device, fields) -> None:
                                              "version": version, "keep": payload["keep"]})
     tune.report({**fields, "score": acc, "val_acc": acc, "val_loss": loss, "steps_reached": 0, "version": version,
                  "checkpoint": store.uri(version_name(version)), "wall_s": time.time() - fields["started_at"],
+                 "cpu_s": cpu.cpu_s(),
                  "payload": json.dumps({"phase": "commit", "version": version, "round": payload["round"],
                                         "keep": payload["keep"], "base_path_steps": payload["steps"]})})
 
 
-def _final(model, payload, job, data, device, fields) -> None:
+def _final(model, payload, job, data, device, fields, cpu: Phases) -> None:
     """The final model's fine-tune: job.finetune_steps at job.finetune_lr (cosine), pruned channels held at zero."""
     with held_at_zero(model, channel_masks(model, job.space, payload["keep"])):
         StepTrainer(model, data, job.finetune_steps, TrainConfig(lr=job.finetune_lr, batch_size=job.batch_size),
@@ -316,5 +318,6 @@ def _final(model, payload, job, data, device, fields) -> None:
                              "keep": payload["keep"]})
     tune.report({**fields, "score": acc, "val_acc": acc, "val_loss": loss, "steps_reached": job.finetune_steps,
                  "checkpoint": store.uri(FINAL), "wall_s": time.time() - fields["started_at"],
+                 "cpu_s": cpu.cpu_s(),
                  "payload": json.dumps({"phase": "final", "version": payload["version"], "keep": payload["keep"],
                                         "budget_met": payload["budget_met"], "stop": payload["stop"]})})

@@ -72,9 +72,15 @@ def begin_trial(job: Job) -> tuple[torch.device, str, DataSplits, float]:
 
 @dataclass
 class Phases:
-    """Seconds a trial spent in each of its phases (reported as `phase_s`: where a trial's wall time goes)."""
+    """Seconds a trial spent in each of its phases (reported as `phase_s`: where a trial's wall time goes), and
+    the CPU-seconds its process used since the trial began (`cpu_s`: its compute, whatever the machine's load)."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    cpu_start: float = field(default_factory=time.process_time)
+
+    def cpu_s(self) -> float:
+        """CPU-seconds of this process (all its threads) since the trial began."""
+        return time.process_time() - self.cpu_start
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:

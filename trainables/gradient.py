@@ -18,7 +18,7 @@ from widthsearch.gates import extract, optimize_gates
 from widthsearch.surgery import prune
 
 from . import score
-from .common import begin_trial, profile_fields, run_with_deadline
+from .common import Phases, begin_trial, profile_fields, run_with_deadline
 from .score import ScoreJob, finetune_and_report
 
 def trial_job(cfg, exp_dir: str, common: dict) -> tuple[Callable, ScoreJob]:
@@ -36,6 +36,7 @@ def gate_trial(config: dict, job: ScoreJob) -> None:
 
 
 def _run(config: dict, job: ScoreJob) -> None:
+    phases = Phases()
     device, node, data, started = begin_trial(job)
     request = config["payload"]  # from GradientSearcher: lam, schedule (a GateSchedule), complexity, budget, seed
     seed = job.seed + request["seed"]
@@ -53,4 +54,5 @@ def _run(config: dict, job: ScoreJob) -> None:
     fields = {**profile_fields(job, job.space.vector(profile).tolist(), "gate", node, started, payload),
               "lam": request["lam"], "expected_ratio": gates.expected_ratio,
               "gate_ratio": job.measure.ratio(np.maximum(gate_widths, job.space.min_widths))}
-    finetune_and_report(model, job, data, device, fields, started)
+    phases.seconds["gates"] = time.time() - started
+    finetune_and_report(model, job, data, device, fields, started, phases)

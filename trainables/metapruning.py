@@ -25,7 +25,7 @@ from widthsearch.pruningnet import PruningNet, sample_widths
 from widthsearch.storage import Storage
 from widthsearch.training import TrainConfig, evaluate, make_optimizer, recalibrate_bn
 
-from .common import Job, begin_trial, profile_fields, run_with_deadline
+from .common import Job, Phases, begin_trial, profile_fields, run_with_deadline
 
 
 @dataclass
@@ -124,6 +124,7 @@ def metapruning_step(config: dict, job: MetaPruningJob) -> None:
 
 
 def _step(config: dict, job: MetaPruningJob) -> None:
+    phases = Phases()
     device, node, data, started = begin_trial(job)
     payload = config["payload"]
     fixed = {**profile_fields(job, config["widths"], "metapruning", node, started, payload), "steps_reached": 0}
@@ -136,9 +137,10 @@ def _step(config: dict, job: MetaPruningJob) -> None:
                                 every=payload["every"], device=device)
         tune.report({**fixed, "status": "train", "score": float("nan"), "checkpoint": store.uri(name),
                      "train_steps": info["step"], "train_s": info["train_s"], "train_loss": info["loss"],
-                     "wall_s": time.time() - started})
+                     "wall_s": time.time() - started, "cpu_s": phases.cpu_s()})
         return
     net = load_pruningnet(job, store, name).to(device)
     acc, loss = score_widths(net, config["widths"], data, bn_batches=payload["bn_batches"],
                              batch_size=job.batch_size, seed=job.seed, device=device)
-    tune.report({**fixed, "score": acc, "val_acc": acc, "val_loss": loss, "wall_s": time.time() - started})
+    tune.report({**fixed, "score": acc, "val_acc": acc, "val_loss": loss, "wall_s": time.time() - started,
+                 "cpu_s": phases.cpu_s()})

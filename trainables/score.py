@@ -79,4 +79,5 @@ def finetune_and_report(model: nn.Module, job: ScoreJob, data: DataSplits, devic
         score = acc if job.score == "val_acc" else -loss
         first = score if first is None else first
         tune.report({**fields, "score": score, "first_score": first, "val_acc": acc, "val_loss": loss,
-                     "steps_reached": rung, "wall_s": time.time() - started, "phase_s": dict(phases.seconds)})
+                     "steps_reached": rung, "wall_s": time.time() - started, "phase_s": dict(phases.seconds),
+                     "cpu_s": phases.cpu_s()})

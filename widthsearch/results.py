@@ -40,7 +40,7 @@ SCHEMA = pa.schema([
     ("val_loss", pa.float64()), ("score", pa.float64()), ("steps_reached", pa.int32()), ("criterion", pa.string()),
     ("wall_s", pa.float64()), ("node", pa.string()), ("started_at", _TIMESTAMP), ("finished_at", _TIMESTAMP),
     ("checkpoint", pa.string()), ("payload", pa.string()),
-    ("phase_s", pa.map_(pa.string(), pa.float64())), ("run", pa.string()),
+    ("phase_s", pa.map_(pa.string(), pa.float64())), ("run", pa.string()), ("cpu_s", pa.float64()),
 ])
 MAIN_RUN = "search"  # the Tune run of the search itself; follow-up runs (e.g. "rescore") add rows under their name
 # Columns renamed since: their name in rows written before -> their name now (`load` reads both).
@@ -186,7 +186,7 @@ class ResultsCallback(tune.Callback):
         row["status"] = result.get("status", "ok")  # searchers may mark helper trials, e.g. aofp "probe"
         row.update({key: result.get(key) for key in ("score", "val_acc", "val_loss", "flops", "params", "flops_ratio",
                                                      "cost_ratio", "latency_ms", "steps_reached", "criterion",
-                                                     "checkpoint")})
+                                                     "checkpoint", "cpu_s")})
         row["wall_s"] = result.get("wall_s", result.get("time_total_s"))
         row["node"] = result.get("node", result.get("node_ip"))
         if result.get("started_at") is not None:
