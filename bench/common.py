@@ -19,8 +19,10 @@ from widthsearch import load_data, load_model, save_checkpoint
 from widthsearch.training import TrainConfig, evaluate, train, train_base
 
 BENCH = Path(__file__).resolve().parent
-CACHE = BENCH / "cache"
-RESULTS = BENCH / "results"  # JSON figures that bench/report.py turns into RESULTS.md
+# Where cells go: bench/cache and bench/results of this checkout, unless BENCH_CACHE / BENCH_RESULTS name other
+# folders (a pinned worktree that runs cells while the main checkout changes writes into the main one's).
+CACHE = Path(os.environ.get("BENCH_CACHE", BENCH / "cache"))
+RESULTS = Path(os.environ.get("BENCH_RESULTS", BENCH / "results"))  # JSON figures bench/report.py turns into RESULTS.md
 DEFAULT_DATA = BENCH.parents[1] / "shared" / "datasets" / "cifar10-5k.npz"
 VAL_FRACTION = 0.2
 SPLIT_SEED = 0
