@@ -61,14 +61,18 @@ COMMON = dict(concurrency=1, cpus_per_trial=1, seed=0)
 # widthsearch's defaults before the FLOPs-0.1 benchmark (the "METHOD" rows), pinned so the rows keep their meaning.
 DEFAULTS_BEFORE = dict(finetune_steps=50, finetune_lr=0.01, bn_batches=20, score="val_acc", asha=False,
                        rescore_top=0)
-# The trials each searcher gets, the same on every base (so the compute follows the base's size).
+# The trials each searcher gets with its default options, the same on every base (so the compute follows the
+# base's size): about 10% of the base's training compute where the default options allow it (16 scoring trials
+# of 50 steps; 3 gradient trials of 100 gate steps); aofp (one round of 2 x 250 batches costs about 30%) and
+# metapruning (2,000 PruningNet steps) cannot be made that cheap with their defaults: they run their smallest
+# search (one aofp round, one PruningNet) and their cost is reported.
 SEARCH = {
     "global": dict(num_samples=3),
-    "optuna": dict(num_samples=32),
-    "random": dict(num_samples=32),
-    "gradient": dict(num_samples=8),
-    "aofp": dict(num_samples=40),
-    "metapruning": dict(num_samples=33, searcher_options={"train_steps": 200}),
+    "optuna": dict(num_samples=16),
+    "random": dict(num_samples=16),
+    "gradient": dict(num_samples=3),
+    "aofp": dict(num_samples=7),
+    "metapruning": dict(num_samples=33),
 }
 # Options chosen on the validation split (the "-tuned" rows; see bench/RESULTS.md): a cheaper trial score with
 # more room for a re-scoring stage that decides among the best profiles on a longer fine-tune (the earlier
@@ -77,6 +81,15 @@ SEARCH = {
 TUNED: dict[str, dict] = {
     "optuna": dict(num_samples=20, finetune_steps=25, rescore_top=3, rescore_steps=200),
     "random": dict(num_samples=20, finetune_steps=25, rescore_top=3, rescore_steps=200),
+    # gates learnt in 30 steps (of 100), 5 bisection trials; the best 2 re-scored
+    "gradient": dict(num_samples=5, finetune_steps=25, rescore_top=2, rescore_steps=200,
+                     searcher_options={"steps": 30}),
+    # a PruningNet trained 300 steps on widths around the budget, then 4 x 8 candidates
+    "metapruning": dict(num_samples=33, rescore_top=2, rescore_steps=200,
+                        searcher_options={"train_steps": 300, "train_flops_min": 0.03, "train_flops_max": 0.3,
+                                          "population": 8, "generations": 4}),
+    # decisions on 2 x 10 batches, epsilon relaxed as needed (the default); at most 10 rounds
+    "aofp": dict(num_samples=31, finetune_steps=50, searcher_options={"window": 10}),
 }
 
 
