@@ -448,6 +448,31 @@ def optuna_params_section(folder: Path) -> list[str]:
     return lines + [""]
 
 
+def trial_time_section(folder: Path) -> list[str]:
+    """Where a trial's wall time goes (bench/trial_time.py): per setting, the phases summed over a search's trials."""
+    cells = _cells(folder / "trial_time")
+    if not cells:
+        return []
+    phases = ("start", "setup", "prune", "bn", "finetune", "eval", "finish")
+    lines = ["## Where a trial's time goes (bench/trial_time.py)", "",
+             "An Optuna search's trials, phase by phase (seconds summed over its trials; `start`: the driver started "
+             "the trial -> its body ran, i.e. actor start and job transfer; `setup`: threads, device, data; "
+             "`finish`: last report -> row written). 'train+eval' = finetune + eval (+ bn: adaptive-BN "
+             "recalibration, also scoring work); 'slots used': the trials' time over the Tune run's wall time x "
+             "concurrency (the rest: the driver between trials). Goal: a trial spends >= 80% of its wall time "
+             "fine-tuning and evaluating (CPU, cifar_resnet20 at FLOPs 0.1).", "",
+             "| setting | trials | steps | " + " | ".join(phases) + " | train+eval (with bn) | slots used | median "
+             "trial s | load | date |", "|" + "---|" * (len(phases) + 8)]
+    for c in sorted(cells, key=lambda c: c["setting"]):
+        share = c["share"]
+        lines.append(f"| {c['setting']} | {c['trials']} | {c['config']['finetune_steps']} | "
+                     + " | ".join(f"{c['phase_s'].get(p, 0.0):.1f} ({100 * share.get(p, 0.0):.0f}%)" for p in phases)
+                     + f" | {100 * c['train_and_eval_share']:.0f}% ({100 * c['with_bn_share']:.0f}%) | "
+                     f"{100 * c.get('slot_use', float('nan')):.0f}% | {c['median_trial_wall_s']:.2f} | "
+                     f"{c['loadavg_1m']:.1f} | {c['date']} |")
+    return lines + [""]
+
+
 def throughput_section(t: dict) -> list[str]:
     lines = [f"## Cost and scale ({t['mode']} run, {t['date']})", "",
              f"Random searcher, {t['model']}, {t['finetune_steps']} fine-tune steps per trial, 1 CPU per trial."
@@ -480,6 +505,7 @@ def main() -> None:
         lines += fidelity_budget_section(folder, budget)
     lines += fidelity_section(folder)
     lines += latency_section(folder)
+    lines += trial_time_section(folder)
     lines += optuna_params_section(folder)
     throughput = _load(folder, "throughput")
     if throughput:
