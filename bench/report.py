@@ -206,6 +206,20 @@ def _missing_cells(cells: list[dict]) -> list[str]:
     return lines + ["", f"Estimated total for the cells with an estimate: ~{total / 3600:.1f} CPU-hours.", ""]
 
 
+def _labels(ax, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _quality_plots(cells: list[dict], folder: Path) -> list[str]:
     plt = pyplot()
     models = [m for m in QUALITY_MODELS if any(c["model"] == m for c in cells)]
@@ -221,14 +235,8 @@ def _quality_plots(cells: list[dict], folder: Path) -> list[str]:
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
                         label=method)
         ax.set_xscale("log")
-        ax.set_title(model)
-        ax.set_xlabel("FLOPs / base FLOPs (log)")
-        ax.set_ylabel("test accuracy after the same retrain (mean ± std)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(folder / "accuracy_vs_flops.png", dpi=110)
-    plt.close(fig)
+        _labels(ax, model, "FLOPs / base FLOPs (log)", "test accuracy after the same retrain (mean ± std)")
+    _save(plt, fig, folder / "accuracy_vs_flops.png")
     budgets = [b for b in HEADROOM if any(c["budget"] == b and c["model"] == "cifar_resnet20" for c in cells)]
     if budgets:
         fig, axes = plt.subplots(1, len(budgets), figsize=(6.4 * len(budgets), 4.4), squeeze=False)
@@ -236,14 +244,8 @@ def _quality_plots(cells: list[dict], folder: Path) -> list[str]:
             for c in cells:
                 if c["budget"] == budget and c["seed"] == 0 and c["model"] == "cifar_resnet20":
                     ax.plot(c["conv_widths"], marker=".", label=c["method"])
-            ax.set_title(f"cifar_resnet20 at FLOPs {budget}, seed 0")
-            ax.set_xlabel("conv layer (model order)")
-            ax.set_ylabel("output channels kept")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(folder / "profiles.png", dpi=110)
-        plt.close(fig)
+            _labels(ax, f"cifar_resnet20 at FLOPs {budget}, seed 0", "conv layer (model order)", "output channels kept")
+        _save(plt, fig, folder / "profiles.png")
     return ["", f"![accuracy vs FLOPs]({folder.name}/accuracy_vs_flops.png) ![widths found]({folder.name}/profiles.png)",
             ""]
 
