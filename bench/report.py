@@ -357,7 +357,7 @@ def fidelity_section(folder: Path) -> list[str]:
     rows = []
     truth = [c["test_acc"] for c in cells]
     for variant in first["scores"]:
-        for metric, sign in (("val_acc", 1), ("val_loss", -1), ("val10_acc", 1), ("val10_loss", -1)):
+        for metric, sign in FIDELITY_METRICS:
             score = [sign * c["scores"][variant][metric] for c in cells]
             r = rank_correlations(score, truth)
             focus = {}
