@@ -153,18 +153,28 @@ def search_cell(method: str, budget: float, seed: int, args, ckpt: Path, base, s
     rows = table.to_pylist()
     row = run.best(budget)
     model = pruned_from_row(row, base, space, cfg.criterion)
-    main = [r for r in ranked(table, budget) if (r["run"] or "search") == "search"][:TOP]
-    keys = ("trial_id", "widths", "score", "val_acc", "val_loss", "steps_reached", "cost_ratio", "payload", "run")
+    main = top_rows(table, budget)
     info = {**cost, "trials": len(rows),
             "trial_cpu_s": sum(r.get("cpu_s") or (r["wall_s"] or 0.0) * cfg.cpus_per_trial for r in rows),
             "trial_wall_s": sum(r["wall_s"] or 0.0 for r in rows),
             "cpu_measured": all(r.get("cpu_s") is not None for r in rows),
             "val_score": row["score"], "val_finetune_steps": row["steps_reached"], "trial_id": row["trial_id"],
             "search_config": load_metadata(exp)["config"], "options": method_config(method),
-            "top_rows": [{k: r[k] for k in keys} for r in main],
-            "rescored": [{k: r[k] for k in keys} for r in rows if r["run"] == "rescore"],
+            "top_rows": main,
+            "rescored": [{k: r[k] for k in KEYS} for r in rows if r["run"] == "rescore"],
             "phase_s": _phase_totals(rows)}
     return model, info
+
+
+KEYS = ("trial_id", "widths", "score", "val_acc", "val_loss", "steps_reached", "cost_ratio", "payload", "run")
+
+
+def top_rows(table, budget: float) -> list[dict]:
+    """The search's own TOP best distinct rows within the budget (ranked before any re-scoring), their KEYS."""
+    import pyarrow.compute as pc
+
+    own = table.filter(pc.equal(pc.fill_null(table["run"], "search"), "search"))
+    return [{k: r[k] for k in KEYS} for r in ranked(own, budget)[:TOP]]
 
 
 def _phase_totals(rows: list[dict]) -> dict:
