@@ -283,7 +283,7 @@ def fidelity_budget_section(folder: Path, budget: float) -> list[str]:
     rows = []
     test = [c["test_acc"] for c in cells]
     val = [c["retrain_val_acc"] for c in cells]
-    for variant in first["scores"]:
+    for variant in [v for v in first["scores"] if all(v in c["scores"] for c in cells)]:
         for metric, sign in FIDELITY_METRICS:
             score = [sign * c["scores"][variant][metric] for c in cells]
             r, rv = rank_correlations(score, test), rank_correlations(score, val, reps=0)
