@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 from torch import nn
 
 from .errors import WidthSearchError
 from .models import load_model
 from .space import build_space, device_of
+from .storage import filesystem
 from .surgery import prune
 from .timing import time_ms
 
@@ -86,12 +88,12 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, check
     return {"onnx_opset": ONNX_OPSET, "onnx_check_batch": len(check_input), "onnx_max_abs_diff": diff}
 
 
-def check_export_folder(out_dir: str | os.PathLike) -> Path:
-    """`out_dir` as a Path; WidthSearchError when it exists and is not empty (an export never overwrites)."""
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise WidthSearchError(f"export folder {out} already exists and is not empty")
-    return out
+def check_export_folder(out_dir: str | os.PathLike) -> None:
+    """WidthSearchError when the folder `out_dir` (a local path or a URI) exists and is not empty (an export never
+    overwrites)."""
+    fs, path = filesystem(str(out_dir))
+    if fs.get_file_info(path).type == pafs.FileType.Directory and fs.get_file_info(pafs.FileSelector(path)):
+        raise WidthSearchError(f"export folder {out_dir} already exists and is not empty")
 
 
 def export(pruned: nn.Module, dense: nn.Module, out_dir: str | Path, *, profile: Mapping[str, int],
@@ -107,7 +109,8 @@ def export(pruned: nn.Module, dense: nn.Module, out_dir: str | Path, *, profile:
     preprocessing.json and into the ONNX model's metadata (key ONNX_PREPROCESSING); `load_preprocessing`
     reads it back.
     """
-    out = check_export_folder(out_dir)
+    check_export_folder(out_dir)
+    out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     pruned, dense = pruned.cpu().eval(), dense.cpu().eval()
     example = example_input.cpu()
