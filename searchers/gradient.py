@@ -63,7 +63,6 @@ from typing import Any
 import numpy as np
 from ray.tune.search import Searcher
 
-from widthsearch.errors import ConfigError
 from widthsearch.gates import GateSchedule
 
 from .base import WidthSearcher

@@ -95,7 +95,6 @@ Deviations, each with its reason:
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import numpy as np

@@ -10,14 +10,15 @@ inputs (another batch size than the one traced).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -57,6 +58,16 @@ def legacy_onnx_kwargs() -> dict:
     return {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
 
 
+@contextlib.contextmanager
+def _torchscript_chosen() -> Iterator[None]:
+    """A block in which torch's deprecation warnings about TorchScript (its tracer, its ONNX exporter: chosen on
+    purpose, see the module docstring) are not shown to the user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*deprecated")
+        yield
+
+
 @torch.no_grad()
 def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, check_input: torch.Tensor,
                 tolerance: float = ONNX_TOLERANCE, metadata: Mapping[str, str] | None = None) -> dict:
@@ -69,8 +80,7 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, check
     import onnx
     import onnxruntime
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)  # the TorchScript exporter, chosen above
+    with _torchscript_chosen():
         torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=ONNX_OPSET,
                           **legacy_onnx_kwargs())
@@ -129,7 +139,8 @@ def export(pruned: nn.Module, dense: nn.Module, out_dir: str | Path, *, profile:
                                  metadata={ONNX_PREPROCESSING: json.dumps(record)} if record else None)
         (folder / "metrics.json").write_text(json.dumps({**metrics, **onnx_check}, indent=1))
         (folder / "latency.json").write_text(json.dumps(latency, indent=1))
-        torch.jit.trace(pruned, example).save(str(folder / "model.torchscript.pt"))
+        with _torchscript_chosen():
+            torch.jit.trace(pruned, example).save(str(folder / "model.torchscript.pt"))
         if out.exists():
             out.rmdir()
         umask = os.umask(0)

@@ -1,4 +1,6 @@
-"""The results store: one Parquet row per finished or failed trial, written atomically by one driver-side callback.
+"""The results store: one Parquet row per finished or failed trial, written atomically by one driver-side callback
+(`widthsearch.app.callbacks.ResultsCallback`); queries over it (the one ranking rule, fronts, costs, DuckDB SQL) and
+its text formats. Loads neither torch nor Ray.
 
     EXP_DIR/widthsearch/experiment.json         experiment metadata (groups, widths, costs, config)
     EXP_DIR/widthsearch/rows/<trial_id>.parquet one row per trial; rewritten, never duplicated, on resume

@@ -78,6 +78,7 @@ def check_writable(folder: str) -> None:
 def upload_folder(local: str | os.PathLike, dest: str) -> None:
     """Copy the local folder `local` (its files and folders) to `dest`, a local path or a URI."""
     fs, path = filesystem(dest)
+    fs.create_dir(path, recursive=True)
     pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 

@@ -375,8 +375,8 @@ COMMANDS = {"search": cmd_search, "results": cmd_results, "retrain": cmd_retrain
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The command line's parser: every command's options (`command`: only that one's; the others answer their
-    help line only, so that `widthsearch --help` and `widthsearch results` load no registry)."""
+    """The command line's parser: every command's options (`command`: only that one's, "" none; the others answer
+    their help line only, so that `widthsearch --help` and `widthsearch results` load no registry)."""
     parser = argparse.ArgumentParser(prog="widthsearch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"widthsearch {_version()}")
@@ -415,7 +415,7 @@ def _terminate(signum: int, frame: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `widthsearch` console script; returns the exit status (see the module docstring)."""
     argv = _dash_values(sys.argv[1:] if argv is None else argv)
-    command = next((arg for arg in argv if arg in COMMANDS), None)
+    command = next((arg for arg in argv if arg in COMMANDS), "")
     args = build_parser(command).parse_args(argv)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # SIGTERM stops it as Ctrl-C does

@@ -10,6 +10,7 @@ import pickle
 import statistics
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,6 +29,10 @@ from .callbacks import EpochProgress, ResultsCallback, TrialProgress
 from .experiment import Experiment, job_fields, metadata, on_target, trial_resources
 from .tuning import init_ray, tune_run
 
+if TYPE_CHECKING:
+    from searchers import WidthSearcher
+
+
 def search(exp: Experiment, *, resume: bool = False, progress: bool = True,
            changed: dict | None = None) -> pa.Table:
     """Run the experiment's search or, with `resume`, continue it; then its re-scoring stage and, under a latency
@@ -41,15 +46,17 @@ def search(exp: Experiment, *, resume: bool = False, progress: bool = True,
     from searchers import searcher_class
 
     cfg = exp.config
+    parts = _parts(exp.exp_dir) if resume else 0
+    first = None if parts else _searcher(exp)  # made before anything is written: its checks come first
     store = results.ResultsStore.create(exp.exp_dir, metadata(exp), resume=resume, changed=changed)
     init_ray(cfg.address)
-    parts = _parts(exp.exp_dir) if resume else 0
     if parts:
         _search_part(exp, store, parts, progress=progress)
     missing = cfg.num_samples - results.of_stage(results.load(exp.exp_dir), results.MAIN_RUN).num_rows
     if not parts or (missing > 0 and searcher_class(cfg.searcher).extendable):
         parts += 1
-        _search_part(exp, store, parts, trials=cfg.num_samples if parts == 1 else missing, progress=progress)
+        _search_part(exp, store, parts, trials=cfg.num_samples if parts == 1 else missing, searcher=first,
+                     progress=progress)
     table = results.load(exp.exp_dir)
     if cfg.rescore_top > 0 and not cfg.pareto:
         rescore(exp, table, parts, resume=resume, progress=progress)
@@ -76,9 +83,9 @@ def _parts(exp_dir: str) -> int:
 
 
 def _search_part(exp: Experiment, store: results.ResultsStore, part: int, *, trials: int | None = None,
-                 progress: bool = True) -> None:
-    """Part `part` of the search as a Tune run: restored (`trials` None), or new with `trials` trials (a part after
-    the first: its searcher's state restored from the part before)."""
+                 searcher: WidthSearcher | None = None, progress: bool = True) -> None:
+    """Part `part` of the search as a Tune run: restored (`trials` None), or new with `trials` trials and `searcher`
+    (default: a new one; in a part after the first, its state restored from the part before)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -90,7 +97,7 @@ def _search_part(exp: Experiment, store: results.ResultsStore, part: int, *, tri
     cls = searcher_class(cfg.searcher)
     tune_config = None
     if trials is not None:
-        searcher = _searcher(exp)
+        searcher = searcher or _searcher(exp)
         if part > 1:
             searcher.set_state(_searcher_state(exp.exp_dir, part - 1))
             searcher.num_samples = cfg.num_samples
