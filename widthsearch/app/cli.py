@@ -295,7 +295,8 @@ def _retrain_summary(metrics: dict) -> list[str]:
     base, ours = metrics["base_recipe"], metrics["retrain_recipe"]
 
     def recipe(r: dict) -> str:
-        return f"{r['epochs'] if r['epochs'] is not None else '?'} epochs at lr {r['lr'] if r['lr'] is not None else '?'}"
+        epochs = "? epochs" if r["epochs"] is None else f"{r['epochs']} epoch" + ("" if r["epochs"] == 1 else "s")
+        return f"{epochs} at lr {'?' if r['lr'] is None else r['lr']}"
 
     compare = ("same recipe: the gap is the pruning's" if metrics["equal_recipes"] else
                "not compared at equal epochs and lr: the gap mixes the pruning with the different training")
