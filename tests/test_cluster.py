@@ -187,7 +187,8 @@ def test_killed_worker_node_trials_are_retried_elsewhere(cluster, marks, tmp_pat
     with log.open("w") as out:  # a file, not a pipe: nobody reads the driver's output while it runs
         driver = subprocess.Popen(CLI + ["search", "--name", "kill", "--storage", storage, "--address",
                                          cluster.address, "--model", "tests.fixtures.flaky_model:make",
-                                         "--max-failures", "1", *SMALL], cwd=ROOT, stdout=out, stderr=out)
+                                         "--max-failures", "1", *SMALL[:-1], "--verbose"],  # Tune's logs shown
+                                  cwd=ROOT, stdout=out, stderr=out)
     try:
         deadline, killed = time.monotonic() + 600, None  # generous: a busy machine starts trials late
         while killed is None and driver.poll() is None and time.monotonic() < deadline:
