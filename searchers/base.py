@@ -15,9 +15,9 @@ interface, so each works under every constraint. Two modes:
 * **Pareto mode** (``budget=None``): any in-bounds profile; the searcher trades the metric
   against the measure's ratio (computed from the widths the trial reports).
 
-Subclasses set ``name``, ``trainable`` and ``OPTIONS`` (declared :class:`Option` s, checked
-here with one message style), optionally ``check_together`` for rules across options, and
-implement ``_propose`` (and optionally ``_observe``). ``save``/``restore`` pickle the
+Subclasses set ``name`` and ``trainable`` and implement ``_propose`` (and optionally ``_observe``);
+their options are declared in :mod:`searchers.options` (light, so that they are listed and checked
+without loading any searcher) and checked here with one message style. ``save``/``restore`` pickle the
 searcher's own state (never the space, the measure, the model or data).
 """
 
@@ -38,9 +38,10 @@ from torch import nn
 from widthsearch.cost import CostModel, Measure
 from widthsearch.errors import ConfigError, WidthSearchError
 from widthsearch.importance import CRITERIA
-from widthsearch.options import Option, check_options
 from widthsearch.space import WidthSpace
 from widthsearch.storage import write_atomic
+
+from .options import check as check_declared_options
 
 logger = logging.getLogger(__name__)
 
@@ -156,10 +157,10 @@ class WidthSearcher(Searcher):
     """Base: proposes width profiles within a budget of its Measure, checked before suggesting."""
 
     name: ClassVar[str] = ""
-    OPTIONS: ClassVar[dict[str, Option]] = {}
     trainable: ClassVar[str] = "score"      # the trainable its trials run (a name in trainables.TRAINABLES)
     enforce_budget: ClassVar[bool] = True   # False: the budget is a stopping target, not a per-trial bound
     promotes: ClassVar[bool] = True         # its trials fine-tune in rungs, so a promotion scheduler applies
+    extendable: ClassVar[bool] = False      # a finished search can go on with more trials (its state restored)
 
     def __init__(self, space: WidthSpace, cost: CostModel, *, budget: float | None = 0.5,
                  metric: str = "score", mode: str = "max", seed: int = 0, model: nn.Module | None = None,
@@ -177,7 +178,7 @@ class WidthSearcher(Searcher):
         super().__init__(metric=metric, mode=mode)
         self.num_samples = num_samples        # the trials Tune will run (None: unknown, e.g. from Python), for sizing
         self.exp_dir = exp_dir                # the experiment's folder or URI, for searchers that keep files there
-        self.options: dict[str, Any] = self.check_options(options, num_samples)
+        self.options: dict[str, Any] = check_declared_options(self.name, options, num_samples)
         self._space = space
         self._cost = cost
         self._measure = measure if measure is not None else cost.measure("flops")
@@ -192,27 +193,6 @@ class WidthSearcher(Searcher):
         self._finished = False
         self._signature = (self.name, tuple(space.names), tuple(int(w) for w in space.widths), self.budget,
                            self._measure.name)
-
-    @classmethod
-    def check_options(cls, options: Mapping[str, Any], num_samples: int | None = None) -> dict[str, Any]:
-        """The declared defaults overlaid with `options`, each checked (ConfigError naming the option), then
-        checked together and against the search's number of trials.
-
-        Cheap: called before any data is loaded or base model trained, and again by the constructor.
-        """
-        checked = check_options(cls.name or cls.__name__, cls.OPTIONS, options)
-        cls.check_together(checked)
-        cls.check_trials(checked, num_samples)
-        return checked
-
-    @classmethod
-    def check_together(cls, options: dict[str, Any]) -> None:
-        """Rules across options (e.g. lam_min < lam_max); raise ConfigError. Default: none."""
-
-    @classmethod
-    def check_trials(cls, options: dict[str, Any], num_samples: int | None) -> None:
-        """Rules between options and the search's number of trials (None: not known); raise ConfigError.
-        Default: none."""
 
     def option_error(self, text: str) -> ConfigError:
         """A ConfigError in the options' message style."""

@@ -20,12 +20,9 @@ import numpy as np
 
 from widthsearch.errors import ConfigError
 from widthsearch.importance import CRITERIA, score_channels
-from widthsearch.options import Option
 from widthsearch.space import dependency_graph, root_group
 
 from .base import WidthSearcher, next_queued
-
-NORMALIZERS = ("mean", "max", "sum", "none")
 
 
 def _normalise(scores: np.ndarray, how: str) -> np.ndarray:
@@ -49,10 +46,7 @@ class GlobalRankingSearcher(WidthSearcher):
     """
 
     name = "global"
-    OPTIONS = {"normalizers": Option(["mean", "max", "none"], list, "per-group score normalisers, one "
-                                     "candidate each", choices=NORMALIZERS),
-               "targets": Option([0.3, 0.5, 0.7], list, "Pareto mode: budget targets", low=0, high=1,
-                                 low_open=True)}
+
 
     def __init__(self, space, cost, **kwargs):
         super().__init__(space, cost, **kwargs)

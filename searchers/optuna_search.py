@@ -52,16 +52,12 @@ import pyarrow.fs as pafs
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
-
-from widthsearch.storage import Storage, filesystem
 from torch import nn
 
-from widthsearch.options import Option
+from widthsearch.storage import Storage, filesystem
 
 from .base import WidthSearcher
 
-SAMPLERS = ("tpe", "nsga2", "random")
-PARAMETERIZATIONS = ("group", "stage", "depth")
 
 
 class OptunaWidthSearcher(WidthSearcher):
@@ -76,17 +72,8 @@ class OptunaWidthSearcher(WidthSearcher):
     """
 
     name = "optuna"
-    OPTIONS = {"sampler": Option(None, str, "tpe, nsga2 or random (default: tpe; nsga2 with --pareto)",
-                                 choices=SAMPLERS, optional=True),
-               "parameterization": Option("stage", str, "keep ratios per group, per stage, or a depth profile",
-                                          choices=PARAMETERIZATIONS),
-               "knots": Option(3, int, "depth parameterization: keep ratios per kind of group", low=2),
-               "warm_start": Option(True, bool, "first evaluate the uniform and global-ranking profiles"),
-               "startup_trials": Option(None, int, "random trials before TPE models the results "
-                                        "(default: a quarter of the trials, 2 to 10)", low=0, optional=True),
-               "population_size": Option(None, int, "NSGA-II population (default: a quarter of the trials, "
-                                         "4 to 50)", low=2, optional=True),
-               "max_cached": Option(20, int, "repaired repeats answered from the history in a row", low=0)}
+    extendable = True  # the study goes on where it stopped
+
 
     def __init__(self, space, cost, **kwargs):
         super().__init__(space, cost, **kwargs)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from searchers import make_searcher, searcher_class
+from searchers import check_options, make_searcher
 from trainables import aofp as aofp_trainable
 from trainables.aofp import (AofpJob, aofp_step, channel_masks, measure_point, probe_damage, round_batches,
                              train_base_path, trial_job)
@@ -94,7 +94,7 @@ def phases(payloads: list[dict]) -> list[str]:
 # ----------------------------------------------------------------------------- the binary search
 def test_a_decision_rests_by_default_on_as_many_images_as_the_authors_half():
     """The authors decide after 1000 iterations of 64 images; 20 batches ranked filters no better than chance."""
-    options = searcher_class("aofp").check_options({})
+    options = check_options("aofp", {})
     assert options["probes"] * options["window"] * SearchConfig().batch_size >= 1000 * 64
 
 

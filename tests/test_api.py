@@ -61,6 +61,22 @@ def test_a_stored_experiment_is_queried_through_one_object(stored):
     assert run.sql("SELECT count(*) AS n FROM results WHERE status = 'ok'").to_pylist() == [{"n": 4}]
 
 
+def test_a_stored_search_changes_only_what_a_resume_may_and_extends_only_a_searcher_that_can_go_on(stored,
+                                                                                                    monkeypatch):
+    """fit() on a stored experiment: num_samples only upwards, and only for an `extendable` searcher; refused before
+    any data is read (nothing is prepared)."""
+    from widthsearch.app import experiment
+
+    monkeypatch.setattr(experiment, "prepare", lambda *a, **k: pytest.fail("prepared before the settings were checked"))
+    run = ws.load_search(stored / "exp")  # searcher random, num_samples 16 (the default)
+    with pytest.raises(ConfigError, match=r"cannot lower num_samples \(stored 16, given 8\)"):
+        run.fit(num_samples=8)
+    meta = stored / "exp" / "widthsearch" / "experiment.json"
+    meta.write_text(meta.read_text().replace('"random"', '"uniform"'))
+    with pytest.raises(ConfigError, match="searcher 'uniform' cannot be extended"):
+        ws.load_search(stored / "exp").fit(num_samples=20)
+
+
 def test_load_search_of_a_missing_experiment_names_it(tmp_path):
     with pytest.raises(WidthSearchError, match="no widthsearch experiment at"):
         ws.load_search(tmp_path / "nothing")
@@ -100,7 +116,7 @@ def python_blocks(section: str) -> list[str]:
 def test_readme_python_section_runs_as_written(tmp_path, monkeypatch, capsys):
     """The README's Python API section, executed as written in a fresh folder: a demo search through the API, its
     table, the best row within the budget (the row `widthsearch retrain --best` takes too), a retrain and an
-    export that loads back."""
+    export that loads back, and the stored search extended by two trials (only those run)."""
     from widthsearch.app.cli import main
 
     blocks = python_blocks("Python API")
@@ -118,10 +134,18 @@ def test_readme_python_section_runs_as_written(tmp_path, monkeypatch, capsys):
     assert json.loads((export / "metrics.json").read_text())["test_acc"] == metrics["test_acc"]
     groups = json.loads(table.schema.metadata[b"widthsearch.groups"])
     assert json.loads((export / "profile.json").read_text()) == dict(zip(groups, best["widths"]))
+    more = namespace["more"]
+    assert more.num_rows == 6 and more.filter(pa.compute.is_in(more["trial_id"], table["trial_id"])).equals(table)
+    assert sorted(more["run"].to_pylist()) == ["search"] * 4 + ["search-2"] * 2  # the extension's own part
+    meta = json.loads((tmp_path / "runs" / "demo" / "widthsearch" / "experiment.json").read_text())
+    assert meta["config"]["num_samples"] == 6 and meta["resumed"][-1]["changed"] == {"num_samples": [4, 6]}
     import ray
 
     assert not ray.is_initialized()  # fit and retrain shut down the Ray they started
     capsys.readouterr()
     assert main(["retrain", "demo", "--storage", "runs", "--best", "--epochs", "1", "--quiet"]) == 0
-    out = capsys.readouterr().out  # Tune's status table first: the restored retrain keeps the API's verbosity
-    assert json.loads(out[out.rindex("{\n"):])["trial_id"] == best["trial_id"]  # the CLI picks the same row
+    out, err = capsys.readouterr()
+    summary = json.loads(out)  # standard output: the figures alone (the restored retrain prints no Tune table)
+    assert summary["trial_id"] == ws.load_search("runs/demo").best()["trial_id"]  # the CLI picks the API's row
+    assert summary["export"] == str(tmp_path / "runs" / "demo" / "exports" / f"{summary['trial_id']}-e1")
+    assert (Path(summary["export"]) / "model.onnx").is_file() and f"exported to {summary['export']}" in err

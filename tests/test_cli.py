@@ -34,7 +34,7 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
 
 def test_every_search_key_has_a_help_text():
     assert sorted(declared()) == sorted(KEYS)
-    assert all(option.help.strip() for option in declared().values())
+    assert all(option.help_text().strip() for option in declared().values())
 
 
 def test_search_help_names_come_from_the_registries():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from widthsearch.app.cli import _search_overrides, build_parser
+from widthsearch.app.cli import _search_settings, build_parser
 from widthsearch.app.config import SearchConfig, load_config
 from widthsearch.errors import ConfigError
 
@@ -59,7 +59,7 @@ def test_missing_and_malformed_files(tmp_path):
 def test_cli_flags_are_typed_like_yaml():
     args = build_parser().parse_args(["search", "--budget", "0.25", "--num-samples", "3", "--pareto",
                                       "--option", "startup_trials=2", "--frozen", "a.b,c", "--name", "007"])
-    over = _search_overrides(args)
+    over = _search_settings(args)
     assert over["budget"] == 0.25 and over["num_samples"] == 3 and over["pareto"] is True
     assert over["searcher_options"] == {"startup_trials": 2} and over["frozen"] == ["a.b", "c"]
     assert over["name"] == "007"  # strings stay strings

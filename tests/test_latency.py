@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import time
 
 import numpy as np
@@ -146,6 +147,11 @@ def test_a_cached_table_is_reused_and_a_changed_key_is_not(resnet, tmp_path):
     again = latency_model(space, model, grid=2, cache_dir=tmp_path / "other", exp_dir=str(tmp_path / "exp"),
                           timer=timer, progress=False)
     assert timer.calls == measured  # the experiment's copy
+    latency_model(space, model, grid=2, cache_dir=tmp_path / "user", exp_dir=str(tmp_path / "exp2"), timer=timer,
+                  progress=False)
+    assert timer.calls == measured  # from the user cache, and the new experiment keeps a copy of what it used
+    assert [p.read_bytes() for p in (tmp_path / "exp2" / "widthsearch" / "latency").glob("*.json")] == [
+        cached.read_bytes()]
     for change in (dict(target=LatencyTarget(threads=2)), dict(target=LatencyTarget(batch=4)), dict(grid=3)):
         before = timer.calls
         latency_model(space, model, **{"grid": 2, **change}, cache_dir=tmp_path / "user", timer=timer, progress=False)
@@ -162,7 +168,7 @@ def test_a_changed_dtype_is_not_reused(resnet, tmp_path, monkeypatch):
     """fp16 and bf16 are CUDA targets: the device is faked (name, presence) and the timer injected."""
     model, space = resnet
     monkeypatch.setattr(LatencyTarget, "check_present", lambda self: None)
-    monkeypatch.setattr("widthsearch.latency.device_name", lambda device: f"a fake {device} device")
+    monkeypatch.setattr("widthsearch.target.device_name", lambda device: f"a fake {device} device")
     timer = Counting()
     calls = []
     for dtype in ("fp32", "fp16", "bf16", "fp16", "fp32"):
@@ -356,7 +362,11 @@ def test_search_under_a_latency_budget_end_to_end(tmp_path):
               "--latency-top", "1", "--num-samples", "3", "--finetune-steps", "2", "--bn-batches", "2",
               "--concurrency", "2", "--quiet", env=env)
     assert cached.stat().st_mtime_ns == written and len(list(cached.parent.glob("*.json"))) == 1  # reused
-    assert "latency ratio <= 0.6" in out.stdout and "latency_ms" in out.stdout
+    kept = list((tmp_path / "lat" / "widthsearch" / "latency").glob("*.json"))
+    assert cached.read_bytes() in [p.read_bytes() for p in kept]  # the experiment keeps the table it used
+    assert "latency ratio <= 0.6" in out.stdout and "latency_ms" in out.stdout and "measured_ms" in out.stdout
+    assert re.search(r"measured: [\d.]+ ms \(predicted [\d.]+ ms\), latency ratio [\d.]+ measured against [\d.]+ "
+                     r"predicted \([+-][\d.]+%\): (within|over) the budget 0.6", out.stdout), out.stdout
     meta = json.loads((tmp_path / "lat" / "widthsearch" / "experiment.json").read_text())
     assert meta["constraint"] == "latency" and meta["latency"]["base_ms"] == pytest.approx(seeded.base)
     table = rows(tmp_path / "lat")
@@ -366,23 +376,25 @@ def test_search_under_a_latency_budget_end_to_end(tmp_path):
         assert r["cost_ratio"] == pytest.approx(r["latency_ms"] / seeded.base) and r["cost_ratio"] <= 0.6 + 1e-9
     measured = json.loads((tmp_path / "lat" / "widthsearch" / "latency" / "measured.json").read_text())
     (top,) = measured["rows"]
-    assert top["measured_ms"] > 0 < top["measured_ratio"] and top["trial_id"] in {r["trial_id"] for r in table}
+    assert top["measured_ms"] > 0 < top["measured_ratio"] and measured["base_measured_ms"] > 0
+    assert [(r["trial_id"], r["measured_ms"]) for r in rows(tmp_path / "lat") if r["measured_ms"]] == [
+        (top["trial_id"], top["measured_ms"])]  # the measured figures are in the timed row too
     assert main(["report", "lat", "--storage", str(tmp_path), "--out", str(tmp_path / "report")]) == 0
     assert (tmp_path / "report" / "latency.png").stat().st_size > 0
-    assert 'src="latency.png"' in (tmp_path / "report" / "index.html").read_text()
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert 'src="latency.png"' in page and "measured ratio" in page and f"<td>{top['trial_id']}</td>" in page
 
 
 @pytest.mark.parametrize("pareto,expected", [(False, ["best", "second"]), (True, ["over", "second"])])
 def test_the_best_profiles_within_the_budget_are_timed_after_the_search(resnet, tmp_path, monkeypatch, pareto,
                                                                         expected):
     """Budget: within it, longest fine-tune, best score, distinct profiles. Pareto: the front (over, short, second),
-    in the same order (results.ranked): `short` scored after a shorter fine-tune comes last."""
+    in the same order (results.ranked): `short` scored after a shorter fine-tune comes last. The measured figures
+    go to measured.json and into the timed rows."""
     import types
 
-    import pyarrow as pa
-
     from widthsearch.app import runs
-    from widthsearch.results import SCHEMA
+    from widthsearch.results import ResultsStore, load
 
     model, space = resnet
     latency = latency_model(space, model, grid=2, cache_dir=tmp_path, timer=fake_ms, progress=False)
@@ -393,15 +405,22 @@ def test_the_best_profiles_within_the_budget_are_timed_after_the_search(resnet, 
             dict(trial_id="same", status="ok", widths=w[2], score=0.80, cost_ratio=0.4, steps_reached=50),
             dict(trial_id="second", status="ok", widths=w[1], score=0.70, cost_ratio=0.2, steps_reached=50),
             dict(trial_id="failed", status="error", widths=w[1], score=None, cost_ratio=0.2, steps_reached=None)]
-    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    store = ResultsStore.create(str(tmp_path / "exp"), {"groups": space.names, "widths": space.widths.tolist()})
+    for r in rows:
+        store.write_row(r)
+    table = load(str(tmp_path / "exp"))
     timed = []
     monkeypatch.setattr(runs, "measure_profiles", lambda space, model, target, profiles, paired: [
-        timed.append(p) or {"ms": 1.0, "ratio": 0.5} for p in profiles])
+        timed.append(p) or {"ms": 1.0, "ratio": 0.5, "dense_ms": 2.0} for p in profiles])
     cfg = SearchConfig(constraint="latency", budget=0.5, latency_top=2, pareto=pareto)
     exp = types.SimpleNamespace(config=cfg, space=space, model=model, measure=latency, exp_dir=str(tmp_path / "exp"))
-    out = runs.measure_top(exp, table, progress=False)
+    out = runs.measure_top(exp, table)
     assert [r["trial_id"] for r in out["rows"]] == expected
     assert timed == [r["widths"] for r in rows if r["trial_id"] in expected]
     written = json.loads((tmp_path / "exp" / "widthsearch" / "latency" / "measured.json").read_text())
     assert written["rows"][0]["predicted_ms"] == pytest.approx(latency.of(timed[0]))
-    assert written["rows"][0]["measured_ratio"] == 0.5
+    assert written["rows"][0]["measured_ratio"] == 0.5 and written["base_measured_ms"] == 2.0
+    again = {r["trial_id"]: r for r in load(str(tmp_path / "exp")).to_pylist()}
+    assert {t for t, r in again.items() if r["measured_ms"] is not None} == set(expected)
+    first = next(r for r in rows if r["trial_id"] == expected[0])
+    assert again[expected[0]]["measured_ratio"] == 0.5 and again[expected[0]]["score"] == first["score"]  # kept

@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from searchers import make_searcher, searcher_class
+from searchers import check_options, make_searcher
 from searchers.base import Payload
-from searchers.metapruning import evolution_plan
+from searchers.options import evolution_plan
 from trainables.metapruning import MetaPruningJob, metapruning_step, score_widths, train_pruningnet
 from trainables.retrain import RetrainJob, build_pruned
 from widthsearch import CostModel, build_space, load_model, prune, save_checkpoint
@@ -268,7 +268,7 @@ def test_searcher_state_resumes(resnet_space, tmp_path):
 ])
 def test_bad_options_are_config_errors(resnet_space, options, message):
     with pytest.raises(ConfigError) as early:  # the cheap check `widthsearch search` runs before any work
-        searcher_class("metapruning").check_options(options)
+        check_options("metapruning", options)
     assert str(early.value) == message
     space, cost, model = resnet_space
     with pytest.raises(ConfigError) as info:  # and the same one from the constructor
@@ -327,7 +327,7 @@ def test_a_budget_that_leaves_the_search_random_is_refused(resnet_space, num_sam
         make_searcher("metapruning", space, cost, budget=0.5, model=model, num_samples=num_samples, **given)
     assert str(info.value).startswith("searcher 'metapruning': ") and text in str(info.value)
     with pytest.raises(ConfigError) as early:  # the cheap check `widthsearch search` runs before any work
-        searcher_class("metapruning").check_options(given, num_samples)
+        check_options("metapruning", given, num_samples)
     assert str(early.value) == str(info.value)
 
 

@@ -1,4 +1,4 @@
-"""ResultsStore, queries and formats (fast, no Ray cluster); one real Ray Tune run (marked slow)."""
+"""ResultsStore, queries and formats (fast, no Ray cluster); the driver's ResultsCallback; one real Ray Tune run."""
 
 import csv
 import io
@@ -14,10 +14,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
+from widthsearch.app.callbacks import ResultsCallback
 from widthsearch.errors import ConfigError, WidthSearchError
-from widthsearch.results import (
-    SCHEMA, ResultsCallback, ResultsStore, format_table, load, load_metadata, pareto_front, query,
-)
+from widthsearch.results import SCHEMA, ResultsStore, format_table, load, load_metadata, pareto_front, query
 
 META = {"experiment": "exp", "groups": ["conv1", "conv2"], "widths": [4, 8], "min_widths": [1, 1],
         "base_flops": 1000, "base_params": 100, "base_val_acc": 0.9, "config": {"searcher": "random"}}
@@ -145,6 +144,8 @@ def test_create_twice_needs_resume(store, exp_dir):
     created = load_metadata(exp_dir)["created_at"]
     resumed = ResultsStore.create(exp_dir, {**META, "base_val_acc": 0.8}, resume=True)
     assert resumed.metadata()["base_val_acc"] == 0.8 and resumed.metadata()["created_at"] == created
+    ResultsStore.create(exp_dir, META, resume=True, changed={"num_samples": [16, 24]})
+    assert [r["changed"] for r in load_metadata(exp_dir)["resumed"]] == [{}, {"num_samples": [16, 24]}]
 
 
 def test_load_missing_experiment(tmp_path):
@@ -158,7 +159,8 @@ def ids(table: pa.Table) -> list:
 
 
 def test_pareto_front(table):
-    assert ids(query(table, pareto=True, sort="flops_ratio")) == ["a", "b", "d"]  # c is beaten by b; e failed
+    assert ids(query(table, META, pareto="flops", sort="flops_ratio")) == ["a", "b", "d"]  # c beaten by b; e failed
+    assert ids(query(table, META, pareto="cost", sort="flops_ratio")) == ["a", "b", "d"]  # no cost_ratio: FLOPs
     assert ids(pareto_front(table)) == ["a", "b", "d"]
     twins = pa.Table.from_pylist([row("x", 0.4, 0.7), row("y", 0.4, 0.7), row("z", 0.5, 0.7)], schema=SCHEMA)
     assert ids(pareto_front(twins)) == ["x", "y"]
@@ -166,25 +168,40 @@ def test_pareto_front(table):
 
 
 def test_query_filters_sort_limit(table):
-    assert ids(query(table)) == ["d", "b", "c", "a", "e"]  # default -score, nulls last
-    assert ids(query(table, sort="flops_ratio", limit=2)) == ["a", "b"]
-    assert ids(query(table, max_flops=0.45)) == ["b", "a"]
-    assert ids(query(table, where=["val_acc>=0.6", "status=ok"])) == ["d", "b", "c"]
-    assert ids(query(table, where=["searcher!=random"])) == ["e"]
-    assert ids(query(table, where=["score < 0.6", "flops_ratio==0.2"])) == ["a"]
-    assert ids(query(table, where=["status = error"])) == ["e"]
+    assert ids(query(table, META)) == ["d", "b", "c", "a", "e"]  # default -score, nulls last
+    assert ids(query(table, META, sort="flops_ratio", limit=2)) == ["a", "b"]
+    assert ids(query(table, META, max={"flops": 0.45})) == ["b", "a"]
+    assert ids(query(table, META, where=["val_acc>=0.6", "status='ok'"])) == ["d", "b", "c"]  # DuckDB's SQL
+    assert ids(query(table, META, where=["searcher != 'random'"])) == ["e"]
+    assert ids(query(table, META, where=["score < 0.6", "flops_ratio = 0.2"])) == ["a"]
+    assert ids(query(table, META, where=["status IN ('error') OR score > 0.8"])) == ["d", "e"]
+    assert query(table, META, where=["score > 0.5"]).schema.metadata == table.schema.metadata  # group names kept
+
+
+def test_costs_compare_as_fractions_of_the_base_models(table):
+    params = table.set_column(table.schema.get_field_index("params"), "params", pa.array([10, 20, 50, 90, None]))
+    assert ids(query(params, META, max={"params": 0.3}, sort="params")) == ["a", "b"]  # base_params 100
+    assert ids(query(params, META, max={"params": 0.5, "flops": 0.3})) == ["a"]
+    latency = {**META, "latency": {"base_ms": 2.0}}
+    timed = table.set_column(table.schema.get_field_index("latency_ms"), "latency_ms",
+                             pa.array([0.4, 1.2, 0.6, 1.8, None]))
+    assert ids(query(timed, latency, max={"latency": 0.35}, sort="latency_ms")) == ["a", "c"]
+    assert ids(query(timed, latency, pareto="latency", sort="latency_ms")) == ["a", "c", "b", "d"]
+    with pytest.raises(ConfigError, match="no latency model"):
+        query(timed, META, max={"latency": 0.5})
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"where": ["nope>1"]}, "unknown column 'nope'"),
-    ({"where": ["score>high"]}, "not a number"),
-    ({"where": ["score"]}, "bad filter"),
+    ({"where": ["nope > 1"]}, "--where query failed: Binder Error.*nope"),
+    ({"where": ["status = ok"]}, "quote text, e.g. status = 'ok'"),
+    ({"where": ["score >"]}, "--where query failed: Parser Error"),
     ({"sort": "-nope"}, "unknown column 'nope'"),
     ({"limit": -1}, "limit"),
+    ({"pareto": "joules"}, "unknown cost 'joules'"),
 ])
 def test_query_errors(table, kwargs, message):
     with pytest.raises(ConfigError, match=message):
-        query(table, **kwargs)
+        query(table, META, **kwargs)
 
 
 def test_rows_written_before_a_column_was_renamed_load_under_its_new_name(store, exp_dir):
@@ -192,7 +209,7 @@ def test_rows_written_before_a_column_was_renamed_load_under_its_new_name(store,
     existed) load into today's schema."""
     store.write_row(row("new", 0.5, 0.7, steps_reached=20))
     fields = [pa.field("finetune_steps", pa.int32()) if f.name == "steps_reached" else f for f in SCHEMA
-              if f.name not in ("phase_s", "run")]
+              if f.name not in ("phase_s", "run", "measured_ms", "measured_ratio")]
     old = pa.Table.from_pylist([{"trial_id": "old", "status": "ok", "score": 0.6, "finetune_steps": 50}],
                                schema=pa.schema(fields))
     pq.write_table(old, Path(exp_dir) / "widthsearch" / "rows" / "old.parquet")
@@ -203,11 +220,13 @@ def test_rows_written_before_a_column_was_renamed_load_under_its_new_name(store,
 
 
 def test_format_table(table):
-    text = format_table(query(table))
+    text = format_table(query(table, META))
     lines = text.splitlines()
     assert lines[0].split() == ["trial_id", "searcher", "status", "flops_ratio", "params", "val_acc", "score",
                                 "steps_reached", "wall_s", "widths"]
-    assert len(lines) == 6 and lines[1].split()[:4] == ["d", "random", "ok", "0.9000"] and "[2,4]" in lines[1]
+    assert len(lines) == 6 and lines[1].split()[:4] == ["d", "random", "ok", "0.9000"]
+    assert lines[1].endswith("conv1=2 conv2=4")  # the widths by group name (the schema's metadata)
+    assert "[2,4]" in format_table(table.replace_schema_metadata(None)).splitlines()[1]  # no names: a list
     records = list(csv.DictReader(io.StringIO(format_table(table, "csv"))))
     assert list(records[0]) == SCHEMA.names and len(records) == 5
     assert json.loads(records[0]["widths"]) == [2, 4] and records[0]["error"] == ""

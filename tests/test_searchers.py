@@ -11,7 +11,10 @@ from optuna.trial import TrialState
 from ray import tune
 from ray.tune.search import Searcher
 
-from searchers import SEARCHERS, Option, WidthSearcher, make_searcher, project_to_budget, searcher_class, searchers_help
+from searchers import (
+    SEARCHERS, Option, WidthSearcher, check_options, make_searcher, options, project_to_budget, searcher_class,
+    searchers_help,
+)
 from widthsearch import CostModel, build_space, load_model
 from widthsearch.errors import ConfigError, WidthSearchError
 
@@ -22,7 +25,6 @@ class _Fixed(WidthSearcher):
     """A plug-in for the registry test: proposes the full widths (over budget, so the base class must repair)."""
 
     name = "test_fixed"
-    OPTIONS = {"rate": Option(0.5, float, "a rate", low=0, high=1)}
 
     def _propose(self, trial_id):
         return self.space.widths, None
@@ -220,7 +222,7 @@ def test_unknown_option_and_searcher(small):
     with pytest.raises(ConfigError, match="unknown option 'pointz' for searcher 'uniform'; accepted options: points"):
         make_searcher("uniform", space, cost, pointz=3)
     with pytest.raises(ConfigError, match="unknown option 'pointz' for searcher 'uniform'"):
-        searcher_class("uniform").check_options({"pointz": 3})  # the cheap check the CLI runs before any work
+        check_options("uniform", {"pointz": 3})  # the cheap check the CLI runs before any work (no searcher loaded)
     with pytest.raises(ConfigError) as info:
         make_searcher("nope", space, cost)
     assert "unknown searcher 'nope'" in str(info.value)
@@ -238,6 +240,7 @@ def test_registry_line_plugs_in_a_searcher(small, tmp_path, monkeypatch):
 
     _, space, cost = small
     SEARCHERS["test_fixed"] = f"{__name__}:_Fixed"
+    monkeypatch.setitem(options.OPTIONS, "test_fixed", {"rate": Option(0.5, float, "a rate", low=0, high=1)})
     try:
         searcher = make_searcher("test_fixed", space, cost, budget=0.5, rate=1)
         assert searcher.options == {"rate": 1.0}
@@ -262,7 +265,7 @@ def test_registry_line_plugs_in_a_searcher(small, tmp_path, monkeypatch):
         SEARCHERS.pop("test_bad")
 
 
-@pytest.mark.parametrize("name, options, text", [
+@pytest.mark.parametrize("name, given, text", [
     ("aofp", {"epsilon": "abc"}, "searcher 'aofp': option 'epsilon' must be a number > 0, got 'abc'"),
     ("aofp", {"probes": 0}, "searcher 'aofp': option 'probes' must be an integer >= 1, got 0"),
     ("aofp", {"window": 2.5}, "option 'window' must be an integer >= 1, got 2.5"),
@@ -274,20 +277,19 @@ def test_registry_line_plugs_in_a_searcher(small, tmp_path, monkeypatch):
     ("metapruning", {"topk": 20, "population": 10}, "option 'topk' (20) exceeds 'population' (10)"),
     ("metapruning", {"mutation_prob": 2}, "option 'mutation_prob' must be a number in [0, 1], got 2"),
 ])
-def test_declared_options_are_checked_with_one_message_style(name, options, text):
+def test_declared_options_are_checked_with_one_message_style(name, given, text):
     with pytest.raises(ConfigError) as info:
-        searcher_class(name).check_options(options)
+        check_options(name, given)
     assert text in str(info.value)
 
 
 def test_options_coerce_and_help_lists_every_option():
-    assert searcher_class("aofp").check_options({"window": 20.0, "epsilon": 1})["window"] == 20
-    assert searcher_class("global").check_options({"normalizers": "max"})["normalizers"] == ["max"]
+    assert check_options("aofp", {"window": 20.0, "epsilon": 1})["window"] == 20
+    assert check_options("global", {"normalizers": "max"})["normalizers"] == ["max"]
     text = searchers_help()
     for name in BUILTIN:
-        cls = searcher_class(name)
         assert f"{name}:" in text
-        for key in cls.OPTIONS:
+        for key in options.OPTIONS[name]:
             assert f"  {key}=" in text
 
 

@@ -10,22 +10,25 @@ inputs (another batch size than the one traced).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 from torch import nn
 
 from .errors import WidthSearchError
 from .models import load_model
 from .space import build_space, device_of
+from .storage import filesystem
 from .surgery import prune
 from .timing import time_ms
 
@@ -55,6 +58,16 @@ def legacy_onnx_kwargs() -> dict:
     return {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
 
 
+@contextlib.contextmanager
+def _torchscript_chosen() -> Iterator[None]:
+    """A block in which torch's deprecation warnings about TorchScript (its tracer, its ONNX exporter: chosen on
+    purpose, see the module docstring) are not shown to the user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*deprecated")
+        yield
+
+
 @torch.no_grad()
 def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, check_input: torch.Tensor,
                 tolerance: float = ONNX_TOLERANCE, metadata: Mapping[str, str] | None = None) -> dict:
@@ -67,8 +80,7 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, check
     import onnx
     import onnxruntime
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)  # the TorchScript exporter, chosen above
+    with _torchscript_chosen():
         torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=ONNX_OPSET,
                           **legacy_onnx_kwargs())
@@ -86,12 +98,12 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, check
     return {"onnx_opset": ONNX_OPSET, "onnx_check_batch": len(check_input), "onnx_max_abs_diff": diff}
 
 
-def check_export_folder(out_dir: str | os.PathLike) -> Path:
-    """`out_dir` as a Path; WidthSearchError when it exists and is not empty (an export never overwrites)."""
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise WidthSearchError(f"export folder {out} already exists and is not empty")
-    return out
+def check_export_folder(out_dir: str | os.PathLike) -> None:
+    """WidthSearchError when the folder `out_dir` (a local path or a URI) exists and is not empty (an export never
+    overwrites)."""
+    fs, path = filesystem(str(out_dir))
+    if fs.get_file_info(path).type == pafs.FileType.Directory and fs.get_file_info(pafs.FileSelector(path)):
+        raise WidthSearchError(f"export folder {out_dir} already exists and is not empty")
 
 
 def export(pruned: nn.Module, dense: nn.Module, out_dir: str | Path, *, profile: Mapping[str, int],
@@ -107,7 +119,8 @@ def export(pruned: nn.Module, dense: nn.Module, out_dir: str | Path, *, profile:
     preprocessing.json and into the ONNX model's metadata (key ONNX_PREPROCESSING); `load_preprocessing`
     reads it back.
     """
-    out = check_export_folder(out_dir)
+    check_export_folder(out_dir)
+    out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     pruned, dense = pruned.cpu().eval(), dense.cpu().eval()
     example = example_input.cpu()
@@ -126,7 +139,8 @@ def export(pruned: nn.Module, dense: nn.Module, out_dir: str | Path, *, profile:
                                  metadata={ONNX_PREPROCESSING: json.dumps(record)} if record else None)
         (folder / "metrics.json").write_text(json.dumps({**metrics, **onnx_check}, indent=1))
         (folder / "latency.json").write_text(json.dumps(latency, indent=1))
-        torch.jit.trace(pruned, example).save(str(folder / "model.torchscript.pt"))
+        with _torchscript_chosen():
+            torch.jit.trace(pruned, example).save(str(folder / "model.torchscript.pt"))
         if out.exists():
             out.rmdir()
         umask = os.umask(0)

@@ -25,12 +25,13 @@ class Option:
     """One option. `kind` is int, float, str, bool, list or dict; bounds apply to numbers (and list items).
 
     `choices` is a tuple of allowed values, or a callable returning them (a registry's names, read when
-    checked, so that names registered later count); for a list, they constrain its items.
+    checked, so that names registered later count); for a list, they constrain its items. `help` is a line of
+    text, or a callable returning it (one that names a registry's entries, read when listed).
     """
 
     default: Any
     kind: type
-    help: str
+    help: str | Callable[[], str]
     low: float | None = None          # smallest allowed value (inclusive unless low_open)
     high: float | None = None         # largest allowed value (inclusive)
     low_open: bool = False            # True: the value must be strictly above `low`
@@ -38,6 +39,10 @@ class Option:
     optional: bool = False            # None is allowed ...
     empty: str = "for automatic"      # ... and means this
     item: type = float                # the kind of a list's items (without choices)
+
+    def help_text(self) -> str:
+        """The help line (a callable one read now)."""
+        return self.help() if callable(self.help) else self.help
 
     def allowed(self) -> tuple | None:
         """The allowed values (a registry's names read now), or None when any value of the kind goes."""
@@ -119,7 +124,7 @@ def check_options(searcher: str, declared: Mapping[str, Option], given: Mapping[
 
 def options_help(declared: Mapping[str, Option]) -> list[str]:
     """One line per option: ``key=default  help (valid values)``."""
-    return [f"{key}={value_text(o.default)}  {o.help} ({o.describe()})" for key, o in declared.items()]
+    return [f"{key}={value_text(o.default)}  {o.help_text()} ({o.describe()})" for key, o in declared.items()]
 
 
 def value_text(value: Any) -> str:

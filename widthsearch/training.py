@@ -64,8 +64,8 @@ def pick_device(gpus: float = 0) -> torch.device:
 class Progress:
     """A progress bar of `total` steps on stderr (tqdm); silent when disabled or when stderr is not a terminal."""
 
-    def __init__(self, total: int, label: str, enabled: bool = True, initial: int = 0):
-        self.bar = tqdm(total=total, initial=initial, desc=label, unit="step", disable=None if enabled else True)
+    def __init__(self, total: int, label: str, enabled: bool = True, initial: int = 0, unit: str = "step"):
+        self.bar = tqdm(total=total, initial=initial, desc=label, unit=unit, disable=None if enabled else True)
 
     def update(self, done: int, info: str = "") -> None:
         """Move the bar to `done` steps, showing `info`; at the total it is finished (closed)."""
@@ -74,6 +74,10 @@ class Progress:
         self.bar.update(done - self.bar.n)
         if done >= self.bar.total:
             self.bar.close()
+
+    def close(self) -> None:
+        """Finish the bar where it stands (e.g. a run that ended early)."""
+        self.bar.close()
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, total_steps: int):

@@ -5,6 +5,7 @@ plug-ins (`searchers/`, `trainables/`). Nothing below imports it.
     cli         the `widthsearch` command line (parses, calls the API, prints)
     config      `SearchConfig`: every search setting, declared once
     experiment  a prepared experiment (data, base model, width space, measure)
-    runs        the Ray Tune runs of an experiment (search, re-scoring, retraining)
-    tuning      Ray and Ray Tune set-up
+    runs        the Ray Tune runs of an experiment (search and its parts, re-scoring, retraining)
+    callbacks   the driver's Tune callbacks: result rows, progress bars
+    tuning      Ray and Ray Tune set-up: console output, interrupts
 """

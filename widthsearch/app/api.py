@@ -9,29 +9,33 @@
     model, metrics = run.retrain(best, epochs=30)
     run.export(model, "best-export")            # weights, TorchScript, ONNX, metadata, latency
 
-`ws.load_search("runs/demo")` opens an existing experiment (to query it, retrain from it, or continue its search
-with `fit()`), as Optuna's `load_study` or Ray Tune's `Tuner.restore` do.
+`ws.load_search("runs/demo")` opens an existing experiment (to query it, retrain from it, or continue or extend its
+search with `fit()`), as Optuna's `load_study` or Ray Tune's `Tuner.restore` do. Opening one and querying it loads
+neither torch nor Ray.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import tempfile
 import weakref
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from torch import nn
 
 from .. import results
 from ..errors import ConfigError, WidthSearchError
-from ..export import check_export_folder, export
-from ..space import build_space
-from . import runs
-from .config import SearchConfig, absolute, load_config
-from .experiment import Experiment, experiment_dir, prepare
-from .tuning import ray_session
+from ..storage import check_writable, upload_folder
+from .config import SearchConfig, absolute, experiment_dir, load_config
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .experiment import Experiment
 
 
 class Search:
@@ -69,8 +73,8 @@ class Search:
         stored = results.load_metadata(path).get("config", {})
         storage, _, name = path.rpartition("/")
         run = cls.__new__(cls)
-        run._start(SearchConfig(**{**stored, "storage": storage, "name": name,
-                                   "address": address or stored.get("address")}), resume=True)
+        run._start(SearchConfig.stored({**stored, "storage": storage, "name": name,
+                                        "address": address or stored.get("address")}), resume=True)
         return run
 
     def __repr__(self) -> str:
@@ -89,14 +93,49 @@ class Search:
             return results.budget_of(results.load_metadata(self.path))
         return None if self.config.pareto else self.config.budget
 
-    def fit(self, progress: bool = True) -> pa.Table:
+    def fit(self, progress: bool = True, *, verbose: bool = False, num_samples: int | None = None,
+            concurrency: int | None = None, address: str | None = None) -> pa.Table:
         """Run the search (a stored one: continue it), its re-scoring stage and, under a latency constraint, the
         timing of its best profiles; return the results table. Starts a local Ray and shuts it down after, or joins
-        the cluster at `address` (or RAY_ADDRESS), or uses the Ray already running in this process."""
-        with ray_session():
+        the cluster at `address` (or RAY_ADDRESS), or uses the Ray already running in this process.
+
+        `progress` draws one progress bar per stage (trials done of all, the best score so far, the time left);
+        `verbose` shows Ray's, Tune's and Optuna's own console output too. `num_samples` above the stored one
+        extends a stored search: only the missing trials run, as a new part of it that continues the searcher's
+        state (searchers that can go on: `extendable`); `concurrency` changes how many trials run at once, `address`
+        the Ray cluster joined. Each is recorded in the experiment's metadata (its config, and `resumed`). The storage is checked writable before any data is read
+        or model trained. Ctrl-C or SIGTERM stops the search after Tune saved its state: `tuning.Interrupted`
+        (a KeyboardInterrupt), and a later `fit()` of `load_search(path)` goes on.
+        """
+        from searchers import searcher_class
+
+        from . import runs
+        from .tuning import ray_session
+
+        changed = self._change(num_samples=num_samples, concurrency=concurrency, address=address)
+        if self._resume and "num_samples" in changed and not searcher_class(self.config.searcher).extendable:
+            raise ConfigError(f"searcher {self.config.searcher!r} cannot be extended (it proposes a planned set of "
+                              "trials, then stops); start a new experiment (another --name) for more trials")
+        check_writable(self.config.storage)
+        with ray_session(verbose):
             experiment = self._prepared(progress)
             resume, self._resume = self._resume, True  # from here on it exists: a second fit continues it
-            return runs.search(experiment, resume=resume, progress=progress)
+            return runs.search(experiment, resume=resume, progress=progress, changed=changed)
+
+    def _change(self, **settings: Any) -> dict[str, list]:
+        """Apply the given (not None) settings that may change between fits (config.RESUMABLE; num_samples only
+        upwards for a stored search); return {key: [before, after]} of those that changed."""
+        from .config import resume_changes
+
+        given = {key: value for key, value in settings.items() if value is not None}
+        given = resume_changes(self.config, given) if self._resume else given
+        changed = {key: [getattr(self.config, key), value] for key, value in given.items()
+                   if getattr(self.config, key) != value}
+        if changed:
+            self.config = dataclasses.replace(self.config, **given)  # checked again
+            if self._experiment is not None:
+                self._experiment = dataclasses.replace(self._experiment, config=self.config)
+        return changed
 
     def results(self) -> pa.Table:
         """The results table: one row per trial (README: Results lists the columns)."""
@@ -121,30 +160,50 @@ class Search:
 
     def retrain(self, row: Mapping | str | None = None, *, epochs: int = 30, lr: float = 0.05,
                 from_scratch: bool = False, budget: float | None = None, cpus: float | None = None,
-                gpus: float | None = None, timeout_s: float | None = None,
-                progress: bool = True) -> tuple[nn.Module, dict]:
+                gpus: float | None = None, timeout_s: float | None = None, progress: bool = True,
+                verbose: bool = False) -> tuple[nn.Module, dict]:
         """Retrain a profile for `epochs` (cosine schedule from `lr`) as a Ray Tune trial that resumes from its last
         epoch, and report its test accuracy: `row` (a row of the table, or a trial id; default: `best(budget)`),
         from the base weights (its searcher's channels where it chose them) or `from_scratch`. Returns the model
-        (CPU, eval mode) and its figures. `cpus`/`gpus` default to the search's per-trial resources; it runs on
-        a local Ray or the experiment's cluster (its `address`)."""
+        (CPU, eval mode) and its figures, the base model's and this retrain's recipes among them. `cpus`/`gpus`
+        default to the search's per-trial resources; it runs on a local Ray or the experiment's cluster (its
+        `address`). `progress` draws a bar of the epochs; `verbose` shows Ray's and Tune's own output."""
+        from . import runs
+        from .tuning import ray_session
+
         if epochs < 1:
             raise ConfigError(f"epochs must be at least 1, got {epochs}")
         if row is None or isinstance(row, str):
             row = self.best(budget, trial=row)
-        with ray_session():
+        check_writable(self.config.storage)
+        with ray_session(verbose):
             model, metrics = runs.retrain(self._prepared(progress), dict(row), epochs=epochs, lr=lr,
                                           from_scratch=from_scratch, cpus=cpus, gpus=gpus, timeout_s=timeout_s,
                                           progress=progress)
         self._metrics[model] = metrics
         return model, metrics
 
-    def export(self, model: nn.Module, out: str | os.PathLike, metrics: Mapping | None = None) -> Path:
-        """Write `model` (a pruned copy of the experiment's base model) to the new folder `out`: weights.pt,
-        profile.json, model.json, metrics.json (`metrics`, default: those `retrain` returned with this model),
-        latency.json, preprocessing.json (how to feed the model: input shape, mean, std, channel order, class
-        names; also in the ONNX model's metadata), model.torchscript.pt and model.onnx (checked in ONNX Runtime). `widthsearch.load_exported`
-        reads it back."""
+    def export_dir(self, row: Mapping, epochs: int, from_scratch: bool = False) -> str:
+        """Where `export` puts a retrained profile by default: EXP/exports/TRIAL-eEPOCHS (-scratch)."""
+        return f"{self.path}/exports/{row['trial_id']}-e{epochs}" + ("-scratch" if from_scratch else "")
+
+    def export(self, model: nn.Module, out: str | os.PathLike | None = None, metrics: Mapping | None = None) -> str:
+        """Write `model` (a pruned copy of the experiment's base model) to the new folder `out` (a local path or a
+        URI; default: `export_dir` of the retrain that made it) and return where: weights.pt, profile.json,
+        model.json, metrics.json (`metrics`, default: those `retrain` returned with this model), latency.json,
+        preprocessing.json (how to feed the model: input shape, mean, std, channel order, class names; also in the
+        ONNX model's metadata), model.torchscript.pt and model.onnx (checked in ONNX Runtime).
+        `widthsearch.load_exported` reads it back."""
+        from ..export import check_export_folder, export
+        from ..space import build_space
+        from .tuning import ray_session
+
+        metrics = dict(self._metrics.get(model, {}) if metrics is None else metrics)
+        if out is None:
+            if "trial_id" not in metrics:
+                raise WidthSearchError("export needs `out` for a model that retrain() did not return")
+            out = self.export_dir(metrics, metrics["epochs"], metrics.get("from_scratch", False))
+        out = str(out)
         check_export_folder(out)
         with ray_session():  # preparing may measure latency on the experiment's cluster
             exp = self._prepared(progress=False)
@@ -156,10 +215,14 @@ class Search:
         source = {"model": cfg.model, "num_classes": exp.data.num_classes, "in_channels": exp.data.in_channels,
                   "input_size": list(exp.data.image_size), "frozen": cfg.frozen, "min_width": cfg.min_width,
                   "divisor": cfg.divisor}
-        return export(model, exp.model, out, profile=dict(zip(pruned.names, pruned.widths.tolist())), source=source,
-                      metrics=dict(self._metrics.get(model, {}) if metrics is None else metrics),
+        fields = dict(profile=dict(zip(pruned.names, pruned.widths.tolist())), source=source, metrics=metrics,
                       example_input=exp.data.example_input, check_input=exp.data.normalize(exp.data.val.x[:64]),
                       preprocessing=exp.data.preprocessing())
+        if "://" not in out:
+            return str(export(model, exp.model, out, **fields))
+        with tempfile.TemporaryDirectory() as tmp:  # a URI: written here, then copied through pyarrow.fs
+            upload_folder(export(model, exp.model, Path(tmp) / "export", **fields), out)
+        return out
 
     def report(self, out: str | os.PathLike | None = None, top: int = 3) -> list[str]:
         """Write the report (pareto.png, profiles.png, index.html; latency.png under a latency constraint) to `out`
@@ -171,11 +234,14 @@ class Search:
     def _prepared(self, progress: bool) -> Experiment:
         """The experiment's data, base model, width space and measure, loaded (or trained) once."""
         if self._experiment is None:
-            self._experiment = prepare(self.config, progress)
+            from .experiment import prepare
+
+            self._experiment = prepare(self.config.check(), progress)
         return self._experiment
 
 
 def load_search(path: str | os.PathLike, *, address: str | None = None) -> Search:
     """The experiment stored at `path` (STORAGE/NAME, a folder or a URI) with its stored settings: query it,
-    retrain from it, or continue its search with `fit()` (joining `address`, default: the stored one)."""
+    retrain from it, or continue or extend its search with `fit()` (joining `address`, default: the stored one)."""
     return Search._stored(str(path), address)
+

@@ -2,7 +2,9 @@
 
 The checks, the YAML keys, the CLI flags (`--key-name`) and their `--help` lines all come from these
 declarations; the names of searchers, criteria, models, data sources and latency targets come from their
-registries. Unknown keys and bad values are ConfigErrors that name the key and the value.
+registries, read when a value is checked or a help line listed (so importing this module, or opening a stored
+experiment, loads neither torch nor Ray). Unknown keys and bad values are ConfigErrors that name the key and the
+value.
 """
 
 from __future__ import annotations
@@ -12,21 +14,19 @@ import dataclasses
 import functools
 import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
-from ..cost import CostModel
-from ..data import SOURCES
 from ..errors import ConfigError
-from ..latency import CLOCKS, DEVICES, DTYPES, RUNTIMES, LatencyTarget
-from ..models import BUILTIN_MODELS
 from ..options import Option
+from ..target import CLOCKS, DEVICES, DTYPES, RUNTIMES, LatencyTarget
 
-CONSTRAINTS = (*CostModel.MEASURES, "latency")
 SCORES = ("val_acc", "val_loss")
+RESUMABLE = ("num_samples", "concurrency", "address")  # the settings a resumed search may change (num_samples: up)
 _KINDS = {"str": str, "float": float, "int": int, "bool": bool, "dict": dict, "list": list}
 
 
@@ -42,10 +42,29 @@ def _criteria() -> list[str]:
     return sorted(CRITERIA)
 
 
-def setting(default: Any, help: str, **checks: Any) -> Any:
-    """A SearchConfig field: its default, one line of help and its checks (the keyword arguments of
-    widthsearch.options.Option: low, high, low_open, choices, item, empty). Its type is the field's annotation;
-    `X | None` allows None."""
+def constraints() -> tuple[str, ...]:
+    """What a budget can bound: the cost model's measures and the measured latency."""
+    from ..cost import CostModel
+
+    return (*CostModel.MEASURES, "latency")
+
+
+def _model_help() -> str:
+    from ..models import BUILTIN_MODELS
+
+    return f"model source: {', '.join(BUILTIN_MODELS)}, torchvision:NAME or package.module:factory"
+
+
+def _data_help() -> str:
+    from ..data import SOURCES
+
+    return f"data source: {', '.join(SOURCES.values())}"
+
+
+def setting(default: Any, help: str | Callable[[], str], **checks: Any) -> Any:
+    """A SearchConfig field: its default, one line of help (or a callable returning it) and its checks (the keyword
+    arguments of widthsearch.options.Option: low, high, low_open, choices, item, empty). Its type is the field's
+    annotation; `X | None` allows None."""
     metadata = {"help": help, **checks}
     if isinstance(default, (list, dict)):
         return field(default_factory=functools.partial(copy.deepcopy, default), metadata=metadata)
@@ -59,11 +78,10 @@ class SearchConfig:
 
     name: str = setting("", "experiment name, a folder under --storage (empty: MODEL-SEARCHER-TIMESTAMP)")
     storage: str = setting("runs", "folder, shared path or URI (s3://, gs://) that holds the experiments")
-    model: str = setting("small_cnn", f"model source: {', '.join(BUILTIN_MODELS)}, torchvision:NAME or "
-                         "package.module:factory")
+    model: str = setting("small_cnn", _model_help)
     checkpoint: str | None = setting(None, "base model weights; without them a base model is trained first "
                                      "(--base-epochs)", empty="to train one")
-    data: str = setting("digits", f"data source: {', '.join(SOURCES.values())}")
+    data: str = setting("digits", _data_help)
     val_fraction: float = setting(0.1, "share of the train split held out for validation, on which candidates are "
                                   "scored", low=0, low_open=True, high=0.5)
     split_seed: int = setting(0, "seed of the train/val carve; a --checkpoint must come from the same split "
@@ -75,7 +93,7 @@ class SearchConfig:
     budget: float = setting(0.5, "largest cost allowed (see --constraint), as a fraction of the base model's",
                             low=0, low_open=True, high=1)
     constraint: str = setting("flops", "what the budget bounds (latency: measured; README: Latency budgets)",
-                              choices=CONSTRAINTS)
+                              choices=constraints)
     max_latency_ms: float | None = setting(None, "with --constraint latency: the budget in milliseconds per forward "
                                            "(replaces --budget)", low=0, low_open=True, empty="to use --budget")
     latency_device: str = setting("cpu", "device latency is measured on (on a cluster: a node that runs the trials)",
@@ -83,7 +101,7 @@ class SearchConfig:
     latency_threads: int = setting(1, "CPU threads of the latency measurements", low=1)
     latency_batch: int = setting(1, "batch size of the latency measurements (images per forward)", low=1)
     latency_dtype: str = setting("fp32", "number type of the latency measurements (fp16, bf16: on cuda)",
-                                 choices=tuple(DTYPES))
+                                 choices=DTYPES)
     latency_runtime: str = setting("eager", "runtime of the latency measurements: eager (PyTorch) or onnxruntime "
                                    "(CPU, fp32)", choices=RUNTIMES)
     latency_clock: str = setting("wall", "wall (wall-clock median), or cpu (fastest process CPU time; 1 thread on "
@@ -146,10 +164,19 @@ class SearchConfig:
             _require(self.min_finetune_steps <= self.finetune_steps, "min_finetune_steps", self.min_finetune_steps,
                      f"between 1 and finetune_steps ({self.finetune_steps}) with asha")
         self.latency_target()
-        from searchers import searcher_class
+        from searchers import check_options
 
-        searcher_class(self.searcher).check_options(self.searcher_options, self.num_samples)
+        check_options(self.searcher, self.searcher_options, self.num_samples)
         return self
+
+    @classmethod
+    def stored(cls, values: Mapping[str, Any]) -> SearchConfig:
+        """The settings of a stored experiment as they were checked when it was made, not checked again (so that
+        opening an experiment to query it loads no registry); keys this version does not know are left out."""
+        config = cls.__new__(cls)
+        for key, option in declared().items():
+            setattr(config, key, copy.deepcopy(values.get(key, option.default)))
+        return config
 
     def latency_target(self) -> LatencyTarget:
         """The widthsearch.latency.LatencyTarget of the latency_* keys (checked: ConfigError naming the key)."""
@@ -186,6 +213,11 @@ def declared() -> dict[str, Option]:
     return out
 
 
+def experiment_dir(storage: str, name: str) -> str:
+    """Where experiment `name` lives under `storage` (a folder or a URI)."""
+    return f"{storage.rstrip('/')}/{name}"
+
+
 def absolute(storage: str) -> str:
     """A storage folder as an absolute path (`~` expanded); a URI (s3://, file://, ...) as it is."""
     return storage if "://" in storage else str(Path(storage).expanduser().resolve())
@@ -201,6 +233,12 @@ KEYS = [f.name for f in dataclasses.fields(SearchConfig)]
 
 def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None) -> SearchConfig:
     """Read a YAML config (optional), apply overrides (e.g. CLI flags; None: not given), check everything."""
+    return SearchConfig(**read_settings(path, overrides))
+
+
+def read_settings(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The settings given: a YAML config's (optional) with overrides (e.g. CLI flags; None: not given) on top, not
+    yet checked; an unknown key is a ConfigError."""
     values: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -217,4 +255,25 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
     unknown = sorted(set(values) - set(KEYS))
     if unknown:
         raise ConfigError(f"unknown config key {unknown[0]!r}; known keys: {', '.join(KEYS)}")
-    return SearchConfig(**values)
+    return values
+
+
+def resume_changes(stored: SearchConfig, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings `given` for resuming the `stored` search (read_settings) that change it, checked: only RESUMABLE
+    ones may (num_samples only upwards, to extend the search); any other that differs is a ConfigError naming each
+    one. `name` and `storage` say which experiment and are not compared."""
+    options = declared()
+    changed = {key: options[key].check(f"config key {key!r}", value) for key, value in given.items()
+               if key not in ("name", "storage")}
+    changed = {key: value for key, value in changed.items() if value != getattr(stored, key)}
+    fixed = [key for key in changed if key not in RESUMABLE]
+    if fixed:
+        raise ConfigError("--resume cannot change " + ", ".join(
+            f"{key} (stored {getattr(stored, key)!r}, given {changed[key]!r})" for key in fixed)
+            + f"; these define the search: start a new experiment (another --name) to change them. A resumed search "
+            f"may change {', '.join(RESUMABLE)}")
+    if changed.get("num_samples", stored.num_samples) < stored.num_samples:
+        raise ConfigError(f"--resume cannot lower num_samples (stored {stored.num_samples}, given "
+                          f"{changed['num_samples']}): trials that ran are kept; give num_samples >= "
+                          f"{stored.num_samples} (above it: more trials)")
+    return changed

@@ -22,7 +22,7 @@ from ..latency import latency_model, ray_task
 from ..models import checkpoint_meta, load_model, save_checkpoint
 from ..space import WidthSpace, build_space
 from ..training import TrainConfig, evaluate, train_base
-from .config import SearchConfig
+from .config import SearchConfig, experiment_dir
 from .tuning import init_ray
 
 
@@ -38,11 +38,7 @@ class Experiment:
     cost: CostModel
     measure: Measure        # what the budget bounds (config key constraint)
     base_val_acc: float
-
-
-def experiment_dir(storage: str, name: str) -> str:
-    """Where experiment `name` lives under `storage` (a folder or a URI)."""
-    return f"{storage.rstrip('/')}/{name}"
+    base_recipe: dict       # how the base model was trained: epochs, lr (None where its checkpoint does not say)
 
 
 def _base_model(cfg: SearchConfig, data: DataSplits, exp_dir: str, progress: bool) -> nn.Module:
@@ -71,9 +67,19 @@ def _base_model(cfg: SearchConfig, data: DataSplits, exp_dir: str, progress: boo
         model = train_base(cfg.model, data, epochs=max(1, cfg.base_epochs),
                            config=TrainConfig(lr=cfg.base_lr, batch_size=cfg.batch_size), seed=cfg.seed,
                            progress="base model" if progress else False)
-        save_checkpoint(model, local, model_source=cfg.model, data=cfg.data, epochs=cfg.base_epochs, split=data.split)
+        save_checkpoint(model, local, model_source=cfg.model, data=cfg.data, epochs=max(1, cfg.base_epochs),
+                        lr=cfg.base_lr, split=data.split)
         store.write_bytes("base.pt", local.read_bytes())
     return model
+
+
+def base_recipe(cfg: SearchConfig) -> dict:
+    """How the base model was trained (epochs, lr): its checkpoint's record (train-base writes both; None where it
+    does not say), or the experiment's own base training."""
+    if cfg.checkpoint:
+        meta = checkpoint_meta(cfg.checkpoint)
+        return {"epochs": meta.get("epochs"), "lr": meta.get("lr")}
+    return {"epochs": max(1, cfg.base_epochs), "lr": cfg.base_lr}
 
 
 def prepare(cfg: SearchConfig, progress: bool = True) -> Experiment:
@@ -92,7 +98,8 @@ def prepare(cfg: SearchConfig, progress: bool = True) -> Experiment:
     space = build_space(model, data.example_input, cfg.frozen, cfg.min_width, cfg.divisor)
     cost = CostModel(space, model)
     if cfg.constraint != "latency":
-        return Experiment(cfg, exp_dir, data, model, space, cost, cost.measure(cfg.constraint), base_val_acc)
+        return Experiment(cfg, exp_dir, data, model, space, cost, cost.measure(cfg.constraint), base_val_acc,
+                          base_recipe(cfg))
     measure = latency_model(space, model, cfg.latency_target(), grid=cfg.latency_grid, exp_dir=exp_dir,
                             progress=progress, on_target=on_target(cfg))
     if cfg.max_latency_ms is not None:
@@ -101,7 +108,7 @@ def prepare(cfg: SearchConfig, progress: bool = True) -> Experiment:
         print(f"latency on {measure.table['key']['device_name']} ({cfg.latency_device}, batch {cfg.latency_batch}, "
               f"{cfg.latency_threads} thread(s)): dense {measure.base:.3f} ms predicted; table measured in "
               f"{measure.table['measure_s']:.0f} s", file=sys.stderr)
-    return Experiment(cfg, exp_dir, data, model, space, cost, measure, base_val_acc)
+    return Experiment(cfg, exp_dir, data, model, space, cost, measure, base_val_acc, base_recipe(cfg))
 
 
 def on_cluster(cfg: SearchConfig) -> bool:
