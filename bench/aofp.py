@@ -39,10 +39,7 @@ from bench.common import (
     machine_load,
 )
 from trainables.aofp import probe_damage
-from widthsearch import build_space, load_model
-from widthsearch.config import SearchConfig
-from widthsearch.results import load_metadata
-from widthsearch.search import run_search
+from widthsearch import Search, build_space, load_model
 
 
 def trajectory(args) -> None:
@@ -50,13 +47,12 @@ def trajectory(args) -> None:
     ckpt, info = base_checkpoint("cifar_resnet20", args.data, epochs)
     print(f"base cifar_resnet20 ({epochs} epochs): val acc {info['val_acc']:.4f}, test acc {info['test_acc']:.4f}")
     with tempfile.TemporaryDirectory() as storage:
-        cfg = SearchConfig(name="aofp", storage=storage, model="cifar_resnet20", checkpoint=str(ckpt), data=args.data,
-                           searcher="aofp", budget=args.budget, num_samples=5000, concurrency=2,
-                           searcher_options=options)
+        run = Search(name="aofp", storage=storage, model="cifar_resnet20", checkpoint=str(ckpt), data=args.data,
+                     searcher="aofp", budget=args.budget, num_samples=5000, concurrency=2, searcher_options=options)
         start = time.time()
-        exp_dir, table = run_search(cfg, progress=False)
+        table = run.fit(progress=False)
         wall = time.time() - start
-        widths = load_metadata(exp_dir)["widths"]
+        widths = json.loads(table.schema.metadata[b"widthsearch.widths"])
     rows = [{**r, "phase": json.loads(r["payload"])["phase"]} for r in table.to_pylist() if r["payload"]]
     commits = sorted((r for r in rows if r["phase"] == "commit"), key=lambda r: json.loads(r["payload"])["version"])
     finals = [r for r in rows if r["phase"] == "final"]
@@ -74,7 +70,7 @@ def trajectory(args) -> None:
               f"| {r['widths']} |")
     for r in finals:
         payload = json.loads(r["payload"])
-        print(f"| final ({r['finetune_steps']} fine-tune steps) | {r['flops_ratio']:.4f} | {r['params']} "
+        print(f"| final ({r['steps_reached']} fine-tune steps) | {r['flops_ratio']:.4f} | {r['params']} "
               f"| {r['val_acc']:.4f} | {r['widths']} |\n\n{payload['stop']}")
     print(f"\nloss evaluations (batch x group): AOFP {aofp_evals}, exact oracle for the same widths {oracle} "
           f"({oracle / max(1, aofp_evals):.1f}x more)")

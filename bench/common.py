@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 
 from widthsearch import load_data, load_model, save_checkpoint
-from widthsearch.training import TrainConfig, evaluate, train
+from widthsearch.training import TrainConfig, evaluate, train, train_base
 
 BENCH = Path(__file__).resolve().parent
-CACHE = BENCH / "cache"
-RESULTS = BENCH / "results"  # JSON figures that bench/report.py turns into RESULTS.md
+# Where cells go: bench/cache and bench/results of this checkout, unless BENCH_CACHE / BENCH_RESULTS name other
+# folders (a pinned worktree that runs cells while the main checkout changes writes into the main one's).
+CACHE = Path(os.environ.get("BENCH_CACHE", BENCH / "cache"))
+RESULTS = Path(os.environ.get("BENCH_RESULTS", BENCH / "results"))  # JSON figures bench/report.py turns into RESULTS.md
 DEFAULT_DATA = BENCH.parents[1] / "shared" / "datasets" / "cifar10-5k.npz"
 VAL_FRACTION = 0.2
 SPLIT_SEED = 0
@@ -64,11 +66,9 @@ def base_checkpoint(model: str, data: str, epochs: int | None = None, lr: float 
     if ckpt.is_file() and info_path.is_file():
         return ckpt, json.loads(info_path.read_text())
     splits = bench_data(data)
-    torch.manual_seed(seed)
-    net = load_model(model, splits.num_classes, in_channels=splits.in_channels)
     start, cpu_start = time.time(), time.process_time()
-    train(net, splits, epochs=epochs, config=TrainConfig(lr=lr), seed=seed, progress=f"base {model}",
-          device=DEVICE)
+    net = train_base(model, splits, epochs=epochs, config=TrainConfig(lr=lr, channels_last=False), seed=seed,
+                     device=DEVICE, progress=f"base {model}")
     info = {"model": model, "data": data, "epochs": epochs, "lr": lr, "train_s": time.time() - start,
             "cpu_s": time.process_time() - cpu_start, "threads": torch.get_num_threads(),
             "loadavg_1m": machine_load(), "device": device_name(),
@@ -95,7 +95,7 @@ def bench_base(model: str, data: str):
 
 # ----------------------------------------------------------------------------- retrain cells
 RETRAIN_EPOCHS = 20
-RETRAIN_LR = 0.05
+RETRAIN_LR = 0.05  # and contiguous (NCHW) tensors, as the first cells were retrained (channels-last came later)
 
 
 def profile_key(widths, keep: dict | None = None) -> str:
@@ -144,7 +144,7 @@ def retrain_cell(base_name: str, model: torch.nn.Module, data, *, seed: int, epo
         return json.loads(path.read_text())
     start = time.time()
     torch.manual_seed(seed)
-    train(model, data, epochs=epochs, config=TrainConfig(lr=lr), seed=seed, device=DEVICE)
+    train(model, data, epochs=epochs, config=TrainConfig(lr=lr, channels_last=False), seed=seed, device=DEVICE)
     cell = {"key": key, "label": label, "base": base_name, "epochs": epochs, "lr": lr, "seed": seed,
             "train_s": time.time() - start, "loadavg_1m": machine_load(), "threads": torch.get_num_threads(),
             "device": device_name(), "val_acc": evaluate(model, data, "val", device=DEVICE)[0],

@@ -14,7 +14,8 @@ Two studies of the cifar_resnet20 bench base (or --model):
 Every profile is pruned (L1 channels, or the searcher's own), then:
 
 * scored like a trial: adaptive BN (20 batches of 128), a fine-tune of k steps (SGD lr 0.01, one
-  cosine schedule) for each k in KS, then accuracy and loss on the validation split (20% of train =
+  cosine schedule; the short ones also at lr 0.05, the retrain's) for each k in KS, then accuracy and loss
+  on the validation split (20% of train =
   1,017 images; and on its first half, 508 images, standing for a 10% split); during the longest
   fine-tune the model is also evaluated at the SNAPSHOTS (what a promotion scheduler sees mid-schedule);
 * retrained from the same pruned weights with the bench recipe (bench/common.py: 20 epochs, lr 0.05)
@@ -56,8 +57,10 @@ from widthsearch.training import (
     set_threads,
 )
 
-KS = (0, 25, 50, 100, 200, 400)
-SNAPSHOTS = (25, 50, 100, 200)     # evaluations inside the longest fine-tune
+KS = (0, 10, 25, 50, 100, 200)
+SNAPSHOTS = (25, 50, 100)          # evaluations inside the longest fine-tune
+HIGH_LR = 0.05                     # short fine-tunes also at the retrain's learning rate: "k25lr0.05", ...
+HIGH_LR_KS = (10, 25, 50, 100)
 FOCUS = (0.3, 0.5)                 # budgets with 10 profiles each
 SPREAD = (0.25, 0.35, 0.4, 0.45, 0.55, 0.6)
 FINETUNE_LR = 0.01
@@ -95,8 +98,9 @@ def profiles(model, space, cost, quick: bool) -> list[dict]:
 
 
 def budget_profiles(model, space, cost, budget: float, n_random: int, model_name: str) -> list[dict]:
-    """The profile set of the one-budget study: uniform, the global candidates, random ones and every quality
-    search's best rows at `budget` (bench/results/quality/), in that order, each once."""
+    """The profile set of the one-budget study, each once, in this order: uniform, the global candidates, every
+    quality search's best rows at `budget` (bench/results/quality/; every search's best first, then every
+    search's second, ...), then `n_random` random ones."""
     out, seen = [], set()
 
     def add(widths, source, keep=None, **extra):
@@ -109,16 +113,16 @@ def budget_profiles(model, space, cost, budget: float, n_random: int, model_name
     glob = make_searcher("global", space, cost, budget=budget, model=model, normalizers=["mean", "max"])
     while isinstance(config := glob.suggest("g"), dict):
         add(config["widths"], "global")
+    cells = [json.loads(p.read_text()) for p in sorted((RESULTS / "quality").glob(f"{model_name}-*-b{budget}-s*.json"))]
+    ranked_rows = [(rank, cell, row) for cell in cells for rank, row in enumerate(cell.get("top_rows", []))]
+    for rank, cell, row in sorted(ranked_rows, key=lambda item: item[0]):
+        payload = json.loads(row["payload"]) if row.get("payload") else {}
+        keep = payload.get("keep") if isinstance(payload, dict) else None
+        add(row["widths"], cell["method"], keep, search_seed=cell["seed"], rank=rank,
+            trial_score=row["score"], trial_steps=row.get("steps_reached", row.get("finetune_steps")))
     rand = make_searcher("random", space, cost, budget=budget, seed=int(budget * 1000))
     for i in range(n_random):
         add(rand.suggest(f"r{i}")["widths"], "random")
-    for path in sorted((RESULTS / "quality").glob(f"{model_name}-*-b{budget}-s*.json")):
-        cell = json.loads(path.read_text())
-        for rank, row in enumerate(cell.get("top_rows", [])):
-            payload = json.loads(row["payload"]) if row.get("payload") else {}
-            keep = payload.get("keep") if isinstance(payload, dict) else None
-            add(row["widths"], cell["method"], keep, search_seed=cell["seed"], rank=rank,
-                trial_score=row["score"], trial_steps=row["finetune_steps"])
     return out
 
 
@@ -138,24 +142,34 @@ def pruned(base, space, profile: dict):
     return prune(base, space, space.from_vector(profile["widths"]), "l1")
 
 
-def score_variants(base, space, profile: dict, data, seed: int, ks=KS) -> dict:
-    """Val accuracy/loss (full val and its first half) after adaptive BN + k fine-tune steps, and seconds."""
+def variants(ks=KS, high_lr_ks=HIGH_LR_KS) -> list[tuple[str, int, float]]:
+    """(name, steps, learning rate) of every score variant: k steps at FINETUNE_LR (the trials' default), and the
+    short ones again at HIGH_LR."""
+    return [(f"k{k}", k, FINETUNE_LR) for k in ks] + [(f"k{k}lr{HIGH_LR:g}", k, HIGH_LR) for k in high_lr_ks]
+
+
+def score_variants(base, space, profile: dict, data, seed: int, ks=KS, high_lr_ks=HIGH_LR_KS,
+                   skip: set = frozenset()) -> dict:
+    """Val accuracy/loss (full val and its first half) after adaptive BN + k fine-tune steps, and seconds, for every
+    variant not in `skip`."""
     half = len(data.val) // 2
     halves = _half_view(data, half)
+    longest = max(ks)
     out = {}
-    for k in ks:
+    for name, k, lr in variants(ks, high_lr_ks):
+        if name in skip:
+            continue
         start = time.time()
         model = pruned(base, space, profile)
         recalibrate_bn(model, data, num_batches=BN_BATCHES, seed=seed, device=common.DEVICE)
-        trainer = StepTrainer(model, data, k, TrainConfig(lr=FINETUNE_LR), seed=seed, device=common.DEVICE)
-        stops = sorted({s for s in SNAPSHOTS if s < k} | {k}) if k == max(ks) else [k]
+        trainer = StepTrainer(model, data, k, TrainConfig(lr=lr), seed=seed, device=common.DEVICE)
+        stops = sorted({s for s in SNAPSHOTS if s < k} | {k}) if (k, lr) == (longest, FINETUNE_LR) else [k]
         for stop in stops:
             trainer.run(stop - trainer.done)
             acc, loss = evaluate(model, data, "val", device=common.DEVICE)
             acc_half, loss_half = evaluate(model, halves, "val", device=common.DEVICE)
-            name = f"k{k}" if stop == k else f"k{k}@{stop}"
-            out[name] = {"val_acc": acc, "val_loss": loss, "val10_acc": acc_half, "val10_loss": loss_half,
-                         "seconds": time.time() - start}
+            out[name if stop == k else f"{name}@{stop}"] = {"val_acc": acc, "val_loss": loss, "val10_acc": acc_half,
+                                                            "val10_loss": loss_half, "seconds": time.time() - start}
     return out
 
 
@@ -178,6 +192,7 @@ def main() -> None:
     parser.add_argument("--random", type=int, default=10, help="random profiles of the one-budget study")
     parser.add_argument("--retrain-seeds", nargs="+", type=int, default=[0, 1], help="one-budget study's retrains")
     parser.add_argument("--limit", type=int, help="stop after this many new profiles")
+    parser.add_argument("--fill", action="store_true", help="only add the score variants finished profiles lack")
     parser.add_argument("--quick", action="store_true", help="3 profiles, k in 0/25, a 1-epoch retrain (smoke test)")
     args = parser.parse_args()
     set_threads(args.threads)
@@ -194,11 +209,21 @@ def main() -> None:
     done = 0
     for i, p in order(todo):
         path = folder / f"{args.model}-{profile_key(p['widths'], p.get('keep'))}.json"
-        if path.is_file():
+        if path.is_file() and args.fill:
+            cell = json.loads(path.read_text())
+            missing = [name for name, _, _ in variants() if name not in cell["scores"]]
+            if missing:
+                cell["scores"].update(score_variants(base, space, p, data, seed=cell["index"],
+                                                     skip=set(cell["scores"])))
+                path.write_text(json.dumps(cell, indent=1))
+                print(f"{cell['index']}: added {', '.join(missing)}", flush=True)
+            continue
+        if path.is_file() or args.fill:
             continue
         if args.limit is not None and done >= args.limit:
             break
-        scores = score_variants(base, space, p, data, seed=i, ks=(0, 25) if args.quick else KS)
+        scores = score_variants(base, space, p, data, seed=i, ks=(0, 25) if args.quick else KS,
+                                high_lr_ks=(25,) if args.quick else HIGH_LR_KS)
         retrains = [retrain_cell(ckpt.stem, pruned(base, space, p), data, seed=r,
                                  epochs=1 if args.quick else RETRAIN_EPOCHS, label=f"fidelity {p['source']} {p['target']}")
                     for r in seeds]

@@ -18,7 +18,7 @@ set -u
 DEADLINE=$1; shift
 START=$(date +%s)
 mkdir -p /tmp/site && tar -C /tmp/site -xJf .gpu/site.tar.xz || exit 1
-mkdir -p /tmp/bin && printf '#!/bin/sh\nexec python3 -c "from widthsearch.cli import main; main()" "$@"\n' > /tmp/bin/widthsearch
+mkdir -p /tmp/bin && printf '#!/bin/sh\nexec python3 -c "from widthsearch.app.cli import main; main()" "$@"\n' > /tmp/bin/widthsearch
 chmod +x /tmp/bin/widthsearch
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PATH=/tmp/bin:$PATH
 DATA=npz:$PWD/.gpu/cifar10-5k.npz

@@ -15,9 +15,7 @@ import tempfile
 import time
 
 from bench.common import DEFAULT_DATA, base_checkpoint
-from widthsearch.config import SearchConfig
-from widthsearch.results import load_metadata
-from widthsearch.search import run_search
+from widthsearch import Search
 
 
 def main() -> None:
@@ -30,15 +28,15 @@ def main() -> None:
     ckpt, info = base_checkpoint("cifar_resnet20", args.data, epochs)
     print(f"base cifar_resnet20 ({epochs} epochs): val acc {info['val_acc']:.4f}, test acc {info['test_acc']:.4f}")
     with tempfile.TemporaryDirectory() as storage:
-        cfg = SearchConfig(name="gradient", storage=storage, model="cifar_resnet20", checkpoint=str(ckpt),
-                           data=args.data, searcher="gradient", pareto=True, num_samples=args.points, concurrency=2,
-                           finetune_steps=finetune,
-                           searcher_options={"steps": steps, "lr": 0.2 if args.quick else 0.05, "points": args.points,
-                                             "lam_min": 0.03, "lam_max": 3.0})
+        run = Search(name="gradient", storage=storage, model="cifar_resnet20", checkpoint=str(ckpt),
+                     data=args.data, searcher="gradient", pareto=True, num_samples=args.points, concurrency=2,
+                     finetune_steps=finetune,
+                     searcher_options={"steps": steps, "lr": 0.2 if args.quick else 0.05, "points": args.points,
+                                       "lam_min": 0.03, "lam_max": 3.0})
         start = time.time()
-        exp_dir, table = run_search(cfg, progress=False)
+        table = run.fit(progress=False)
         wall = time.time() - start
-        groups = load_metadata(exp_dir)["groups"]
+        groups = json.loads(table.schema.metadata[b"widthsearch.groups"])
     rows = sorted(table.to_pylist(), key=lambda r: json.loads(r["payload"])["lam"])
     print(f"\n{len(rows)} trials, {wall:.0f}s wall (concurrency 2); {steps} gate steps, {finetune} fine-tune steps\n")
     print(f"groups: {groups}\n")

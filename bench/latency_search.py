@@ -48,11 +48,8 @@ from bench.common import (
     unpack_mask,
 )
 from searchers import project_to_budget
-from widthsearch import CostModel, build_space, load_model, prune
-from widthsearch.config import SearchConfig
+from widthsearch import CostModel, Search, build_space, load_model, load_search, prune
 from widthsearch.latency import LatencyTarget, latency_model, measure_profiles
-from widthsearch.results import ResultsStore
-from widthsearch.search import choose_trial, experiment_dir, run_search
 from widthsearch.training import set_threads
 
 
@@ -73,26 +70,28 @@ def run_cell(searcher: str, constraint: str, latency_budget: float, budget: floa
     """Search, pick the winner within the budget, retrain it, time it; the cell's JSON record."""
     name = cell_name(args, searcher, constraint, latency_budget, factor, seed) + ("-quick" if args.quick else "")
     storage = str(CACHE / "latency_search")
-    cfg = SearchConfig(name=name, storage=storage, model=args.model, checkpoint=str(ckpt), data=args.data,
-                       val_fraction=VAL_FRACTION, split_seed=SPLIT_SEED, seed=seed, searcher=searcher,
-                       budget=budget, constraint=constraint, num_samples=args.trials,
-                       concurrency=args.concurrency, finetune_steps=args.finetune_steps, cpus_per_trial=1,
-                       latency_batch=args.latency_batch, latency_clock=args.clock, latency_grid=args.grid,
-                       latency_top=0,
-                       **({"gpus_per_trial": 1 / args.concurrency} if common.DEVICE.startswith("cuda") else {}))
+    settings = dict(name=name, storage=storage, model=args.model, checkpoint=str(ckpt), data=args.data,
+                    val_fraction=VAL_FRACTION, split_seed=SPLIT_SEED, seed=seed, searcher=searcher,
+                    budget=budget, constraint=constraint, num_samples=args.trials,
+                    concurrency=args.concurrency, finetune_steps=args.finetune_steps, cpus_per_trial=1,
+                    latency_batch=args.latency_batch, latency_clock=args.clock, latency_grid=args.grid,
+                    latency_top=0,
+                    **({"gpus_per_trial": 1 / args.concurrency} if common.DEVICE.startswith("cuda") else {}))
     start = time.time()
-    exp_dir, table = run_search(cfg, resume=ResultsStore(experiment_dir(storage, name)).exists(), progress=False)
+    exists = Path(storage, name, "widthsearch", "experiment.json").is_file()
+    run = load_search(Path(storage, name)) if exists else Search(**settings)
+    table = run.fit(progress=False)
     search_s = time.time() - start
-    row = choose_trial(table, budget=cfg.budget, constraint=constraint)
+    row = run.best()
     base = load_model(args.model, data.num_classes, checkpoint=str(ckpt), in_channels=data.in_channels)
     space = build_space(base, data.example_input)
     target = LatencyTarget(batch=args.latency_batch, clock=args.clock)
     (measured,) = measure_profiles(space, base, target, [row["widths"]], paired=True)
-    model = prune(base, space, space.from_vector(row["widths"]), cfg.criterion)
+    model = prune(base, space, space.from_vector(row["widths"]), run.config.criterion)
     retrained = retrain_cell(ckpt.stem, model, data, seed=seed, epochs=args.retrain_epochs,
                              label=f"latency_search {searcher} {constraint} L{latency_budget:g}")
     return {"constraint": constraint, "seed": seed, "model": args.model, "searcher": searcher,
-            "latency_budget": latency_budget, "flops_factor": factor, "budget": budget,
+            "latency_budget": latency_budget, "flops_factor": factor, "budget": run.config.budget,
             "trials": table.num_rows, "finetune_steps": args.finetune_steps, "search_s": search_s,
             "trial_id": row["trial_id"], "widths": row["widths"], "val_score": row["score"],
             "flops_ratio": row["flops_ratio"], "cost_ratio": row["cost_ratio"],

@@ -50,9 +50,9 @@ from bench.common import (
     retrain_cell,
 )
 from searchers import make_searcher
-from searchers.pruningnet import PruningNet, channel_order, keep_channels
 from trainables.metapruning import score_widths, train_pruningnet
 from widthsearch import CostModel, build_space, load_model, prune
+from widthsearch.pruningnet import PruningNet, channel_order, keep_channels
 from widthsearch.storage import Storage
 from widthsearch.training import TrainConfig, set_threads, train
 

@@ -28,8 +28,7 @@ from bench.common import (
     base_checkpoint,
     machine_load,
 )
-from widthsearch.config import SearchConfig
-from widthsearch.search import run_search
+from widthsearch import Search
 from widthsearch.training import set_threads
 
 VARIANTS = {"group": {"parameterization": "group"}, "stage": {"parameterization": "stage"},
@@ -43,11 +42,11 @@ SEARCH = dict(num_samples=24, finetune_steps=25, concurrency=2, cpus_per_trial=1
 def run_cell(variant: str, seed: int, ckpt: Path, data: str) -> dict:
     """One search; its best and top-3 validation scores, the best row's FLOPs ratio and what it cost."""
     with tempfile.TemporaryDirectory() as storage:
-        cfg = SearchConfig(name=f"{variant}-s{seed}", storage=storage, model="cifar_resnet20", checkpoint=str(ckpt),
-                           data=data, val_fraction=VAL_FRACTION, split_seed=SPLIT_SEED, searcher="optuna",
-                           budget=BUDGET, seed=seed, searcher_options=VARIANTS[variant], **SEARCH)
+        run = Search(name=f"{variant}-s{seed}", storage=storage, model="cifar_resnet20", checkpoint=str(ckpt),
+                     data=data, val_fraction=VAL_FRACTION, split_seed=SPLIT_SEED, searcher="optuna",
+                     budget=BUDGET, seed=seed, searcher_options=VARIANTS[variant], **SEARCH)
         start = time.time()
-        _, table = run_search(cfg, progress=False)
+        table = run.fit(progress=False)
         seconds = time.time() - start
     rows = [r for r in table.to_pylist() if r["status"] == "ok" and r["cost_ratio"] <= BUDGET + 1e-9]
     rows.sort(key=lambda r: -r["score"])

@@ -14,7 +14,7 @@ row gets the same trial count on every base (SEARCH); its trial CPU-seconds are 
 training CPU-seconds.
 
 A cell's `seed` is its search seed (the pruning seed for the methods that do not search, whose profile does
-not depend on it: they run seed 0 only); the chosen profile (the row `choose_trial` picks, pruned as
+not depend on it: they run seed 0 only); the chosen profile (the row `Search.best` picks, pruned as
 `widthsearch retrain` prunes it) is retrained once per retrain seed with the bench recipe (bench/common.py
 `retrain_cell`: 20 epochs, SGD lr 0.05 cosine, from the pruned weights) and evaluated on the test split image
 by image (`test_correct`, one hex mask per retrain seed, for paired statistics). Searches are kept in
@@ -39,12 +39,10 @@ import torch_pruning as tp
 from bench import common
 from bench.common import (CACHE, DEFAULT_DATA, RESULTS, SPLIT_SEED, VAL_FRACTION, bench_base, machine_load,
                           retrain_cell)
-from widthsearch import prune
-from widthsearch.config import SearchConfig
+from widthsearch import Search, SearchConfig, load_search, prune
 from widthsearch.export import measure_latency
 from widthsearch.models import classifier_of
-from widthsearch.results import load, load_metadata, ranked
-from widthsearch.search import choose_trial, experiment_dir, run_search
+from widthsearch.results import load_metadata, ranked
 from widthsearch.storage import filesystem
 from widthsearch.training import set_threads
 
@@ -63,17 +61,36 @@ COMMON = dict(concurrency=1, cpus_per_trial=1, seed=0)
 # widthsearch's defaults before the FLOPs-0.1 benchmark (the "METHOD" rows), pinned so the rows keep their meaning.
 DEFAULTS_BEFORE = dict(finetune_steps=50, finetune_lr=0.01, bn_batches=20, score="val_acc", asha=False,
                        rescore_top=0)
-# The trials each searcher gets, the same on every base (so the compute follows the base's size).
+# The trials each searcher gets with its default options, the same on every base (so the compute follows the
+# base's size): about 10% of the base's training compute where the default options allow it (16 scoring trials
+# of 50 steps; 3 gradient trials of 100 gate steps); aofp (one round of 2 x 250 batches costs about 30%) and
+# metapruning (2,000 PruningNet steps) cannot be made that cheap with their defaults: they run their smallest
+# search (one aofp round, one PruningNet) and their cost is reported.
 SEARCH = {
     "global": dict(num_samples=3),
-    "optuna": dict(num_samples=32),
-    "random": dict(num_samples=32),
-    "gradient": dict(num_samples=8),
-    "aofp": dict(num_samples=40),
-    "metapruning": dict(num_samples=33, searcher_options={"train_steps": 200}),
+    "optuna": dict(num_samples=16),
+    "random": dict(num_samples=16),
+    "gradient": dict(num_samples=3),
+    "aofp": dict(num_samples=7),
+    "metapruning": dict(num_samples=33),
 }
-# Options chosen on the validation split of the three bases (the "-tuned" rows; see bench/RESULTS.md).
-TUNED: dict[str, dict] = {}
+# Options chosen on the validation split (the "-tuned" rows; see bench/RESULTS.md): a cheaper trial score with
+# more room for a re-scoring stage that decides among the best profiles on a longer fine-tune (the earlier
+# fidelity study ranked best at 200 steps; at FLOPs 0.1 the 50-step score chose 2.2 points below the best of
+# its six best rows), within ~10% of the base's training compute.
+TUNED: dict[str, dict] = {
+    "optuna": dict(num_samples=20, finetune_steps=25, rescore_top=3, rescore_steps=200),
+    "random": dict(num_samples=20, finetune_steps=25, rescore_top=3, rescore_steps=200),
+    # gates learnt in 30 steps (of 100), 5 bisection trials; the best 2 re-scored
+    "gradient": dict(num_samples=5, finetune_steps=25, rescore_top=2, rescore_steps=200,
+                     searcher_options={"steps": 30}),
+    # a PruningNet trained 300 steps on widths around the budget, then 4 x 8 candidates
+    "metapruning": dict(num_samples=33, rescore_top=2, rescore_steps=200,
+                        searcher_options={"train_steps": 300, "train_flops_min": 0.03, "train_flops_max": 0.3,
+                                          "population": 8, "generations": 4}),
+    # decisions on 2 x 10 batches, epsilon relaxed as needed (the default); at most 10 rounds
+    "aofp": dict(num_samples=31, finetune_steps=50, searcher_options={"window": 10}),
+}
 
 
 def method_config(method: str) -> dict:
@@ -120,30 +137,44 @@ def search_cell(method: str, budget: float, seed: int, args, ckpt: Path, base, s
     options["seed"] = seed
     cfg = SearchConfig(name=name, storage=storage, model=args.model, checkpoint=str(ckpt), data=args.data,
                        val_fraction=VAL_FRACTION, split_seed=SPLIT_SEED, budget=budget, **options)
-    exp = experiment_dir(cfg.resolved().storage, name)
+    exp = f"{cfg.resolved().storage}/{name}"
     info_path = CACHE / "searches" / args.model / f"{name}.json"
     if info_path.is_file():
         cost = json.loads(info_path.read_text())
     else:
         resume = Path(exp, "widthsearch", "experiment.json").is_file()
         start, cpu = time.time(), time.process_time()
-        run_search(cfg, resume=resume, progress=False)
+        (load_search(exp) if resume else Search(cfg)).fit(progress=False)
         cost = {"search_s": time.time() - start, "driver_cpu_s": time.process_time() - cpu,
                 "resumed": resume, "loadavg_1m": machine_load()}
         info_path.write_text(json.dumps(cost))
-    table = load(exp)
+    run = load_search(exp)
+    table = run.results()
     rows = table.to_pylist()
-    row = choose_trial(table, budget=budget)
+    row = run.best(budget)
     model = pruned_from_row(row, base, space, cfg.criterion)
-    main = [r for r in ranked(table, budget) if (r["run"] or "search") == "search"][:TOP]
-    keys = ("trial_id", "widths", "score", "val_acc", "val_loss", "finetune_steps", "cost_ratio", "payload", "run")
-    info = {**cost, "trials": len(rows), "trial_cpu_s": sum((r["wall_s"] or 0.0) for r in rows) * cfg.cpus_per_trial,
-            "val_score": row["score"], "val_finetune_steps": row["finetune_steps"], "trial_id": row["trial_id"],
+    main = top_rows(table, budget)
+    info = {**cost, "trials": len(rows),
+            "trial_cpu_s": sum(r.get("cpu_s") or (r["wall_s"] or 0.0) * cfg.cpus_per_trial for r in rows),
+            "trial_wall_s": sum(r["wall_s"] or 0.0 for r in rows),
+            "cpu_measured": all(r.get("cpu_s") is not None for r in rows),
+            "val_score": row["score"], "val_finetune_steps": row["steps_reached"], "trial_id": row["trial_id"],
             "search_config": load_metadata(exp)["config"], "options": method_config(method),
-            "top_rows": [{k: r[k] for k in keys} for r in main],
-            "rescored": [{k: r[k] for k in keys} for r in rows if r["run"] == "rescore"],
+            "top_rows": main,
+            "rescored": [{k: r[k] for k in KEYS} for r in rows if r["run"] == "rescore"],
             "phase_s": _phase_totals(rows)}
     return model, info
+
+
+KEYS = ("trial_id", "widths", "score", "val_acc", "val_loss", "steps_reached", "cost_ratio", "payload", "run")
+
+
+def top_rows(table, budget: float) -> list[dict]:
+    """The search's own TOP best distinct rows within the budget (ranked before any re-scoring), their KEYS."""
+    import pyarrow.compute as pc
+
+    own = table.filter(pc.equal(pc.fill_null(table["run"], "search"), "search"))
+    return [{k: r[k] for k in KEYS} for r in ranked(own, budget)[:TOP]]
 
 
 def _phase_totals(rows: list[dict]) -> dict:

@@ -206,6 +206,20 @@ def _missing_cells(cells: list[dict]) -> list[str]:
     return lines + ["", f"Estimated total for the cells with an estimate: ~{total / 3600:.1f} CPU-hours.", ""]
 
 
+def _labels(ax, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _quality_plots(cells: list[dict], folder: Path) -> list[str]:
     plt = pyplot()
     models = [m for m in QUALITY_MODELS if any(c["model"] == m for c in cells)]
@@ -221,14 +235,8 @@ def _quality_plots(cells: list[dict], folder: Path) -> list[str]:
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
                         label=method)
         ax.set_xscale("log")
-        ax.set_title(model)
-        ax.set_xlabel("FLOPs / base FLOPs (log)")
-        ax.set_ylabel("test accuracy after the same retrain (mean ± std)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(folder / "accuracy_vs_flops.png", dpi=110)
-    plt.close(fig)
+        _labels(ax, model, "FLOPs / base FLOPs (log)", "test accuracy after the same retrain (mean ± std)")
+    _save(plt, fig, folder / "accuracy_vs_flops.png")
     budgets = [b for b in HEADROOM if any(c["budget"] == b and c["model"] == "cifar_resnet20" for c in cells)]
     if budgets:
         fig, axes = plt.subplots(1, len(budgets), figsize=(6.4 * len(budgets), 4.4), squeeze=False)
@@ -236,24 +244,101 @@ def _quality_plots(cells: list[dict], folder: Path) -> list[str]:
             for c in cells:
                 if c["budget"] == budget and c["seed"] == 0 and c["model"] == "cifar_resnet20":
                     ax.plot(c["conv_widths"], marker=".", label=c["method"])
-            ax.set_title(f"cifar_resnet20 at FLOPs {budget}, seed 0")
-            ax.set_xlabel("conv layer (model order)")
-            ax.set_ylabel("output channels kept")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(folder / "profiles.png", dpi=110)
-        plt.close(fig)
+            _labels(ax, f"cifar_resnet20 at FLOPs {budget}, seed 0", "conv layer (model order)", "output channels kept")
+        _save(plt, fig, folder / "profiles.png")
     return ["", f"![accuracy vs FLOPs]({folder.name}/accuracy_vs_flops.png) ![widths found]({folder.name}/profiles.png)",
             ""]
 
 
-def fidelity_section(folder: Path) -> list[str]:
-    """Rank correlations of every score variant with retrained test accuracy, from bench/results/fidelity/*.json."""
+FIDELITY_METRICS = (("val_acc", 1), ("val_loss", -1), ("val10_acc", 1), ("val10_loss", -1))
+
+
+def fidelity_budget_section(folder: Path, budget: float) -> list[str]:
+    """The one-budget fidelity study (bench/fidelity.py --budget): every score variant's rank correlation with the
+    retrained accuracy (test: the goal; val: what options are chosen on), its cost, and the final choice among
+    each quality search's best rows."""
     from bench.stats import rank_correlations
 
-    cells = _cells(folder / "fidelity")
-    lines = ["## Does the trial score rank profiles? (bench/fidelity.py)", ""]
+    cells = [c for c in _cells(folder / "fidelity") if c.get("study") == f"b{budget}"]
+    lines = [f"## Does the trial score rank profiles at FLOPs {budget}? (bench/fidelity.py --budget {budget})", ""]
+    if len(cells) < 4:
+        return lines + [f"{len(cells)} profile(s) finished; the table needs at least 4.", ""]
+    first = cells[0]
+    info = first["base_info"]
+    sources = defaultdict(int)
+    for c in cells:
+        sources[c["source"]] += 1
+    lines += [f"{len(cells)} profiles of {first['model']} at FLOPs {budget} (" + ", ".join(
+              f"{n} {s}" for s, n in sorted(sources.items())) + f"; base val {info['val_acc']:.4f}, test "
+              f"{info['test_acc']:.4f}), FLOPs {min(c['flops_ratio'] for c in cells):.3f}-"
+              f"{max(c['flops_ratio'] for c in cells):.3f}. Ground truth: accuracy after the bench retrain "
+              f"({first['retrain_epochs']} epochs from the pruned weights), mean of retrain seeds "
+              f"{', '.join(map(str, first.get('retrain_seeds', [0])))}, on test (the goal) and on val (what options "
+              "are chosen on). Score: adaptive BN (20 batches) + k fine-tune steps (lr 0.01, one cosine schedule "
+              "over k) on val (1,017 images) or its first half (508, a 10% split); 'k200@25' is the model 25 steps "
+              "into the 200-step schedule. Intervals: 95% bootstrap over profiles. Cost: score seconds / retrain "
+              "seconds, same process.", "",
+              "| score variant | Spearman with test (95% CI) | Spearman with retrained val | Kendall with test | cost |",
+              "|---|---|---|---|---|"]
+    rows = []
+    test = [c["test_acc"] for c in cells]
+    val = [c["retrain_val_acc"] for c in cells]
+    for variant in [v for v in first["scores"] if all(v in c["scores"] for c in cells)]:
+        for metric, sign in FIDELITY_METRICS:
+            score = [sign * c["scores"][variant][metric] for c in cells]
+            r, rv = rank_correlations(score, test), rank_correlations(score, val, reps=0)
+            cost = statistics.fmean(c["scores"][variant]["seconds"] / c["retrain_s"] for c in cells)
+            rows.append((variant, metric, r, rv, cost))
+            sp, kd = r["spearman"], r["kendall"]
+            lines.append(f"| {variant} {metric} | {sp[0]:.3f} [{sp[1]:.2f}, {sp[2]:.2f}] | {rv['spearman'][0]:.3f} | "
+                         f"{kd[0]:.3f} | {cost:.1%} |")
+    good = [r for r in rows if r[2]["spearman"][0] >= 0.8 and r[4] <= 0.10]
+    pick = min(good, key=lambda r: r[4]) if good else max(rows, key=lambda r: r[2]["spearman"][0])
+    lines += ["", ("Cheapest variant with Spearman >= 0.8 at <= 10% of a retrain: " if good else
+                   "No variant reaches Spearman 0.8 at <= 10% of a retrain; the best: ")
+              + f"{pick[0]} on {pick[1]} (Spearman {pick[2]['spearman'][0]:.3f}, cost {pick[4]:.1%}).", ""]
+    lines += _choice_lines(folder, cells, budget)
+    return lines
+
+
+def _choice_lines(folder: Path, cells: list[dict], budget: float) -> list[str]:
+    """Per quality search at `budget`: its six best rows retrained (the fidelity profiles), the one it chose, and
+    how far the chosen one is from the best of the six (goal: within 1 point)."""
+    from bench.common import profile_key
+
+    by_key = {profile_key(c["widths"], c.get("keep")): c for c in cells}
+    lines = []
+    for path in sorted((folder / "quality").glob(f"*-b{budget}-s*.json")):
+        cell = json.loads(path.read_text())
+        tops = []
+        for row in cell.get("top_rows", []):
+            payload = json.loads(row["payload"]) if row.get("payload") else {}
+            keep = payload.get("keep") if isinstance(payload, dict) else None
+            tops.append(by_key.get(profile_key(row["widths"], keep)))
+        if not tops or any(t is None for t in tops):
+            continue
+        chosen = by_key.get(profile_key(cell["group_widths"]))  # the same retrain seeds as the six, when there
+        chosen_acc = chosen["test_acc"] if chosen else statistics.fmean(_accs(cell))
+        best = max(t["test_acc"] for t in tops)
+        lines.append(f"| {cell['model']} {cell['method']} s{cell['seed']} | "
+                     + ", ".join(f"{t['test_acc']:.3f}" for t in tops)
+                     + f" | {chosen_acc:.3f} | {100 * (best - chosen_acc):+.2f} |")
+    if not lines:
+        return []
+    return ["The final choice among a search's six best rows (test accuracy of each after the bench retrain, mean "
+            "of the fidelity study's retrain seeds, in the search's ranking order; the chosen profile after the "
+            "quality cell's retrains; goal: the chosen one within 1 point of the best of the six):", "",
+            "| search | six best rows, in rank order | chosen | best of six - chosen (points) |", "|---|---|---|---|",
+            *lines, ""]
+
+
+def fidelity_section(folder: Path) -> list[str]:
+    """Rank correlations of every score variant with retrained test accuracy, from bench/results/fidelity/*.json
+    (the earlier study over FLOPs 0.25-0.6)."""
+    from bench.stats import rank_correlations
+
+    cells = [c for c in _cells(folder / "fidelity") if c.get("study", "mixed") == "mixed"]
+    lines = ["## Does the trial score rank profiles over FLOPs 0.25-0.6? (bench/fidelity.py, the earlier study)", ""]
     if len(cells) < 4:
         return lines + [f"{len(cells)} profile(s) finished; the table needs at least 4.", ""]
     first = cells[0]
@@ -272,7 +357,7 @@ def fidelity_section(folder: Path) -> list[str]:
     rows = []
     truth = [c["test_acc"] for c in cells]
     for variant in first["scores"]:
-        for metric, sign in (("val_acc", 1), ("val_loss", -1), ("val10_acc", 1), ("val10_loss", -1)):
+        for metric, sign in FIDELITY_METRICS:
             score = [sign * c["scores"][variant][metric] for c in cells]
             r = rank_correlations(score, truth)
             focus = {}
@@ -378,6 +463,31 @@ def optuna_params_section(folder: Path) -> list[str]:
     return lines + [""]
 
 
+def trial_time_section(folder: Path) -> list[str]:
+    """Where a trial's wall time goes (bench/trial_time.py): per setting, the phases summed over a search's trials."""
+    cells = _cells(folder / "trial_time")
+    if not cells:
+        return []
+    phases = ("start", "setup", "prune", "bn", "finetune", "eval", "finish")
+    lines = ["## Where a trial's time goes (bench/trial_time.py)", "",
+             "An Optuna search's trials, phase by phase (seconds summed over its trials; `start`: the driver started "
+             "the trial -> its body ran, i.e. actor start and job transfer; `setup`: threads, device, data; "
+             "`finish`: last report -> row written). 'train+eval' = finetune + eval (+ bn: adaptive-BN "
+             "recalibration, also scoring work); 'slots used': the trials' time over the Tune run's wall time x "
+             "concurrency (the rest: the driver between trials). Goal: a trial spends >= 80% of its wall time "
+             "fine-tuning and evaluating (CPU, cifar_resnet20 at FLOPs 0.1).", "",
+             "| setting | trials | steps | " + " | ".join(phases) + " | train+eval (with bn) | slots used | median "
+             "trial s | load | date |", "|" + "---|" * (len(phases) + 8)]
+    for c in sorted(cells, key=lambda c: c["setting"]):
+        share = c["share"]
+        lines.append(f"| {c['setting']} | {c['trials']} | {c['config']['finetune_steps']} | "
+                     + " | ".join(f"{c['phase_s'].get(p, 0.0):.1f} ({100 * share.get(p, 0.0):.0f}%)" for p in phases)
+                     + f" | {100 * c['train_and_eval_share']:.0f}% ({100 * c['with_bn_share']:.0f}%) | "
+                     f"{100 * c.get('slot_use', float('nan')):.0f}% | {c['median_trial_wall_s']:.2f} | "
+                     f"{c['loadavg_1m']:.1f} | {c['date']} |")
+    return lines + [""]
+
+
 def throughput_section(t: dict) -> list[str]:
     lines = [f"## Cost and scale ({t['mode']} run, {t['date']})", "",
              f"Random searcher, {t['model']}, {t['finetune_steps']} fine-tune steps per trial, 1 CPU per trial."
@@ -406,8 +516,11 @@ def main() -> None:
     lines = ["# Benchmark results", "", "Written by `python -m bench.report` from `bench/results/*.json`; the "
              "commands are in bench/run_all.py. Figures from a --quick run are smoke-test sized, not conclusions.", ""]
     lines += quality_section(folder)
+    for budget in HEADROOM:
+        lines += fidelity_budget_section(folder, budget)
     lines += fidelity_section(folder)
     lines += latency_section(folder)
+    lines += trial_time_section(folder)
     lines += optuna_params_section(folder)
     throughput = _load(folder, "throughput")
     if throughput:

@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 from bench.common import DEFAULT_DATA, RESULTS, base_checkpoint
-from widthsearch.config import SearchConfig
-from widthsearch.search import run_search
+from widthsearch import Search
 
 
 def main() -> None:
@@ -35,12 +34,11 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as storage:
         for concurrency in (1, 2):
-            cfg = SearchConfig(name=f"throughput-c{concurrency}", storage=storage, model=args.model,
-                               checkpoint=str(ckpt), data=args.data, searcher="random", budget=0.5,
-                               num_samples=trials, concurrency=concurrency, finetune_steps=steps,
-                               cpus_per_trial=1)
+            run = Search(name=f"throughput-c{concurrency}", storage=storage, model=args.model,
+                         checkpoint=str(ckpt), data=args.data, searcher="random", budget=0.5,
+                         num_samples=trials, concurrency=concurrency, finetune_steps=steps, cpus_per_trial=1)
             start = time.time()
-            _, table = run_search(cfg, progress=False)
+            table = run.fit(progress=False)
             total = time.time() - start
             began = min(table.column("started_at").to_pylist())
             ended = max(table.column("finished_at").to_pylist())

@@ -18,8 +18,7 @@ import tempfile
 import time
 
 from bench.common import DEFAULT_DATA, RESULTS, SPLIT_SEED, VAL_FRACTION, base_checkpoint, machine_load
-from widthsearch.config import SearchConfig
-from widthsearch.search import run_search
+from widthsearch import Search
 
 PHASES = ("start", "setup", "prune", "bn", "finetune", "eval", "finish")
 
@@ -36,10 +35,10 @@ def settings(args) -> dict[str, dict]:
 
 def measure(name: str, fields: dict, args) -> dict:
     with tempfile.TemporaryDirectory() as storage:
-        cfg = SearchConfig(name=name, storage=storage, searcher="optuna", num_samples=args.trials, concurrency=2,
-                           cpus_per_trial=1, finetune_steps=args.finetune_steps, **fields)
+        run = Search(name=name, storage=storage, searcher="optuna", num_samples=args.trials, concurrency=2,
+                     cpus_per_trial=1, finetune_steps=args.finetune_steps, **fields)
         start = time.time()
-        _, table = run_search(cfg, progress=False)
+        table = run.fit(progress=False)
         wall = time.time() - start
     rows = [r for r in table.to_pylist() if r["status"] == "ok"]
     phases = {p: 0.0 for p in PHASES}
@@ -49,9 +48,9 @@ def measure(name: str, fields: dict, args) -> dict:
     trial_s = sum(phases.values())
     first = min(r["started_at"].timestamp() - dict(r["phase_s"] or []).get("start", 0.0) for r in rows)
     window = max(r["finished_at"].timestamp() for r in rows) - first  # the Tune run, from its first trial's start
-    return {"setting": name, "config": cfg.to_dict(), "trials": len(rows), "search_wall_s": wall,
-            "tune_window_s": window, "slots_s": window * cfg.concurrency, "trial_s": trial_s,
-            "slot_use": trial_s / (window * cfg.concurrency), "phase_s": phases,
+    return {"setting": name, "config": run.config.to_dict(), "trials": len(rows), "search_wall_s": wall,
+            "tune_window_s": window, "slots_s": window * run.config.concurrency, "trial_s": trial_s,
+            "slot_use": trial_s / (window * run.config.concurrency), "phase_s": phases,
             "share": {k: v / trial_s for k, v in phases.items()},
             "train_and_eval_share": (phases["finetune"] + phases["eval"]) / trial_s,
             "with_bn_share": (phases["finetune"] + phases["eval"] + phases["bn"]) / trial_s,

@@ -79,7 +79,6 @@ from typing import Any
 import numpy as np
 
 from .base import WidthSearcher
-from .options import Option
 
 logger = logging.getLogger(__name__)
 
@@ -91,19 +90,7 @@ class AofpSearcher(WidthSearcher):
     trainable = "aofp"
     enforce_budget = False
     promotes = False  # its trials are not fine-tuned in rungs
-    OPTIONS = {"epsilon": Option(0.01, float, "damage threshold (after the next layer's BN and ReLU) below which "
-                                 "a half is pruned", low=0, low_open=True),
-               "probes": Option(2, int, "probe trials per round; they share the round's batches", low=1),
-               "window": Option(250, int, "batches of pruning attempts per probe trial (a decision rests on "
-                                "probes x window batches; the base path trains on them)", low=1),
-               "lr": Option(1e-3, float, "constant learning rate of the base path", low=0, low_open=True),
-               "relax": Option(2.0, float, "with a budget not yet met: a group whose pass fails, or prunes less than a "
-                               "quarter of its filters, has its epsilon multiplied by this (1: fixed epsilon, "
-                               "as the authors)", low=1),
-               "patience": Option(3, int, "failed passes in a row (no filter below epsilon at k = 1) after "
-                                  "which a group stops", low=1),
-               "stagger": Option(0, int, "rounds between the starts of consecutive groups (0: all at once)", low=0),
-               "max_rounds": Option(100, int, "most rounds", low=1)}
+
 
     def __init__(self, space, cost, **kwargs: Any):
         super().__init__(space, cost, **kwargs)

@@ -1,7 +1,8 @@
 """WidthSearcher: the Ray Tune Searcher every width-search algorithm derives from.
 
 A searcher proposes *width profiles* of a :class:`~widthsearch.space.WidthSpace` as Tune
-configs ``{"widths": [int, ...] (group order), "payload": JSON text or None}``.
+configs ``{"widths": [int, ...] (group order), "payload": Payload or None}`` (the payload: the
+searcher's own values for its trial, a mapping; the results store it as JSON text).
 
 What the budget bounds is a :class:`~widthsearch.cost.Measure` (the experiment's constraint:
 FLOPs by default, params, or a device's measured latency); searchers only ever see that
@@ -14,19 +15,21 @@ interface, so each works under every constraint. Two modes:
 * **Pareto mode** (``budget=None``): any in-bounds profile; the searcher trades the metric
   against the measure's ratio (computed from the widths the trial reports).
 
-Subclasses set ``name``, ``trainable`` and ``OPTIONS`` (declared :class:`Option` s, checked
-here with one message style), optionally ``check_together`` for rules across options, and
-implement ``_propose`` (and optionally ``_observe``). ``save``/``restore`` pickle the
+Subclasses set ``name`` and ``trainable`` and implement ``_propose`` (and optionally ``_observe``);
+their options are declared in :mod:`searchers.options` (light, so that they are listed and checked
+without loading any searcher) and checked here with one message style. ``save``/``restore`` pickle the
 searcher's own state (never the space, the measure, the model or data).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import pickle
-from typing import Any, ClassVar, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 from ray.tune.search import Searcher
@@ -38,14 +41,35 @@ from widthsearch.importance import CRITERIA
 from widthsearch.space import WidthSpace
 from widthsearch.storage import write_atomic
 
-from .options import Option, check_options
+from .options import check as check_declared_options
 
 logger = logging.getLogger(__name__)
 
-_TRANSIENT = ("_space", "_cost", "_model", "_measure", "_batches")  # never pickled by save()
+_TRANSIENT = ("_space", "_cost", "_model", "_measure", "_batches", "_journal")  # never pickled by save()
 
-# A proposal: widths in group order and an optional JSON-able payload.
+# A proposal: widths in group order and an optional payload (a mapping; JSON-able but for dataclasses).
 Proposal = tuple[np.ndarray, Any]
+
+
+class Payload(Mapping):
+    """A proposal's payload on its way to the trial: the searcher's own values, read by the trial as proposed (no
+    JSON round trip). One leaf of the trial's config (Tune would flatten a dict into many), shown by Tune, and
+    stored in the results' payload column, as JSON text."""
+
+    def __init__(self, values: Mapping[str, Any]):
+        self.values = dict(values)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.values)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __repr__(self) -> str:
+        return json.dumps(self.values, sort_keys=True, default=dataclasses.asdict)
 
 
 def as_measure(cost: CostModel | Measure) -> Measure:
@@ -133,15 +157,15 @@ class WidthSearcher(Searcher):
     """Base: proposes width profiles within a budget of its Measure, checked before suggesting."""
 
     name: ClassVar[str] = ""
-    OPTIONS: ClassVar[dict[str, Option]] = {}
     trainable: ClassVar[str] = "score"      # the trainable its trials run (a name in trainables.TRAINABLES)
     enforce_budget: ClassVar[bool] = True   # False: the budget is a stopping target, not a per-trial bound
     promotes: ClassVar[bool] = True         # its trials fine-tune in rungs, so a promotion scheduler applies
+    extendable: ClassVar[bool] = False      # a finished search can go on with more trials (its state restored)
 
     def __init__(self, space: WidthSpace, cost: CostModel, *, budget: float | None = 0.5,
                  metric: str = "score", mode: str = "max", seed: int = 0, model: nn.Module | None = None,
                  criterion: str = "l1", measure: Measure | None = None, batches: list | None = None,
-                 num_samples: int | None = None, **options: Any):
+                 num_samples: int | None = None, exp_dir: str | None = None, **options: Any):
         if not isinstance(metric, str) or not metric:
             raise ConfigError(f"metric must be a non-empty string, got {metric!r}")
         if mode not in ("min", "max"):
@@ -153,13 +177,14 @@ class WidthSearcher(Searcher):
             raise ConfigError("the cost model was built for a different width space")
         super().__init__(metric=metric, mode=mode)
         self.num_samples = num_samples        # the trials Tune will run (None: unknown, e.g. from Python), for sizing
-        self.options: dict[str, Any] = self.check_options(options, num_samples)
+        self.exp_dir = exp_dir                # the experiment's folder or URI, for searchers that keep files there
+        self.options: dict[str, Any] = check_declared_options(self.name, options, num_samples)
         self._space = space
         self._cost = cost
         self._measure = measure if measure is not None else cost.measure("flops")
         self._model = model
         self._batches = batches               # training batches for data-driven criteria (never pickled)
-        self.budget = None if budget is None else self._check_budget(budget)
+        self.budget = None if budget is None else self._measure.check_budget(budget, space.min_widths)
         self.seed = int(seed)
         self.criterion = criterion
         self._live: dict[str, np.ndarray] = {}        # trial_id -> widths suggested, not yet complete
@@ -168,27 +193,6 @@ class WidthSearcher(Searcher):
         self._finished = False
         self._signature = (self.name, tuple(space.names), tuple(int(w) for w in space.widths), self.budget,
                            self._measure.name)
-
-    @classmethod
-    def check_options(cls, options: Mapping[str, Any], num_samples: int | None = None) -> dict[str, Any]:
-        """The declared defaults overlaid with `options`, each checked (ConfigError naming the option), then
-        checked together and against the search's number of trials.
-
-        Cheap: called before any data is loaded or base model trained, and again by the constructor.
-        """
-        checked = check_options(cls.name or cls.__name__, cls.OPTIONS, options)
-        cls.check_together(checked)
-        cls.check_trials(checked, num_samples)
-        return checked
-
-    @classmethod
-    def check_together(cls, options: dict[str, Any]) -> None:
-        """Rules across options (e.g. lam_min < lam_max); raise ConfigError. Default: none."""
-
-    @classmethod
-    def check_trials(cls, options: dict[str, Any], num_samples: int | None) -> None:
-        """Rules between options and the search's number of trials (None: not known); raise ConfigError.
-        Default: none."""
 
     def option_error(self, text: str) -> ConfigError:
         """A ConfigError in the options' message style."""
@@ -232,19 +236,6 @@ class WidthSearcher(Searcher):
         """Measure ratio of the smallest profile."""
         return self._measure.ratio(self._space.min_widths)
 
-    def _check_budget(self, budget: float) -> float:
-        try:
-            budget = float(budget)
-        except (TypeError, ValueError):
-            raise ConfigError(f"budget must be a number in (0, 1] or None, got {budget!r}") from None
-        if not 0.0 < budget <= 1.0 or math.isnan(budget):
-            raise ConfigError(f"budget must be in (0, 1], got {budget!r}")
-        smallest = self.min_cost_ratio
-        if smallest > budget:
-            raise ConfigError(f"budget {budget:g} is unreachable: the smallest profile of this model has "
-                              f"{self._measure.unit} ratio {smallest:.4g}")
-        return budget
-
     def cost_ratio(self, widths) -> float:
         """Measure ratio of a width vector (validated)."""
         return self._measure.ratio(self._space.vector(self._space.from_vector(widths)))
@@ -283,8 +274,7 @@ class WidthSearcher(Searcher):
         widths = self._checked(np.asarray(widths))
         self._live[trial_id] = widths
         self._seen.add(tuple(int(w) for w in widths))
-        return {"widths": [int(w) for w in widths],
-                "payload": None if payload is None else json.dumps(payload, sort_keys=True)}
+        return {"widths": [int(w) for w in widths], "payload": None if payload is None else Payload(payload)}
 
     def _checked(self, widths: np.ndarray) -> np.ndarray:
         """Validate bounds and, in budget mode, the FLOPs budget (repairing if needed)."""

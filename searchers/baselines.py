@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 
 from .base import WidthSearcher, next_queued, project_with_scale
-from .options import Option
 
 
 class UniformSearcher(WidthSearcher):
@@ -27,7 +26,7 @@ class UniformSearcher(WidthSearcher):
     """
 
     name = "uniform"
-    OPTIONS = {"points": Option(8, int, "Pareto mode: how many uniform ratios", low=1)}
+
 
     def __init__(self, space, cost, **kwargs):
         super().__init__(space, cost, **kwargs)
@@ -68,7 +67,8 @@ class RandomSearcher(WidthSearcher):
     """
 
     name = "random"
-    OPTIONS = {"max_tries": Option(100, int, "resamples before a repeated profile is accepted", low=1)}
+    extendable = True  # more samples of the same distribution; profiles already tried are re-sampled
+
 
     def __init__(self, space, cost, **kwargs):
         super().__init__(space, cost, **kwargs)

@@ -17,16 +17,12 @@ import copy
 from typing import Any
 
 import numpy as np
-import torch
 
 from widthsearch.errors import ConfigError
 from widthsearch.importance import CRITERIA, score_channels
 from widthsearch.space import dependency_graph, root_group
 
 from .base import WidthSearcher, next_queued
-from .options import Option
-
-NORMALIZERS = ("mean", "max", "sum", "none")
 
 
 def _normalise(scores: np.ndarray, how: str) -> np.ndarray:
@@ -50,10 +46,7 @@ class GlobalRankingSearcher(WidthSearcher):
     """
 
     name = "global"
-    OPTIONS = {"normalizers": Option(["mean", "max", "none"], list, "per-group score normalisers, one "
-                                     "candidate each", choices=NORMALIZERS),
-               "targets": Option([0.3, 0.5, 0.7], list, "Pareto mode: budget targets", low=0, high=1,
-                                 low_open=True)}
+
 
     def __init__(self, space, cost, **kwargs):
         super().__init__(space, cost, **kwargs)
@@ -74,13 +67,11 @@ class GlobalRankingSearcher(WidthSearcher):
 
     def _score(self, batches) -> dict[str, np.ndarray]:
         work = copy.deepcopy(self.model)
-        params = list(work.parameters())
-        device = params[0].device if params else torch.device("cpu")
         modules = dict(work.named_modules())
         missing = [n for n in self.space.names if n not in modules]
         if missing:
             raise ConfigError(f"the model given to searcher 'global' has no module {missing[0]!r} of the width space")
-        graph = dependency_graph(work, self.space.example_input.to(device))
+        graph = dependency_graph(work, self.space.example_input)
         groups = {g.name: root_group(graph, modules[g.name], range(g.width)) for g in self.space.groups}
         scores = score_channels(self.criterion, work, groups, batches, self.seed)
         return {name: s.numpy().astype(np.float64) for name, s in scores.items()}

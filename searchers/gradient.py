@@ -6,7 +6,7 @@ arXiv:2107.03375). Architecture search is a complexity-penalised subset-selectio
 ``min_S  L(S) + lam * C(S)`` over the subset S of channels kept, solved by gradient descent
 on a relaxation with two temperatures; the architecture is learned separately from the weights.
 
-Here (machinery in searchers/gates.py, trial in trainables/gradient.py):
+Here (machinery in widthsearch/gates.py, trial in trainables/gradient.py):
 
 * One logit ``a`` per channel of every channel group (coupled layers share the gate).
 * **Architecture temperature** ``T`` (options ``temp`` -> ``temp_end``): the Bernoulli keep
@@ -56,20 +56,16 @@ searcher (bisection / log grid) rather than set by hand.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import numpy as np
 from ray.tune.search import Searcher
 
-from widthsearch.errors import ConfigError
+from widthsearch.gates import GateSchedule
 
 from .base import WidthSearcher
-from .options import Option
-
-
-def _positive(default: float, text: str) -> Option:
-    return Option(default, float, text, low=0, low_open=True)
 
 
 class GradientSearcher(WidthSearcher):
@@ -78,22 +74,7 @@ class GradientSearcher(WidthSearcher):
     name = "gradient"
     trainable = "gradient"
     enforce_budget = False  # the widths come out of the gates; the budget is hit by choosing lam
-    OPTIONS = {"steps": Option(100, int, "gate optimisation steps per trial", low=1),
-               "lr": _positive(0.1, "Adam learning rate of the gate logits"),
-               "init_logit": Option(3.0, float, "initial gate logit (keep probability sigmoid(3) = 0.95)"),
-               "tau": _positive(1.0, "sampling temperature at the start"),
-               "tau_end": _positive(0.1, "sampling temperature at the end"),
-               "temp": _positive(1.0, "architecture temperature at the start"),
-               "temp_end": _positive(0.1, "architecture temperature at the end"),
-               "complexity": Option("budget", str, "penalised quantity: what the budget bounds (flops, params or "
-                                     "latency), or flops or params", choices=("budget", "flops", "params")),
-               "lam0": _positive(1.0, "first penalty weight of the bisection"),
-               "expand": Option(10.0, float, "bracketing factor of the bisection", low=1, low_open=True),
-               "lam_min": _positive(0.01, "Pareto mode: smallest penalty weight"),
-               "lam_max": _positive(100.0, "Pareto mode: largest penalty weight"),
-               "points": Option(5, int, "Pareto mode: penalty weights tried", low=1),
-               "tol": _positive(0.02, "stop when the ratio is within budget and this (relative) below it"),
-               "max_trials": Option(12, int, "most bisection trials", low=1)}
+
 
     def __init__(self, space, cost, **kwargs: Any):
         super().__init__(space, cost, **kwargs)
@@ -104,12 +85,6 @@ class GradientSearcher(WidthSearcher):
         self.issued = 0
         self.waiting = False
         self.converged = False
-
-    @classmethod
-    def check_together(cls, options: dict) -> None:
-        if options["lam_min"] >= options["lam_max"]:
-            raise ConfigError(f"searcher 'gradient': lam_min ({options['lam_min']}) must be below lam_max "
-                              f"({options['lam_max']})")
 
     # -- lam schedule -------------------------------------------------------------------
     def pareto_lams(self) -> np.ndarray:
@@ -128,8 +103,10 @@ class GradientSearcher(WidthSearcher):
         return math.sqrt(self.lo * self.hi)
 
     def _payload(self, lam: float) -> dict:
-        keys = ("steps", "lr", "init_logit", "tau", "tau_end", "temp", "temp_end", "complexity")
-        return {"lam": float(lam), "seed": self.seed, "budget": self.budget, **{k: self.options[k] for k in keys}}
+        """What one trial runs: lam, the gate schedule, what is penalised, the budget its extraction keeps to."""
+        schedule = GateSchedule(**{f.name: self.options[f.name] for f in dataclasses.fields(GateSchedule)})
+        return {"lam": float(lam), "seed": self.seed, "budget": self.budget, "complexity": self.options["complexity"],
+                "schedule": schedule}
 
     # -- Tune hooks ---------------------------------------------------------------------
     def _propose(self, trial_id: str):

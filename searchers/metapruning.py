@@ -10,7 +10,7 @@ recalibration; the mobilenet folders are the same recipe).
    search's training batches), best first. "The first ``w`` channels" below means the first
    ``w`` of that order, i.e. the ``w`` best; the order travels in the training payload and
    the PruningNet checkpoint, and every candidate's payload ``keep`` lists those channels.
-2. **PruningNet training** (one trial, payload phase "train"; searchers/pruningnet.py,
+2. **PruningNet training** (one trial, payload phase "train"; widthsearch/pruningnet.py,
    trainables/metapruning.py): every conv/linear touched by a channel group gets a meta block
    (two FC layers) from the layer's encoding (keep ratios of the groups on its output and
    input channels) to its full-size weight, cropped to the first ``w`` channels of every
@@ -39,8 +39,8 @@ it), unset ``population``/``generations`` are sized from it: the paper's 50 x 20
 1,000 candidates, else population ~ sqrt(2.5 x candidates) (the paper's 5:2 ratio), at most
 half the candidates so that a generation of mutation and crossover follows the random one, and
 as many generations as fit. ``num_samples`` below 5 (only the random generation would run), or
-one that does not cover explicit sizes, is refused before any work (``check_trials``, run by
-``widthsearch search`` before data are loaded or a base model is trained). ``topk`` defaults
+one that does not cover explicit sizes, is refused before any work (the rules of
+``searchers.options``, checked by ``widthsearch search`` before data are loaded or a base model is trained). ``topk`` defaults
 to population / 5 (the paper's 10 of 50), at least 2. The sizes are logged and written into
 every payload.
 
@@ -95,7 +95,6 @@ Deviations, each with its reason:
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import numpy as np
@@ -103,56 +102,12 @@ from ray.tune.search import Searcher
 
 from widthsearch.errors import ConfigError
 from widthsearch.importance import CRITERIA
+from widthsearch.pruningnet import allowed_widths, channel_order, keep_channels, sample_widths
 
 from .base import WidthSearcher
-from .options import Option
-from .pruningnet import allowed_widths, channel_order, keep_channels, sample_widths
+from .options import evolution_plan
 
 logger = logging.getLogger(__name__)
-
-PAPER_POPULATION, PAPER_GENERATIONS = 50, 20  # the authors' search.py (population_num, max_iters)
-
-
-def evolution_plan(options: dict, num_samples: int | None) -> dict[str, int]:
-    """{"population", "generations", "topk"}: the options, with unset ones sized from `num_samples`.
-
-    Raises ConfigError when `num_samples` (one training trial + the candidates) does not cover
-    explicit sizes, or leaves automatic sizing no generation after the random one.
-    """
-    population, generations = options["population"], options["generations"]
-    if num_samples is None:
-        population, generations = population or PAPER_POPULATION, generations or PAPER_GENERATIONS
-    else:
-        room = num_samples - 1  # the PruningNet training trial comes first
-        if population is None and generations is None and room >= PAPER_POPULATION * PAPER_GENERATIONS:
-            population, generations = PAPER_POPULATION, PAPER_GENERATIONS
-        elif population is None and generations is None:  # the paper's 5:2, leaving room for a second generation
-            population = max(2, min(int(math.sqrt(2.5 * room)), room // 2))
-        if population is None:
-            population = room // generations
-            if population < 1:
-                raise ConfigError(
-                    f"searcher 'metapruning': num_samples {num_samples} leaves {room} candidate trials after the "
-                    f"PruningNet training trial, fewer than 'generations' ({generations}); give num_samples >= "
-                    f"{1 + generations} or fewer generations")
-        automatic = generations is None
-        generations = generations or room // population
-        if population * generations > room:
-            raise ConfigError(
-                f"searcher 'metapruning': num_samples {num_samples} does not cover 1 + population x generations = "
-                f"1 + {population} x {generations} = {1 + population * generations} trials (the PruningNet training "
-                "trial, then the candidates); raise num_samples or lower population/generations")
-        if automatic and generations < 2:
-            left = "only its random generation" if generations else "no generation"
-            raise ConfigError(
-                f"searcher 'metapruning': num_samples {num_samples} leaves the evolution {left} "
-                f"(population {population} x generations {generations}); give num_samples >= "
-                f"{1 + 2 * population} for one generation of mutation and crossover, or set 'generations'")
-    topk = options["topk"] or min(population, max(2, round(population / 5)))
-    if topk > population:
-        raise ConfigError(f"searcher 'metapruning': option 'topk' ({topk}) exceeds 'population' ({population})")
-    return {"population": int(population), "generations": int(generations), "topk": int(topk)}
-
 
 class MetaPruningSearcher(WidthSearcher):
     """Train a PruningNet, then evolve width profiles scored with its generated weights."""
@@ -160,30 +115,7 @@ class MetaPruningSearcher(WidthSearcher):
     name = "metapruning"
     trainable = "metapruning"
     promotes = False  # its candidates are scored with generated weights, not fine-tuned in rungs
-    OPTIONS = {"train_steps": Option(2000, int, "PruningNet training steps", low=1),
-               "lr": Option(0.01, float, "PruningNet learning rate", low=0, low_open=True),
-               "hidden": Option(32, int, "hidden units of each meta block", low=1),
-               "checkpoint_every": Option(100, int, "PruningNet steps between checkpoints", low=1),
-               "train_flops_min": Option(0.0, float, "smallest FLOPs ratio sampled in training", low=0, high=1),
-               "train_flops_max": Option(1.0, float, "largest FLOPs ratio sampled in training", low=0, high=1),
-               "population": Option(None, int, "profiles per generation (automatic: sized from num_samples)",
-                                    low=1, optional=True),
-               "generations": Option(None, int, "generations, the random one included (automatic: from "
-                                     "num_samples)", low=1, optional=True),
-               "topk": Option(None, int, "parents kept over all generations (automatic: population / 5, "
-                              "at least 2)", low=1, optional=True),
-               "mutation_prob": Option(0.1, float, "probability of changing each gene of a mutant", low=0, high=1),
-               "bn_batches": Option(20, int, "BN recalibration batches per candidate", low=1)}
 
-    @classmethod
-    def check_together(cls, o: dict) -> None:
-        if not o["train_flops_min"] < o["train_flops_max"]:
-            raise ConfigError(f"searcher 'metapruning': option 'train_flops_min' ({o['train_flops_min']:g}) must be "
-                              f"below 'train_flops_max' ({o['train_flops_max']:g})")
-
-    @classmethod
-    def check_trials(cls, options: dict, num_samples: int | None) -> None:
-        evolution_plan(options, num_samples)
 
     def __init__(self, space, cost, **kwargs: Any):
         super().__init__(space, cost, **kwargs)

@@ -22,6 +22,14 @@ evaluates (enqueued trials) the uniform profile and the global-ranking profiles 
 experiment's criterion (normalisers mean and max) in budget mode, uniform profiles at three
 ratios in Pareto mode. TPE runs with ``constant_liar`` so concurrent trials are not duplicates.
 
+Persistence: given the experiment (``exp_dir``), every trial the study is told is also recorded in an Optuna
+journal study named after the experiment, EXP/widthsearch/optuna/study.journal (JournalStorage), which
+``optuna.load_study(study_name=EXP, storage=JournalStorage(JournalFileBackend(PATH)))`` and
+optuna-dashboard open; on object storage (s3://...) the journal is written beside the driver and copied
+into the experiment after every trial. The sampler works on the in-memory study that Tune checkpoints with
+the searcher (so a resumed search continues exactly where its snapshot was); the journal keeps each trial
+once, also across resumes.
+
 Deviations: in budget mode the sampled ratios are *repaired* with ``project_to_budget``
 (the largest feasible scale of the ratio vector), so an infeasible profile is never
 evaluated; the study is told the repaired profile's score for the sampled parameters
@@ -31,20 +39,25 @@ the history without a Tune trial (up to ``max_cached`` times in a row).
 
 from __future__ import annotations
 
+import hashlib
 import math
+import tempfile
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
+import pyarrow.fs as pafs
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from torch import nn
 
-from .base import WidthSearcher
-from .options import Option
+from widthsearch.storage import Storage, filesystem
 
-SAMPLERS = ("tpe", "nsga2", "random")
-PARAMETERIZATIONS = ("group", "stage", "depth")
+from .base import WidthSearcher
+
 
 
 class OptunaWidthSearcher(WidthSearcher):
@@ -59,17 +72,8 @@ class OptunaWidthSearcher(WidthSearcher):
     """
 
     name = "optuna"
-    OPTIONS = {"sampler": Option(None, str, "tpe, nsga2 or random (default: tpe; nsga2 with --pareto)",
-                                 choices=SAMPLERS, optional=True),
-               "parameterization": Option("stage", str, "keep ratios per group, per stage, or a depth profile",
-                                          choices=PARAMETERIZATIONS),
-               "knots": Option(3, int, "depth parameterization: keep ratios per kind of group", low=2),
-               "warm_start": Option(True, bool, "first evaluate the uniform and global-ranking profiles"),
-               "startup_trials": Option(None, int, "random trials before TPE models the results "
-                                        "(default: a quarter of the trials, 2 to 10)", low=0, optional=True),
-               "population_size": Option(None, int, "NSGA-II population (default: a quarter of the trials, "
-                                         "4 to 50)", low=2, optional=True),
-               "max_cached": Option(20, int, "repaired repeats answered from the history in a row", low=0)}
+    extendable = True  # the study goes on where it stopped
+
 
     def __init__(self, space, cost, **kwargs):
         super().__init__(space, cost, **kwargs)
@@ -85,6 +89,7 @@ class OptunaWidthSearcher(WidthSearcher):
         self._trials: dict[str, int] = {}        # Tune trial_id -> optuna trial number
         self._scores: dict[tuple[int, ...], Any] = {}  # profile -> values told (for repeated profiles)
         self.study = self._create_study()
+        self._journal: optuna.Study | None = None   # the experiment's journal study (opened on first use)
 
     # -- study --------------------------------------------------------------------------
     def _make_sampler(self) -> optuna.samplers.BaseSampler:
@@ -169,7 +174,7 @@ class OptunaWidthSearcher(WidthSearcher):
             known = self._scores.get(tuple(int(w) for w in widths))
             if known is None or attempt == self.options["max_cached"]:
                 break  # new, or too many repeats in a row: evaluate it (again)
-            self.study.tell(trial, known)  # already scored: answer without a Tune trial
+            self._tell(trial.number, known)  # already scored: answer without a Tune trial
         trial.set_user_attr("trial_id", trial_id)
         self._trials[trial_id] = trial.number
         return widths, {"optuna_trial": trial.number, "warm_start": bool(trial.user_attrs.get("warm_start"))}
@@ -179,14 +184,60 @@ class OptunaWidthSearcher(WidthSearcher):
         if number is None:
             return
         if error or value is None:
-            self.study.tell(number, state=TrialState.FAIL)
+            self._tell(number, state=TrialState.FAIL)
             return
         values: Any = [value, cost_ratio] if self.pareto else value
         if self.pareto and not math.isfinite(cost_ratio):
-            self.study.tell(number, state=TrialState.FAIL)
+            self._tell(number, state=TrialState.FAIL)
             return
-        self.study.tell(number, values)
+        self._tell(number, values)
         self._scores[tuple(int(w) for w in widths)] = values
+
+    # -- the experiment's journal --------------------------------------------------------
+    def _tell(self, number: int, values: Any = None, state: TrialState | None = None) -> None:
+        """Tell the study a trial's outcome, and record the finished trial in the experiment's journal study."""
+        if state is None:
+            self.study.tell(number, values)
+        else:
+            self.study.tell(number, state=state)
+        if self.exp_dir is not None:
+            self._record(self.study.trials[number])
+
+    def _record(self, trial: optuna.trial.FrozenTrial) -> None:
+        journal = self._journal_study()
+        if any(t.user_attrs.get("search_number") == trial.number and t.params == trial.params
+               for t in journal.get_trials(deepcopy=False)):
+            return  # recorded before a resume (a resumed search re-runs the trials its snapshot had in flight)
+        trial.set_user_attr("search_number", trial.number)
+        journal.add_trial(trial)
+        if self._journal_copy:
+            Storage(self.exp_dir).write_bytes(JOURNAL, Path(self._journal_file).read_bytes())
+
+    def _journal_study(self) -> optuna.Study:
+        """The journal study (created on first use, reopened after a resume)."""
+        if getattr(self, "_journal", None) is None:
+            fs, root = filesystem(self.exp_dir)
+            self._journal_copy = not isinstance(fs, pafs.LocalFileSystem)
+            if self._journal_copy:  # object storage: a local journal beside the driver, copied after each trial
+                key = hashlib.sha256(self.exp_dir.encode()).hexdigest()[:16]
+                self._journal_file = str(Path(tempfile.gettempdir()) / "widthsearch-journals" / f"{key}.journal")
+            else:
+                self._journal_file = f"{root.rstrip('/')}/widthsearch/{JOURNAL}"
+            Path(self._journal_file).parent.mkdir(parents=True, exist_ok=True)
+            storage = JournalStorage(JournalFileBackend(self._journal_file))
+            self._journal = optuna.create_study(storage=storage, study_name=study_name(self.exp_dir),
+                                                directions=self._directions(), load_if_exists=True)
+            for key, value in self.study.user_attrs.items():
+                self._journal.set_user_attr(key, value)
+        return self._journal
+
+
+JOURNAL = "optuna/study.journal"  # the experiment's Optuna journal, under EXP/widthsearch/
+
+
+def study_name(exp_dir: str) -> str:
+    """The journal study's name: the experiment's (the last part of its folder or URI)."""
+    return exp_dir.rstrip("/").rsplit("/", 1)[-1]
 
 
 def group_kinds(space, model: nn.Module | None) -> list[str]:

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from searchers import make_searcher, searcher_class
+from searchers import check_options, make_searcher
 from trainables import aofp as aofp_trainable
 from trainables.aofp import (AofpJob, aofp_step, channel_masks, measure_point, probe_damage, round_batches,
                              train_base_path, trial_job)
 from widthsearch import CostModel, build_space, load_model
-from widthsearch.config import SearchConfig
+from widthsearch.app.config import SearchConfig
 from widthsearch.space import dependency_graph
 
 
@@ -71,7 +71,7 @@ def drive(searcher, damages, max_trials: int = 400) -> list[dict]:
     while len(payloads) < max_trials:
         issued = []
         while (config := searcher.suggest(f"t{len(payloads)}")) not in (None, "FINISHED"):
-            payloads.append(json.loads(config["payload"]))
+            payloads.append(config["payload"])
             issued.append((f"t{len(payloads) - 1}", payloads[-1], config))
         if not issued:
             assert config == "FINISHED", "the searcher waits for nothing"
@@ -94,7 +94,7 @@ def phases(payloads: list[dict]) -> list[str]:
 # ----------------------------------------------------------------------------- the binary search
 def test_a_decision_rests_by_default_on_as_many_images_as_the_authors_half():
     """The authors decide after 1000 iterations of 64 images; 20 batches ranked filters no better than chance."""
-    options = searcher_class("aofp").check_options({})
+    options = check_options("aofp", {})
     assert options["probes"] * options["window"] * SearchConfig().batch_size >= 1000 * 64
 
 
@@ -116,17 +116,17 @@ def test_binary_search_prunes_the_harmless_channels_and_keeps_a_layer_that_all_m
 def test_each_round_probes_consecutive_slices_of_one_stream_and_the_commit_trains_on_all_of_them(synthetic):
     _, space, cost = synthetic
     searcher = make_searcher("aofp", space, cost, budget=0.5, window=7, probes=3, lr=0.002)
-    probes = [json.loads(searcher.suggest(f"p{i}")["payload"]) for i in range(3)]
+    probes = [searcher.suggest(f"p{i}")["payload"] for i in range(3)]
     assert searcher.suggest("p3") is None
     assert [p["offset"] for p in probes] == [0, 7, 14] and len({p["seed"] for p in probes}) == 1
     for i, p in enumerate(probes):
         searcher.on_trial_complete(f"p{i}", probe_result(p, {n: [0.5] * 8 for n in space.names},
                                                          np.random.default_rng(i)))
-    commit = json.loads(searcher.suggest("c")["payload"])
+    commit = searcher.suggest("c")["payload"]
     assert commit["phase"] == "commit" and commit["seed"] == probes[0]["seed"]
     assert commit["steps"] == 21 and commit["lr"] == 0.002
     searcher.on_trial_complete("c", {"score": 0.9, "version": 1})
-    assert json.loads(searcher.suggest("p")["payload"])["seed"] != probes[0]["seed"]  # a new round, new batches
+    assert searcher.suggest("p")["payload"]["seed"] != probes[0]["seed"]  # a new round, new batches
 
 
 def test_budget_stops_the_search_once_met_and_says_so(synthetic):
@@ -224,18 +224,18 @@ def test_failed_probes_or_commit_end_the_search_on_the_last_good_version(synthet
     searcher = make_searcher("aofp", space, cost, budget=0.5, window=5, probes=1)
     searcher.suggest("p")
     searcher.on_trial_complete("p", None, error=True)
-    final = json.loads(searcher.suggest("f")["payload"])
+    final = searcher.suggest("f")["payload"]
     assert final["phase"] == "final" and final["version"] == 0
     assert "every probe trial of round 0 failed" in final["stop"]
 
     searcher = make_searcher("aofp", space, cost, budget=0.5, window=5, probes=1)
-    payload = json.loads(searcher.suggest("p")["payload"])
+    payload = searcher.suggest("p")["payload"]
     harmless = {n: [0.0] * 8 for n in space.names}
     searcher.on_trial_complete("p", probe_result(payload, harmless, np.random.default_rng(0)))
-    commit = json.loads(searcher.suggest("c")["payload"])
+    commit = searcher.suggest("c")["payload"]
     assert commit["keep"] != commit["train_keep"]  # the decision pruned
     searcher.on_trial_complete("c", None, error=True)
-    final = json.loads(searcher.suggest("f")["payload"])
+    final = searcher.suggest("f")["payload"]
     assert final["keep"] == commit["train_keep"] and final["version"] == 0
     assert "the commit trial of round 0 failed" in final["stop"]
 
@@ -366,7 +366,7 @@ def test_save_restore_continues_the_same_search(synthetic, tmp_path):
     _, space, cost = synthetic
     damages = {space.names[0]: [0.0] * 4 + [1.0] * 4, space.names[1]: [1.0] * 8}
     a = make_searcher("aofp", space, cost, budget=None, window=10, probes=1)
-    payload = json.loads(a.suggest("p")["payload"])
+    payload = a.suggest("p")["payload"]
     a.on_trial_complete("p", probe_result(payload, damages, np.random.default_rng(0)))
     a.suggest("c")
     a.on_trial_complete("c", {"score": 0.9, "version": 1})

@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from widthsearch import load_data, load_model
-from widthsearch.config import SearchConfig
+from widthsearch.app.config import SearchConfig
 from widthsearch.data import check_split
 from widthsearch.errors import DataSourceError, WidthSearchError
-from widthsearch.results import SCHEMA, ranked
-from widthsearch.search import choose_trial
+from widthsearch.results import SCHEMA, choose_trial, ranked
 from widthsearch.training import StepTrainer, TrainConfig, train
 
 
@@ -24,11 +23,11 @@ def table(*rows: dict) -> pa.Table:
 
 def test_best_never_returns_a_row_over_the_budget():
     # an aofp-like trajectory (unpruned first version scores best) and a gradient-like over-budget lam
-    rows = table({"score": 0.95, "flops_ratio": 1.0, "cost_ratio": 1.0, "finetune_steps": 50},
-                 {"score": 0.93, "flops_ratio": 0.62, "cost_ratio": 0.62, "finetune_steps": 50},
-                 {"score": 0.90, "flops_ratio": 0.49, "cost_ratio": 0.49, "finetune_steps": 50},
-                 {"score": 0.91, "flops_ratio": 0.5004, "cost_ratio": 0.5004, "finetune_steps": 50},
-                 {"score": 0.88, "flops_ratio": 0.45, "cost_ratio": 0.45, "finetune_steps": 50})
+    rows = table({"score": 0.95, "flops_ratio": 1.0, "cost_ratio": 1.0, "steps_reached": 50},
+                 {"score": 0.93, "flops_ratio": 0.62, "cost_ratio": 0.62, "steps_reached": 50},
+                 {"score": 0.90, "flops_ratio": 0.49, "cost_ratio": 0.49, "steps_reached": 50},
+                 {"score": 0.91, "flops_ratio": 0.5004, "cost_ratio": 0.5004, "steps_reached": 50},
+                 {"score": 0.88, "flops_ratio": 0.45, "cost_ratio": 0.45, "steps_reached": 50})
     assert choose_trial(rows, budget=0.5)["trial_id"] == "t2"
     assert choose_trial(rows, budget=0.7)["trial_id"] == "t1"
     with pytest.raises(WidthSearchError, match=r"no successful trial within the budget 0.4 \(flops\).*smallest ratio"):
@@ -36,23 +35,23 @@ def test_best_never_returns_a_row_over_the_budget():
 
 
 def test_best_compares_like_with_like_across_fidelities():
-    rows = table({"score": 0.80, "cost_ratio": 0.5, "flops_ratio": 0.5, "finetune_steps": 100},
-                 {"score": 0.70, "cost_ratio": 0.5, "flops_ratio": 0.5, "finetune_steps": 100},
-                 {"score": 0.60, "cost_ratio": 0.5, "flops_ratio": 0.5, "finetune_steps": 25},   # stopped early:
-                 {"score": 0.85, "cost_ratio": 0.6, "flops_ratio": 0.6, "finetune_steps": 400})  # over budget
+    rows = table({"score": 0.80, "cost_ratio": 0.5, "flops_ratio": 0.5, "steps_reached": 100},
+                 {"score": 0.70, "cost_ratio": 0.5, "flops_ratio": 0.5, "steps_reached": 100},
+                 {"score": 0.60, "cost_ratio": 0.5, "flops_ratio": 0.5, "steps_reached": 25},   # stopped early:
+                 {"score": 0.85, "cost_ratio": 0.6, "flops_ratio": 0.6, "steps_reached": 400})  # over budget
     assert choose_trial(rows, budget=0.5)["trial_id"] == "t0"
-    cheap = table({"score": 0.9, "cost_ratio": 0.5, "flops_ratio": 0.5, "finetune_steps": 25},
-                  {"score": 0.7, "cost_ratio": 0.5, "flops_ratio": 0.5, "finetune_steps": 100})
+    cheap = table({"score": 0.9, "cost_ratio": 0.5, "flops_ratio": 0.5, "steps_reached": 25},
+                  {"score": 0.7, "cost_ratio": 0.5, "flops_ratio": 0.5, "steps_reached": 100})
     assert choose_trial(cheap, budget=0.5)["trial_id"] == "t1"  # the promoted trial, not the cheap high score
 
 
 def test_the_ranking_rule_orders_by_fidelity_score_then_cost_once_per_profile():
-    rows = table({"score": 0.80, "cost_ratio": 0.5, "flops_ratio": 0.5, "finetune_steps": 50, "widths": [1, 2]},
-                 {"score": 0.70, "cost_ratio": 0.4, "flops_ratio": 0.4, "finetune_steps": 200, "widths": [1, 1]},
-                 {"score": 0.70, "cost_ratio": 0.3, "flops_ratio": 0.3, "finetune_steps": 200, "widths": [2, 1]},
-                 {"score": 0.90, "cost_ratio": 0.5, "flops_ratio": 0.5, "finetune_steps": 50, "widths": [1, 1]},
-                 {"score": float("nan"), "cost_ratio": 0.1, "flops_ratio": 0.1, "finetune_steps": 0, "widths": [3, 3]},
-                 {"score": 0.99, "cost_ratio": 0.9, "flops_ratio": 0.9, "finetune_steps": 50, "widths": [2, 2]},
+    rows = table({"score": 0.80, "cost_ratio": 0.5, "flops_ratio": 0.5, "steps_reached": 50, "widths": [1, 2]},
+                 {"score": 0.70, "cost_ratio": 0.4, "flops_ratio": 0.4, "steps_reached": 200, "widths": [1, 1]},
+                 {"score": 0.70, "cost_ratio": 0.3, "flops_ratio": 0.3, "steps_reached": 200, "widths": [2, 1]},
+                 {"score": 0.90, "cost_ratio": 0.5, "flops_ratio": 0.5, "steps_reached": 50, "widths": [1, 1]},
+                 {"score": float("nan"), "cost_ratio": 0.1, "flops_ratio": 0.1, "steps_reached": 0, "widths": [3, 3]},
+                 {"score": 0.99, "cost_ratio": 0.9, "flops_ratio": 0.9, "steps_reached": 50, "widths": [2, 2]},
                  {"status": "error", "score": None, "cost_ratio": 0.1, "flops_ratio": 0.1, "widths": [1, 3]})
     assert [r["trial_id"] for r in ranked(rows, 0.5)] == ["t2", "t1", "t0"]  # t3 repeats t1's profile
     assert [r["trial_id"] for r in ranked(rows, 0.5, distinct=False)] == ["t2", "t1", "t3", "t0"]
@@ -61,7 +60,7 @@ def test_the_ranking_rule_orders_by_fidelity_score_then_cost_once_per_profile():
 
 
 def test_pareto_experiments_need_a_bound_and_params_constraints_use_cost_ratio():
-    rows = table({"score": 0.9, "cost_ratio": 0.3, "flops_ratio": 0.6, "finetune_steps": 10})
+    rows = table({"score": 0.9, "cost_ratio": 0.3, "flops_ratio": 0.6, "steps_reached": 10})
     with pytest.raises(WidthSearchError, match="Pareto front.*--budget R"):
         choose_trial(rows, budget=None)
     assert choose_trial(rows, budget=0.35, constraint="params")["trial_id"] == "t0"  # params ratio 0.3

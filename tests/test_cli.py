@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.test_results import META, row
-from widthsearch.cli import build_parser, main
-from widthsearch.config import HELP, KEYS
+from widthsearch.app.cli import build_parser, main
+from widthsearch.app.config import KEYS, declared
 from widthsearch.results import ResultsStore
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -33,8 +33,21 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def test_every_search_key_has_a_help_text():
-    assert sorted(HELP) == sorted(KEYS)
-    assert all(text.strip() for text in HELP.values())
+    assert sorted(declared()) == sorted(KEYS)
+    assert all(option.help_text().strip() for option in declared().values())
+
+
+def test_search_help_names_come_from_the_registries():
+    from searchers import SEARCHERS
+    from widthsearch.importance import CRITERIA
+    from widthsearch.models import BUILTIN_MODELS
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    text = " ".join(subparsers.choices["search"].format_help().split())
+    for names in (SEARCHERS, CRITERIA, BUILTIN_MODELS):
+        assert all(name in text for name in names)
+    assert "--num-samples NUM_SAMPLES number of trials (for aofp and metapruning: the most trials) (an integer >= 1; " \
+           "default 16)" in text  # its help, its check and its default, from its one declaration
 
 
 def test_every_flag_has_a_help_line():

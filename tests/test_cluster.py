@@ -15,7 +15,7 @@ import yaml
 from widthsearch.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "widthsearch.cli"]
+CLI = [sys.executable, "-m", "widthsearch.app.cli"]
 SMALL = ["--num-samples", "4", "--concurrency", "2", "--finetune-steps", "10", "--bn-batches", "5",
          "--base-epochs", "1", "--searcher", "random", "--quiet"]
 
@@ -41,9 +41,9 @@ def test_cluster_yaml_passes_rays_own_schema():
 
 
 def test_results_and_base_model_on_a_file_uri(tmp_path, digits):
-    from widthsearch.config import SearchConfig
+    from widthsearch.app.config import SearchConfig
+    from widthsearch.app.experiment import _base_model, experiment_dir
     from widthsearch.results import ResultsStore, load
-    from widthsearch.search import _base_model, experiment_dir
 
     storage = tmp_path.as_uri()  # file:///...: the same pyarrow.fs path as s3:// or gs://
     cfg = SearchConfig(name="uri", storage=storage, base_epochs=1).resolved()
@@ -61,13 +61,13 @@ def test_results_and_base_model_on_a_file_uri(tmp_path, digits):
 
 
 def test_trial_timeout_is_a_checked_config_key():
-    from widthsearch.cli import _search_overrides, build_parser
-    from widthsearch.config import SearchConfig, load_config
+    from widthsearch.app.cli import _search_settings, build_parser
+    from widthsearch.app.config import SearchConfig, load_config
 
     assert SearchConfig().trial_timeout_s is None
-    assert load_config(None, _search_overrides(build_parser().parse_args(
+    assert load_config(None, _search_settings(build_parser().parse_args(
         ["search", "--trial-timeout-s", "90"]))).trial_timeout_s == 90.0
-    with pytest.raises(ConfigError, match="'trial_timeout_s' must be positive"):
+    with pytest.raises(ConfigError, match="'trial_timeout_s' must be a number > 0"):
         SearchConfig(trial_timeout_s=0)
 
 
@@ -79,7 +79,8 @@ def test_hung_trial_times_out_and_out_of_memory_is_an_error_row(tmp_path, digits
 
     from trainables.score import ScoreJob, score_profile
     from widthsearch import CostModel, build_space, load_model
-    from widthsearch.results import ResultsCallback, ResultsStore
+    from widthsearch.app.callbacks import ResultsCallback
+    from widthsearch.results import ResultsStore
 
     model = load_model("tests.fixtures.flaky_model:make", digits.num_classes)
     space = build_space(model, digits.example_input)
@@ -154,7 +155,7 @@ def cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 def test_gpu_trials_on_a_cluster_without_gpus_fail_fast(cluster):
     import ray
 
-    from widthsearch.search import init_ray
+    from widthsearch.app.tuning import init_ray
 
     try:
         with pytest.raises(ConfigError, match=r"gpus_per_trial is 0.5 but the Ray cluster has 0 GPUs"):
@@ -186,7 +187,8 @@ def test_killed_worker_node_trials_are_retried_elsewhere(cluster, marks, tmp_pat
     with log.open("w") as out:  # a file, not a pipe: nobody reads the driver's output while it runs
         driver = subprocess.Popen(CLI + ["search", "--name", "kill", "--storage", storage, "--address",
                                          cluster.address, "--model", "tests.fixtures.flaky_model:make",
-                                         "--max-failures", "1", *SMALL], cwd=ROOT, stdout=out, stderr=out)
+                                         "--max-failures", "1", *SMALL[:-1], "--verbose"],  # Tune's logs shown
+                                  cwd=ROOT, stdout=out, stderr=out)
     try:
         deadline, killed = time.monotonic() + 600, None  # generous: a busy machine starts trials late
         while killed is None and driver.poll() is None and time.monotonic() < deadline:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from widthsearch.cli import _search_overrides, build_parser
-from widthsearch.config import SearchConfig, load_config
+from widthsearch.app.cli import _search_settings, build_parser
+from widthsearch.app.config import SearchConfig, load_config
 from widthsearch.errors import ConfigError
 
 
@@ -22,13 +22,16 @@ def test_yaml_and_overrides(tmp_path):
 
 @pytest.mark.parametrize("values, text", [
     ({"budgett": 0.5}, "unknown config key 'budgett'"),
-    ({"budget": 0}, "'budget' must be a fraction of the base model's cost in (0, 1], got 0"),
+    ({"budget": 0}, "config key 'budget' must be a number in (0, 1], got 0"),
     ({"budget": 1.5}, "got 1.5"),
-    ({"num_samples": 0}, "'num_samples' must be at least 1, got 0"),
-    ({"num_samples": "many"}, "'num_samples' must be int, got 'many'"),
-    ({"concurrency": 1.5}, "'concurrency' must be int, got 1.5"),
-    ({"pareto": "yes"}, "'pareto' must be bool"),
-    ({"frozen": "conv1"}, "'frozen' must be list"),
+    ({"num_samples": 0}, "config key 'num_samples' must be an integer >= 1, got 0"),
+    ({"num_samples": "many"}, "'num_samples' must be an integer >= 1, got 'many'"),
+    ({"concurrency": 1.5}, "'concurrency' must be an integer >= 1, got 1.5"),
+    ({"pareto": "yes"}, "'pareto' must be true or false, got 'yes'"),
+    ({"frozen": [1]}, "'frozen' must be a list of strings, got [1]"),
+    ({"searcher": "nope"}, "config key 'searcher' must be one of: aofp, global, gradient, metapruning, optuna, "
+                           "random, uniform, got 'nope'"),
+    ({"searcher_options": {"pointz": 3}, "searcher": "uniform"}, "unknown option 'pointz' for searcher 'uniform'"),
     ({"model": None}, None),
 ])
 def test_bad_values_name_the_key(values, text):
@@ -56,7 +59,7 @@ def test_missing_and_malformed_files(tmp_path):
 def test_cli_flags_are_typed_like_yaml():
     args = build_parser().parse_args(["search", "--budget", "0.25", "--num-samples", "3", "--pareto",
                                       "--option", "startup_trials=2", "--frozen", "a.b,c", "--name", "007"])
-    over = _search_overrides(args)
+    over = _search_settings(args)
     assert over["budget"] == 0.25 and over["num_samples"] == 3 and over["pareto"] is True
     assert over["searcher_options"] == {"startup_trials": 2} and over["frozen"] == ["a.b", "c"]
     assert over["name"] == "007"  # strings stay strings

@@ -192,6 +192,26 @@ def test_npz_missing_file(tmp_path):
         load_data(f"npz:{path}")
 
 
+def test_npz_of_a_folder_says_what_it_takes(tmp_path):
+    with pytest.raises(DataSourceError, match=f"npz:{tmp_path} is a folder; npz: takes one .npz file holding "
+                                              "x_train, y_train, x_test, y_test"):
+        load_data(f"npz:{tmp_path}")
+
+
+def test_sources_record_their_class_names_and_channel_order(tmp_path):
+    digits = load_data("digits")
+    assert digits.class_names == tuple(str(d) for d in range(10)) and digits.channel_order == "gray"
+    plain = load_data(f"npz:{save(tmp_path, 'plain.npz', make_arrays())}")
+    assert plain.class_names is None and plain.channel_order == "as stored"
+    named = load_data(f"npz:{save(tmp_path, 'named.npz', {**make_arrays(), 'class_names': np.array(list('abcd'))})}")
+    assert named.class_names == ("a", "b", "c", "d")
+    record = named.preprocessing()
+    assert record["class_names"] == ["a", "b", "c", "d"] and record["input_shape"] == [1, 3, 32, 32]
+    assert record["mean"] == list(named.mean) and record["std"] == list(named.std)
+    with pytest.raises(DataSourceError, match="class_names in .* must list one name per class"):
+        load_data(f"npz:{save(tmp_path, 'short.npz', {**make_arrays(), 'class_names': np.array(['a'])})}")
+
+
 def test_npz_corrupt_file(tmp_path):
     path = tmp_path / "corrupt.npz"
     path.write_bytes(np.random.default_rng(0).bytes(4096))
@@ -239,6 +259,8 @@ def test_imagefolder_loads(tmp_path):
     assert sorted(data.test.y.tolist()) == [0] * 5 + [1] * 5
     small = load_data(f"imagefolder:{tmp_path}?size=16")
     assert small.image_size == (16, 16)
+    assert data.channel_order == "RGB" and data.class_names == tuple(sorted(data.class_names))
+    assert small.preprocessing()["resize"] == {"size": [16, 16], "method": "bilinear", "convert": "RGB"}
 
 
 def test_imagefolder_prefers_test_folder(tmp_path):

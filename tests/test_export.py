@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from widthsearch import build_space, load_exported, load_model, prune
+from widthsearch import build_space, load_exported, load_model, load_preprocessing, prune
 from widthsearch.errors import WidthSearchError
-from widthsearch.export import FILES, ONNX_TOLERANCE, export
+from widthsearch.export import FILES, ONNX_PREPROCESSING, ONNX_TOLERANCE, export
 from widthsearch.training import train
 
 
@@ -44,6 +44,42 @@ def test_export_onnx_matches_pytorch(digits, tmp_path, model_name):
     assert got.shape == (5, digits.num_classes)
     assert np.abs(got - want).max() <= ONNX_TOLERANCE
     assert sum(p.numel() for p in reloaded.parameters()) < sum(p.numel() for p in dense.parameters())
+
+
+def test_the_export_carries_its_preprocessing_and_normal_file_modes(digits, tmp_path):
+    """A deployer reads mean, std, channel order and class names from the folder or from the ONNX model alone."""
+    torch.manual_seed(0)
+    dense = load_model("small_cnn", digits.num_classes, in_channels=digits.in_channels).eval()
+    space = build_space(dense, digits.example_input)
+    profile = space.uniform(0.5)
+    pruned = prune(dense, space, profile, "l1").eval()
+    source = {"model": "small_cnn", "num_classes": digits.num_classes, "in_channels": digits.in_channels,
+              "input_size": list(digits.image_size)}
+    out = export(pruned, dense, tmp_path / "export", profile=profile, source=source, metrics={},
+                 example_input=digits.example_input, preprocessing=digits.preprocessing())
+    record = load_preprocessing(out)
+    assert record["mean"] == list(digits.mean) and record["std"] == list(digits.std)
+    assert record["input_shape"] == [1, 1, 8, 8] and record["channel_order"] == "gray" and record["layout"] == "NCHW"
+    assert record["class_names"] == [str(d) for d in range(10)] and record["data"] == "digits"
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert json.loads(session.get_modelmeta().custom_metadata_map[ONNX_PREPROCESSING]) == record
+    # feeding the ONNX model from the record alone gives what the training pipeline gives
+    pixels = digits.test.x[:4]
+    mean, std = np.array(record["mean"])[:, None, None], np.array(record["std"])[:, None, None]
+    by_hand = ((pixels.numpy() * record["scale"] - mean) / std).astype(np.float32)
+    got = session.run(None, {"input": by_hand})[0]
+    with torch.no_grad():
+        assert np.abs(got - pruned(digits.normalize(pixels)).numpy()).max() <= ONNX_TOLERANCE
+    assert isinstance(load_exported(out), nn.Module)  # unchanged
+    assert (out.stat().st_mode & 0o777) == (0o777 & ~_umask()) and (out.stat().st_mode & 0o055)
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class BatchDependent(nn.Module):

@@ -14,8 +14,8 @@ from torch import nn
 from searchers import make_searcher
 from widthsearch import CostModel, build_space, prune
 from widthsearch.errors import ConfigError
-from searchers.gates import ChannelGates, GateSchedule, complexity_fn, extract, optimize_gates
-from widthsearch.search import _chosen_channels
+from widthsearch.gates import ChannelGates, GateSchedule, complexity_fn, extract, optimize_gates
+from widthsearch.results import chosen_channels
 
 from .test_e2e_cli import FAST, cli, rows
 
@@ -149,7 +149,7 @@ def test_bisection_on_log_lambda_lands_within_three_percent_below_the_budget(bud
     while (config := searcher.suggest(f"t{trial}")) not in ("FINISHED",):
         assert config is not None
         assert searcher.suggest("other") is None  # one gate optimisation at a time
-        lam = json.loads(config["payload"])["lam"]
+        lam = config["payload"]["lam"]
         achieved.append(fake_ratio(space, cost, lam))
         if trial == 2:  # resume half-way through
             searcher.save(str(tmp_path / "s.pkl"))
@@ -171,7 +171,7 @@ def test_a_result_above_the_budget_never_counts_as_meeting_it():
     assert 0.5 < cost.flops_ratio(over) <= 0.5 * 1.05
     searcher.on_trial_complete("t0", {"score": 0.9, "widths": space.vector(over).tolist()})
     assert not searcher.converged and searcher.suggest("t1") not in (None, "FINISHED")
-    assert json.loads(config["payload"])["budget"] == 0.5
+    assert config["payload"]["budget"] == 0.5
 
 
 def test_extraction_trims_a_rounded_profile_back_within_the_budget():
@@ -192,7 +192,7 @@ def test_extraction_trims_a_rounded_profile_back_within_the_budget():
 def test_pareto_mode_spreads_lambda_and_bad_options_are_named(synthetic):
     _, space, cost, _ = synthetic
     searcher = make_searcher("gradient", space, cost, budget=None, points=4, lam_min=0.1, lam_max=100)
-    lams = [json.loads(searcher.suggest(f"t{i}")["payload"])["lam"] for i in range(4)]
+    lams = [searcher.suggest(f"t{i}")["payload"]["lam"] for i in range(4)]
     assert lams == pytest.approx([0.1, 1, 10, 100])
     assert searcher.suggest("t4") == "FINISHED"
     with pytest.raises(ConfigError, match="searcher 'gradient': option 'tau_end' must be a number > 0, got 0"):
@@ -215,7 +215,7 @@ def test_gradient_search_on_digits_through_the_cli(tmp_path):
     for r in table:
         keep = json.loads(r["payload"])["keep"]
         assert [len(keep[n]) for n in groups] == r["widths"] and 0 <= r["val_acc"] <= 1
-        assert _chosen_channels(r) == {"keep": keep, "weights": None}  # retrain keeps exactly these channels
+        assert chosen_channels(r) == {"keep": keep, "weights": None}  # retrain keeps exactly these channels
     summary = json.loads(cli("retrain", "grad", "--storage", str(tmp_path), "--best", "--epochs", "1", "--quiet").stdout)
     assert summary["flops_ratio"] <= 0.5
 

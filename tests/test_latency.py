@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import time
 
 import numpy as np
@@ -12,10 +13,11 @@ import torch
 
 from searchers import make_searcher, project_to_budget
 from widthsearch import CostModel, build_space, load_model, prune
-from widthsearch.config import SearchConfig
+from widthsearch.app.config import SearchConfig
 from widthsearch.cost import Measure
 from widthsearch.errors import ConfigError
-from widthsearch.latency import LatencyTarget, calibrate, latency_model, monotone, plan, time_ms
+from widthsearch.latency import LatencyTarget, calibrate, latency_model, monotone, plan
+from widthsearch.timing import time_ms
 
 
 def fake_ms(module, inputs) -> float:
@@ -145,6 +147,11 @@ def test_a_cached_table_is_reused_and_a_changed_key_is_not(resnet, tmp_path):
     again = latency_model(space, model, grid=2, cache_dir=tmp_path / "other", exp_dir=str(tmp_path / "exp"),
                           timer=timer, progress=False)
     assert timer.calls == measured  # the experiment's copy
+    latency_model(space, model, grid=2, cache_dir=tmp_path / "user", exp_dir=str(tmp_path / "exp2"), timer=timer,
+                  progress=False)
+    assert timer.calls == measured  # from the user cache, and the new experiment keeps a copy of what it used
+    assert [p.read_bytes() for p in (tmp_path / "exp2" / "widthsearch" / "latency").glob("*.json")] == [
+        cached.read_bytes()]
     for change in (dict(target=LatencyTarget(threads=2)), dict(target=LatencyTarget(batch=4)), dict(grid=3)):
         before = timer.calls
         latency_model(space, model, **{"grid": 2, **change}, cache_dir=tmp_path / "user", timer=timer, progress=False)
@@ -161,7 +168,7 @@ def test_a_changed_dtype_is_not_reused(resnet, tmp_path, monkeypatch):
     """fp16 and bf16 are CUDA targets: the device is faked (name, presence) and the timer injected."""
     model, space = resnet
     monkeypatch.setattr(LatencyTarget, "check_present", lambda self: None)
-    monkeypatch.setattr("widthsearch.latency.device_name", lambda device: f"a fake {device} device")
+    monkeypatch.setattr("widthsearch.target.device_name", lambda device: f"a fake {device} device")
     timer = Counting()
     calls = []
     for dtype in ("fp32", "fp16", "bf16", "fp16", "fp32"):
@@ -444,11 +451,11 @@ def test_max_latency_ms_below_the_smallest_profile_is_refused(resnet, tmp_path):
 @pytest.mark.parametrize("values,text", [
     (dict(constraint="latency", latency_device="tpu"), "config key 'latency_device' must be one of: cpu, cuda"),
     (dict(constraint="latency", latency_dtype="fp16"), "config key 'latency_dtype' must be fp32 on latency_device cpu"),
-    (dict(constraint="latency", latency_batch=0), "config key 'latency_batch' must be at least 1"),
+    (dict(constraint="latency", latency_batch=0), "config key 'latency_batch' must be an integer >= 1, got 0"),
     (dict(constraint="latency", latency_runtime="tensorrt"), "config key 'latency_runtime' must be one of"),
     (dict(constraint="latency", latency_clock="cpu", latency_threads=2), "config key 'latency_clock' must be wall"),
     (dict(max_latency_ms=5.0), "config key 'max_latency_ms' must be empty unless constraint is latency"),
-    (dict(constraint="latency", latency_grid=1), "config key 'latency_grid' must be at least 2"),
+    (dict(constraint="latency", latency_grid=1), "config key 'latency_grid' must be an integer >= 2, got 1"),
 ])
 def test_bad_latency_config_names_the_key(values, text):
     with pytest.raises(ConfigError, match=text):
@@ -457,26 +464,26 @@ def test_bad_latency_config_names_the_key(values, text):
 
 @pytest.mark.parametrize("args,text", [
     (["--constraint", "energy"], "config key 'constraint' must be one of: flops, params, latency, got 'energy'"),
-    (["--constraint", "latency", "--budget", "1.5"],
-     "config key 'budget' must be a fraction of the base model's cost in (0, 1], got 1.5"),
-    (["--constraint", "latency", "--budget", "0"], "config key 'budget' must be a fraction"),
-    (["--constraint", "latency", "--max-latency-ms", "0"], "config key 'max_latency_ms' must be positive"),
-    (["--constraint", "latency", "--max-latency-ms=-2.5"], "config key 'max_latency_ms' must be positive"),
+    (["--constraint", "latency", "--budget", "1.5"], "config key 'budget' must be a number in (0, 1], got 1.5"),
+    (["--constraint", "latency", "--budget", "0"], "config key 'budget' must be a number in (0, 1], got 0"),
+    (["--constraint", "latency", "--max-latency-ms", "0"], "config key 'max_latency_ms' must be a number > 0"),
+    (["--constraint", "latency", "--max-latency-ms=-2.5"], "config key 'max_latency_ms' must be a number > 0"),
     (["--constraint", "latency", "--latency-device", "cuda"],
      "latency_device is 'cuda' but this machine has no CUDA GPU"),
 ])
 def test_bad_search_input_is_refused_before_any_work(args, text, tmp_path, capsys, monkeypatch):
     """Through the CLI: exit status 2 and a message naming the problem, before data, Ray or timing."""
-    from widthsearch import search
-    from widthsearch.cli import main
+    from widthsearch.app import experiment, runs
+    from widthsearch.app.cli import main
 
     def never(*args, **kwargs):
         raise AssertionError("expensive work started before the input was checked")
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without a CUDA GPU
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    for name in ("load_data", "latency_model", "init_ray"):
-        monkeypatch.setattr(search, name, never)
+    for module, name in ((experiment, "load_data"), (experiment, "latency_model"), (experiment, "init_ray"),
+                         (runs, "init_ray")):
+        monkeypatch.setattr(module, name, never)
     code = main(["search", "--name", "bad", "--storage", str(tmp_path), *args])
     assert code == 2 and text in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
@@ -484,7 +491,7 @@ def test_bad_search_input_is_refused_before_any_work(args, text, tmp_path, capsy
 
 def test_on_a_cluster_a_cuda_target_needs_trials_with_a_gpu():
     """The table is measured where the trials run: a cuda target with CPU-only trials fails before any data."""
-    from widthsearch.search import prepare
+    from widthsearch.app.experiment import prepare
 
     cfg = SearchConfig(constraint="latency", latency_device="cuda", data="npz:/nonexistent/data.npz",
                        address="ray://nowhere:10001")
@@ -493,7 +500,7 @@ def test_on_a_cluster_a_cuda_target_needs_trials_with_a_gpu():
 
 
 def test_prepare_builds_the_latency_measure_and_converts_max_latency_ms(tmp_path, monkeypatch):
-    from widthsearch.search import prepare
+    from widthsearch.app.experiment import prepare
 
     monkeypatch.setenv("WIDTHSEARCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -517,7 +524,7 @@ def test_search_under_a_latency_budget_end_to_end(tmp_path):
     asserted), the report plots them."""
     from tests.test_e2e_cli import cli, rows
     from widthsearch import load_data
-    from widthsearch.cli import main
+    from widthsearch.app.cli import main
     from widthsearch.latency import cache_folder
     from widthsearch.models import save_checkpoint
 
@@ -537,7 +544,11 @@ def test_search_under_a_latency_budget_end_to_end(tmp_path):
               "--latency-top", "1", "--num-samples", "3", "--finetune-steps", "2", "--bn-batches", "2",
               "--concurrency", "2", "--quiet", env=env)
     assert cached.stat().st_mtime_ns == written and len(list(cached.parent.glob("*.json"))) == 1  # reused
-    assert "latency ratio <= 0.6" in out.stdout and "latency_ms" in out.stdout
+    kept = list((tmp_path / "lat" / "widthsearch" / "latency").glob("*.json"))
+    assert cached.read_bytes() in [p.read_bytes() for p in kept]  # the experiment keeps the table it used
+    assert "latency ratio <= 0.6" in out.stdout and "latency_ms" in out.stdout and "measured_ms" in out.stdout
+    assert re.search(r"measured: [\d.]+ ms \(predicted [\d.]+ ms\), latency ratio [\d.]+ measured against [\d.]+ "
+                     r"predicted \([+-][\d.]+%\): (within|over) the budget 0.6", out.stdout), out.stdout
     meta = json.loads((tmp_path / "lat" / "widthsearch" / "experiment.json").read_text())
     assert meta["constraint"] == "latency" and meta["latency"]["base_ms"] == pytest.approx(seeded.base)
     table = rows(tmp_path / "lat")
@@ -547,41 +558,51 @@ def test_search_under_a_latency_budget_end_to_end(tmp_path):
         assert r["cost_ratio"] == pytest.approx(r["latency_ms"] / seeded.base) and r["cost_ratio"] <= 0.6 + 1e-9
     measured = json.loads((tmp_path / "lat" / "widthsearch" / "latency" / "measured.json").read_text())
     (top,) = measured["rows"]
-    assert top["measured_ms"] > 0 < top["measured_ratio"] and top["trial_id"] in {r["trial_id"] for r in table}
+    assert top["measured_ms"] > 0 < top["measured_ratio"] and measured["base_measured_ms"] > 0
+    assert [(r["trial_id"], r["measured_ms"]) for r in rows(tmp_path / "lat") if r["measured_ms"]] == [
+        (top["trial_id"], top["measured_ms"])]  # the measured figures are in the timed row too
     assert main(["report", "lat", "--storage", str(tmp_path), "--out", str(tmp_path / "report")]) == 0
     assert (tmp_path / "report" / "latency.png").stat().st_size > 0
-    assert 'src="latency.png"' in (tmp_path / "report" / "index.html").read_text()
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert 'src="latency.png"' in page and "measured ratio" in page and f"<td>{top['trial_id']}</td>" in page
 
 
-@pytest.mark.parametrize("pareto,expected", [(False, ["best", "second"]), (True, ["over", "short"])])
+@pytest.mark.parametrize("pareto,expected", [(False, ["best", "second"]), (True, ["over", "second"])])
 def test_the_best_profiles_within_the_budget_are_timed_after_the_search(resnet, tmp_path, monkeypatch, pareto,
                                                                         expected):
-    """Budget: within it, longest fine-tune, best score, distinct profiles. Pareto: the front, best score first."""
+    """Budget: within it, longest fine-tune, best score, distinct profiles. Pareto: the front (over, short, second),
+    in the same order (results.ranked): `short` scored after a shorter fine-tune comes last. The measured figures
+    go to measured.json and into the timed rows."""
     import types
 
-    import pyarrow as pa
-
-    from widthsearch import search
-    from widthsearch.results import SCHEMA
+    from widthsearch.app import runs
+    from widthsearch.results import ResultsStore, load
 
     model, space = resnet
     latency = latency_model(space, model, grid=2, cache_dir=tmp_path, timer=fake_ms, progress=False)
     w = [space.widths.tolist(), space.min_widths.tolist(), space.vector(space.uniform(0.5)).tolist()]
-    rows = [dict(trial_id="over", status="ok", widths=w[0], score=0.99, cost_ratio=1.0, finetune_steps=50),
-            dict(trial_id="short", status="ok", widths=w[2], score=0.95, cost_ratio=0.4, finetune_steps=10),
-            dict(trial_id="best", status="ok", widths=w[2], score=0.90, cost_ratio=0.4, finetune_steps=50),
-            dict(trial_id="same", status="ok", widths=w[2], score=0.80, cost_ratio=0.4, finetune_steps=50),
-            dict(trial_id="second", status="ok", widths=w[1], score=0.70, cost_ratio=0.2, finetune_steps=50),
-            dict(trial_id="failed", status="error", widths=w[1], score=None, cost_ratio=0.2, finetune_steps=None)]
-    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    rows = [dict(trial_id="over", status="ok", widths=w[0], score=0.99, cost_ratio=1.0, steps_reached=50),
+            dict(trial_id="short", status="ok", widths=w[2], score=0.95, cost_ratio=0.4, steps_reached=10),
+            dict(trial_id="best", status="ok", widths=w[2], score=0.90, cost_ratio=0.4, steps_reached=50),
+            dict(trial_id="same", status="ok", widths=w[2], score=0.80, cost_ratio=0.4, steps_reached=50),
+            dict(trial_id="second", status="ok", widths=w[1], score=0.70, cost_ratio=0.2, steps_reached=50),
+            dict(trial_id="failed", status="error", widths=w[1], score=None, cost_ratio=0.2, steps_reached=None)]
+    store = ResultsStore.create(str(tmp_path / "exp"), {"groups": space.names, "widths": space.widths.tolist()})
+    for r in rows:
+        store.write_row(r)
+    table = load(str(tmp_path / "exp"))
     timed = []
-    monkeypatch.setattr(search, "measure_profiles", lambda space, model, target, profiles, paired: [
-        timed.append(p) or {"ms": 1.0, "ratio": 0.5} for p in profiles])
+    monkeypatch.setattr(runs, "measure_profiles", lambda space, model, target, profiles, paired: [
+        timed.append(p) or {"ms": 1.0, "ratio": 0.5, "dense_ms": 2.0} for p in profiles])
     cfg = SearchConfig(constraint="latency", budget=0.5, latency_top=2, pareto=pareto)
     exp = types.SimpleNamespace(config=cfg, space=space, model=model, measure=latency, exp_dir=str(tmp_path / "exp"))
-    out = search.measure_top(exp, table, progress=False)
+    out = runs.measure_top(exp, table)
     assert [r["trial_id"] for r in out["rows"]] == expected
     assert timed == [r["widths"] for r in rows if r["trial_id"] in expected]
     written = json.loads((tmp_path / "exp" / "widthsearch" / "latency" / "measured.json").read_text())
     assert written["rows"][0]["predicted_ms"] == pytest.approx(latency.of(timed[0]))
-    assert written["rows"][0]["measured_ratio"] == 0.5
+    assert written["rows"][0]["measured_ratio"] == 0.5 and written["base_measured_ms"] == 2.0
+    again = {r["trial_id"]: r for r in load(str(tmp_path / "exp")).to_pylist()}
+    assert {t for t, r in again.items() if r["measured_ms"] is not None} == set(expected)
+    first = next(r for r in rows if r["trial_id"] == expected[0])
+    assert again[expected[0]]["measured_ratio"] == 0.5 and again[expected[0]]["score"] == first["score"]  # kept

@@ -14,14 +14,15 @@ import pytest
 import torch
 from torch import nn
 
-from searchers import make_searcher, searcher_class
-from searchers.metapruning import evolution_plan
-from searchers.pruningnet import PruningNet, channel_order, keep_channels, sample_widths
+from searchers import check_options, make_searcher
+from searchers.base import Payload
+from searchers.options import evolution_plan
 from trainables.metapruning import MetaPruningJob, metapruning_step, score_widths, train_pruningnet
 from trainables.retrain import RetrainJob, build_pruned
 from widthsearch import CostModel, build_space, load_model, prune, save_checkpoint
 from widthsearch.errors import ConfigError, WidthSearchError
-from widthsearch.search import _chosen_channels
+from widthsearch.pruningnet import PruningNet, channel_order, keep_channels, sample_widths
+from widthsearch.results import chosen_channels
 from widthsearch.storage import Storage
 from widthsearch.training import TrainConfig, train
 
@@ -92,9 +93,9 @@ def test_pruningnet_generates_the_base_weights_of_the_most_important_channels():
     searcher = make_searcher("metapruning", space, cost, budget=0.6, model=model, seed=0, population=4,
                              generations=2)
     for config in _drive(searcher, 6)[1:]:
-        assert json.loads(config["payload"])["keep"] == keep_channels(space, order, config["widths"])
+        assert config["payload"]["keep"] == keep_channels(space, order, config["widths"])
         chosen = {g: sorted(c for c, r in enumerate(rank[g]) if r < w) for g, w in zip(space.names, config["widths"])}
-        assert json.loads(config["payload"])["keep"] == {g: k for g, k in chosen.items() if len(k) < space[g].width}
+        assert config["payload"]["keep"] == {g: k for g, k in chosen.items() if len(k) < space[g].width}
 
 
 @pytest.mark.parametrize("criterion", ["l1", "bn_scale"])
@@ -113,7 +114,7 @@ def test_first_w_is_best_w_under_the_experiments_criterion_and_retrain_keeps_tho
     searcher = make_searcher("metapruning", space, cost, budget=0.6, model=model, criterion=criterion, seed=0,
                              population=4, generations=2)
     configs = _drive(searcher, 9)
-    train_payload = json.loads(configs[0]["payload"])
+    train_payload = configs[0]["payload"]
     # the PruningNet's order (what the training trial builds it with): every group's channels, best first
     assert train_payload["criterion"] == criterion
     assert train_payload["order"] == {g: sorted(range(len(r)), key=r.__getitem__) for g, r in rank.items()}
@@ -122,7 +123,7 @@ def test_first_w_is_best_w_under_the_experiments_criterion_and_retrain_keeps_tho
     for config in configs[1:]:
         widths = config["widths"]
         best = {g.name: sorted(c for c, r in enumerate(rank[g.name]) if r < w) for g, w in zip(space.groups, widths)}
-        keep = _chosen_channels({"payload": config["payload"]})["keep"]  # what `widthsearch retrain` reads
+        keep = chosen_channels({"payload": json.dumps(dict(config["payload"]))})["keep"]  # what `retrain` reads of a row
         assert keep == {g: k for g, k in best.items() if len(k) < space[g].width}
         job = RetrainJob(model=model, space=space, cost=cost, measure=cost.measure("flops"), data="digits",
                          val_fraction=0.1, split_seed=0, seed=0, criterion=criterion, importance_batches=1,
@@ -181,7 +182,7 @@ def _drive(searcher, count: int, prefix: str = "t") -> list[dict]:
         if config is None or config == "FINISHED":
             break
         configs.append(config)
-        payload = json.loads(config["payload"])
+        payload = config["payload"]
         result = {"checkpoint": "net.pt"} if payload["phase"] == "train" else {"score": float(sum(config["widths"]))}
         searcher.on_trial_complete(f"{prefix}{i}", result)
     return configs
@@ -201,13 +202,13 @@ def test_evolution_only_proposes_feasible_new_profiles(resnet_space):
     configs = _drive(searcher, 100)
     assert searcher.suggest("last") == "FINISHED"
     train, candidates = configs[0], configs[1:]
-    assert json.loads(train["payload"])["phase"] == "train" and len(candidates) == 8 * 4
+    assert train["payload"]["phase"] == "train" and len(candidates) == 8 * 4
     widths = np.array([c["widths"] for c in candidates])
     assert np.all(cost.flops_many(widths) <= 0.3 * cost.base_flops)
     assert len({tuple(w) for w in widths}) == len(widths)
     order = channel_order(model, space, "l1")
     for c in candidates:
-        payload = json.loads(c["payload"])
+        payload = c["payload"]
         assert payload["keep"] == keep_channels(space, order, c["widths"])
         assert (payload["population"], payload["generations"], payload["topk"]) == (8, 4, 3)
     by_gen = [np.mean([sum(c["widths"]) for c in candidates[8 * g:8 * g + 8]]) for g in range(4)]
@@ -267,7 +268,7 @@ def test_searcher_state_resumes(resnet_space, tmp_path):
 ])
 def test_bad_options_are_config_errors(resnet_space, options, message):
     with pytest.raises(ConfigError) as early:  # the cheap check `widthsearch search` runs before any work
-        searcher_class("metapruning").check_options(options)
+        check_options("metapruning", options)
     assert str(early.value) == message
     space, cost, model = resnet_space
     with pytest.raises(ConfigError) as info:  # and the same one from the constructor
@@ -326,7 +327,7 @@ def test_a_budget_that_leaves_the_search_random_is_refused(resnet_space, num_sam
         make_searcher("metapruning", space, cost, budget=0.5, model=model, num_samples=num_samples, **given)
     assert str(info.value).startswith("searcher 'metapruning': ") and text in str(info.value)
     with pytest.raises(ConfigError) as early:  # the cheap check `widthsearch search` runs before any work
-        searcher_class("metapruning").check_options(given, num_samples)
+        check_options("metapruning", given, num_samples)
     assert str(early.value) == str(info.value)
 
 
@@ -337,7 +338,7 @@ def test_the_plan_sized_from_num_samples_is_what_runs(resnet_space):
     plan = evolution_plan(NO_SIZES, 21)  # 20 candidates: population 7 x 2 generations
     assert plan == {"population": 7, "generations": 2, "topk": 2} and searcher.suggest("x") == "FINISHED"
     assert len(configs) == 1 + 7 * 2 <= 21
-    assert all({k: json.loads(c["payload"])[k] for k in plan} == plan for c in configs)
+    assert all({k: c["payload"][k] for k in plan} == plan for c in configs)
 
 
 def _job(model, space, exp_dir: str, timeout: float | None) -> MetaPruningJob:
@@ -356,10 +357,11 @@ def test_training_and_candidate_trials_honour_trial_timeout_s(digits_space, tmp_
     monkeypatch.setattr(common, "setup_trial", lambda: (torch.device("cpu"), "node"))  # begin_trial's Tune context
     monkeypatch.setattr(trainable.tune, "report", reports.append)
     order = channel_order(model, space)
-    train_payload = json.dumps({"phase": "train", "net": "n", "steps": 4, "lr": 0.01, "hidden": 2, "every": 2,
-                                "seed": 0, "flops_min": 0.0, "flops_max": 1.0, "order": order})
+    # the payloads as the searcher hands them to its trials
+    train_payload = Payload({"phase": "train", "net": "n", "steps": 4, "lr": 0.01, "hidden": 2, "every": 2,
+                             "seed": 0, "flops_min": 0.0, "flops_max": 1.0, "order": order})
     widths = [int(w) for w in space.min_widths]
-    candidate = json.dumps({"phase": "candidate", "net": "n", "bn_batches": 2, "keep": {}})
+    candidate = Payload({"phase": "candidate", "net": "n", "bn_batches": 2, "keep": {}})
     exp_dir = tmp_path.as_uri()
     metapruning_step({"widths": widths, "payload": train_payload}, _job(model, space, exp_dir, None))
     assert reports[-1]["status"] == "train" and reports[-1]["checkpoint"] == f"{exp_dir}/widthsearch/metapruning/n.pt"
@@ -384,7 +386,7 @@ def test_metapruning_search_through_the_cli_on_uri_storage(digits, tmp_path):
             "metapruning", "--budget", "0.5", "--num-samples", "3", "--bn-batches", "3", "--concurrency", "2",
             "--quiet", "--option", "train_steps=20", "--option", "checkpoint_every=10", "--option", "population=2",
             "--option", "generations=1", "--option", "topk=2", "--option", "bn_batches=2"]
-    proc = subprocess.run([sys.executable, "-m", "widthsearch.cli", *args], cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "widthsearch.app.cli", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     from widthsearch.results import load
@@ -401,9 +403,9 @@ def test_metapruning_search_through_the_cli_on_uri_storage(digits, tmp_path):
     assert (state["phase"], state["checkpoint"], state["num_samples"]) == ("evolve", checkpoint, 3)
     saved = Storage(f"{storage}/mp").load_torch("metapruning/pruningnet-s0.pt")
     assert saved["step"] == 20 and saved["order"] == channel_order(model, build_space(model, digits.example_input))
-    assert len(candidates) == 2 and all(r["flops_ratio"] <= 0.5 and r["finetune_steps"] == 0 for r in candidates)
+    assert len(candidates) == 2 and all(r["flops_ratio"] <= 0.5 and r["steps_reached"] == 0 for r in candidates)
     best = max(candidates, key=lambda r: r["score"])
-    keep = _chosen_channels(best)["keep"]  # what `widthsearch retrain` keeps: the best channels (l1) of the base
+    keep = chosen_channels(best)["keep"]  # what `widthsearch retrain` keeps: the best channels (l1) of the base
     space = build_space(model, digits.example_input)
     assert keep == keep_channels(space, channel_order(model, space, "l1"), best["widths"])
 
@@ -411,7 +413,7 @@ def test_metapruning_search_through_the_cli_on_uri_storage(digits, tmp_path):
 def test_cli_refuses_a_num_samples_that_leaves_the_evolution_random(tmp_path):
     args = ["search", "--name", "mp", "--storage", str(tmp_path), "--searcher", "metapruning", "--num-samples", "4",
             "--quiet"]
-    proc = subprocess.run([sys.executable, "-m", "widthsearch.cli", *args], cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "widthsearch.app.cli", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "num_samples 4 leaves the evolution only its random generation" in proc.stderr

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from widthsearch.cli import main
+from widthsearch.app.cli import main
 from widthsearch.results import ResultsStore
 
 META = {"experiment": "exp", "groups": ["conv1", "conv2"], "widths": [4, 8], "min_widths": [1, 1],
@@ -16,9 +16,9 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def write_rows(storage: Path, rows: list[tuple]) -> None:
     store = ResultsStore.create(str(storage / "exp"), META)
-    for trial_id, flops_ratio, score, status in rows:
+    for i, (trial_id, flops_ratio, score, status) in enumerate(rows):  # a profile each
         store.write_row({"experiment": "exp", "trial_id": trial_id, "searcher": "random", "status": status,
-                         "widths": [2, 4], "keep_ratios": [0.5, 0.5], "flops_ratio": flops_ratio,
+                         "widths": [2, 1 + i], "keep_ratios": [0.5, (1 + i) / 8], "flops_ratio": flops_ratio,
                          "score": score, "error": "ValueError: boom" if status == "error" else None})
 
 
@@ -33,8 +33,25 @@ def test_report_writes_plots_and_a_page_of_the_front(tmp_path, capsys):
         assert data.startswith(PNG) and len(data) > 10_000
     page = (out / "index.html").read_text()
     assert "Pareto front (3 trials)" in page and "Best 2 candidates" in page
-    front = [line for line in page.splitlines() if line.startswith("<tr><td>")]
-    assert [line.split("</td>")[0].removeprefix("<tr><td>") for line in front] == ["a", "b", "d"]  # c is dominated
+    listed = [line.split("</td>")[0].removeprefix("<tr><td>") for line in page.splitlines()
+              if line.startswith("<tr><td>")]
+    assert listed == ["a", "b", "d", "d", "b"]  # the front (c is dominated), then the 2 best
+
+
+def test_report_ranks_the_best_within_the_budget_at_the_longest_fine_tune(tmp_path, capsys):
+    store = ResultsStore.create(str(tmp_path / "exp"), {**META, "config": {"searcher": "random", "budget": 0.5}})
+    for i, (trial_id, flops_ratio, score, steps) in enumerate([("a", 0.2, 0.5, 50), ("b", 0.4, 0.7, 10),
+                                                                ("c", 0.5, 0.6, 50), ("d", 0.9, 0.9, 50)]):
+        store.write_row({"experiment": "exp", "trial_id": trial_id, "status": "ok", "widths": [2, 1 + i],
+                         "keep_ratios": [0.5, (1 + i) / 8], "flops_ratio": flops_ratio, "cost_ratio": flops_ratio,
+                         "score": score, "steps_reached": steps})
+    out = tmp_path / "report"
+    assert main(["report", "exp", "--storage", str(tmp_path), "--out", str(out), "--top", "2"]) == 0
+    page = (out / "index.html").read_text()
+    best = page.split("Best 2 candidates")[1]
+    listed = [line.split("</td>")[0].removeprefix("<tr><td>") for line in best.splitlines()
+              if line.startswith("<tr><td>")]
+    assert listed == ["c", "a"]  # d is over the budget; b scored highest but after a shorter fine-tune
 
 
 def test_report_without_successful_trials_says_so(tmp_path, capsys):

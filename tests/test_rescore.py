@@ -11,7 +11,7 @@ from pathlib import Path
 from widthsearch.results import load
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "widthsearch.cli"]
+CLI = [sys.executable, "-m", "widthsearch.app.cli"]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -37,7 +37,7 @@ def test_the_best_profiles_are_rescored_and_the_choice_is_made_on_the_longer_fin
     assert len(search) == 5 and len(rescored) == 2
     order = sorted(search.values(), key=lambda r: (-r["score"], r["cost_ratio"]))
     best_two = [r for i, r in enumerate(order) if all(r["widths"] != q["widths"] for q in order[:i])]
-    assert all(r["status"] == "ok" and r["finetune_steps"] == 15 and r["cost_ratio"] <= 0.5 for r in rescored)
+    assert all(r["status"] == "ok" and r["steps_reached"] == 15 and r["cost_ratio"] <= 0.5 for r in rescored)
     sources = [json.loads(r["payload"])["rescore_of"] for r in rescored]
     assert len(set(sources)) == 2 and all(search[s]["widths"] == r["widths"] for s, r in zip(sources, rescored))
     assert {tuple(search[s]["widths"]) for s in sources} == {tuple(r["widths"]) for r in best_two[:2]} or \
@@ -46,3 +46,4 @@ def test_the_best_profiles_are_rescored_and_the_choice_is_made_on_the_longer_fin
     assert f"best: trial {chosen['trial_id']} (score {chosen['score']:.4f} after 15 fine-tune steps" in proc.stdout
     phases = dict(rescored[0]["phase_s"])
     assert {"setup", "prune", "bn", "finetune", "eval"} <= set(phases) and phases["finetune"] > 0
+    assert all(0 < r["cpu_s"] for r in rows)  # each trial's compute, whatever the load

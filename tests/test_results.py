@@ -1,4 +1,4 @@
-"""ResultsStore, queries and formats (fast, no Ray cluster); one real Ray Tune run (marked slow)."""
+"""ResultsStore, queries and formats (fast, no Ray cluster); the driver's ResultsCallback; one real Ray Tune run."""
 
 import csv
 import io
@@ -9,14 +9,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
+from widthsearch.app.callbacks import ResultsCallback
 from widthsearch.errors import ConfigError, WidthSearchError
-from widthsearch.results import (
-    SCHEMA, ResultsCallback, ResultsStore, format_table, load, load_metadata, pareto_front, query,
-)
+from widthsearch.results import SCHEMA, ResultsStore, format_table, load, load_metadata, pareto_front, query
 
 META = {"experiment": "exp", "groups": ["conv1", "conv2"], "widths": [4, 8], "min_widths": [1, 1],
         "base_flops": 1000, "base_params": 100, "base_val_acc": 0.9, "config": {"searcher": "random"}}
@@ -144,6 +144,8 @@ def test_create_twice_needs_resume(store, exp_dir):
     created = load_metadata(exp_dir)["created_at"]
     resumed = ResultsStore.create(exp_dir, {**META, "base_val_acc": 0.8}, resume=True)
     assert resumed.metadata()["base_val_acc"] == 0.8 and resumed.metadata()["created_at"] == created
+    ResultsStore.create(exp_dir, META, resume=True, changed={"num_samples": [16, 24]})
+    assert [r["changed"] for r in load_metadata(exp_dir)["resumed"]] == [{}, {"num_samples": [16, 24]}]
 
 
 def test_load_missing_experiment(tmp_path):
@@ -157,7 +159,8 @@ def ids(table: pa.Table) -> list:
 
 
 def test_pareto_front(table):
-    assert ids(query(table, pareto=True, sort="flops_ratio")) == ["a", "b", "d"]  # c is beaten by b; e failed
+    assert ids(query(table, META, pareto="flops", sort="flops_ratio")) == ["a", "b", "d"]  # c beaten by b; e failed
+    assert ids(query(table, META, pareto="cost", sort="flops_ratio")) == ["a", "b", "d"]  # no cost_ratio: FLOPs
     assert ids(pareto_front(table)) == ["a", "b", "d"]
     twins = pa.Table.from_pylist([row("x", 0.4, 0.7), row("y", 0.4, 0.7), row("z", 0.5, 0.7)], schema=SCHEMA)
     assert ids(pareto_front(twins)) == ["x", "y"]
@@ -165,33 +168,65 @@ def test_pareto_front(table):
 
 
 def test_query_filters_sort_limit(table):
-    assert ids(query(table)) == ["d", "b", "c", "a", "e"]  # default -score, nulls last
-    assert ids(query(table, sort="flops_ratio", limit=2)) == ["a", "b"]
-    assert ids(query(table, max_flops=0.45)) == ["b", "a"]
-    assert ids(query(table, where=["val_acc>=0.6", "status=ok"])) == ["d", "b", "c"]
-    assert ids(query(table, where=["searcher!=random"])) == ["e"]
-    assert ids(query(table, where=["score < 0.6", "flops_ratio==0.2"])) == ["a"]
-    assert ids(query(table, where=["status = error"])) == ["e"]
+    assert ids(query(table, META)) == ["d", "b", "c", "a", "e"]  # default -score, nulls last
+    assert ids(query(table, META, sort="flops_ratio", limit=2)) == ["a", "b"]
+    assert ids(query(table, META, max={"flops": 0.45})) == ["b", "a"]
+    assert ids(query(table, META, where=["val_acc>=0.6", "status='ok'"])) == ["d", "b", "c"]  # DuckDB's SQL
+    assert ids(query(table, META, where=["searcher != 'random'"])) == ["e"]
+    assert ids(query(table, META, where=["score < 0.6", "flops_ratio = 0.2"])) == ["a"]
+    assert ids(query(table, META, where=["status IN ('error') OR score > 0.8"])) == ["d", "e"]
+    assert query(table, META, where=["score > 0.5"]).schema.metadata == table.schema.metadata  # group names kept
+
+
+def test_costs_compare_as_fractions_of_the_base_models(table):
+    params = table.set_column(table.schema.get_field_index("params"), "params", pa.array([10, 20, 50, 90, None]))
+    assert ids(query(params, META, max={"params": 0.3}, sort="params")) == ["a", "b"]  # base_params 100
+    assert ids(query(params, META, max={"params": 0.5, "flops": 0.3})) == ["a"]
+    latency = {**META, "latency": {"base_ms": 2.0}}
+    timed = table.set_column(table.schema.get_field_index("latency_ms"), "latency_ms",
+                             pa.array([0.4, 1.2, 0.6, 1.8, None]))
+    assert ids(query(timed, latency, max={"latency": 0.35}, sort="latency_ms")) == ["a", "c"]
+    assert ids(query(timed, latency, pareto="latency", sort="latency_ms")) == ["a", "c", "b", "d"]
+    with pytest.raises(ConfigError, match="no latency model"):
+        query(timed, META, max={"latency": 0.5})
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"where": ["nope>1"]}, "unknown column 'nope'"),
-    ({"where": ["score>high"]}, "not a number"),
-    ({"where": ["score"]}, "bad filter"),
+    ({"where": ["nope > 1"]}, "--where query failed: Binder Error.*nope"),
+    ({"where": ["status = ok"]}, "quote text, e.g. status = 'ok'"),
+    ({"where": ["score >"]}, "--where query failed: Parser Error"),
     ({"sort": "-nope"}, "unknown column 'nope'"),
     ({"limit": -1}, "limit"),
+    ({"pareto": "joules"}, "unknown cost 'joules'"),
 ])
 def test_query_errors(table, kwargs, message):
     with pytest.raises(ConfigError, match=message):
-        query(table, **kwargs)
+        query(table, META, **kwargs)
+
+
+def test_rows_written_before_a_column_was_renamed_load_under_its_new_name(store, exp_dir):
+    """Rows of an experiment stored before `finetune_steps` became `steps_reached` (and before `phase_s` and `run`
+    existed) load into today's schema."""
+    store.write_row(row("new", 0.5, 0.7, steps_reached=20))
+    fields = [pa.field("finetune_steps", pa.int32()) if f.name == "steps_reached" else f for f in SCHEMA
+              if f.name not in ("phase_s", "run", "measured_ms", "measured_ratio")]
+    old = pa.Table.from_pylist([{"trial_id": "old", "status": "ok", "score": 0.6, "finetune_steps": 50}],
+                               schema=pa.schema(fields))
+    pq.write_table(old, Path(exp_dir) / "widthsearch" / "rows" / "old.parquet")
+    table = load(exp_dir)
+    assert table.schema.remove_metadata().equals(SCHEMA)
+    assert dict(zip(ids(table), table["steps_reached"].to_pylist())) == {"new": 20, "old": 50}
+    assert table.filter(pc.equal(table["trial_id"], "old"))["run"].to_pylist() == [None]
 
 
 def test_format_table(table):
-    text = format_table(query(table))
+    text = format_table(query(table, META))
     lines = text.splitlines()
     assert lines[0].split() == ["trial_id", "searcher", "status", "flops_ratio", "params", "val_acc", "score",
-                                "finetune_steps", "wall_s", "widths"]
-    assert len(lines) == 6 and lines[1].split()[:4] == ["d", "random", "ok", "0.9000"] and "[2,4]" in lines[1]
+                                "steps_reached", "wall_s", "widths"]
+    assert len(lines) == 6 and lines[1].split()[:4] == ["d", "random", "ok", "0.9000"]
+    assert lines[1].endswith("conv1=2 conv2=4")  # the widths by group name (the schema's metadata)
+    assert "[2,4]" in format_table(table.replace_schema_metadata(None)).splitlines()[1]  # no names: a list
     records = list(csv.DictReader(io.StringIO(format_table(table, "csv"))))
     assert list(records[0]) == SCHEMA.names and len(records) == 5
     assert json.loads(records[0]["widths"]) == [2, 4] and records[0]["error"] == ""
@@ -231,14 +266,14 @@ def test_callback_rows(store, exp_dir, tmp_path):
     callback = ResultsCallback(store, "exp", "random", [4, 8])
     started = time.time() - 5
     result = {"score": 0.8, "val_acc": 0.8, "val_loss": 0.5, "flops": 250, "params": 30, "flops_ratio": 0.25,
-              "widths": [2, 4], "finetune_steps": 10, "criterion": "l1", "wall_s": 5.0, "node": "10.0.0.2",
+              "widths": [2, 4], "steps_reached": 10, "criterion": "l1", "wall_s": 5.0, "node": "10.0.0.2",
               "started_at": started, "payload": '{"arm": 3}', "training_iteration": 1}
     callback.on_trial_complete(iteration=1, trials=[], trial=fake_trial(tmp_path, "t1", result))
     callback.on_trial_error(iteration=2, trials=[], trial=fake_trial(tmp_path, "t2", {}, ERROR_FILE))
     callback.on_trial_complete(iteration=3, trials=[], trial=fake_trial(tmp_path, "t3", {"training_iteration": 0}))
     ok, failed, silent = load(exp_dir).to_pylist()
     assert ok["status"] == "ok" and ok["error"] is None and ok["searcher"] == "random"
-    assert ok["keep_ratios"] == [0.5, 0.5] and ok["flops"] == 250 and ok["finetune_steps"] == 10
+    assert ok["keep_ratios"] == [0.5, 0.5] and ok["flops"] == 250 and ok["steps_reached"] == 10
     assert ok["node"] == "10.0.0.2" and ok["payload"] == '{"arm": 3}'
     assert abs(ok["started_at"].timestamp() - started) < 1e-3 and ok["finished_at"] > ok["started_at"]
     assert failed["status"] == "error" and failed["error"] == "ValueError: boom"
@@ -282,12 +317,14 @@ def test_a_follow_up_run_sets_aside_only_its_own_orphans(store, exp_dir, tmp_pat
 def test_rows_record_where_the_trial_spent_its_time(store, exp_dir, tmp_path):
     callback = ResultsCallback(store, "exp", "random", [4, 8])
     trial = fake_trial(tmp_path, "t1", {"score": 0.5, "widths": [2, 4], "wall_s": 2.0, "started_at": time.time() - 2.5,
-                                        "phase_s": {"prune": 0.5, "finetune": 1.25}})
+                                        "phase_s": {"prune": 0.5, "finetune": 1.25}, "cpu_s": 1.5})
     callback.on_trial_start(iteration=0, trials=[trial], trial=trial)
     flat = fake_trial(tmp_path, "t2", {"score": 0.5, "widths": [2, 4], "phase_s/eval": 0.25})  # as Tune flattens it
     for t in (trial, flat):
         callback.on_trial_complete(iteration=1, trials=[trial, flat], trial=t)
-    one, two = (dict(r["phase_s"]) for r in load(exp_dir).to_pylist())
+    first, second = load(exp_dir).to_pylist()
+    assert first["cpu_s"] == 1.5 and second["cpu_s"] is None
+    one, two = dict(first["phase_s"]), dict(second["phase_s"])
     assert one["prune"] == 0.5 and one["finetune"] == 1.25 and one["start"] >= 0 and one["finish"] >= 0
     assert two == {"eval": 0.25}  # no driver view without the trial's start
 
@@ -301,7 +338,7 @@ def test_real_tune_run(tmp_path):
         if config["widths"] == [2, 2]:
             raise ValueError("boom")
         tune.report({"score": 0.5, "val_acc": 0.5, "val_loss": 1.0, "flops": 10, "params": 2, "flops_ratio": 0.5,
-                     "widths": config["widths"], "finetune_steps": 0, "criterion": "l1", "wall_s": 0.1,
+                     "widths": config["widths"], "steps_reached": 0, "criterion": "l1", "wall_s": 0.1,
                      "node": "local", "started_at": time.time(), "payload": None})
 
     exp_dir = str(tmp_path / "run")

@@ -6,11 +6,15 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import optuna
 from optuna.trial import TrialState
 from ray import tune
 from ray.tune.search import Searcher
 
-from searchers import SEARCHERS, Option, WidthSearcher, make_searcher, project_to_budget, searcher_class, searchers_help
+from searchers import (
+    SEARCHERS, Option, WidthSearcher, check_options, make_searcher, options, project_to_budget, searcher_class,
+    searchers_help,
+)
 from widthsearch import CostModel, build_space, load_model
 from widthsearch.errors import ConfigError, WidthSearchError
 
@@ -21,7 +25,6 @@ class _Fixed(WidthSearcher):
     """A plug-in for the registry test: proposes the full widths (over budget, so the base class must repair)."""
 
     name = "test_fixed"
-    OPTIONS = {"rate": Option(0.5, float, "a rate", low=0, high=1)}
 
     def _propose(self, trial_id):
         return self.space.widths, None
@@ -85,7 +88,7 @@ def test_every_suggestion_is_within_budget_and_bounds(setup, name):
         assert len(config["widths"]) == len(space)
         assert all(isinstance(w, int) for w in config["widths"])
         assert _ratio(space, cost, config["widths"]) <= 0.5
-        assert config["payload"] is None or isinstance(json.loads(config["payload"]), dict)
+        assert config["payload"] is None or isinstance(json.loads(json.dumps(dict(config["payload"]))), dict)
     if name in ("random", "optuna"):
         assert len(profiles) == 20  # never FINISHED on their own
     assert len(searcher.history) == len(profiles)
@@ -135,7 +138,7 @@ def test_uniform_budget_mode_suggests_once_then_finishes(resnet):
     first = searcher.suggest("a")
     assert searcher.suggest("b") == Searcher.FINISHED
     assert searcher.suggest("c") == Searcher.FINISHED
-    ratio = json.loads(first["payload"])["ratio"]
+    ratio = first["payload"]["ratio"]
     assert first["widths"] == list(space.vector(space.uniform(ratio)))
     assert 0.45 <= _ratio(space, cost, first["widths"]) <= 0.5
 
@@ -146,7 +149,7 @@ def test_uniform_pareto_mode_spans_ratios(small):
     configs = _run(searcher, space, 10)
     assert configs[-1] == Searcher.FINISHED and len(configs) == 6
     assert configs[-2]["widths"] == list(space.widths)
-    ratios = [json.loads(c["payload"])["ratio"] for c in configs[:-1]]
+    ratios = [c["payload"]["ratio"] for c in configs[:-1]]
     assert ratios == sorted(ratios) and ratios[-1] == 1.0
 
 
@@ -156,7 +159,7 @@ def test_random_pareto_mode_and_no_duplicates(small):
     configs = _run(searcher, space, 20)
     widths = [tuple(c["widths"]) for c in configs]
     assert len(set(widths)) == len(widths)
-    targets = [json.loads(c["payload"])["target"] for c in configs]
+    targets = [c["payload"]["target"] for c in configs]
     for w, t in zip(widths, targets):
         assert _ratio(space, cost, w) <= t + 1e-9
 
@@ -169,7 +172,7 @@ def test_global_one_candidate_per_normalizer_then_finished(resnet):
     candidates = configs[:-1]
     assert 1 <= len(candidates) <= 3
     assert len({tuple(c["widths"]) for c in candidates}) == len(candidates)
-    covered = sorted(n for c in candidates for n in json.loads(c["payload"])["normalizers"])
+    covered = sorted(n for c in candidates for n in c["payload"]["normalizers"])
     assert covered == ["max", "mean", "none"]
     for c in candidates:
         assert 0.45 <= _ratio(space, cost, c["widths"]) <= 0.5  # removal stops right at the budget
@@ -195,7 +198,7 @@ def test_global_pareto_targets(small):
     configs = _run(searcher, space, 5)
     assert configs[-1] == Searcher.FINISHED and len(configs) == 3
     for c in configs[:-1]:
-        assert _ratio(space, cost, c["widths"]) <= json.loads(c["payload"])["target"]
+        assert _ratio(space, cost, c["widths"]) <= c["payload"]["target"]
 
 
 def test_global_needs_model(small):
@@ -219,7 +222,7 @@ def test_unknown_option_and_searcher(small):
     with pytest.raises(ConfigError, match="unknown option 'pointz' for searcher 'uniform'; accepted options: points"):
         make_searcher("uniform", space, cost, pointz=3)
     with pytest.raises(ConfigError, match="unknown option 'pointz' for searcher 'uniform'"):
-        searcher_class("uniform").check_options({"pointz": 3})  # the cheap check the CLI runs before any work
+        check_options("uniform", {"pointz": 3})  # the cheap check the CLI runs before any work (no searcher loaded)
     with pytest.raises(ConfigError) as info:
         make_searcher("nope", space, cost)
     assert "unknown searcher 'nope'" in str(info.value)
@@ -231,9 +234,13 @@ def test_unknown_option_and_searcher(small):
         make_searcher("random", space, cost, mode="best")
 
 
-def test_registry_line_plugs_in_a_searcher(small):
+def test_registry_line_plugs_in_a_searcher(small, tmp_path, monkeypatch):
+    """A searcher defined outside the package, registered with one line, runs end to end through the API."""
+    import widthsearch as ws
+
     _, space, cost = small
     SEARCHERS["test_fixed"] = f"{__name__}:_Fixed"
+    monkeypatch.setitem(options.OPTIONS, "test_fixed", {"rate": Option(0.5, float, "a rate", low=0, high=1)})
     try:
         searcher = make_searcher("test_fixed", space, cost, budget=0.5, rate=1)
         assert searcher.options == {"rate": 1.0}
@@ -241,6 +248,13 @@ def test_registry_line_plugs_in_a_searcher(small):
         assert _ratio(space, cost, config["widths"]) <= 0.5
         with pytest.raises(ConfigError, match="unknown searcher 'nope'.*test_fixed"):
             searcher_class("nope")
+        assert "test_fixed:" in searchers_help()
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a local Ray, started and stopped by fit()
+        run = ws.Search(name="plugin", storage=str(tmp_path), searcher="test_fixed", searcher_options={"rate": 1},
+                        budget=0.5, num_samples=2, concurrency=1, finetune_steps=2, bn_batches=2, base_epochs=1)
+        rows = run.fit(progress=False).to_pylist()
+        assert len(rows) == 2 and all(r["status"] == "ok" and r["searcher"] == "test_fixed" for r in rows)
+        assert all(r["cost_ratio"] <= 0.5 for r in rows) and run.best()["trial_id"] in {r["trial_id"] for r in rows}
     finally:
         SEARCHERS.pop("test_fixed")
     SEARCHERS["test_bad"] = f"{__name__}:_ratio"
@@ -251,7 +265,7 @@ def test_registry_line_plugs_in_a_searcher(small):
         SEARCHERS.pop("test_bad")
 
 
-@pytest.mark.parametrize("name, options, text", [
+@pytest.mark.parametrize("name, given, text", [
     ("aofp", {"epsilon": "abc"}, "searcher 'aofp': option 'epsilon' must be a number > 0, got 'abc'"),
     ("aofp", {"probes": 0}, "searcher 'aofp': option 'probes' must be an integer >= 1, got 0"),
     ("aofp", {"window": 2.5}, "option 'window' must be an integer >= 1, got 2.5"),
@@ -263,20 +277,19 @@ def test_registry_line_plugs_in_a_searcher(small):
     ("metapruning", {"topk": 20, "population": 10}, "option 'topk' (20) exceeds 'population' (10)"),
     ("metapruning", {"mutation_prob": 2}, "option 'mutation_prob' must be a number in [0, 1], got 2"),
 ])
-def test_declared_options_are_checked_with_one_message_style(name, options, text):
+def test_declared_options_are_checked_with_one_message_style(name, given, text):
     with pytest.raises(ConfigError) as info:
-        searcher_class(name).check_options(options)
+        check_options(name, given)
     assert text in str(info.value)
 
 
 def test_options_coerce_and_help_lists_every_option():
-    assert searcher_class("aofp").check_options({"window": 20.0, "epsilon": 1})["window"] == 20
-    assert searcher_class("global").check_options({"normalizers": "max"})["normalizers"] == ["max"]
+    assert check_options("aofp", {"window": 20.0, "epsilon": 1})["window"] == 20
+    assert check_options("global", {"normalizers": "max"})["normalizers"] == ["max"]
     text = searchers_help()
     for name in BUILTIN:
-        cls = searcher_class(name)
         assert f"{name}:" in text
-        for key in cls.OPTIONS:
+        for key in options.OPTIONS[name]:
             assert f"  {key}=" in text
 
 
@@ -376,10 +389,10 @@ def test_optuna_warm_start_evaluates_uniform_and_global_profiles_first(resnet):
                              parameterization="group")
     first = [searcher.suggest(f"t{i}") for i in range(len(expected))]
     for config, widths in zip(first, expected):
-        assert json.loads(config["payload"])["warm_start"] is True
+        assert config["payload"]["warm_start"] is True
         assert _ratio(space, cost, config["widths"]) <= 0.3
         assert np.all(np.array(config["widths"]) >= np.array(widths))  # the same direction, scaled up to the budget
-    assert json.loads(searcher.suggest("next")["payload"])["warm_start"] is False
+    assert searcher.suggest("next")["payload"]["warm_start"] is False
 
 
 @pytest.mark.parametrize("how, count", [("group", 12), ("stage", 6), ("depth", 6)])
@@ -403,3 +416,33 @@ def test_the_readme_lists_the_declared_options():
     assert block.strip().strip("`").removeprefix("text").strip() == searchers_help(), (
         "README's searcher options are stale: paste the output of "
         "python -c 'from searchers import searchers_help; print(searchers_help())'")
+
+
+def test_optuna_records_its_study_in_the_experiment_and_a_restored_search_adds_each_trial_once(small, tmp_path):
+    """optuna.load_study (and optuna-dashboard) open the study of a search: EXP/widthsearch/optuna/study.journal."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    _, space, cost = small
+    exp = tmp_path / "exp1"
+    searcher = make_searcher("optuna", space, cost, budget=0.5, seed=0, exp_dir=str(exp), num_samples=8)
+    _run(searcher, space, 4)
+    searcher.suggest("a")
+    searcher.on_trial_complete("a", None, error=True)
+    snapshot = tmp_path / "state.pkl"
+    searcher.save(str(snapshot))
+    _run(searcher, space, 2, start=10)  # finished after the snapshot: the journal has them, the snapshot does not
+    restored = make_searcher("optuna", space, cost, budget=0.5, seed=0, exp_dir=str(exp), num_samples=8)
+    restored.restore(str(snapshot))
+    _run(restored, space, 3, start=20)
+
+    path = exp / "widthsearch" / "optuna" / "study.journal"
+    study = optuna.load_study(study_name="exp1", storage=JournalStorage(JournalFileBackend(str(path))))
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == len(study.trials) - 1
+    # the restored sampler proposes what the first one proposed after the snapshot: each of those is recorded once
+    assert [(t.user_attrs["search_number"], t.params) for t in study.trials] == \
+        [(t.number, t.params) for t in restored.study.trials]
+    assert study.best_value == max(t.value for t in restored.study.trials if t.state == TrialState.COMPLETE)
+    assert study.user_attrs["groups"] == list(space.names) and study.user_attrs["budget"] == 0.5
+    assert all("widths" in t.user_attrs for t in study.trials)

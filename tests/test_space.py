@@ -299,3 +299,17 @@ def test_groups_touching_grouped_convs_are_left_out():
 
     small = prune(model, space, space.uniform(0.5))
     assert small(torch.randn(2, 3, 16, 16)).shape == (2, 4) and CostModel(space).flops(space.uniform(0.5)) > 0
+
+
+def test_a_model_torch_pruning_cannot_trace_gets_an_error_naming_the_op_and_its_layers():
+    """ShuffleNet's channel shuffle breaks torch-pruning's index mapping (a bare ZeroDivisionError before)."""
+    from widthsearch import load_model
+
+    model = load_model("torchvision:shufflenet_v2_x0_5", 10, in_channels=3)
+    with pytest.raises(WidthSearchError) as info:
+        build_space(model, torch.randn(1, 3, 64, 64))
+    text = str(info.value)
+    assert text.startswith("cannot build a width space for this model: torch-pruning's dependency tracing fails "
+                           "at the op _Reshape")
+    assert "(after layer 'stage" in text and "ZeroDivisionError" in text and "channel shuffle" in text
+    assert "search another model" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import re
@@ -195,3 +196,23 @@ def test_constant_schedule_keeps_the_rate_and_an_unknown_one_is_named():
     assert rates == [0.1] * 4
     with pytest.raises(ValueError, match="unknown learning-rate schedule 'linear'; expected cosine or constant"):
         make_optimizer(model, TrainConfig(schedule="linear"), total_steps=4)
+
+
+def test_conv_models_train_in_channels_last_on_the_cpu_and_callers_keep_their_format(digits):
+    from widthsearch.training import TrainConfig, evaluate, fast_format, recalibrate_bn
+
+    torch.manual_seed(0)
+    model = load_model("small_cnn", digits.num_classes, in_channels=digits.in_channels)
+    twin = copy.deepcopy(model)
+    with fast_format(model, "cpu") as fmt:
+        assert fmt == torch.channels_last and model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.features[0].weight.is_contiguous()  # converted back
+    train(model, digits, steps=20, config=TrainConfig(lr=0.05), seed=1)
+    train(twin, digits, steps=20, config=TrainConfig(lr=0.05, channels_last=False), seed=1)
+    evaluate(model, digits, "val")
+    recalibrate_bn(model, digits, 2)
+    assert all(p.is_contiguous() for p in model.parameters())
+    for p, q in zip(model.parameters(), twin.parameters()):  # the same training, up to float reordering
+        assert torch.allclose(p, q, atol=2e-3)
+    with fast_format(nn.Linear(3, 2), "cpu") as fmt:  # no convolution: nothing to gain
+        assert fmt == torch.contiguous_format

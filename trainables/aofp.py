@@ -25,12 +25,12 @@ from torch import nn
 
 from widthsearch.data import DataSplits
 from widthsearch.errors import WidthSearchError
-from widthsearch.space import WidthSpace, dependency_graph, root_group
+from widthsearch.space import WidthSpace, dependency_graph, device_of, root_group
 from widthsearch.storage import Storage
 from widthsearch.surgery import mask
 from widthsearch.training import StepTrainer, TrainConfig, evaluate
 
-from .common import Job, begin_trial, profile_fields, run_with_deadline
+from .common import Job, Phases, begin_trial, profile_fields, run_with_deadline
 
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 _BN = nn.modules.batchnorm._BatchNorm
@@ -146,8 +146,8 @@ def probe_damage(model: nn.Module, space: WidthSpace, search: dict[str, list[int
     untouched). The damage is added to every masked channel. Returns per-group damage sums and counts
     aligned with `search[g]`, and the number of ablated evaluations (one per group per batch).
     """
-    device = next(model.parameters()).device
-    graph = dependency_graph(model, space.example_input.to(device))
+    device = device_of(model)
+    graph = dependency_graph(model, space.example_input)
     modules = dict(model.named_modules())
     points = {layer: measure_point(graph, layer)
               for n in search for layer, _ in _consumers(graph, root_group(graph, modules[n], [0]))}
@@ -262,33 +262,34 @@ def aofp_step(config: dict, job: AofpJob) -> None:
 
 
 def _step(config: dict, job: AofpJob) -> None:
+    cpu = Phases()
     device, node, data, started = begin_trial(job)
-    payload = json.loads(config["payload"])
+    payload = config["payload"]
     model, optimizer_state = load_version(job, payload["version"])
     model.to(device)
     fields = profile_fields(job, config["widths"], "aofp-damage", node, started, None)
     if payload["phase"] == "probe":
-        _probe(model, payload, job, data, device, fields)
+        _probe(model, payload, job, data, device, fields, cpu)
     elif payload["phase"] == "commit":
-        _commit(model, optimizer_state, payload, job, data, device, fields)
+        _commit(model, optimizer_state, payload, job, data, device, fields, cpu)
     else:
-        _final(model, payload, job, data, device, fields)
+        _final(model, payload, job, data, device, fields, cpu)
 
 
-def _probe(model, payload, job, data, device, fields) -> None:
+def _probe(model, payload, job, data, device, fields, cpu: Phases) -> None:
     batches = round_batches(data, job.batch_size, payload["seed"], payload["offset"], payload["window"], device)
     rng = np.random.default_rng([payload["seed"], payload["offset"]])
     sums, counts, evals = probe_damage(model, job.space, payload["search"], batches, rng)
-    tune.report({**fields, "status": "probe", "score": math.nan, "loss_evals": evals, "finetune_steps": 0,
+    tune.report({**fields, "status": "probe", "score": math.nan, "loss_evals": evals, "steps_reached": 0,
                  # one JSON string: Tune flattens nested dicts before the searcher sees them
                  "damages": json.dumps({"sum": {n: v.tolist() for n, v in sums.items()},
                                         "count": {n: c.tolist() for n, c in counts.items()}}),
                  "payload": json.dumps({"phase": "probe", "version": payload["version"], "round": payload["round"],
                                         "loss_evals": evals, "batches": payload["window"]}),
-                 "wall_s": time.time() - fields["started_at"]})
+                 "wall_s": time.time() - fields["started_at"], "cpu_s": cpu.cpu_s()})
 
 
-def _commit(model, optimizer_state, payload, job, data, device, fields) -> None:
+def _commit(model, optimizer_state, payload, job, data, device, fields, cpu: Phases) -> None:
     """Train the base path on the round's batches under the version's masks, then apply the round's decisions."""
     state = train_base_path(model, job.space, payload["train_keep"], data, steps=payload["steps"], lr=payload["lr"],
                             batch_size=job.batch_size, seed=payload["seed"], optimizer_state=optimizer_state,
@@ -299,13 +300,14 @@ def _commit(model, optimizer_state, payload, job, data, device, fields) -> None:
     store = Storage(job.exp_dir)
     store.save_torch(version_name(version), {"state_dict": model.cpu().state_dict(), "optimizer": state,
                                              "version": version, "keep": payload["keep"]})
-    tune.report({**fields, "score": acc, "val_acc": acc, "val_loss": loss, "finetune_steps": 0, "version": version,
+    tune.report({**fields, "score": acc, "val_acc": acc, "val_loss": loss, "steps_reached": 0, "version": version,
                  "checkpoint": store.uri(version_name(version)), "wall_s": time.time() - fields["started_at"],
+                 "cpu_s": cpu.cpu_s(),
                  "payload": json.dumps({"phase": "commit", "version": version, "round": payload["round"],
                                         "keep": payload["keep"], "base_path_steps": payload["steps"]})})
 
 
-def _final(model, payload, job, data, device, fields) -> None:
+def _final(model, payload, job, data, device, fields, cpu: Phases) -> None:
     """The final model's fine-tune: job.finetune_steps at job.finetune_lr (cosine), pruned channels held at zero."""
     with held_at_zero(model, channel_masks(model, job.space, payload["keep"])):
         StepTrainer(model, data, job.finetune_steps, TrainConfig(lr=job.finetune_lr, batch_size=job.batch_size),
@@ -314,7 +316,8 @@ def _final(model, payload, job, data, device, fields) -> None:
     store = Storage(job.exp_dir)
     store.save_torch(FINAL, {"state_dict": model.cpu().state_dict(), "version": payload["version"],
                              "keep": payload["keep"]})
-    tune.report({**fields, "score": acc, "val_acc": acc, "val_loss": loss, "finetune_steps": job.finetune_steps,
+    tune.report({**fields, "score": acc, "val_acc": acc, "val_loss": loss, "steps_reached": job.finetune_steps,
                  "checkpoint": store.uri(FINAL), "wall_s": time.time() - fields["started_at"],
+                 "cpu_s": cpu.cpu_s(),
                  "payload": json.dumps({"phase": "final", "version": payload["version"], "keep": payload["keep"],
                                         "budget_met": payload["budget_met"], "stop": payload["stop"]})})

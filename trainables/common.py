@@ -8,7 +8,7 @@ import functools
 import io
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +16,7 @@ from torch import nn
 
 from widthsearch.cost import CostModel, Measure
 from widthsearch.data import DataSplits, load_data
-from widthsearch.importance import get_criterion
+from widthsearch.importance import criterion_batches
 from widthsearch.space import WidthSpace
 from widthsearch.storage import filesystem
 from widthsearch.surgery import prune
@@ -72,9 +72,15 @@ def begin_trial(job: Job) -> tuple[torch.device, str, DataSplits, float]:
 
 @dataclass
 class Phases:
-    """Seconds a trial spent in each of its phases (reported as `phase_s`: where a trial's wall time goes)."""
+    """Seconds a trial spent in each of its phases (reported as `phase_s`: where a trial's wall time goes), and
+    the CPU-seconds its process used since the trial began (`cpu_s`: its compute, whatever the machine's load)."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    cpu_start: float = field(default_factory=time.process_time)
+
+    def cpu_s(self) -> float:
+        """CPU-seconds of this process (all its threads) since the trial began."""
+        return time.process_time() - self.cpu_start
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -112,14 +118,6 @@ def run_with_deadline(seconds: float | None, body: Callable[[], None]) -> None:
         raise errors[0]
 
 
-def importance_batches(job: Job, data: DataSplits, device: torch.device) -> list | None:
-    """Training batches for a data-driven criterion (taylor, frs); None for the others."""
-    if not get_criterion(job.criterion).needs_batches:
-        return None
-    stream = data.stream("train", job.batch_size, seed=job.seed, augment=False, device=device)
-    return [next(stream) for _ in range(max(1, job.importance_batches))]
-
-
 def pruned_model(job: Job, widths, data: DataSplits, device: torch.device, keep: dict | None = None,
                  weights: str | None = None) -> nn.Module:
     """A profile's pruned model: exactly the channels `keep` (of `weights`, a dense-shaped state dict's path or
@@ -133,13 +131,16 @@ def pruned_model(job: Job, widths, data: DataSplits, device: torch.device, keep:
             model = copy.deepcopy(job.model)
             model.load_state_dict(saved["state_dict"])
         return prune(model, job.space, keep=keep).to(device)
-    return prune(job.model, job.space, job.space.from_vector(widths), job.criterion,
-                 importance_batches(job, data, device), seed=job.seed).to(device)
+    batches = criterion_batches(job.criterion, data, batch_size=job.batch_size, count=job.importance_batches,
+                                seed=job.seed, device=device)
+    return prune(job.model, job.space, job.space.from_vector(widths), job.criterion, batches, seed=job.seed).to(device)
 
 
-def profile_fields(job: Job, widths, criterion: str, node: str, started: float, payload: str | None) -> dict:
+def profile_fields(job: Job, widths, criterion: str, node: str, started: float,
+                   payload: Mapping | str | None) -> dict:
     """The report fields every scoring trial shares: widths, their FLOPs/params, the constraint's ratio (cost_ratio),
-    the predicted latency (latency_ms, under a latency constraint), criterion, node, start, payload."""
+    the predicted latency (latency_ms, under a latency constraint), criterion, node, start, payload (the searcher's,
+    stored as JSON text)."""
     profile = job.space.from_vector(widths)
     return {"widths": [int(w) for w in widths], "flops": job.cost.flops(profile), "params": job.cost.params(profile),
             "flops_ratio": job.cost.flops_ratio(profile), "cost_ratio": job.measure.ratio(widths),

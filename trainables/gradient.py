@@ -1,7 +1,7 @@
 """`gate_trial`: one gate optimisation for one penalty lam, then extraction and scoring (searcher `gradient`).
 
-The payload (JSON, from searchers/gradient.py) carries lam and the gate schedule. The trial
-learns the gates on the train split with the base weights frozen (searchers/gates.py), keeps
+The payload (from searchers/gradient.py, read as proposed) carries lam and the gate schedule. The
+trial learns the gates on the train split with the base weights frozen (widthsearch/gates.py), keeps
 the channels with p > 0.5, prunes exactly those (surgery with explicit indices), then runs
 adaptive BN, `finetune_steps` of fine-tuning and scores on val, like score_profile.
 """
@@ -9,21 +9,17 @@ adaptive BN, `finetune_steps` of fine-tuning and scores on val, like score_profi
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Callable
 
 import numpy as np
 
-from searchers.gates import GateSchedule, extract, optimize_gates
+from widthsearch.gates import extract, optimize_gates
 from widthsearch.surgery import prune
 
 from . import score
-from .common import begin_trial, profile_fields, run_with_deadline
+from .common import Phases, begin_trial, profile_fields, run_with_deadline
 from .score import ScoreJob, finetune_and_report
-
-SCHEDULE_KEYS = ("steps", "lr", "init_logit", "tau", "tau_end", "temp", "temp_end")
-
 
 def trial_job(cfg, exp_dir: str, common: dict) -> tuple[Callable, ScoreJob]:
     """gate_trial and the same job score_profile gets (fine-tune steps and lr, timeout)."""
@@ -40,23 +36,23 @@ def gate_trial(config: dict, job: ScoreJob) -> None:
 
 
 def _run(config: dict, job: ScoreJob) -> None:
+    phases = Phases()
     device, node, data, started = begin_trial(job)
-    request = json.loads(config["payload"])
-    schedule = GateSchedule(**{k: request[k] for k in SCHEDULE_KEYS})
-    seed = job.seed + int(request.get("seed", 0))
+    request = config["payload"]  # from GradientSearcher: lam, schedule (a GateSchedule), complexity, budget, seed
+    seed = job.seed + request["seed"]
     work = copy.deepcopy(job.model).to(device)
     stream = data.stream("train", job.batch_size, seed=seed, augment=False, device=device)
     complexity = job.measure if request["complexity"] == "budget" else job.cost.measure(request["complexity"])
-    gates = optimize_gates(work, job.space, complexity, stream, request["lam"], schedule, seed)
+    gates = optimize_gates(work, job.space, complexity, stream, request["lam"], request["schedule"], seed)
     gate_s = time.time() - started
-    keep = extract(job.space, gates.probabilities, job.measure, request.get("budget"))
+    keep = extract(job.space, gates.probabilities, job.measure, request["budget"])
     gate_widths = [int((p > 0.5).sum()) for p in gates.probabilities]
     profile = {name: len(idxs) for name, idxs in keep.items()}
     model = prune(job.model, job.space, keep=keep).to(device)
     payload = {**request, "keep": keep, "expected_ratio": gates.expected_ratio, "gate_task_loss": gates.task_loss,
                "gate_s": gate_s}
-    fields = {**profile_fields(job, job.space.vector(profile).tolist(), "gate", node, started,
-                               json.dumps(payload, sort_keys=True)),
+    fields = {**profile_fields(job, job.space.vector(profile).tolist(), "gate", node, started, payload),
               "lam": request["lam"], "expected_ratio": gates.expected_ratio,
               "gate_ratio": job.measure.ratio(np.maximum(gate_widths, job.space.min_widths))}
-    finetune_and_report(model, job, data, device, fields, started)
+    phases.seconds["gates"] = time.time() - started
+    finetune_and_report(model, job, data, device, fields, started, phases)

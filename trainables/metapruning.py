@@ -1,6 +1,6 @@
 """`metapruning_step`: MetaPruning's PruningNet training trial and its candidate trials.
 
-See searchers/metapruning.py for the algorithm and searchers/pruningnet.py for the PruningNet.
+See searchers/metapruning.py for the algorithm and widthsearch/pruningnet.py for the PruningNet.
 The PruningNet checkpoint is EXP/widthsearch/metapruning/<net>.pt, read and written through
 :class:`~widthsearch.storage.Storage` (a local path, a shared path or a URI such as s3://);
 the training trial writes it every ``every`` steps and, when run again (a retry after a
@@ -10,7 +10,6 @@ TimeoutError past ``trial_timeout_s`` (``run_with_deadline``).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from ray import tune
 
-from searchers.pruningnet import PruningNet, sample_widths
 from widthsearch.cost import CostModel
 from widthsearch.data import DataSplits
+from widthsearch.pruningnet import PruningNet, sample_widths
 from widthsearch.storage import Storage
 from widthsearch.training import TrainConfig, evaluate, make_optimizer, recalibrate_bn
 
-from .common import Job, begin_trial, profile_fields, run_with_deadline
+from .common import Job, Phases, begin_trial, profile_fields, run_with_deadline
 
 
 @dataclass
@@ -125,10 +124,10 @@ def metapruning_step(config: dict, job: MetaPruningJob) -> None:
 
 
 def _step(config: dict, job: MetaPruningJob) -> None:
+    phases = Phases()
     device, node, data, started = begin_trial(job)
-    payload = json.loads(config["payload"])
-    fixed = {**profile_fields(job, config["widths"], "metapruning", node, started, config["payload"]),
-             "finetune_steps": 0}
+    payload = config["payload"]
+    fixed = {**profile_fields(job, config["widths"], "metapruning", node, started, payload), "steps_reached": 0}
     store, name = Storage(job.exp_dir), checkpoint_name(payload["net"])
     if payload["phase"] == "train":
         net = PruningNet(job.model, job.space, payload["hidden"], order=payload["order"])
@@ -138,9 +137,10 @@ def _step(config: dict, job: MetaPruningJob) -> None:
                                 every=payload["every"], device=device)
         tune.report({**fixed, "status": "train", "score": float("nan"), "checkpoint": store.uri(name),
                      "train_steps": info["step"], "train_s": info["train_s"], "train_loss": info["loss"],
-                     "wall_s": time.time() - started})
+                     "wall_s": time.time() - started, "cpu_s": phases.cpu_s()})
         return
     net = load_pruningnet(job, store, name).to(device)
     acc, loss = score_widths(net, config["widths"], data, bn_batches=payload["bn_batches"],
                              batch_size=job.batch_size, seed=job.seed, device=device)
-    tune.report({**fixed, "score": acc, "val_acc": acc, "val_loss": loss, "wall_s": time.time() - started})
+    tune.report({**fixed, "score": acc, "val_acc": acc, "val_loss": loss, "wall_s": time.time() - started,
+                 "cpu_s": phases.cpu_s()})

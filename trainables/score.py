@@ -20,7 +20,7 @@ from .common import Job, Phases, begin_trial, profile_fields, pruned_model, run_
 class ScoreJob(Job):
     finetune_steps: int
     finetune_lr: float
-    rungs: list[int]                  # fine-tune steps at which to report (the last = finetune_steps)
+    rungs: list[int]                  # fine-tune steps at which to report (the last = finetune_steps, the setting)
     score: str = "val_acc"            # "val_acc", or "val_loss" (score = -loss)
     trial_timeout_s: float | None = None  # the trial fails with a TimeoutError past this many seconds
 
@@ -35,7 +35,8 @@ def score_profile(config: dict, job: ScoreJob) -> None:
     """Prune to config["widths"] -> adaptive BN -> fine-tune k steps -> evaluate on val -> report.
 
     Reports score (val accuracy, or -val loss), first_score, val_acc, val_loss, flops, params, flops_ratio, widths,
-    finetune_steps, criterion, wall_s, node, started_at and the searcher's payload. A trial still
+    steps_reached (the fine-tune steps behind the score), criterion, wall_s, node, started_at and the searcher's
+    payload. A trial still
     running after job.trial_timeout_s seconds fails with TimeoutError("trial exceeded trial_timeout_s=...").
     """
     run_with_deadline(job.trial_timeout_s, lambda: _score(config, job))
@@ -59,7 +60,7 @@ def finetune_and_report(model: nn.Module, job: ScoreJob, data: DataSplits, devic
                         started: float, phases: Phases | None = None) -> None:
     """Adaptive BN, then one fine-tune of job.finetune_steps (one schedule), reporting val at each rung.
 
-    Every report carries the score at the current fidelity (`score`, `finetune_steps`), the
+    Every report carries the score at the current fidelity (`score`, `steps_reached`), the
     score at the first rung (`first_score`), which every trial reaches, for searchers that must
     compare trials at one fidelity while a promotion scheduler stops most of them early, and
     `phase_s`, the seconds spent so far in each phase (setup, prune, bn, finetune, eval).
@@ -78,4 +79,5 @@ def finetune_and_report(model: nn.Module, job: ScoreJob, data: DataSplits, devic
         score = acc if job.score == "val_acc" else -loss
         first = score if first is None else first
         tune.report({**fields, "score": score, "first_score": first, "val_acc": acc, "val_loss": loss,
-                     "finetune_steps": rung, "wall_s": time.time() - started, "phase_s": dict(phases.seconds)})
+                     "steps_reached": rung, "wall_s": time.time() - started, "phase_s": dict(phases.seconds),
+                     "cpu_s": phases.cpu_s()})

@@ -18,6 +18,7 @@ cost(w) = c0 + b.w + w.Q.w, evaluated in microseconds and vectorised over many p
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 from torch_pruning.utils import op_counter
 
-from .errors import WidthSearchError
+from .errors import ConfigError, WidthSearchError
 from .space import WidthSpace, dependency_graph, eval_mode, root_group
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -168,6 +169,21 @@ class Measure:
     def ratio_many(self, widths: np.ndarray) -> np.ndarray:
         """Values of many width vectors as fractions of the dense model's."""
         return self.many(widths) / self.base
+
+    def check_budget(self, budget: float, smallest: Sequence[int] | np.ndarray) -> float:
+        """`budget` as a float in (0, 1] that the smallest profile (`smallest`, widths in group order) meets;
+        ConfigError otherwise. The check of a budget where it meets a width space (a searcher's constructor)."""
+        try:
+            budget = float(budget)
+        except (TypeError, ValueError):
+            raise ConfigError(f"budget must be a number in (0, 1] or None, got {budget!r}") from None
+        if not 0.0 < budget <= 1.0 or math.isnan(budget):
+            raise ConfigError(f"budget must be in (0, 1], got {budget!r}")
+        floor = self.ratio(smallest)
+        if floor > budget:
+            raise ConfigError(f"budget {budget:g} is unreachable: the smallest profile of this model has "
+                              f"{self.unit} ratio {floor:.4g}")
+        return budget
 
 
 class _CountMeasure(Measure):

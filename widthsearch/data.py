@@ -22,13 +22,15 @@ import torch.nn.functional as F
 from widthsearch.errors import DataSourceError
 
 SPLITS = ("train", "val", "test")
-_USAGE = "expected digits, npz:PATH, cifar10:ROOT, cifar100:ROOT or imagefolder:ROOT"
+SOURCES = {"digits": "digits", "npz": "npz:PATH", "cifar10": "cifar10:ROOT", "cifar100": "cifar100:ROOT",
+           "imagefolder": "imagefolder:ROOT"}  # each kind of data source, as a source of it is written
+_USAGE = f"expected {', '.join(list(SOURCES.values())[:-1])} or {list(SOURCES.values())[-1]}"
 _OPTIONS = {"digits": (), "npz": (), "cifar10": ("download",), "cifar100": ("download",),
             "imagefolder": ("size",)}
 _NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 
-# x_train, y_train, x_test, y_test as numpy (uint8 NCHW, int64 N), and whether to augment.
-_Raw = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]
+# x_train, y_train, x_test, y_test as numpy (uint8 NCHW, int64 N), whether to augment, class names (or None).
+_Raw = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool, "list[str] | None"]
 Batch = tuple[torch.Tensor, torch.Tensor]  # normalised float32 images, int64 labels
 
 
@@ -57,6 +59,22 @@ class DataSplits:
     augment: bool
     val_fraction: float = 0.1
     split_seed: int = 0
+    class_names: tuple[str, ...] | None = None  # in label order, where the source has them
+    channel_order: str = "as stored"            # "RGB" (decoded images), "gray" (one channel), else as stored
+
+    def preprocessing(self) -> dict:
+        """How to feed a model trained on this data: what a deployer needs besides the weights.
+
+        Input: float32 N×C×H×W; each pixel p (uint8, 0..255, channels in `channel_order`) becomes
+        (p / 255 - mean[c]) / std[c] (the train split's statistics); `resize` for sources that resize.
+        """
+        return {"layout": "NCHW", "dtype": "float32", "input_shape": [1, self.in_channels, *self.image_size],
+                "channel_order": self.channel_order, "scale": 1 / 255, "mean": list(self.mean), "std": list(self.std),
+                "formula": "x = (pixel / 255 - mean[c]) / std[c], pixel uint8 0..255",
+                "class_names": None if self.class_names is None else list(self.class_names),
+                "num_classes": self.num_classes, "data": self.source,
+                **({"resize": {"size": list(self.image_size), "method": "bilinear", "convert": "RGB"}}
+                   if self.source.startswith("imagefolder") else {})}
 
     @property
     def split(self) -> dict:
@@ -202,13 +220,13 @@ def load_data(source: str = "digits", val_fraction: float = 0.1, seed: int = 0) 
         raise DataSourceError(f"val_fraction must be in (0, 0.5], got {val_fraction!r}")
     kind, path, options = _parse(source)
     if kind == "digits":
-        x_train, y_train, x_test, y_test, augment = _load_digits()
+        x_train, y_train, x_test, y_test, augment, names = _load_digits()
     elif kind == "npz":
-        x_train, y_train, x_test, y_test, augment = _load_npz(Path(path))
+        x_train, y_train, x_test, y_test, augment, names = _load_npz(Path(path))
     elif kind == "imagefolder":
-        x_train, y_train, x_test, y_test, augment = _load_imagefolder(Path(path), options, source)
+        x_train, y_train, x_test, y_test, augment, names = _load_imagefolder(Path(path), options, source)
     else:
-        x_train, y_train, x_test, y_test, augment = _load_cifar(kind, path, options, source)
+        x_train, y_train, x_test, y_test, augment, names = _load_cifar(kind, path, options, source)
     train_idx, val_idx = _carve(y_train, val_fraction, seed, source)
     x_fit = x_train[train_idx]
     mean, std = _channel_stats(x_fit)
@@ -223,6 +241,9 @@ def load_data(source: str = "digits", val_fraction: float = 0.1, seed: int = 0) 
         augment=augment,
         val_fraction=val_fraction,
         split_seed=seed,
+        class_names=None if names is None else tuple(str(n) for n in names),
+        channel_order="gray" if x_train.shape[1] == 1 else ("RGB" if kind in ("cifar10", "cifar100", "imagefolder")
+                                                            else "as stored"),
     )
 
 
@@ -295,11 +316,15 @@ def _load_digits() -> _Raw:
     y = digits.target.astype(np.int64)
     train_idx, test_idx = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y,
                                            random_state=0)
-    return x[train_idx], y[train_idx], x[test_idx], y[test_idx], False
+    return x[train_idx], y[train_idx], x[test_idx], y[test_idx], False, [str(d) for d in range(10)]
 
 
 def _load_npz(path: Path) -> _Raw:
-    """Arrays x_train, y_train, x_test, y_test from an .npz file (NCHW, NHWC or NHW images)."""
+    """Arrays x_train, y_train, x_test, y_test from an .npz file (NCHW, NHWC or NHW images), and the optional
+    `class_names` (strings in label order)."""
+    if path.is_dir():
+        raise DataSourceError(f"npz:{path} is a folder; npz: takes one .npz file holding "
+                              f"{', '.join(_NPZ_ARRAYS)} (a folder of images per class: imagefolder:{path})")
     if not path.is_file():
         raise DataSourceError(f"data file not found: {path}")
     try:
@@ -308,7 +333,7 @@ def _load_npz(path: Path) -> _Raw:
             raise DataSourceError(f"data file {path} is not an .npz archive "
                                   f"(expected arrays {', '.join(_NPZ_ARRAYS)})")
         with archive:
-            arrays = {name: archive[name] for name in _NPZ_ARRAYS if name in archive.files}
+            arrays = {name: archive[name] for name in (*_NPZ_ARRAYS, "class_names") if name in archive.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataSourceError(f"could not read data file {path}: {exc}") from None
     missing = [name for name in _NPZ_ARRAYS if name not in arrays]
@@ -323,7 +348,12 @@ def _load_npz(path: Path) -> _Raw:
     y_train = _npz_labels(arrays["y_train"], "y_train", len(x_train), path)
     y_test = _npz_labels(arrays["y_test"], "y_test", len(x_test), path)
     _, c, h, w = x_train.shape
-    return x_train, y_train, x_test, y_test, c == 3 and h == w and h >= 16
+    names = arrays.get("class_names")
+    if names is not None and (names.ndim != 1 or len(names) <= max(y_train.max(), y_test.max())):
+        raise DataSourceError(f"class_names in {path} must list one name per class in label order, "
+                              f"got shape {names.shape}")
+    return (x_train, y_train, x_test, y_test, c == 3 and h == w and h >= 16,
+            None if names is None else [str(n) for n in names])
 
 
 def _npz_images(x: np.ndarray, name: str, path: Path) -> np.ndarray:
@@ -382,7 +412,7 @@ def _load_cifar(kind: str, root: str, options: dict[str, str], source: str) -> _
         raise DataSourceError(f"could not download {name} into {root}: {exc}") from None
     return (np.ascontiguousarray(train.data.transpose(0, 3, 1, 2)), np.asarray(train.targets),
             np.ascontiguousarray(test.data.transpose(0, 3, 1, 2)), np.asarray(test.targets),
-            True)
+            True, list(train.classes))
 
 
 def _load_imagefolder(root: Path, options: dict[str, str], source: str) -> _Raw:
@@ -402,7 +432,7 @@ def _load_imagefolder(root: Path, options: dict[str, str], source: str) -> _Raw:
     if train_classes != test_classes:
         raise DataSourceError(f"class folders differ between {root / 'train'} {train_classes} "
                               f"and {test_dir} {test_classes}")
-    return x_train, y_train, x_test, y_test, True
+    return x_train, y_train, x_test, y_test, True, train_classes
 
 
 def _read_image_folder(folder: Path, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:

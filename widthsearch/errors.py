@@ -23,3 +23,7 @@ class ProfileError(WidthSearchError):
 
 class ConfigError(WidthSearchError):
     """A search configuration with an unknown key or a bad value."""
+
+
+class StorageError(WidthSearchError):
+    """A storage (folder or URI) that cannot be written."""

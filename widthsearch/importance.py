@@ -19,9 +19,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from .data import DataSplits
 from .errors import WidthSearchError
 from .lrp import AlphaBetaLRP
-from .space import eval_mode
+from .space import device_of, eval_mode
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 Scorer = Callable[[nn.Module, Mapping[str, tp.Group], list | None, int], dict[str, torch.Tensor]]
@@ -58,6 +59,16 @@ def get_criterion(name: str) -> Criterion:
     return CRITERIA[name]
 
 
+def criterion_batches(criterion: str, data: DataSplits, *, batch_size: int, count: int, seed: int,
+                      device: str | torch.device = "cpu") -> list | None:
+    """`count` training batches (at least one, no augmentation) for a data-driven criterion (taylor, frs), on
+    `device`; None for the other criteria."""
+    if not get_criterion(criterion).needs_batches:
+        return None
+    stream = data.stream("train", batch_size, seed=seed, augment=False, device=device)
+    return [next(stream) for _ in range(max(1, count))]
+
+
 def score_channels(criterion: str, model: nn.Module, groups: Mapping[str, tp.Group],
                    batches: Batches | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
     """Score every channel of every group in `groups` (full-index torch-pruning groups of `model`)."""
@@ -91,10 +102,6 @@ def _bn_scale(model, groups, batches, seed):
 def _random(model, groups, batches, seed):
     gen = torch.Generator().manual_seed(seed)
     return {name: torch.rand(len(g[0].idxs), generator=gen) for name, g in groups.items()}
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 @dataclass(frozen=True)
@@ -177,7 +184,7 @@ def _taylor(model, groups, batches, seed):
     The model's mode, its buffers (BN running statistics, which train mode updates),
     requires_grad flags and .grad are as before afterwards.
     """
-    device = _device(model)
+    device = device_of(model)
     names = {m: n for n, m in model.named_modules()}
     maps = {name: _feature_maps(g, device) for name, g in groups.items()}
     params = {fm.module: _gate_params(fm.module, names.get(fm.module, "?")) for ms in maps.values() for fm in ms}
@@ -234,7 +241,7 @@ def _frs(model, groups, batches, seed):
     the channel from all of them. Non-negative; a constant zero channel scores 0. Memory:
     LRP keeps every intermediate value of one batch.
     """
-    device = _device(model)
+    device = device_of(model)
     maps = {name: _feature_maps(g, device) for name, g in groups.items()}
     lrp = AlphaBetaLRP(model, {fm.module for ms in maps.values() for fm in ms})
     sums: dict[nn.Module, torch.Tensor] = {}

@@ -73,7 +73,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -85,14 +85,12 @@ from torch.overrides import TorchFunctionMode
 from .cost import Measure, trace_slopes
 from .errors import ConfigError, WidthSearchError
 from .space import WidthSpace, eval_mode
+from .target import LatencyTarget
+from .timing import time_ms
 
 FORMAT = 2                      # of the cached table; a change invalidates old tables
-DEVICES = ("cpu", "cuda")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-RUNTIMES = ("eager", "onnxruntime")
-CLOCKS = ("wall", "cpu")
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # of target.DTYPES
 ALIGN = {"onnxruntime": 4}      # runtime -> the input-channel modulus whose multiples run other kernels (plan)
-MEASURED = "latency/measured.json"  # under EXP/widthsearch: the best profiles timed whole after a search
 CALIBRATION_RATIOS = (1.0, 0.85, 0.7, 0.55, 0.4, 0.3, 0.2)
 ROUNDS = 3                      # interleaved passes over the whole-model timings (calibration, measure_profiles)
 SCALE_RANGE = (0.5, 2.0)        # the calibrated in-context scale of the summed units is clipped to this range
@@ -103,107 +101,12 @@ CALIBRATION_TIMING = {"repeats": 10, "min_repeats": 3, "budget_s": 0.25}  # per 
 Timer = Callable[[nn.Module, tuple], float]   # (module, inputs) -> milliseconds per forward
 
 
-# ----------------------------------------------------------------------------- target
-@dataclass(frozen=True)
-class LatencyTarget:
-    """Where and how latency is measured: device (cpu, cuda), threads, batch, dtype, runtime, clock (wall, cpu)."""
-
-    device: str = "cpu"
-    threads: int = 1
-    batch: int = 1
-    dtype: str = "fp32"
-    runtime: str = "eager"
-    clock: str = "wall"
-
-    def __post_init__(self) -> None:
-        def need(ok: bool, key: str, value, what: str) -> None:
-            if not ok:
-                raise ConfigError(f"config key {key!r} must be {what}, got {value!r}")
-
-        need(self.device in DEVICES, "latency_device", self.device, f"one of: {', '.join(DEVICES)}")
-        need(self.dtype in DTYPES, "latency_dtype", self.dtype, f"one of: {', '.join(DTYPES)}")
-        need(self.runtime in RUNTIMES, "latency_runtime", self.runtime, f"one of: {', '.join(RUNTIMES)}")
-        need(isinstance(self.threads, int) and self.threads >= 1, "latency_threads", self.threads, "at least 1")
-        need(isinstance(self.batch, int) and self.batch >= 1, "latency_batch", self.batch, "at least 1")
-        need(self.dtype == "fp32" or self.device == "cuda", "latency_dtype", self.dtype,
-             "fp32 on latency_device cpu (fp16 and bf16 are measured on cuda only)")
-        need(self.runtime == "eager" or (self.device == "cpu" and self.dtype == "fp32"), "latency_runtime",
-             self.runtime, "eager for cuda or fp16/bf16 (onnxruntime is measured on the CPU in fp32)")
-        need(self.clock in CLOCKS, "latency_clock", self.clock, f"one of: {', '.join(CLOCKS)}")
-        need(self.clock == "wall" or (self.device == "cpu" and self.threads == 1), "latency_clock", self.clock,
-             "wall unless latency_device is cpu with latency_threads 1 (CPU time measures one thread)")
-
-    def check_present(self) -> None:
-        """ConfigError when this machine cannot measure the target (no CUDA GPU, no onnxruntime)."""
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("latency_device is 'cuda' but this machine has no CUDA GPU; measure on the CPU "
-                              "(latency_device cpu) or where the trials run (a cluster with gpus_per_trial > 0)")
-        if self.runtime == "onnxruntime":
-            try:
-                import onnxruntime  # noqa: F401
-            except ImportError:
-                raise ConfigError("latency_runtime is 'onnxruntime' but onnxruntime is not installed") from None
-
-    def environment(self) -> dict:
-        """What the timings depend on besides the model: this target, the device's name, library versions."""
-        env = {**asdict(self), "device_name": device_name(self.device), "torch": torch.__version__,
-               "platform": platform.machine()}
-        if self.runtime == "onnxruntime":
-            import onnxruntime
-
-            env["onnxruntime"] = onnxruntime.__version__
-        return env
-
-
-def device_name(device: str) -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one) or the CUDA GPU's name."""
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # ----------------------------------------------------------------------------- timing
-def time_ms(call: Callable[[], object], sync: Callable[[], None] = lambda: None, *, clock: str = "wall",
-            warmup: int = 3, repeats: int = 15, min_repeats: int = 5, budget_s: float = 1.0,
-            min_sample_s: float = 0.01) -> float:
-    """Milliseconds per `call()`: up to `warmup` calls (0.1 s of them is enough), then samples of enough calls
-    for >= min_sample_s each, `repeats` of them, or fewer (at least `min_repeats`) once they add up to `budget_s`.
-
-    clock "wall": the median sample of time.perf_counter (what a user of the device sees). clock "cpu": the
-    fastest sample of this process's CPU time (time.process_time): other processes only add to it (by
-    thrashing caches), never take from it, so the minimum is the forward's time on an idle core.
-    """
-    now = time.process_time if clock == "cpu" else time.perf_counter
-    elapsed = 0.0
-    for i in range(max(1, warmup)):  # a long call warms up in fewer calls
-        start = now()
-        call()
-        sync()
-        elapsed = now() - start
-        if elapsed * (i + 1) >= 0.1:
-            break
-    inner = max(1, min(1000, int(min_sample_s / max(elapsed, 1e-7))))
-    samples: list[float] = []
-    while len(samples) < repeats and (len(samples) < min_repeats or sum(samples) * inner < budget_s):
-        start = now()
-        for _ in range(inner):
-            call()
-        sync()
-        samples.append((now() - start) / inner)
-    return (min(samples) if clock == "cpu" else statistics.median(samples)) * 1e3
-
-
 def make_timer(target: LatencyTarget, repeats: int = 15, **timing) -> Timer:
     """The timer of `target`: (module, CPU fp32 inputs) -> ms per forward on the target (see time_ms; `timing`:
     its other sampling arguments). Its `prepare(module, inputs)` readies a module once (copied to the device;
     for onnxruntime exported and loaded in a session) and returns a function that times it, for repeated timings."""
-    device, dtype = torch.device(target.device), DTYPES[target.dtype]
+    device, dtype = torch.device(target.device), TORCH_DTYPES[target.dtype]
     sync = torch.cuda.synchronize if target.device == "cuda" else (lambda: None)
     sampling = {"clock": target.clock, "repeats": repeats, **timing}
 
@@ -784,7 +687,8 @@ def load_or_measure(space: WidthSpace, model: nn.Module, target: LatencyTarget, 
                     grid: int, exp_dir: str | None = None, cache_dir: str | os.PathLike | None = None,
                     timer: Timer | None = None, progress: bool = True) -> dict:
     """The table of `planned` on `target`: from the experiment's storage or the user cache when its key matches,
-    else measured here (then written to both). Runs where the target is (a Ray task on a cluster)."""
+    else measured here (then written to both); the experiment always keeps a copy of the table it used, so that it
+    explains its own numbers. Runs where the target is (a Ray task on a cluster)."""
     from .storage import Storage, write_atomic
 
     target.check_present()
@@ -793,10 +697,12 @@ def load_or_measure(space: WidthSpace, model: nn.Module, target: LatencyTarget, 
     name = f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]}.json"
     local = Path(cache_dir) / name if cache_dir is not None else cache_folder() / name
     storage = Storage(exp_dir) if exp_dir else None
-    for data in (storage.read_bytes(f"latency/{name}") if storage else None,
-                 local.read_bytes() if local.is_file() else None):
+    kept = storage.read_bytes(f"latency/{name}") if storage else None
+    for data in (kept, local.read_bytes() if local.is_file() else None):
         table = json.loads(data) if data else None
         if table and table.get("key") == key:
+            if storage and data is not kept:  # from the user cache: the experiment keeps its copy
+                storage.write_bytes(f"latency/{name}", data)
             return table
     table = {**measure_table(space, model, target, planned, timer=timer, progress=progress), "key": key}
     data = json.dumps(table, indent=1).encode()
@@ -843,8 +749,9 @@ def measure_profiles(space: WidthSpace, model: nn.Module, target: LatencyTarget,
     a profile) and combined like the samples of one timing (clock cpu: the fastest; wall: the median).
 
     Returns [{"ms": ...}] in the order of `profiles`; `paired` times the dense model right before every profile
-    and adds "ratio", the median over the passes of ms / dense ms: a change of load moves both timings of a
-    pair, so the ratio (what a budget bounds) is steadier than either on a busy machine.
+    and adds "ratio", the median over the passes of ms / dense ms (a change of load moves both timings of a
+    pair, so the ratio, what a budget bounds, is steadier than either on a busy machine) and "dense_ms", the dense
+    model's timings combined alike.
     """
     from .surgery import prune
 
@@ -852,14 +759,16 @@ def measure_profiles(space: WidthSpace, model: nn.Module, target: LatencyTarget,
     timer = timer or make_timer(target)
     example = torch.randn(target.batch, *space.example_input.shape[1:])
     models = [prune(model, space, space.from_vector(w)).eval() for w in profiles]
-    times, ratios = [[] for _ in models], [[] for _ in models]
+    times, dense, ratios = [[] for _ in models], [[] for _ in models], [[] for _ in models]
     for _ in range(rounds):
         for i, pruned in enumerate(models):
-            dense = timer(model.eval(), (example,)) if paired else None
+            if paired:
+                dense[i].append(timer(model.eval(), (example,)))
             times[i].append(timer(pruned, (example,)))
             if paired:
-                ratios[i].append(times[i][-1] / dense)
+                ratios[i].append(times[i][-1] / dense[i][-1])
             if step:
                 step()
     pick = min if target.clock == "cpu" else statistics.median
-    return [{"ms": pick(t), **({"ratio": statistics.median(r)} if paired else {})} for t, r in zip(times, ratios)]
+    return [{"ms": pick(t), **({"ratio": statistics.median(r), "dense_ms": pick(d)} if paired else {})}
+            for t, d, r in zip(times, dense, ratios)]

@@ -1,4 +1,6 @@
-"""The results store: one Parquet row per finished or failed trial, written atomically by one driver-side callback.
+"""The results store: one Parquet row per finished or failed trial, written atomically by one driver-side callback
+(`widthsearch.app.callbacks.ResultsCallback`); queries over it (the one ranking rule, fronts, costs, DuckDB SQL) and
+its text formats. Loads neither torch nor Ray.
 
     EXP_DIR/widthsearch/experiment.json         experiment metadata (groups, widths, costs, config)
     EXP_DIR/widthsearch/rows/<trial_id>.parquet one row per trial; rewritten, never duplicated, on resume
@@ -9,13 +11,11 @@ All I/O goes through pyarrow.fs, so EXP_DIR may be a local path, a file:// or an
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
-import os
-import re
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from decimal import Decimal
 from importlib import metadata as importlib_metadata
@@ -25,7 +25,6 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from ray import tune
 
 from .errors import ConfigError, WidthSearchError
 from .storage import Storage, write_atomic
@@ -36,23 +35,31 @@ SCHEMA = pa.schema([
     ("error", pa.string()), ("widths", pa.list_(pa.int32())), ("keep_ratios", pa.list_(pa.float32())),
     ("flops", pa.int64()), ("params", pa.int64()), ("flops_ratio", pa.float64()), ("cost_ratio", pa.float64()),
     ("latency_ms", pa.float64()), ("val_acc", pa.float64()),
-    ("val_loss", pa.float64()), ("score", pa.float64()), ("finetune_steps", pa.int32()), ("criterion", pa.string()),
+    ("val_loss", pa.float64()), ("score", pa.float64()), ("steps_reached", pa.int32()), ("criterion", pa.string()),
     ("wall_s", pa.float64()), ("node", pa.string()), ("started_at", _TIMESTAMP), ("finished_at", _TIMESTAMP),
     ("checkpoint", pa.string()), ("payload", pa.string()),
-    ("phase_s", pa.map_(pa.string(), pa.float64())), ("run", pa.string()),
+    ("phase_s", pa.map_(pa.string(), pa.float64())), ("run", pa.string()), ("cpu_s", pa.float64()),
+    ("measured_ms", pa.float64()), ("measured_ratio", pa.float64()),
 ])
-MAIN_RUN = "search"  # the Tune run of the search itself; follow-up runs (e.g. "rescore") add rows under their name
+# The Tune runs of an experiment, by stage: the search itself, then its follow-up runs (re-scoring), each adding rows
+# under its name (`run`). A search extended with more trials adds a part: its runs are named STAGE-2, STAGE-3, ...
+MAIN_RUN = "search"
+RESCORE_RUN = "rescore"
+# Columns renamed since: their name in rows written before -> their name now (`load` reads both).
+RENAMED = {"finetune_steps": "steps_reached"}
 FORMATS = ("table", "csv", "json", "parquet")
-_TABLE_COLUMNS = ("trial_id", "searcher", "status", "flops_ratio", "params", "val_acc", "score", "finetune_steps",
+_TABLE_COLUMNS = ("trial_id", "searcher", "status", "flops_ratio", "params", "val_acc", "score", "steps_reached",
                   "wall_s")
-_WHERE = re.compile(r"^\s*(\w+)\s*(==|!=|<=|>=|=|<|>)\s*(.*?)\s*$")
-_OPS = {"=": pc.equal, "==": pc.equal, "!=": pc.not_equal, "<": pc.less, "<=": pc.less_equal,
-        ">": pc.greater, ">=": pc.greater_equal}
-_ERROR_CHARS = 2000
+COSTS = ("flops", "params", "latency")  # what --max and --pareto compare: a fraction of the base model's
 
 
-def _json_default(value):
-    """Datetimes -> ISO text, decimals and numpy scalars and arrays -> Python; anything else is a bug in the caller."""
+def json_default(value):
+    """The `default` of json.dumps for results and payloads: Datetimes -> ISO text, decimals and numpy scalars and arrays -> Python, dataclasses and other mappings (a
+    searcher's payload on its way to a trial) -> dicts; anything else is a bug in the caller."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, Mapping):
+        return dict(value)
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, Decimal):  # e.g. an SQL sum of integers
@@ -71,7 +78,7 @@ def _version() -> str:
 
 def _schema(meta: dict) -> pa.Schema:
     return SCHEMA.with_metadata({b"widthsearch.groups": json.dumps(meta.get("groups", [])),
-                                 b"widthsearch.widths": json.dumps(meta.get("widths", []), default=_json_default)})
+                                 b"widthsearch.widths": json.dumps(meta.get("widths", []), default=json_default)})
 
 
 class ResultsStore(Storage):
@@ -84,17 +91,22 @@ class ResultsStore(Storage):
         self.meta_path = f"{self.root}/experiment.json"
 
     @classmethod
-    def create(cls, exp_dir: str, metadata: dict, resume: bool = False) -> ResultsStore:
-        """Write experiment.json; an existing experiment is an error unless resuming (created_at is kept)."""
+    def create(cls, exp_dir: str, metadata: dict, resume: bool = False,
+               changed: Mapping[str, Sequence] | None = None) -> ResultsStore:
+        """Write experiment.json; an existing experiment is an error unless resuming. A resume keeps created_at and
+        adds an entry to `resumed`: when, and the settings it changed ({key: [stored, new]})."""
         store = cls(exp_dir)
-        meta = {**metadata, "created_at": datetime.now(timezone.utc).isoformat(), "version": _version()}
+        now = datetime.now(timezone.utc).isoformat()
+        meta = {**metadata, "created_at": now, "version": _version()}
         if store.exists():
             if not resume:
                 raise ConfigError(f"experiment {metadata.get('experiment', exp_dir)!r} already exists at {exp_dir}; "
                                   "pass --resume to continue it or choose another --name")
-            meta["created_at"] = store.metadata().get("created_at", meta["created_at"])
+            before = store.metadata()
+            meta["created_at"] = before.get("created_at", now)
+            meta["resumed"] = [*before.get("resumed", []), {"at": now, "changed": dict(changed or {})}]
         store.fs.create_dir(store.rows, recursive=True)
-        write_atomic(store.meta_path, json.dumps(meta, indent=1, default=_json_default).encode(), store.fs)
+        write_atomic(store.meta_path, json.dumps(meta, indent=1, default=json_default).encode(), store.fs)
         return store
 
     def exists(self) -> bool:
@@ -132,114 +144,35 @@ class ResultsStore(Storage):
             self.fs.move(f"{self.rows}/{trial_id}.parquet", f"{self.orphans}/{trial_id}.parquet")
 
 
-def _error_text(text: str) -> str:
-    """The exception line(s) of the latest failure in a Tune error file or traceback, at most 2000 chars."""
-    lines = re.split(r"^Failure # \d+.*$", text, flags=re.M)[-1].strip().splitlines()
-    frames = [i for i, line in enumerate(lines) if line.lstrip().startswith("File ")]
-    if frames:
-        tail = lines[frames[-1] + 1:]
-        start = next((i for i, line in enumerate(tail) if not line.startswith(" ")), len(tail))
-        lines = tail[start:] or lines
-    return "\n".join(lines).strip()[:_ERROR_CHARS]
-
-
-def _trial_error(trial) -> str:
-    path = getattr(trial, "error_file", None)
-    if path and os.path.isfile(path):
-        with open(path) as f:
-            return _error_text(f.read())
-    error = trial.get_error() if hasattr(trial, "get_error") else None
-    return _error_text(str(error)) if error else "trial failed (no error recorded)"
-
-
-class ResultsCallback(tune.Callback):
-    """Driver-side: writes a row when a trial completes or (finally) errors.
-
-    Ray calls on_trial_error only when no retry is left (retries go to on_trial_recover), and a trial that
-    runs again after a resume rewrites its own file, so each trial ends as exactly one row. Rows carry the
-    name of the Tune run that made them (`run`: MAIN_RUN, or a follow-up run's name).
-    """
-
-    def __init__(self, store: ResultsStore, experiment: str, searcher: str, space_widths: list[int],
-                 run: str = MAIN_RUN):
-        self.store, self.experiment, self.searcher, self.run = store, experiment, searcher, run
-        self.space_widths = [int(w) for w in space_widths]
-        self._scheduled: dict[str, float] = {}  # trial_id -> when the driver started it (time.time())
-
-    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
-        self._scheduled.setdefault(trial.trial_id, time.time())
-
-    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        result = trial.last_result or {}
-        if "score" not in result:
-            self.store.write_row(self._row(trial, error="trial ended without reporting a score"))
-            return
-        row = self._row(trial, result)
-        row["status"] = result.get("status", "ok")  # searchers may mark helper trials, e.g. aofp "probe"
-        row.update({key: result.get(key) for key in ("score", "val_acc", "val_loss", "flops", "params", "flops_ratio",
-                                                     "cost_ratio", "latency_ms", "finetune_steps", "criterion",
-                                                     "checkpoint")})
-        row["wall_s"] = result.get("wall_s", result.get("time_total_s"))
-        row["node"] = result.get("node", result.get("node_ip"))
-        if result.get("started_at") is not None:
-            row["started_at"] = datetime.fromtimestamp(result["started_at"], timezone.utc)
-        row["phase_s"] = self._phases(trial.trial_id, result)
-        self.store.write_row(row)
-
-    def _phases(self, trial_id: str, result: dict) -> dict | None:
-        """The trial's own phases (`phase_s`, also when Tune flattened it to phase_s/NAME keys), plus the driver's
-        view: `start` (the driver started the trial -> its body began: actor start, job transfer) and `finish`
-        (its last report -> this row), when both clocks are this machine's (a local search)."""
-        phases = dict(result.get("phase_s") or {})
-        phases.update({k.split("/", 1)[1]: v for k, v in result.items() if k.startswith("phase_s/")})
-        scheduled, started, wall = self._scheduled.pop(trial_id, None), result.get("started_at"), result.get("wall_s")
-        if phases and scheduled is not None and started is not None and wall is not None:
-            phases["start"] = max(0.0, started - scheduled)
-            phases["finish"] = max(0.0, time.time() - started - wall)
-        return {str(k): float(v) for k, v in phases.items()} or None
-
-    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self.store.write_row(self._row(trial, error=_trial_error(trial)))
-
-    def on_experiment_end(self, trials: list, **info) -> None:
-        """Set aside rows of this run's trials that the run does not know: a driver killed between a trial's
-        end and Tune's next experiment snapshot leaves a row that the resumed run (searcher state from that
-        snapshot) proposes and evaluates again under a new trial id; without this, a resume would add a row.
-        Rows of other runs of the experiment are left alone."""
-        known = {trial.trial_id for trial in trials}
-        table = load(self.store.exp_dir)
-        runs = [r or MAIN_RUN for r in table["run"].to_pylist()]
-        self.store.set_aside(t for t, r in zip(table["trial_id"].to_pylist(), runs) if r == self.run and t not in known)
-
-    def _row(self, trial, result: dict | None = None, error: str | None = None) -> dict:
-        """The fields known for any trial: ids, status, widths and payload (from the result, else the config)."""
-        config, result = trial.config or {}, result or {}
-        widths = result.get("widths", config.get("widths"))
-        widths = None if widths is None else [int(w) for w in widths]
-        payload = result.get("payload", config.get("payload"))
-        return {
-            "experiment": self.experiment, "trial_id": trial.trial_id, "searcher": self.searcher, "run": self.run,
-            "status": "error" if error else "ok", "error": error, "widths": widths,
-            "keep_ratios": None if widths is None else [w / s for w, s in zip(widths, self.space_widths)],
-            "finished_at": datetime.now(timezone.utc),
-            "payload": payload if payload is None or isinstance(payload, str)
-            else json.dumps(payload, default=_json_default),
-        }
-
-
 def load_metadata(exp_dir: str) -> dict:
     return ResultsStore(exp_dir).metadata()
 
 
 def load(exp_dir: str) -> pa.Table:
-    """All rows of an experiment (ordered by trial_id), with the group metadata on the schema."""
+    """All rows of an experiment (ordered by trial_id), with the group metadata on the schema; a column of rows
+    written before it was renamed (RENAMED) is read under its new name."""
     store = ResultsStore(exp_dir)
     schema = _schema(store.metadata())
     paths = [f"{store.rows}/{trial_id}.parquet" for trial_id in store.trial_ids()]
     if not paths:
         return schema.empty_table()
-    table = ds.dataset(paths, schema=schema, format="parquet", filesystem=store.fs).to_table()
+    scan = pa.schema([*schema, *(pa.field(old, schema.field(new).type) for old, new in RENAMED.items())])
+    table = ds.dataset(paths, schema=scan, format="parquet", filesystem=store.fs).to_table()
+    for old, new in RENAMED.items():
+        merged = pc.coalesce(table[new], table[old])
+        table = table.set_column(schema.get_field_index(new), schema.field(new), merged).drop_columns([old])
     return table.sort_by("trial_id").replace_schema_metadata(schema.metadata)
+
+
+def run_name(stage: str, part: int) -> str:
+    """The name of a stage's Tune run (and its rows' `run`) in part `part` of a search (1: the first)."""
+    return stage if part == 1 else f"{stage}-{part}"
+
+
+def of_stage(table: pa.Table, stage: str) -> pa.Table:
+    """The rows a stage's runs made, in any part of the search (rows without a run: the search's)."""
+    runs = pc.fill_null(table["run"], MAIN_RUN)
+    return table.filter(pc.or_(pc.equal(runs, stage), pc.starts_with(runs, f"{stage}-")))
 
 
 def _column(table: pa.Table, name: str, what: str) -> pa.ChunkedArray:
@@ -260,7 +193,7 @@ def pareto_front(table: pa.Table, maximize: str = "score", minimize: str = "flop
         if high > best or (high == best and low == best_low):  # equal points do not dominate each other
             keep.append(i)
             best, best_low = high, low
-    return ok.take(keep)
+    return ok.take(pa.array(keep, pa.int64()))
 
 
 def cost_ratio_of(row: dict) -> float:
@@ -281,7 +214,7 @@ def ranked(table: pa.Table, budget: float | None = None, *, distinct: bool = Tru
     """
     rows = [r for r in table.to_pylist() if r["status"] == "ok" and r["score"] is not None
             and math.isfinite(r["score"]) and (budget is None or cost_ratio_of(r) <= budget + 1e-9)]
-    rows.sort(key=lambda r: (-(r["finetune_steps"] or 0), -r["score"], cost_ratio_of(r)))
+    rows.sort(key=lambda r: (-(r["steps_reached"] or 0), -r["score"], cost_ratio_of(r)))
     if not distinct:
         return rows
     seen, out = set(), []
@@ -293,37 +226,89 @@ def ranked(table: pa.Table, budget: float | None = None, *, distinct: bool = Tru
     return out
 
 
-def _where(table: pa.Table, item: str) -> pa.ChunkedArray:
-    """A boolean mask for one filter such as 'val_acc>=0.9' or 'status=ok'."""
-    match = _WHERE.match(item)
-    if not match:
-        raise ConfigError(f"bad filter {item!r}; expected COLUMN OP VALUE with OP one of = == != < <= > >=")
-    name, op, text = match.groups()
-    column = _column(table, name, f"filter {item!r}")
-    if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
-        try:
-            value = float(text)
-        except ValueError:
-            raise ConfigError(f"filter {item!r}: column {name!r} is numeric, {text!r} is not a number") from None
-    elif pa.types.is_string(column.type):
-        value = text
-    else:
-        raise ConfigError(f"filter {item!r}: cannot compare column {name!r} of type {column.type}")
-    return _OPS[op](column, value)
+def ranked_table(table: pa.Table, budget: float | None = None, limit: int | None = None) -> pa.Table:
+    """`ranked` (distinct profiles) as a table of the same schema, at most `limit` rows."""
+    return pa.Table.from_pylist(ranked(table, budget)[:limit], schema=table.schema)
 
 
-def query(table: pa.Table, *, pareto: bool = False, max_flops: float | None = None, where: Sequence[str] = (),
-          sort: str | None = None, limit: int | None = None) -> pa.Table:
-    """Filter (Pareto front, flops_ratio <= max_flops, `where` filters), sort and limit.
+def budget_of(meta: dict) -> float | None:
+    """An experiment's budget (a ratio of its constraint) from its metadata, or None for a Pareto search."""
+    config = meta.get("config", {})
+    return None if config.get("pareto") else config.get("budget")
+
+
+def choose_trial(table: pa.Table, trial: str | None = None, *, budget: float | None = None,
+                 constraint: str = "flops") -> dict:
+    """The row of `trial`; else the best successful row within `budget` (`ranked`: the highest fidelity reached,
+    then the best score, ties going to the cheaper profile).
+
+    `budget=None` (a Pareto search without a chosen bound) is refused: there is no single best.
+    """
+    if trial is not None:
+        match = [r for r in table.to_pylist() if r["trial_id"] == trial]
+        if not match:
+            raise WidthSearchError(f"no trial {trial!r} in this experiment")
+        if match[0]["status"] != "ok":
+            raise WidthSearchError(f"trial {trial!r} did not score a profile (status {match[0]['status']}"
+                                   f"{': ' + match[0]['error'] if match[0]['error'] else ''}); pick another")
+        return match[0]
+    ok = ranked(table)
+    if not ok:
+        raise WidthSearchError("this experiment has no successful trial yet")
+    if budget is None:
+        raise WidthSearchError("this experiment searched a Pareto front, so it has no single best: give --budget R "
+                               f"(the best row whose {constraint} ratio is <= R) or --trial ID; "
+                               "`widthsearch results EXP --pareto` lists the front")
+    within = ranked(table, budget)
+    if not within:
+        smallest = min(cost_ratio_of(r) for r in ok)
+        raise WidthSearchError(f"no successful trial within the budget {budget:g} ({constraint}): {len(ok)} ok rows, "
+                               f"the smallest ratio is {smallest:.4f}; give --trial ID or a larger --budget")
+    return within[0]
+
+
+def chosen_channels(row: Mapping) -> dict:
+    """keep/weights of a row whose searcher chose the channels itself (its payload has "keep"); else {}."""
+    payload = json.loads(row["payload"]) if row.get("payload") else {}
+    if not isinstance(payload, dict) or "keep" not in payload:
+        return {}
+    return {"keep": payload["keep"], "weights": row.get("checkpoint")}
+
+
+def cost_of(table: pa.Table, cost: str, meta: Mapping) -> pa.ChunkedArray:
+    """Every row's `cost` (one of COSTS; or "cost", the experiment's constraint) as a fraction of the base model's:
+    flops_ratio, params / base params, predicted latency_ms / the base model's (a latency experiment only)."""
+    if cost == "cost":
+        return pc.coalesce(table["cost_ratio"], table["flops_ratio"])
+    if cost == "flops":
+        return table["flops_ratio"]
+    if cost == "params":
+        return pc.divide(pc.cast(table["params"], pa.float64()), float(meta["base_params"]))
+    if cost == "latency" and meta.get("latency"):
+        return pc.divide(table["latency_ms"], float(meta["latency"]["base_ms"]))
+    if cost == "latency":
+        raise ConfigError("latency: this experiment has no latency model (search it with --constraint latency)")
+    raise ConfigError(f"unknown cost {cost!r}; expected one of: {', '.join(COSTS)}")
+
+
+def query(table: pa.Table, meta: Mapping, *, pareto: str | None = None, max: Mapping[str, float] | None = None,
+          where: Sequence[str] = (), sort: str | None = None, limit: int | None = None) -> pa.Table:
+    """Filter, sort and limit the rows of an experiment (its metadata `meta`): the Pareto front of score against a
+    cost (`pareto`: one of COSTS, or "cost", the experiment's constraint), rows whose costs are at most the given
+    fractions of the base model's (`max`: {cost: ratio}), rows that satisfy every `where` condition (a DuckDB SQL
+    expression over the columns, e.g. "val_acc >= 0.9" or "status = 'ok'"; the extra `sql`).
 
     `sort` is 'col' or '-col' (descending), or several of them comma-separated; default '-score'.
     """
-    if pareto:
-        table = pareto_front(table)
-    if max_flops is not None:
-        table = table.filter(pc.less_equal(table["flops_ratio"], max_flops))
-    for item in where:
-        table = table.filter(_where(table, item))
+    if pareto is not None:
+        table = pareto_front(table.append_column("_cost", cost_of(table, pareto, meta)), minimize="_cost")
+        table = table.drop_columns(["_cost"])
+    for cost, ratio in (max or {}).items():
+        table = table.filter(pc.less_equal(cost_of(table, cost, meta), ratio))
+    if where:
+        condition = " AND ".join(f"({item})" for item in where)
+        table = sql_query(table, f"SELECT * FROM {SQL_TABLE} WHERE {condition}", "--where").replace_schema_metadata(
+            table.schema.metadata)
     keys = []
     for key in (sort or "-score").split(","):
         name = key.strip().lstrip("-")
@@ -340,8 +325,9 @@ def query(table: pa.Table, *, pareto: bool = False, max_flops: float | None = No
 SQL_TABLE = "results"
 
 
-def sql_query(table: pa.Table, sql: str) -> pa.Table:
-    """Run a DuckDB SQL query over `table` (registered as the view `results`) and return its answer.
+def sql_query(table: pa.Table, sql: str, flag: str = "--sql") -> pa.Table:
+    """Run a DuckDB SQL query over `table` (registered as the view `results`) and return its answer; errors name
+    `flag` (the option that gave the query).
 
     DuckDB is the optional extra `sql`. The table is read first (through pyarrow.fs, see `load`), so
     the same query works for local and URI storage.
@@ -349,17 +335,18 @@ def sql_query(table: pa.Table, sql: str) -> pa.Table:
     try:
         import duckdb
     except ImportError:
-        raise WidthSearchError("--sql needs DuckDB: pip install 'widthsearch[sql]'") from None
+        raise WidthSearchError(f"{flag} needs DuckDB: pip install 'widthsearch[sql]'") from None
     con = duckdb.connect()
     try:
         statements = con.extract_statements(sql)
         if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
-            raise ConfigError(f"--sql takes one query that returns rows, such as SELECT ... FROM {SQL_TABLE}; "
+            raise ConfigError(f"{flag} takes one query that returns rows, such as SELECT ... FROM {SQL_TABLE}; "
                               f"got {sql!r}")
         con.register(SQL_TABLE, table)
         return con.sql(sql).to_arrow_table()
     except duckdb.Error as exc:
-        raise ConfigError(f"--sql query failed: {exc}") from None
+        hint = " (a --where condition is SQL: quote text, e.g. status = 'ok')" if flag == "--where" else ""
+        raise ConfigError(f"{flag} query failed: {exc}{hint}") from None
     finally:
         con.close()
 
@@ -373,9 +360,14 @@ def cell_text(value) -> str:
     return str(value)
 
 
-def _widths_preview(widths: list | None, shown: int = 6) -> str:
+def _widths_preview(widths: list | None, names: Sequence[str] = (), shown: int = 6) -> str:
+    """A width profile in a table cell: NAME=WIDTH per group when the group names are known, else [W,...]; the
+    first `shown` groups of a longer one."""
     if widths is None:
         return "-"
+    if len(names) == len(widths):
+        head = " ".join(f"{n}={w}" for n, w in zip(names[:shown], widths))
+        return f"{head} ... ({len(widths)} groups)" if len(widths) > shown else head
     head = ",".join(map(str, widths[:shown]))
     return f"[{head},...] ({len(widths)})" if len(widths) > shown else f"[{head}]"
 
@@ -386,15 +378,17 @@ def _is_number(kind: pa.DataType) -> bool:
 
 def _plain(table: pa.Table) -> str:
     """Aligned text columns, numbers right-aligned, lists previewed: of a whole results table, the readable
-    subset (and latency_ms where rows have it) plus widths; of any other table (e.g. an SQL answer), every
-    column."""
+    subset (and the predicted latency_ms, the measured_ms, where rows have them) plus the widths by group name (from
+    the schema's metadata); of any other table (e.g. an SQL answer), every column."""
     header = table.column_names
     if sorted(header) == sorted(SCHEMA.names):
         header = [*_TABLE_COLUMNS, "widths"]
-        if table["latency_ms"].null_count < table.num_rows:
-            header.insert(header.index("flops_ratio") + 1, "latency_ms")
-    rows = [[_widths_preview(r[n]) if isinstance(r[n], list) else cell_text(r[n]) for n in header]
-            for r in table.to_pylist()]
+        for name in ("measured_ms", "latency_ms"):
+            if table[name].null_count < table.num_rows:
+                header.insert(header.index("flops_ratio") + 1, name)
+    names = json.loads((table.schema.metadata or {}).get(b"widthsearch.groups", b"[]"))
+    rows = [[_widths_preview(r[n], names if n == "widths" else ()) if isinstance(r[n], list) else cell_text(r[n])
+             for n in header] for r in table.to_pylist()]
     sizes = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     numeric = [n in table.column_names and _is_number(table.schema.field(n).type) for n in header]
     lines = ["  ".join(c.rjust(s) if num else c.ljust(s) for c, s, num in zip(line, sizes, numeric)).rstrip()
@@ -422,7 +416,7 @@ def format_table(table: pa.Table, fmt: str = "table") -> str | bytes:
             writer.writerow([_csv_value(v) for v in record.values()])
         return out.getvalue()
     if fmt == "json":
-        return json.dumps(table.to_pylist(), default=_json_default, indent=1)
+        return json.dumps(table.to_pylist(), default=json_default, indent=1)
     if fmt == "parquet":
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)

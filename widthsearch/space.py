@@ -59,10 +59,57 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """The device of a model's parameters (its first parameter's)."""
+    return next(model.parameters()).device
+
+
 def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
-    """Trace `model` (in eval mode, so BN statistics are not touched) into a DependencyGraph."""
+    """Trace `model` (in eval mode, so BN statistics are not touched; the example moved to the model's device)
+    into a DependencyGraph.
+
+    A model torch-pruning cannot trace (e.g. a channel shuffle: a view that interleaves channel groups)
+    raises WidthSearchError naming the op and the layers around it.
+    """
     with eval_mode(model):
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+        try:
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input.to(device_of(model)),
+                                                         verbose=False)
+        except (ZeroDivisionError, IndexError, KeyError, ValueError, RuntimeError) as exc:
+            raise WidthSearchError(_trace_failure(model, exc)) from exc
+
+
+def _trace_failure(model: nn.Module, exc: BaseException) -> str:
+    """What to tell a user whose model torch-pruning's tracer fails on: where (the op and its nearest layers)."""
+    node, tb = None, exc.__traceback__
+    while tb is not None:  # the torch-pruning graph node being mapped when it failed, if any
+        candidate = tb.tb_frame.f_locals.get("node")
+        node = candidate if hasattr(candidate, "inputs") and hasattr(candidate, "outputs") else node
+        tb = tb.tb_next
+    where = ""
+    if node is not None:
+        names = {m: n for n, m in model.named_modules()}
+        before, after = _nearest(node, "inputs", names), _nearest(node, "outputs", names)
+        where = (f" at the op {node.name.split('(')[0]} (after layer {before!r}"
+                 + (f", before layer {after!r}" if after else "") + ")")
+    return (f"cannot build a width space for this model: torch-pruning's dependency tracing fails{where} with "
+            f"{type(exc).__name__}: {exc}. The op reorders channels in a way torch-pruning cannot follow (e.g. "
+            "ShuffleNet's channel shuffle), so no channel group around it can be pruned safely; search another "
+            "model (e.g. torchvision:mobilenet_v2 or torchvision:resnet18), or replace that op in your own model")
+
+
+def _nearest(node, direction: str, names: dict) -> str | None:
+    """The qualified name of the nearest model layer from a graph node, walking its inputs or outputs."""
+    seen, queue = set(), list(getattr(node, direction))
+    while queue:
+        current = queue.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if current.module in names:
+            return names[current.module]
+        queue += list(getattr(current, direction))
+    return None
 
 
 def root_group(graph: tp.DependencyGraph, root: nn.Module, idxs: Sequence[int]) -> tp.Group:

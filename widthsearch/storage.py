@@ -13,9 +13,12 @@ import io
 import os
 import re
 import uuid
+from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
@@ -47,9 +50,36 @@ def write_atomic(path: str, data: bytes, fs: pafs.FileSystem | None = None) -> N
 
 def torch_bytes(obj: object) -> bytes:
     """`torch.save` of `obj` into bytes (for write_atomic / Storage.write_bytes)."""
+    import torch  # here, not at the top: reading an experiment's table needs no torch
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
+
+
+def check_writable(folder: str) -> None:
+    """StorageError (one line, the reason) unless a file can be written into `folder` (a local path or a URI;
+    created when missing) through pyarrow.fs and deleted again: checked before any data is read or model trained."""
+    from .errors import StorageError
+
+    probe = None
+    try:
+        fs, path = filesystem(folder)
+        fs.create_dir(path, recursive=True)
+        probe = f"{path.rstrip('/')}/.widthsearch-probe-{uuid.uuid4().hex}"
+        with fs.open_output_stream(probe) as out:
+            out.write(b"probe")
+        fs.delete_file(probe)
+    except (OSError, ValueError) as exc:  # pyarrow's errors are OSError (I/O) or ValueError (ArrowInvalid)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StorageError(f"cannot write to the storage {folder}: {reason}") from exc
+
+
+def upload_folder(local: str | os.PathLike, dest: str) -> None:
+    """Copy the local folder `local` (its files and folders) to `dest`, a local path or a URI."""
+    fs, path = filesystem(dest)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
 class Storage:
@@ -84,6 +114,8 @@ class Storage:
 
     def load_torch(self, name: str, map_location: str | torch.device = "cpu") -> object | None:
         """`torch.load(weights_only=True)` of widthsearch/<name>, or None when there is no such file."""
+        import torch
+
         data = self.read_bytes(name)
         return None if data is None else torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
 

@@ -21,10 +21,6 @@ from .space import WidthSpace, dependency_graph, root_group
 Keep = dict[str, list[int]]
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _plan(work: nn.Module, graph: tp.DependencyGraph, space: WidthSpace, profile: Mapping[str, int] | None,
           criterion: str, batches: Batches | None, seed: int, keep: Mapping[str, Sequence[int]] | None) -> Keep:
     """Kept channel indices (sorted) of every group that shrinks."""
@@ -62,7 +58,7 @@ def _check_keep(space: WidthSpace, keep: Mapping[str, Sequence[int]]) -> Keep:
 
 def _prepare(model: nn.Module, space: WidthSpace):
     work = copy.deepcopy(model)
-    graph = dependency_graph(work, space.example_input.to(_device(work)))
+    graph = dependency_graph(work, space.example_input)
     return work, graph, dict(work.named_modules())
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import DataSplits
+from .models import load_model
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,28 @@ class TrainConfig:
     batch_size: int = 128
     label_smoothing: float = 0.0
     schedule: str = "cosine"          # "cosine" or "constant"
+    channels_last: bool = True        # on a CPU, train conv models in channels-last memory format (faster)
+
+
+@contextlib.contextmanager
+def fast_format(model: nn.Module, device: torch.device | str,
+                channels_last: bool = True) -> Iterator[torch.memory_format]:
+    """Run a block with `model` in the memory format its inputs should take (yielded): channels-last for a model
+    with 2-D convolutions on a CPU, where PyTorch's convolutions run about 1.2-1.6x faster in it (measured on
+    cifar_resnet20, 1 thread), else contiguous. The model is converted in place and converted back after, so
+    callers (latency measurement, export) see the format they gave."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not (channels_last and convs and torch.device(device).type == "cpu"):
+        yield torch.contiguous_format
+        return
+    weight = convs[0].weight
+    was = torch.channels_last if not weight.is_contiguous() and weight.is_contiguous(
+        memory_format=torch.channels_last) else torch.contiguous_format
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield torch.channels_last
+    finally:
+        model.to(memory_format=was)
 
 
 def set_threads(n: int | float | None) -> None:
@@ -40,8 +64,8 @@ def pick_device(gpus: float = 0) -> torch.device:
 class Progress:
     """A progress bar of `total` steps on stderr (tqdm); silent when disabled or when stderr is not a terminal."""
 
-    def __init__(self, total: int, label: str, enabled: bool = True, initial: int = 0):
-        self.bar = tqdm(total=total, initial=initial, desc=label, unit="step", disable=None if enabled else True)
+    def __init__(self, total: int, label: str, enabled: bool = True, initial: int = 0, unit: str = "step"):
+        self.bar = tqdm(total=total, initial=initial, desc=label, unit=unit, disable=None if enabled else True)
 
     def update(self, done: int, info: str = "") -> None:
         """Move the bar to `done` steps, showing `info`; at the total it is finished (closed)."""
@@ -50,6 +74,10 @@ class Progress:
         self.bar.update(done - self.bar.n)
         if done >= self.bar.total:
             self.bar.close()
+
+    def close(self) -> None:
+        """Finish the bar where it stands (e.g. a run that ended early)."""
+        self.bar.close()
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
@@ -77,6 +105,7 @@ class StepTrainer:
                  seed: int = 0, device: torch.device | str = "cpu"):
         self.model, self.total, self.done = model, int(total), 0
         self.device = torch.device(device)
+        self.channels_last = config.channels_last
         self.optimizer, self.scheduler = make_optimizer(model, config, max(1, self.total))
         self.stream = data.stream("train", config.batch_size, seed=seed, device=self.device)
         self.label_smoothing = config.label_smoothing
@@ -86,12 +115,14 @@ class StepTrainer:
         steps = min(int(steps), self.total - self.done)
         self.model.to(self.device).train()
         losses = []
-        for _ in range(steps):
-            x, y = next(self.stream)
-            losses.append(_sgd_step(self.model, self.optimizer, self.scheduler, x, y, self.label_smoothing))
-            self.done += 1
-            if progress is not None:
-                progress.update(self.done, f"loss {losses[-1]:.3f}")
+        with fast_format(self.model, self.device, self.channels_last) as fmt:
+            for _ in range(steps):
+                x, y = next(self.stream)
+                losses.append(_sgd_step(self.model, self.optimizer, self.scheduler, x.contiguous(memory_format=fmt), y,
+                                        self.label_smoothing))
+                self.done += 1
+                if progress is not None:
+                    progress.update(self.done, f"loss {losses[-1]:.3f}")
         return sum(losses) / len(losses) if losses else float("nan")
 
 
@@ -124,6 +155,14 @@ def train(model: nn.Module, data: DataSplits, *, steps: int | None = None, epoch
         return trainer.run(steps, Progress(steps, label, enabled=bool(progress)))
     device = torch.device(device)
     model.to(device).train()
+    with fast_format(model, device, config.channels_last) as fmt:
+        return _train_epochs(model, data, epochs, config, seed, device, fmt, label, progress, start_epoch, state,
+                             on_epoch)
+
+
+def _train_epochs(model, data, epochs, config, seed, device, fmt, label, progress, start_epoch, state,
+                  on_epoch) -> float:
+    """The epochs of `train`, inputs in memory format `fmt`."""
     per_epoch = math.ceil(len(data.train) / config.batch_size)
     total = epochs * per_epoch
     if total <= 0:
@@ -138,7 +177,8 @@ def train(model: nn.Module, data: DataSplits, *, steps: int | None = None, epoch
     for epoch in range(start_epoch, epochs):
         epoch_losses = []
         for x, y in data.batches("train", config.batch_size, seed=seed + epoch, device=device):
-            epoch_losses.append(_sgd_step(model, opt, sched, x, y, config.label_smoothing))
+            epoch_losses.append(_sgd_step(model, opt, sched, x.contiguous(memory_format=fmt), y,
+                                          config.label_smoothing))
             done += 1
             bar.update(done, f"loss {epoch_losses[-1]:.3f}")
         losses += epoch_losses
@@ -148,6 +188,18 @@ def train(model: nn.Module, data: DataSplits, *, steps: int | None = None, epoch
     return sum(losses) / max(1, len(losses))
 
 
+
+def train_base(source: str, data: DataSplits, *, epochs: int, config: TrainConfig = TrainConfig(), seed: int = 0,
+               device: torch.device | str = "cpu", progress: bool | str = False) -> nn.Module:
+    """A base model: `source` (a model source, see widthsearch.models) initialised with torch seed `seed`, then
+    trained `epochs` epochs on `data`'s train split (batch order seeded by `seed`). The one recipe behind a
+    search's own base model, `widthsearch train-base` and the bench's bases."""
+    torch.manual_seed(seed)
+    model = load_model(source, data.num_classes, in_channels=data.in_channels)
+    train(model, data, epochs=epochs, config=config, seed=seed, device=device, progress=progress)
+    return model
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: DataSplits, split: str = "val", batch_size: int = 512,
              device: torch.device | str = "cpu") -> tuple[float, float]:
@@ -155,11 +207,12 @@ def evaluate(model: nn.Module, data: DataSplits, split: str = "val", batch_size:
     was_training = model.training
     model.to(device).eval()
     correct, loss_sum, n = 0, 0.0, 0
-    for x, y in data.batches(split, batch_size, shuffle=False, device=device):
-        logits = model(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-        n += len(y)
+    with fast_format(model, device) as fmt:
+        for x, y in data.batches(split, batch_size, shuffle=False, device=device):
+            logits = model(x.contiguous(memory_format=fmt))
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+            n += len(y)
     model.train(was_training)
     return correct / max(1, n), loss_sum / max(1, n)
 
@@ -178,9 +231,10 @@ def recalibrate_bn(model: nn.Module, data: DataSplits, num_batches: int = 20, ba
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over the batches seen
     stream = data.stream("train", batch_size, seed=seed, augment=False, device=device)
-    for _ in range(num_batches):
-        x, _ = next(stream)
-        model(x)
+    with fast_format(model, device) as fmt:
+        for _ in range(num_batches):
+            x, _ = next(stream)
+            model(x.contiguous(memory_format=fmt))
     for bn, m in zip(bns, momenta):
         bn.momentum = m
     model.train(was_training)

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from widthsearch.cost import Measure
-from widthsearch.space import WidthSpace, dependency_graph, root_group
+from .cost import Measure
+from .space import WidthSpace, dependency_graph, device_of, root_group
 
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -57,7 +57,7 @@ class ChannelGates(nn.Module):
         self.space = space
         sizes = [g.width for g in space.groups]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])
-        device = next(model.parameters()).device
+        device = device_of(model)
         self.logits = nn.Parameter(torch.full((int(self.offsets[-1]),), float(init_logit), device=device))
         self.register_buffer("group_of", torch.repeat_interleave(torch.arange(len(sizes), device=device),
                                                                  torch.tensor(sizes, device=device)))
@@ -66,7 +66,7 @@ class ChannelGates(nn.Module):
 
     def _consumer_maps(self, model: nn.Module, space: WidthSpace, device) -> dict[nn.Module, torch.Tensor]:
         """Per consuming layer: for each input channel, the index of its gate (or of a constant 1)."""
-        graph = dependency_graph(model, space.example_input.to(device))
+        graph = dependency_graph(model, space.example_input)
         modules = dict(model.named_modules())
         ones = int(self.offsets[-1])  # index of the constant-1 slot
         maps: dict[nn.Module, torch.Tensor] = {}

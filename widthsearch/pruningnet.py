@@ -34,11 +34,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from widthsearch.cost import CostModel
-from widthsearch.errors import WidthSearchError
-from widthsearch.importance import Batches, score_channels
-from widthsearch.space import WidthSpace, dependency_graph, root_group
-from widthsearch.surgery import prune
+from .cost import CostModel
+from .errors import WidthSearchError
+from .importance import Batches, score_channels
+from .space import WidthSpace, dependency_graph, device_of, root_group
+from .surgery import prune
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 Order = Mapping[str, Sequence[int]]  # {group: its channels, most important first}
@@ -58,7 +58,7 @@ def layer_axes(model: nn.Module, space: WidthSpace, order: Order) -> dict[str, d
 
     A depthwise conv's weight is [C, 1, k, k]: its channels follow the group on dim 0.
     """
-    graph = dependency_graph(model, space.example_input.to(next(model.parameters()).device))
+    graph = dependency_graph(model, space.example_input)
     modules = dict(model.named_modules())
     names = {m: n for n, m in modules.items()}
     axes: dict[str, dict[int, Axis]] = {}
@@ -87,7 +87,7 @@ def channel_order(model: nn.Module, space: WidthSpace, criterion: str = "l1", ba
     keeps at width ``w``; data-driven criteria (taylor, frs) need `batches`.
     """
     work = copy.deepcopy(model)
-    graph = dependency_graph(work, space.example_input.to(next(work.parameters()).device))
+    graph = dependency_graph(work, space.example_input)
     modules = dict(work.named_modules())
     groups = {g.name: root_group(graph, modules[g.name], range(g.width)) for g in space.groups}
     scores = score_channels(criterion, work, groups, batches, seed)
@@ -195,7 +195,7 @@ class PruningNet(nn.Module):
     def forward(self, widths: Sequence[int]) -> dict[str, torch.Tensor]:
         """Dense-shaped generated weights, with every channel beyond its group's width zeroed."""
         widths = self._space.vector(self._space.from_vector(widths))
-        device = next(self.parameters()).device
+        device = device_of(self)
         ratios = torch.as_tensor(widths / self._space.widths, dtype=torch.float32, device=device)
         out = {}
         for name, axes in self.axes.items():
