@@ -1,18 +1,26 @@
-"""Latency- vs FLOPs-constrained search at equal latency: does budgeting measured latency find a better profile?
+"""Latency- vs FLOPs-constrained search at equal measured latency: does budgeting latency find a better model?
 
-For a latency budget L (a fraction of the dense model's latency on this CPU: `--latency-batch`, 1 thread):
+For each searcher (`--searchers`, default optuna and gradient), latency budget L (`--latency-budgets`, default
+0.5 and 0.3 of the dense model's latency on this CPU: `--latency-batch` 1, 1 thread) and seed (`--seeds`):
 
-* `flops` cell: the searcher under `--constraint flops` at the FLOPs budget F that uniform pruning needs to
-  reach latency L (the FLOPs ratio of the uniform profile whose predicted latency ratio is L) - what a user
-  who budgets FLOPs for a latency target would set;
-* `latency` cell: the same searcher, seed and trial count under `--constraint latency --budget L`.
+* `latency` cell: the searcher under `--constraint latency --budget L`;
+* `flops` cells: the same searcher, seed and trial count under `--constraint flops` at FLOPs budgets F x k for
+  each k of `--flops-factors` (default 0.8 1 1.25), F the FLOPs ratio of the uniform profile whose
+  predicted latency ratio is L (what a user who budgets FLOPs for a latency target would set): a FLOPs
+  front around the latency winner's speed.
 
 Each winner (the search's own choice within its budget, on the validation score) is pruned from the base,
-retrained with bench/common.py `retrain_cell` (the bench recipe) and timed whole on this CPU. One JSON per
-(constraint, seed) under bench/results/latency_search/ (a present one is skipped; an interrupted search
-resumes from bench/cache/latency_search/). Compare test accuracy at the measured latency of the winners.
+retrained with bench/common.py `retrain_cell` (the bench recipe) and timed whole on this CPU (the dense model
+beside it, 3 passes). One JSON per cell under bench/results/latency_search/ (a present one is skipped; an
+interrupted search resumes from bench/cache/latency_search/).
 
-    python -m bench.latency_search [--quick] [--seeds 0 1 2] [--latency-budget 0.5] [--searcher optuna]
+The comparison (`summary.json`, `latency_search.png` in the same folder, rewritten after every cell or with
+`--summary`): per searcher, L and seed, the FLOPs front's test accuracy interpolated at the latency winner's
+measured latency ratio (linearly between the two FLOPs winners whose measured ratios bracket it, per test
+image; none when the front does not bracket it), against the latency winner's; the mean difference over
+seeds with a 95% interval (seeds and images resampled, paired), and the measured speed of both.
+
+    python -m bench.latency_search [--quick] [--model cifar_resnet56] [--seeds 0 1 2] [--device cuda] [--summary]
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import common
 from bench.common import (
     CACHE,
     DEFAULT_DATA,
@@ -36,6 +45,7 @@ from bench.common import (
     bench_data,
     machine_load,
     retrain_cell,
+    unpack_mask,
 )
 from searchers import project_to_budget
 from widthsearch import CostModel, Search, build_space, load_model, load_search, prune
@@ -50,16 +60,23 @@ def flops_budget_for(space, base, target: LatencyTarget, latency_budget: float, 
     return round(CostModel(space, base).measure("flops").ratio(widths), 4)
 
 
-def run_cell(constraint: str, seed: int, budgets: dict, args, ckpt: Path, data) -> dict:
+def cell_name(args, searcher: str, constraint: str, latency_budget: float, factor: float | None, seed: int) -> str:
+    flops = f"-f{factor:g}" if constraint == "flops" else ""
+    return f"{args.model}-{searcher}-{constraint}-L{latency_budget:g}{flops}-s{seed}"
+
+
+def run_cell(searcher: str, constraint: str, latency_budget: float, budget: float, factor: float | None, seed: int,
+             args, ckpt: Path, data) -> dict:
     """Search, pick the winner within the budget, retrain it, time it; the cell's JSON record."""
-    name = f"{args.model}-{args.searcher}-{constraint}-L{args.latency_budget}-s{seed}{'-quick' if args.quick else ''}"
+    name = cell_name(args, searcher, constraint, latency_budget, factor, seed) + ("-quick" if args.quick else "")
     storage = str(CACHE / "latency_search")
     settings = dict(name=name, storage=storage, model=args.model, checkpoint=str(ckpt), data=args.data,
-                       val_fraction=VAL_FRACTION, split_seed=SPLIT_SEED, seed=seed, searcher=args.searcher,
-                       budget=budgets[constraint], constraint=constraint, num_samples=args.trials,
-                       concurrency=args.concurrency, finetune_steps=args.finetune_steps, cpus_per_trial=1,
-                       latency_batch=args.latency_batch, latency_clock=args.clock, latency_grid=args.grid,
-                       latency_top=0)
+                    val_fraction=VAL_FRACTION, split_seed=SPLIT_SEED, seed=seed, searcher=searcher,
+                    budget=budget, constraint=constraint, num_samples=args.trials,
+                    concurrency=args.concurrency, finetune_steps=args.finetune_steps, cpus_per_trial=1,
+                    latency_batch=args.latency_batch, latency_clock=args.clock, latency_grid=args.grid,
+                    latency_top=0,
+                    **({"gpus_per_trial": 1 / args.concurrency} if common.DEVICE.startswith("cuda") else {}))
     start = time.time()
     exists = Path(storage, name, "widthsearch", "experiment.json").is_file()
     run = load_search(Path(storage, name)) if exists else Search(**settings)
@@ -72,39 +89,124 @@ def run_cell(constraint: str, seed: int, budgets: dict, args, ckpt: Path, data) 
     (measured,) = measure_profiles(space, base, target, [row["widths"]], paired=True)
     model = prune(base, space, space.from_vector(row["widths"]), run.config.criterion)
     retrained = retrain_cell(ckpt.stem, model, data, seed=seed, epochs=args.retrain_epochs,
-                             label=f"latency_search {constraint} L{args.latency_budget}")
-    return {"constraint": constraint, "seed": seed, "model": args.model, "searcher": args.searcher,
-            "latency_budget": args.latency_budget, "flops_budget": budgets["flops"], "budget": run.config.budget,
+                             label=f"latency_search {searcher} {constraint} L{latency_budget:g}")
+    return {"constraint": constraint, "seed": seed, "model": args.model, "searcher": searcher,
+            "latency_budget": latency_budget, "flops_factor": factor, "budget": run.config.budget,
             "trials": table.num_rows, "finetune_steps": args.finetune_steps, "search_s": search_s,
             "trial_id": row["trial_id"], "widths": row["widths"], "val_score": row["score"],
             "flops_ratio": row["flops_ratio"], "cost_ratio": row["cost_ratio"],
             "predicted_latency_ms": row["latency_ms"],
             "measured_latency_ms": measured["ms"], "measured_latency_ratio": measured["ratio"],
-            "latency": {"batch": args.latency_batch, "threads": 1, "clock": args.clock},
+            "latency": {"batch": args.latency_batch, "threads": 1, "clock": args.clock, "grid": args.grid},
             "retrain_key": retrained["key"], "retrain_epochs": retrained["epochs"], "test_acc": retrained["test_acc"],
-            "retrained_val_acc": retrained["val_acc"], "loadavg": Path("/proc/loadavg").read_text().strip(),
+            "retrained_val_acc": retrained["val_acc"], "test_correct": retrained["test_correct"],
+            "test_images": len(data.test), "loadavg": Path("/proc/loadavg").read_text().strip(),
             "loadavg_1m": machine_load(), "date": time.strftime("%Y-%m-%d")}
+
+
+def front_at(front: list[dict], ratio: float):
+    """The FLOPs front (cells of one seed) at a measured latency ratio: (per-image correctness, accuracy)
+    interpolated linearly between the two cells whose measured ratios bracket `ratio`; None outside."""
+    points = sorted(front, key=lambda c: c["measured_latency_ratio"])
+    for lo, hi in zip(points, points[1:]):
+        a, b = lo["measured_latency_ratio"], hi["measured_latency_ratio"]
+        if a <= ratio <= b:
+            t = 0.0 if b == a else (ratio - a) / (b - a)
+            masks = [unpack_mask(c["test_correct"], c["test_images"]).astype(float) for c in (lo, hi)]
+            return (1 - t) * masks[0] + t * masks[1], (1 - t) * lo["test_acc"] + t * hi["test_acc"]
+    return None
+
+
+def summarize(folder: Path) -> dict:
+    """Per (searcher, latency budget): the latency winners against the FLOPs front at their measured latency."""
+    from bench.stats import paired_difference
+
+    cells = [json.loads(p.read_text()) for p in sorted(folder.glob("*-s*.json"))]
+    out = []
+    for searcher, budget in sorted({(c["searcher"], c["latency_budget"]) for c in cells}):
+        group = [c for c in cells if c["searcher"] == searcher and c["latency_budget"] == budget]
+        pairs, seeds = [], []
+        for c in sorted((c for c in group if c["constraint"] == "latency"), key=lambda c: c["seed"]):
+            front = [f for f in group if f["constraint"] == "flops" and f["seed"] == c["seed"]]
+            at = front_at(front, c["measured_latency_ratio"])
+            seeds.append({"seed": c["seed"], "latency_test_acc": c["test_acc"],
+                          "latency_measured_ratio": c["measured_latency_ratio"],
+                          "flops_front": [(f["flops_factor"], f["measured_latency_ratio"], f["test_acc"])
+                                          for f in sorted(front, key=lambda f: f["flops_factor"])],
+                          "flops_test_acc_at_same_latency": None if at is None else float(at[1])})
+            if at is not None:
+                pairs.append((unpack_mask(c["test_correct"], c["test_images"]).astype(float), at[0]))
+        diff = paired_difference([a for a, _ in pairs], [b for _, b in pairs]) if pairs else None
+        out.append({"searcher": searcher, "latency_budget": budget, "seeds": seeds, "paired_seeds": len(pairs),
+                    "latency_minus_flops_at_same_latency": diff})
+    summary = {"model": cells[0]["model"] if cells else None, "comparisons": out, "date": time.strftime("%Y-%m-%d")}
+    (folder / "summary.json").write_text(json.dumps(summary, indent=1))
+    if cells:
+        plot(cells, folder / "latency_search.png")
+    return summary
+
+
+def plot(cells: list[dict], path: Path) -> None:
+    """Per (searcher, latency budget): test accuracy against measured latency ratio, FLOPs fronts (lines, one per
+    seed) and latency winners (stars)."""
+    from widthsearch.report import pyplot, save_figure
+
+    plt = pyplot()
+    keys = sorted({(c["searcher"], c["latency_budget"]) for c in cells})
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.8), squeeze=False)
+    for ax, (searcher, budget) in zip(axes[0], keys):
+        group = [c for c in cells if c["searcher"] == searcher and c["latency_budget"] == budget]
+        for k, seed in enumerate(sorted({c["seed"] for c in group})):
+            front = sorted((c for c in group if c["constraint"] == "flops" and c["seed"] == seed),
+                           key=lambda c: c["measured_latency_ratio"])
+            color = f"C{k}"
+            ax.plot([c["measured_latency_ratio"] for c in front], [c["test_acc"] for c in front], "o-", color=color,
+                    ms=4, label=f"FLOPs budgets, seed {seed}")
+            for c in group:
+                if c["constraint"] == "latency" and c["seed"] == seed:
+                    ax.plot(c["measured_latency_ratio"], c["test_acc"], "*", color=color, ms=12,
+                            label=f"latency budget, seed {seed}")
+        ax.axvline(budget, color="gray", linestyle=":")
+        ax.set_title(f"{searcher}, latency budget {budget:g}", fontsize=9)
+        ax.set_xlabel("measured latency / dense")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    save_figure(fig, path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke test: 2-epoch base, 3 trials, 1-epoch retrain")
-    parser.add_argument("--model", default="cifar_resnet20")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: cifar_resnet20, 2-epoch base, optuna, L 0.5, FLOPs factors 0.7 1.4, 3 trials")
+    parser.add_argument("--model", default="cifar_resnet56")
     parser.add_argument("--data", default=f"npz:{DEFAULT_DATA}")
-    parser.add_argument("--searcher", default="optuna")
+    parser.add_argument("--searchers", nargs="+", default=["optuna", "gradient"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--latency-budget", type=float, default=0.5)
+    parser.add_argument("--latency-budgets", nargs="+", type=float, default=[0.5, 0.3])
+    parser.add_argument("--flops-factors", nargs="+", type=float, default=[0.8, 1.0, 1.25],
+                        help="FLOPs budgets: the uniform-matched FLOPs ratio times each")
     parser.add_argument("--latency-batch", type=int, default=1)
-    parser.add_argument("--clock", default="cpu", choices=["cpu", "wall"], help="see widthsearch latency_clock")
-    parser.add_argument("--grid", type=int, default=5)
+    parser.add_argument("--clock", default="wall", choices=["cpu", "wall"], help="see widthsearch latency_clock")
+    parser.add_argument("--grid", type=int, default=7)
     parser.add_argument("--trials", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--finetune-steps", type=int, default=100)
     parser.add_argument("--retrain-epochs", type=int, default=RETRAIN_EPOCHS)
+    parser.add_argument("--device", default="cpu",
+                        help="cpu or cuda: base, search trials and retrains (latency is timed on the CPU regardless)")
+    parser.add_argument("--summary", action="store_true", help="only rewrite summary.json and the plot")
     args = parser.parse_args()
+    folder = RESULTS / ("latency_search-quick" if args.quick else "latency_search")
+    if args.summary:
+        print(json.dumps(summarize(folder), indent=1))
+        return
     base_epochs = None
     if args.quick:
-        base_epochs, args.seeds, args.trials, args.finetune_steps, args.retrain_epochs, args.grid = 2, [0], 3, 5, 1, 2
+        args.model, base_epochs, args.searchers, args.latency_budgets, args.flops_factors = (
+            "cifar_resnet20", 2, ["optuna"], [0.5], [0.7, 1.4])
+        args.seeds, args.trials, args.finetune_steps, args.retrain_epochs, args.grid = [0], 3, 5, 1, 3
+    common.use_device(args.device)
     os.environ.setdefault("WIDTHSEARCH_CACHE", str(CACHE))  # latency tables: bench/cache/latency/
     set_threads(1)
     ckpt, info = base_checkpoint(args.model, args.data, base_epochs)
@@ -112,22 +214,30 @@ def main() -> None:
     base = load_model(args.model, data.num_classes, checkpoint=str(ckpt), in_channels=data.in_channels)
     space = build_space(base, data.example_input)
     target = LatencyTarget(batch=args.latency_batch, clock=args.clock)
-    budgets = {"latency": args.latency_budget,
-               "flops": flops_budget_for(space, base, target, args.latency_budget, args.grid)}
-    print(f"base {args.model} ({ckpt.name}): test {info['test_acc']:.4f}; latency budget {budgets['latency']} "
-          f"<-> FLOPs budget {budgets['flops']} (uniform profile)", flush=True)
-    folder = RESULTS / ("latency_search-quick" if args.quick else "latency_search")
     folder.mkdir(parents=True, exist_ok=True)
-    for seed in args.seeds:
-        for constraint in ("flops", "latency"):
-            path = folder / f"{args.model}-{args.searcher}-{constraint}-L{args.latency_budget}-s{seed}.json"
-            if path.is_file():
-                continue
-            cell = run_cell(constraint, seed, budgets, args, ckpt, data)
-            path.write_text(json.dumps(cell, indent=1))
-            print(f"{constraint} seed {seed}: test {cell['test_acc']:.4f}, measured latency "
-                  f"{cell['measured_latency_ms']:.2f} ms ({cell['measured_latency_ratio']:.3f} of dense), "
-                  f"FLOPs {cell['flops_ratio']:.3f}", flush=True)
+    for latency_budget in args.latency_budgets:
+        matched = flops_budget_for(space, base, target, latency_budget, args.grid)
+        print(f"base {args.model} ({ckpt.name}): test {info['test_acc']:.4f}; latency budget {latency_budget:g} "
+              f"<-> FLOPs budget {matched} (uniform profile)", flush=True)
+        for seed in args.seeds:
+            for searcher in args.searchers:
+                plans = [("latency", latency_budget, None)] + [("flops", min(1.0, round(matched * k, 4)), k)
+                                                               for k in args.flops_factors]
+                for constraint, budget, factor in plans:
+                    path = folder / f"{cell_name(args, searcher, constraint, latency_budget, factor, seed)}.json"
+                    if path.is_file():
+                        continue
+                    cell = run_cell(searcher, constraint, latency_budget, budget, factor, seed, args, ckpt, data)
+                    path.write_text(json.dumps(cell, indent=1))
+                    print(f"{searcher} {constraint} {budget:g} seed {seed}: test {cell['test_acc']:.4f}, measured "
+                          f"latency {cell['measured_latency_ms']:.2f} ms ({cell['measured_latency_ratio']:.3f} of "
+                          f"dense), FLOPs {cell['flops_ratio']:.3f}", flush=True)
+                    summarize(folder)
+    for c in summarize(folder)["comparisons"]:
+        d = c["latency_minus_flops_at_same_latency"]
+        print(f"{c['searcher']} L{c['latency_budget']:g}: latency minus FLOPs at the same measured latency: "
+              + (f"{100 * d['diff']:+.2f} points [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}] over "
+                 f"{c['paired_seeds']} seeds" if d else "no seed where the FLOPs front brackets the latency winner"))
 
 
 if __name__ == "__main__":

@@ -202,8 +202,18 @@ def test_on_a_cluster_the_table_is_measured_in_a_ray_task(resnet, tmp_path):
     assert np.allclose(remote.many(widths), local.many(widths))
 
 
-def test_the_overhead_is_robust_to_one_disturbed_measurement():
-    assert calibrate([1, 2, 3, 4, 5], [2, 3, 4, 5, 40]) == pytest.approx(1.0)
+def test_the_overhead_and_scale_are_robust_to_one_disturbed_measurement():
+    assert calibrate([1, 2, 3, 4, 5], [2, 3, 4, 5, 40]) == pytest.approx((1.0, 1.0))
+    overhead, scale = calibrate([1, 2, 3, 4, 5, 6, 7], [1.3, 2.4, 3.5, 9.0, 5.7, 6.8, 7.9])  # 0.2 + 1.1 x, one spike
+    assert overhead == pytest.approx(0.2) and scale == pytest.approx(1.1)
+
+
+def test_the_scale_is_clipped_so_noise_cannot_make_a_narrower_profile_slower():
+    from widthsearch.latency import SCALE_RANGE
+
+    assert calibrate([1, 2, 3], [5, 3, 1])[1] == SCALE_RANGE[0] > 0  # measured falls as the units grow: noise
+    assert calibrate([1, 2, 3], [1, 10, 20])[1] == SCALE_RANGE[1]
+    assert calibrate([2, 2, 2], [3, 3.5, 4]) == (pytest.approx(1.5), 1.0)  # no spread: no slope to fit
 
 
 def test_tables_are_made_monotone_so_narrower_is_never_slower():
@@ -218,6 +228,177 @@ def test_noisy_timings_still_give_a_measure_that_grows_with_the_widths(resnet, t
                           timer=lambda module, inputs: fake_ms(module, inputs) * rng.uniform(1, 3))
     ratios = [noisy.ratio(space.vector(space.uniform(r))) for r in (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)]
     assert noisy.ratio(space.min_widths) <= ratios[0] and ratios == sorted(ratios) and ratios[-1] == 1.0
+
+
+def test_the_grid_keeps_the_two_narrowest_and_the_two_widest_widths():
+    from widthsearch.latency import grid_widths
+
+    assert grid_widths(np.arange(1, 17), 7).tolist() == [1, 2, 4, 7, 11, 15, 16]
+    wide = grid_widths(np.arange(1, 513), 7)
+    assert wide[:2].tolist() == [1, 2] and wide[-2:].tolist() == [511, 512] and len(wide) == 7
+    inner = np.sqrt(wide[1:-1])
+    assert np.allclose(np.diff(inner), np.diff(inner).mean(), rtol=0.05)  # evenly spaced in square root
+    assert grid_widths(np.arange(8, 65, 8), 5).tolist() == [8, 16, 32, 56, 64]  # legal widths of --divisor 8
+    assert grid_widths(np.array([4, 8, 12]), 5).tolist() == [4, 8, 12]
+    assert grid_widths(np.arange(1, 17), 2).tolist() == [1, 16]
+    assert grid_widths(np.arange(1, 17), 3).tolist() == [1, 2, 16]
+
+
+def switching(module, inputs) -> float:
+    """fake_ms, plus 5 ms whenever the unit's input has more than one channel and is not a full-width one: a
+    kernel that switches at the narrowest width (a depthwise conv of one channel is a plain conv) and a faster
+    kernel at the full width (aligned channels)."""
+    channels = inputs[0].shape[1] if inputs else 0
+    return fake_ms(module, inputs) + (5.0 if 1 < channels < 16 else 0.0)
+
+
+def test_a_kernel_switch_at_the_narrowest_or_the_full_width_is_not_smeared_over_the_grid(tmp_path):
+    """Interpolation between the two narrowest and the two widest grid points keeps such steps where they are:
+    every unit at a profile's widths is predicted exactly (the timer is bilinear between its steps), and the
+    table keeps the full width faster than the width below it."""
+    from widthsearch.latency import _replica
+
+    torch.manual_seed(0)
+    model = TinyResidual().eval()
+    space = build_space(model, torch.randn(1, 3, 16, 16))
+    measure = latency_model(space, model, grid=5, cache_dir=tmp_path, timer=switching, progress=False)
+    planned, modules = plan(space, model, 5), dict(model.named_modules())
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        widths = np.array(random_widths(space, rng), dtype=np.float64)
+        for p, predicted in zip(planned, measure.unit_ms(widths)):
+            c_in = p.c_in[0] + p.c_in[1] @ widths
+            c_out = p.tied * c_in if p.tied is not None else p.c_out[0] + p.c_out[1] @ widths
+            assert predicted == pytest.approx(switching(*_replica(modules, p.unit, round(c_in), round(c_out), 1)))
+    assert [g.width for g in space.groups] == [16, 8]  # body.0's output, then the residual stream
+    body = measure.unit_ms(np.array([[15, 8], [16, 8]], dtype=np.float64))  # body.0 at 15 and 16 channels
+    assert body[0].sum() > body[1].sum()
+
+
+def residue(module, inputs) -> float:
+    """fake_ms, plus 5 ms for a conv whose input channels are not a multiple of 4 (onnxruntime's kernels)."""
+    convs = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+    return fake_ms(module, inputs) + (5.0 if convs and convs[0].in_channels % 4 else 0.0)
+
+
+def test_under_onnxruntime_a_conv_has_a_grid_per_residue_of_its_input_channels(resnet, tmp_path, monkeypatch):
+    """plan(align=4) splits every conv whose input widths take both classes into two entries with grids of one
+    class each; with a timer that is bilinear within each class, every profile's units are then exact, and
+    only the entry of the width's class counts. Without the split the same timer is interpolated across."""
+    from widthsearch.latency import ALIGN, _replica
+
+    model, space = resnet
+    assert ALIGN == {"onnxruntime": 4}
+    planned, modules = plan(space, model, 5, align=4), dict(model.named_modules())
+    split = [p for p in planned if p.align == 4]
+    assert split and all(p.unit.modules for p in split) and len(planned) == len(plan(space, model, 5)) + len(split) // 2
+    for p in split:
+        assert all((np.round(p.grid_in) % 4 == 0) == p.aligned)
+    monkeypatch.setattr(LatencyTarget, "check_present", lambda self: None)  # a fake onnxruntime target
+    measure = latency_model(space, model, LatencyTarget(runtime="onnxruntime"), grid=5, cache_dir=tmp_path,
+                            timer=residue, progress=False)
+    assert len(measure.unit_names) == len(planned) and any("c_in % 4 == 0" in n for n in measure.unit_names)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        widths = np.array(random_widths(space, rng), dtype=np.float64)
+        for p, predicted in zip(planned, measure.unit_ms(widths)):
+            c_in = p.c_in[0] + p.c_in[1] @ widths
+            c_out = p.tied * c_in if p.tied is not None else p.c_out[0] + p.c_out[1] @ widths
+            expected = residue(*_replica(modules, p.unit, round(c_in), round(c_out), 1)) if p.active(c_in) else 0.0
+            assert predicted == pytest.approx(expected)
+    eager = latency_model(space, model, grid=5, cache_dir=tmp_path, timer=residue, progress=False)
+    widths = np.array([w - 1 if w % 4 == 0 and w > 4 else w for w in space.vector(space.uniform(0.5))], float)
+    assert eager.of(widths) != pytest.approx(measure.of(widths))
+
+
+def test_tables_keep_a_faster_full_width():
+    table = np.array([[1.0, 2.0, 1.5], [2.0, 3.0, 2.5], [1.5, 2.5, 2.0]])  # the last row and column: faster
+    assert monotone(table).tolist() == table.tolist()
+    assert monotone(np.array([[3.0], [2.0], [5.0], [1.0]])).ravel().tolist() == [2.0, 2.0, 5.0, 1.0]
+
+
+def test_the_scale_is_fitted_when_the_model_runs_slower_than_its_units(resnet, tmp_path):
+    """A timer under which the whole model takes 1.2 x its units' time: the calibrated scale is 1.2 and every
+    prediction is exact."""
+    model, space = resnet
+    whole = type(model)
+
+    def timer(module, inputs):
+        return 1.2 * fake_ms(module, inputs) if isinstance(module, whole) else fake_ms(module, inputs)
+
+    measure = latency_model(space, model, grid=3, cache_dir=tmp_path, timer=timer, progress=False)
+    assert measure.scale == pytest.approx(1.2) and measure.table["scale"] == measure.describe()["scale"]
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        widths = random_widths(space, rng)
+        assert measure.of(widths) == pytest.approx(timer(prune(model, space, space.from_vector(widths)), None))
+        assert measure.of(widths) == pytest.approx(measure.overhead_ms + measure.scale * measure.unit_ms(
+            np.array(widths, dtype=np.float64)).sum())
+
+
+def test_the_calibration_profiles_are_the_dense_one_and_seeded_random_ones(resnet):
+    from widthsearch.latency import CALIBRATION_RATIOS, calibration_profiles
+
+    model, space = resnet
+    profiles = calibration_profiles(space)
+    assert len(profiles) == len(CALIBRATION_RATIOS) and profiles[0].tolist() == space.widths.tolist()
+    assert all(np.array_equal(a, b) for a, b in zip(profiles, calibration_profiles(space)))  # seeded
+    flops = CostModel(space).measure("flops")
+    ratios = [flops.ratio(w) for w in profiles]
+    assert ratios[0] == 1.0 and ratios[-1] < 0.15 and ratios == sorted(ratios, reverse=True)
+    for w in profiles[1:]:
+        space.from_vector(w)  # legal
+        keep = w / space.widths
+        assert keep.std() > 0.05  # not a uniform ratio
+
+
+def test_a_burst_of_load_during_one_pass_over_a_units_grid_is_ignored(resnet, tmp_path):
+    """Each grid point is timed in two interleaved passes, the faster kept: a timer 3x slow for its first 3 calls
+    (the first pass over the first unit's grid: the stem conv, 3 -> 1, 2 or 16 channels) still gives exact
+    predictions."""
+    model, space = resnet
+    calls = []
+
+    def burst(module, inputs):
+        calls.append(1)
+        return fake_ms(module, inputs) * (3.0 if len(calls) <= 3 else 1.0)
+
+    measure = latency_model(space, model, grid=3, cache_dir=tmp_path, timer=burst, progress=False)
+    rng = np.random.default_rng(0)
+    widths = random_widths(space, rng)
+    assert measure.of(widths) == pytest.approx(fake_ms(prune(model, space, space.from_vector(widths)), None))
+
+
+def test_a_prepared_timer_times_the_same_module_again():
+    from widthsearch.latency import UNIT_TIMING, make_timer
+
+    timer = make_timer(LatencyTarget(clock="cpu"), **UNIT_TIMING)
+    run = timer.prepare(torch.nn.Conv2d(3, 4, 3), (torch.randn(1, 3, 8, 8),))
+    assert run() > 0 and run() > 0 and timer(torch.nn.ReLU(), (torch.randn(1, 3, 8, 8),)) > 0
+
+
+def test_bench_error_shares():
+    from bench.latency import errors
+
+    e = errors([1.0, 1.04, 1.08, 0.8], [1.0, 1.0, 1.0, 1.0])
+    assert e["within_10"] == 0.75 and e["within_5"] == 0.5 and e["max_abs_rel_err"] == pytest.approx(0.2)
+    assert e["median_abs_rel_err"] == pytest.approx(0.06) and e["mean_signed_rel_err"] == pytest.approx(-0.02)
+
+
+def test_latency_search_compares_at_equal_measured_latency():
+    """The FLOPs front's accuracy at the latency winner's measured latency: per image, linear between the two
+    FLOPs winners that bracket it; none outside the front."""
+    from bench.common import correct_mask  # noqa: F401  (the mask format)
+    from bench.latency_search import front_at
+
+    def mask(bits):
+        return np.packbits(np.array(bits, dtype=bool)).tobytes().hex()
+
+    front = [{"measured_latency_ratio": 0.4, "test_acc": 0.5, "test_correct": mask([1, 0, 1, 0]), "test_images": 4},
+             {"measured_latency_ratio": 0.6, "test_acc": 1.0, "test_correct": mask([1, 1, 1, 1]), "test_images": 4}]
+    per_image, acc = front_at(front, 0.45)
+    assert per_image.tolist() == [1.0, 0.25, 1.0, 0.25] and acc == pytest.approx(0.625)
+    assert front_at(front, 0.3) is None and front_at(front[:1], 0.4) is None  # no front to interpolate on
 
 
 def test_time_ms_takes_the_median_wall_sample_or_the_fastest_cpu_sample():
@@ -323,7 +504,8 @@ def test_prepare_builds_the_latency_measure_and_converts_max_latency_ms(tmp_path
 
     monkeypatch.setenv("WIDTHSEARCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr("widthsearch.latency.make_timer", lambda target: fake_ms)  # numbers asserted: no clock
+    monkeypatch.setattr("widthsearch.latency.make_timer",
+                        lambda target, *args, **kwargs: fake_ms)  # numbers asserted: no clock
     common = dict(name="lat", storage=str(tmp_path), constraint="latency", base_epochs=1, latency_grid=2)
     exp = prepare(SearchConfig(**common), progress=False)
     assert exp.measure.name == "latency" and exp.measure.base > 0

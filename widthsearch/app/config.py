@@ -106,7 +106,7 @@ class SearchConfig:
                                    "(CPU, fp32)", choices=RUNTIMES)
     latency_clock: str = setting("wall", "wall (wall-clock median), or cpu (fastest process CPU time; 1 thread on "
                                  "a shared CPU)", choices=CLOCKS)
-    latency_grid: int = setting(5, "timed widths per channel axis of each layer (more: slower to measure, closer "
+    latency_grid: int = setting(7, "timed widths per channel axis of each layer (more: slower to measure, closer "
                                 "fit)", low=2)
     latency_top: int = setting(5, "with --constraint latency: after the search, time the best N profiles whole "
                                "(0: none)", low=0)
