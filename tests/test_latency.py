@@ -252,6 +252,12 @@ def switching(module, inputs) -> float:
     return fake_ms(module, inputs) + (5.0 if 1 < channels < 16 else 0.0)
 
 
+def unit_channels(p, widths: np.ndarray) -> tuple[float, float]:
+    """A planned unit's (input, output) channels at a profile's group widths."""
+    c_in = p.c_in[0] + p.c_in[1] @ widths
+    return c_in, (p.tied * c_in if p.tied is not None else p.c_out[0] + p.c_out[1] @ widths)
+
+
 def test_a_kernel_switch_at_the_narrowest_or_the_full_width_is_not_smeared_over_the_grid(tmp_path):
     """Interpolation between the two narrowest and the two widest grid points keeps such steps where they are:
     every unit at a profile's widths is predicted exactly (the timer is bilinear between its steps), and the
@@ -267,8 +273,7 @@ def test_a_kernel_switch_at_the_narrowest_or_the_full_width_is_not_smeared_over_
     for _ in range(5):
         widths = np.array(random_widths(space, rng), dtype=np.float64)
         for p, predicted in zip(planned, measure.unit_ms(widths)):
-            c_in = p.c_in[0] + p.c_in[1] @ widths
-            c_out = p.tied * c_in if p.tied is not None else p.c_out[0] + p.c_out[1] @ widths
+            c_in, c_out = unit_channels(p, widths)
             assert predicted == pytest.approx(switching(*_replica(modules, p.unit, round(c_in), round(c_out), 1)))
     assert [g.width for g in space.groups] == [16, 8]  # body.0's output, then the residual stream
     body = measure.unit_ms(np.array([[15, 8], [16, 8]], dtype=np.float64))  # body.0 at 15 and 16 channels
@@ -302,8 +307,7 @@ def test_under_onnxruntime_a_conv_has_a_grid_per_residue_of_its_input_channels(r
     for _ in range(4):
         widths = np.array(random_widths(space, rng), dtype=np.float64)
         for p, predicted in zip(planned, measure.unit_ms(widths)):
-            c_in = p.c_in[0] + p.c_in[1] @ widths
-            c_out = p.tied * c_in if p.tied is not None else p.c_out[0] + p.c_out[1] @ widths
+            c_in, c_out = unit_channels(p, widths)
             expected = residue(*_replica(modules, p.unit, round(c_in), round(c_out), 1)) if p.active(c_in) else 0.0
             assert predicted == pytest.approx(expected)
     eager = latency_model(space, model, grid=5, cache_dir=tmp_path, timer=residue, progress=False)
