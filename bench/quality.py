@@ -51,7 +51,10 @@ PEERS = {"tp-l1": lambda: tp.importance.MagnitudeImportance(p=1),
          "tp-bnscale": lambda: tp.importance.BNScaleImportance()}
 NON_SEARCH = ("uniform", "global", *PEERS)           # methods that do not search
 SEARCHERS = ("optuna", "gradient", "aofp", "metapruning", "random")
-METHODS = (*NON_SEARCH, *SEARCHERS, *(f"{s}-tuned" for s in SEARCHERS))
+# Candidate options measured against the METHOD rows before any of them becomes a default: row -> (searcher,
+# options over the METHOD row's). "optuna-spread3": keep ratios sampled log-uniformly within a factor 3.
+VARIANTS: dict[str, tuple[str, dict]] = {"optuna-spread3": ("optuna", dict(searcher_options={"spread": 3.0}))}
+METHODS = (*NON_SEARCH, *SEARCHERS, *(f"{s}-tuned" for s in SEARCHERS), *VARIANTS)
 TOP = 6  # the best distinct rows of a search kept in its cell (the choice study retrains them)
 
 # Trial settings every search of the bench shares (SearchConfig fields): one trial at a time on one core, so
@@ -95,9 +98,9 @@ TUNED: dict[str, dict] = {
 
 def method_config(method: str) -> dict:
     """SearchConfig fields of a method's searches: its searcher, trials and options."""
-    searcher, tuned = method.removesuffix("-tuned"), method.endswith("-tuned")
-    options = {**COMMON, **DEFAULTS_BEFORE, **SEARCH.get(searcher, {})}
-    if tuned:
+    searcher, extra = VARIANTS.get(method, (method.removesuffix("-tuned"), {}))
+    options = {**COMMON, **DEFAULTS_BEFORE, **SEARCH.get(searcher, {}), **extra}
+    if method.endswith("-tuned"):
         options.update(TUNED.get(searcher, {}))
     return {"searcher": searcher, **options}
 

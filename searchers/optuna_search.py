@@ -30,6 +30,11 @@ into the experiment after every trial. The sampler works on the in-memory study 
 the searcher (so a resumed search continues exactly where its snapshot was); the journal keeps each trial
 once, also across resumes.
 
+Spread (option ``spread``, budget mode): each parameter is sampled log-uniformly in [1/spread, 1] instead of
+uniformly from its group's minimum ratio to 1, so no group is sampled more than ``spread`` times narrower than
+another before the budget scales them all (a prior against profiles that starve one stage, and halving or
+doubling a share equally likely).
+
 Deviations: in budget mode the sampled ratios are *repaired* with ``project_to_budget``
 (the largest feasible scale of the ratio vector), so an infeasible profile is never
 evaluated; the study is told the repaired profile's score for the sampled parameters
@@ -128,8 +133,14 @@ class OptunaWidthSearcher(WidthSearcher):
     # -- parameterization ---------------------------------------------------------------
     @property
     def _low(self) -> np.ndarray:
-        """Smallest value of each parameter: the largest minimum ratio among the groups it sets."""
-        return np.array([self.min_ratios[row > 0].max() for row in self._basis.T])
+        """Smallest value of each parameter: the largest minimum ratio among the groups it sets, and 1/spread."""
+        low = np.array([self.min_ratios[row > 0].max() for row in self._basis.T])
+        return np.maximum(low, 1.0 / self._spread) if self._spread else low
+
+    @property
+    def _spread(self) -> float | None:
+        """The `spread` option where it applies (budget mode: the budget then scales the sampled ratios)."""
+        return None if self.pareto else self.options["spread"]
 
     def _params_of(self, ratios: np.ndarray) -> dict[str, float]:
         """Parameters whose expansion is closest (least squares) to per-group `ratios`, within bounds."""
@@ -159,7 +170,8 @@ class OptunaWidthSearcher(WidthSearcher):
     # -- proposals ----------------------------------------------------------------------
     def _ask(self) -> tuple[optuna.Trial, np.ndarray]:
         trial = self.study.ask()
-        params = np.array([trial.suggest_float(f"r{i}", float(low), 1.0) for i, low in enumerate(self._low)])
+        log = bool(self._spread)
+        params = np.array([trial.suggest_float(f"r{i}", float(low), 1.0, log=log) for i, low in enumerate(self._low)])
         ratios = np.clip(self._basis @ params, self.min_ratios, 1.0)
         if self.pareto:
             widths = np.array([g.round(r * g.width) for g, r in zip(self.space.groups, ratios)], dtype=np.int64)

@@ -408,6 +408,23 @@ def test_optuna_parameterizations_cover_every_group_and_stay_in_budget(resnet, h
         assert widths[1] == widths[2] == widths[3] and widths[6] == widths[7] and widths[10] == widths[11]
 
 
+def test_optuna_spread_samples_log_uniform_ratios_within_the_factor(resnet):
+    model, space, cost = resnet
+    searcher = make_searcher("optuna", space, cost, budget=0.3, model=model, num_samples=16, spread=2.0,
+                             warm_start=False, seed=0)
+    configs = _run(searcher, space, 12)
+    params = np.array([[t.params[f"r{i}"] for i in range(searcher._basis.shape[1])] for t in searcher.study.trials])
+    assert params.min() >= 0.5 and params.max() <= 1.0
+    assert all(d.log for d in searcher.study.trials[0].distributions.values())
+    for config in configs:
+        widths = np.array(config["widths"])
+        assert _ratio(space, cost, widths) <= 0.3
+        ratios = widths / space.widths  # a factor 2 in the sampled ratios, widened by rounding to whole channels
+        assert ratios.max() / ratios.min() <= 2.0 * (1 + 1 / widths.min()) + 1e-9
+    unlimited = make_searcher("optuna", space, cost, budget=0.3, model=model, num_samples=16, warm_start=False)
+    assert unlimited._low.min() < 0.5
+
+
 def test_the_readme_lists_the_declared_options():
     from pathlib import Path
 
