@@ -90,7 +90,7 @@ def quality_section(folder: Path) -> list[str]:
     if not cells:
         return lines + ["No cell has finished yet.", ""]
     lines += ["Protocol: bases trained once on the bench split (bench/common.py: 4,068 train / 1,017 val images of "
-              "cifar10-5k, 80 epochs, SGD lr 0.1 cosine, 1 thread); test = the 1,017 CIFAR-10 test images, used only "
+              "cifar10-5k, 80 epochs (cifar_vgg16: 30), SGD lr 0.1 cosine, 1 thread); test = the 1,017 CIFAR-10 test images, used only "
               "here. Every pruned model gets the same retrain (20 epochs, SGD lr 0.05 cosine, batch 128, from the "
               "pruned weights), once per retrain seed. Searchers choose on the validation split only. 'seeds' = search "
               "seeds x retrain seeds (methods that do not search: one profile). 'vs uniform' and 'vs best plain' (the "
