@@ -64,6 +64,8 @@ COMMON = dict(concurrency=1, cpus_per_trial=1, seed=0)
 # widthsearch's defaults before the FLOPs-0.1 benchmark (the "METHOD" rows), pinned so the rows keep their meaning.
 DEFAULTS_BEFORE = dict(finetune_steps=50, finetune_lr=0.01, bn_batches=20, score="val_acc", asha=False,
                        rescore_top=0)
+# ... and each searcher's options that changed since (optuna's spread became 3 after the optuna-spread3 row).
+OPTIONS_BEFORE = {"optuna": {"spread": None}}
 # The trials each searcher gets with its default options, the same on every base (so the compute follows the
 # base's size): about 10% of the base's training compute where the default options allow it (16 scoring trials
 # of 50 steps; 3 gradient trials of 100 gate steps); aofp (one round of 2 x 250 batches costs about 30%) and
@@ -99,9 +101,14 @@ TUNED: dict[str, dict] = {
 def method_config(method: str) -> dict:
     """SearchConfig fields of a method's searches: its searcher, trials and options."""
     searcher, extra = VARIANTS.get(method, (method.removesuffix("-tuned"), {}))
-    options = {**COMMON, **DEFAULTS_BEFORE, **SEARCH.get(searcher, {}), **extra}
+    options = {**COMMON, **DEFAULTS_BEFORE, **SEARCH.get(searcher, {})}
     if method.endswith("-tuned"):
         options.update(TUNED.get(searcher, {}))
+    before = OPTIONS_BEFORE.get(searcher, {})
+    options["searcher_options"] = {**before, **options.get("searcher_options", {}), **extra.get("searcher_options", {})}
+    options.update({k: v for k, v in extra.items() if k != "searcher_options"})
+    if not options["searcher_options"]:
+        del options["searcher_options"]
     return {"searcher": searcher, **options}
 
 

@@ -421,8 +421,11 @@ def test_optuna_spread_samples_log_uniform_ratios_within_the_factor(resnet):
         assert _ratio(space, cost, widths) <= 0.3
         ratios = widths / space.widths  # a factor 2 in the sampled ratios, widened by rounding to whole channels
         assert ratios.max() / ratios.min() <= 2.0 * (1 + 1 / widths.min()) + 1e-9
-    unlimited = make_searcher("optuna", space, cost, budget=0.3, model=model, num_samples=16, warm_start=False)
-    assert unlimited._low.min() < 0.5
+    default = make_searcher("optuna", space, cost, budget=0.3, model=model, num_samples=16, warm_start=False)
+    assert default.options["spread"] == 3.0 and default._low.min() == pytest.approx(1 / 3)
+    unlimited = make_searcher("optuna", space, cost, budget=0.3, model=model, num_samples=16, warm_start=False,
+                              spread=None)
+    assert unlimited._low.min() < 0.1
 
 
 def test_the_readme_lists_the_declared_options():
