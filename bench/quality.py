@@ -52,8 +52,8 @@ PEERS = {"tp-l1": lambda: tp.importance.MagnitudeImportance(p=1),
 NON_SEARCH = ("uniform", "global", *PEERS)           # methods that do not search
 SEARCHERS = ("optuna", "gradient", "aofp", "metapruning", "random")
 # Candidate options measured against the METHOD rows before any of them becomes a default: row -> (searcher,
-# options over the METHOD row's). "optuna-spread3": keep ratios sampled log-uniformly within a factor 3.
-VARIANTS: dict[str, tuple[str, dict]] = {"optuna-spread3": ("optuna", dict(searcher_options={"spread": 3.0}))}
+# searcher options over the METHOD row's). "optuna-spread3": keep ratios sampled log-uniformly within a factor 3.
+VARIANTS: dict[str, tuple[str, dict]] = {"optuna-spread3": ("optuna", {"spread": 3.0})}
 METHODS = (*NON_SEARCH, *SEARCHERS, *(f"{s}-tuned" for s in SEARCHERS), *VARIANTS)
 TOP = 6  # the best distinct rows of a search kept in its cell (the choice study retrains them)
 
@@ -100,15 +100,13 @@ TUNED: dict[str, dict] = {
 
 def method_config(method: str) -> dict:
     """SearchConfig fields of a method's searches: its searcher, trials and options."""
-    searcher, extra = VARIANTS.get(method, (method.removesuffix("-tuned"), {}))
+    searcher, variant = VARIANTS.get(method, (method.removesuffix("-tuned"), {}))
     options = {**COMMON, **DEFAULTS_BEFORE, **SEARCH.get(searcher, {})}
     if method.endswith("-tuned"):
         options.update(TUNED.get(searcher, {}))
-    before = OPTIONS_BEFORE.get(searcher, {})
-    options["searcher_options"] = {**before, **options.get("searcher_options", {}), **extra.get("searcher_options", {})}
-    options.update({k: v for k, v in extra.items() if k != "searcher_options"})
-    if not options["searcher_options"]:
-        del options["searcher_options"]
+    searcher_options = {**OPTIONS_BEFORE.get(searcher, {}), **options.get("searcher_options", {}), **variant}
+    if searcher_options:
+        options["searcher_options"] = searcher_options
     return {"searcher": searcher, **options}
 
 

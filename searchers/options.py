@@ -44,8 +44,8 @@ OPTIONS: dict[str, dict[str, Option]] = {
                                    choices=PARAMETERIZATIONS),
         "knots": Option(3, int, "depth parameterization: keep ratios per kind of group", low=2),
         "spread": Option(3.0, float, "budget mode: largest ratio between two sampled keep ratios, each sampled "
-                         "log-uniformly in [1/spread, 1] before the budget scales them (empty: no limit, each "
-                         "uniformly from its group's minimum to 1)", low=1, optional=True),
+                         "log-uniformly in [1/spread, 1] before the budget scales them (empty: each uniformly from "
+                         "its group's minimum to 1)", low=1, optional=True, empty="for no limit"),
         "warm_start": Option(True, bool, "first evaluate the uniform and global-ranking profiles"),
         "startup_trials": Option(None, int, "random trials before TPE models the results (default: a quarter of the "
                                  "trials, 2 to 10)", low=0, optional=True),

@@ -176,9 +176,10 @@ class OptunaWidthSearcher(WidthSearcher):
         trial = self.study.ask()
         log = bool(self._spread)
         params = np.array([trial.suggest_float(f"r{i}", float(low), 1.0, log=log) for i, low in enumerate(self._low)])
-        ratios = np.clip(self._basis @ params, self.min_ratios, 1.0)
         if "warm_index" in trial.user_attrs:  # a warm start is evaluated as given (its parameters: the closest in bounds)
             ratios = self._warm[int(trial.user_attrs["warm_index"])]
+        else:
+            ratios = np.clip(self._basis @ params, self.min_ratios, 1.0)
         if self.pareto:
             widths = np.array([g.round(r * g.width) for g, r in zip(self.space.groups, ratios)], dtype=np.int64)
         else:

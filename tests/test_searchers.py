@@ -426,6 +426,8 @@ def test_optuna_spread_samples_log_uniform_ratios_within_the_factor(resnet):
     unlimited = make_searcher("optuna", space, cost, budget=0.3, model=model, num_samples=16, warm_start=False,
                               spread=None)
     assert unlimited._low.min() < 0.1
+    with pytest.raises(ConfigError, match="searcher 'optuna': option 'spread' must be .*>= 1.*got 0.5"):
+        make_searcher("optuna", space, cost, budget=0.3, model=model, spread=0.5)
 
 
 def test_the_readme_lists_the_declared_options():
