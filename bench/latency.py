@@ -6,7 +6,10 @@ over `--flops` 0.05-0.9, one profile each), each pruned and timed whole with the
 the dense model (3 passes). Reported per cell, for the predicted ms and for the predicted ratio to the dense
 model (what a budget bounds; paired with the dense timing, so steadier than ms on a busy machine): the
 share of profiles within +-10% and +-5% of the measurement, the median and largest relative error, the
-mean signed error; the same for the naive "latency proportional to FLOPs" guess; the load average
+mean signed error; the same for the predicted ms against each measured ms at the machine's speed when the
+table was timed (scaled by the dense model's time in the table over its time right beside the profile: a
+VM's speed drifts by 10-30% within minutes, which moves every measured ms and no model can predict); the
+same for the naive "latency proportional to FLOPs" guess; the load average
 (`/proc/loadavg`) before and after; the dense model timed before and after the profiles (how far the
 machine's speed drifted since the table: a drift moves every measured ms, not the model's error).
 `--residuals K` also times every unit alone at the exact widths of K of the profiles, beside the model's
@@ -37,10 +40,10 @@ from bench.common import RESULTS
 from searchers import make_searcher
 from widthsearch import CostModel, build_space, load_model, prune
 from widthsearch.latency import (
-    ALIGN,
     UNIT_TIMING,
     LatencyTarget,
     _replica,
+    alignment,
     latency_model,
     make_timer,
     measure_profiles,
@@ -91,7 +94,7 @@ def residuals(space, model, latency, target: LatencyTarget, profiles, grid: int,
     interpolation error (bilinear over the fresh grid points against the exact time: the grid's resolution)
     and drift (the table's value against the fresh one). Per profile: composition error (measured whole
     against the sum of exact units plus the overhead: the overhead term, cache effects between layers)."""
-    planned = plan(space, model, grid, ALIGN.get(target.runtime, 0))
+    planned = plan(space, model, grid, alignment(target))
     modules = dict(model.named_modules())
     timer, whole_timer = make_timer(target, **UNIT_TIMING), make_timer(target)
     units_table = latency.table["units"]
@@ -178,14 +181,18 @@ def cell(name: str, batch: int, args) -> dict:
     profiles_s = time.time() - start
     dense_after = measure_profiles(space, model, target, dense)[0]["ms"]
     measured, measured_ratio = [m["ms"] for m in timed], [m["ratio"] for m in timed]
+    dense_beside = [m["dense_ms"] for m in timed]
     predicted = latency.many(np.asarray(profiles, dtype=np.float64)).tolist()
     units = latency.unit_ms(np.asarray(profiles, dtype=np.float64)).sum(-1).tolist()
     predicted_ratio = [p / latency.base for p in predicted]
     dense_table = next(c["measured_ms"] for c in latency.table["calibration"] if c["ratio"] == 1.0)
     by_flops = [flops.ratio(w) * dense_table for w in profiles]
+    # each profile's ms at the machine's speed when the table was timed: scaled by the dense model's time then
+    # over its time right beside the profile (a VM's speed drifts by 10-30% within minutes, idle or not)
+    at_table_speed = [m * dense_table / d for m, d in zip(measured, dense_beside)]
     half = space.vector(space.uniform(0.5))
     out = {"model": name, "batch": batch, "runtime": args.runtime, "threads": args.threads, "clock": args.clock,
-           "grid": args.grid, "groups": len(space), "units": len(latency.unit_names),
+           "grid": args.grid, "align": alignment(target), "groups": len(space), "units": len(latency.unit_names),
            "table_s": table_s, "table_cpu_s": table_cpu_s, "measure_s": latency.table["measure_s"],
            "profiles_s": profiles_s, "overhead_ms": latency.overhead_ms,
            "scale": latency.scale, "aligned_scale": latency.aligned_scale, "calibration": latency.table["calibration"],
@@ -194,14 +201,15 @@ def cell(name: str, batch: int, args) -> dict:
            "drift": statistics.fmean([dense_before, dense_after]) / dense_table,
            "uniform_half": {"flops_ratio": flops.ratio(half), "predicted_latency_ratio": latency.ratio(half)},
            "ms": errors(predicted, measured), "ratio": errors(predicted_ratio, measured_ratio),
+           "ms_at_table_speed": errors(predicted, at_table_speed),
            "flops_ms": errors(by_flops, measured),
            "flops_ratio": errors([flops.ratio(w) for w in profiles], measured_ratio),
            "loadavg_before": before, "loadavg_after_table": after_table, "loadavg_after": loadavg(),
            "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
            "rows": [{"flops_ratio": flops.ratio(w), "predicted_ms": p, "units_ms": u, "measured_ms": m,
-                     "predicted_ratio": pr, "measured_ratio": r, "widths": w}
-                    for w, p, u, m, pr, r in zip(profiles, predicted, units, measured, predicted_ratio,
-                                                 measured_ratio)]}
+                     "dense_beside_ms": d, "predicted_ratio": pr, "measured_ratio": r, "widths": w}
+                    for w, p, u, m, d, pr, r in zip(profiles, predicted, units, measured, dense_beside,
+                                                    predicted_ratio, measured_ratio)]}
     if args.runtime == "onnxruntime":
         import onnxruntime
 
@@ -219,7 +227,8 @@ def summary(c: dict) -> str:
                 f"max {e['max_abs_rel_err']:.1%}")
 
     return (f"{c['model']} b{c['batch']} {c['runtime']} {c['clock']}: table {c['table_s']:.0f} s "
-            f"({c['table_cpu_s']:.0f} s CPU); ms {part(c['ms'])}; ratio {part(c['ratio'])}; "
+            f"({c['table_cpu_s']:.0f} s CPU); ms {part(c['ms'])}; ms at the table's speed "
+            f"{part(c['ms_at_table_speed'])}; ratio {part(c['ratio'])}; "
             f"drift {c['drift']:.3f}; load {c['loadavg_after'].split()[0]}")
 
 
@@ -273,7 +282,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for batch in args.batches:  # batch 1 of every model first: the quick cells
         for name in args.models:
-            path = out / f"{name}-b{batch}-{args.runtime}-{args.clock}.json"
+            align = alignment(LatencyTarget(batch=batch, runtime=args.runtime))
+            path = out / f"{name}-b{batch}-{args.runtime}-{args.clock}{f'-a{align}' if align else ''}.json"
             if path.is_file() and not args.force:
                 print(f"{path} is there (--force measures it again)")
                 continue

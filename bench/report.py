@@ -404,20 +404,24 @@ def latency_section(folder: Path) -> list[str]:
                   "(what a budget bounds). Goal: >= 95% of profiles within +-10% of the measured ms and a median "
                   "error <= 3%, every model at batch 1 and 64; a table built in <= 60 s on one core. 'drift': the "
                   "dense model's time during the profiles over its time at the table (a loaded machine's speed "
-                  "moves every measured ms).", "",
-                  "| model | batch | runtime | clock | profiles | table s (CPU s) | ms: in 10% / in 5% / median / max "
-                  "| ratio: in 10% / in 5% / median / max | FLOPs-proportional ratio median | drift | load |",
-                  "|---" * 11 + "|"]
+                  "moves every measured ms). 'ms at table speed': each measured ms scaled by the dense model's time in the "
+                  "table over its time right beside the profile (the machine's speed when the table was timed). "
+                  "'align': the input-channel modulus whose multiples get their own grid (0: none).", "",
+                  "| model | batch | runtime | clock | align | profiles | table s (CPU s) | ms: in 10% / in 5% / median "
+                  "/ max | ms at table speed | ratio: in 10% / in 5% / median / max | FLOPs-proportional ratio median "
+                  "| drift | load | date |",
+                  "|---" * 15 + "|"]
 
         def part(e: dict) -> str:
             return (f"{e['within_10']:.0%} / {e['within_5']:.0%} / {e['median_abs_rel_err']:.1%} / "
                     f"{e['max_abs_rel_err']:.1%}")
 
         for c in sorted(cells, key=lambda c: (c["runtime"], c["batch"], c["model"])):
-            lines.append(f"| {c['model']} | {c['batch']} | {c['runtime']} | {c['clock']} | {len(c['rows'])} | "
-                         f"{c['table_s']:.0f} ({c['table_cpu_s']:.0f}) | {part(c['ms'])} | {part(c['ratio'])} | "
-                         f"{c['flops_ratio']['median_abs_rel_err']:.1%} | {c['drift']:.3f} | "
-                         f"{c['loadavg_after'].split()[0]} |")
+            table_speed = part(c["ms_at_table_speed"]) if "ms_at_table_speed" in c else "-"
+            lines.append(f"| {c['model']} | {c['batch']} | {c['runtime']} | {c['clock']} | {c.get('align', '-')} | "
+                         f"{len(c['rows'])} | {c['table_s']:.0f} ({c['table_cpu_s']:.0f}) | {part(c['ms'])} | "
+                         f"{table_speed} | {part(c['ratio'])} | {c['flops_ratio']['median_abs_rel_err']:.1%} | "
+                         f"{c['drift']:.3f} | {c['loadavg_after'].split()[0]} | {c['date']} |")
         lines += ["", f"![latency]({folder.name}/latency/latency.png)", ""]
     summary = _load(folder / "latency_search", "summary")
     if summary and summary["comparisons"]:

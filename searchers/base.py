@@ -88,7 +88,7 @@ def _widths_at(scales: np.ndarray, ratios: np.ndarray, full: np.ndarray, low: np
 
 
 def project_to_budget(space: WidthSpace, cost: CostModel | Measure, ratios: np.ndarray, target: float,
-                      *, iterations: int = 6, grid: int = 33) -> np.ndarray:
+                      *, iterations: int = 6, grid: int = 33, low: np.ndarray | None = None) -> np.ndarray:
     """Scale keep-ratio direction(s) onto a budget of `cost` (a Measure; a CostModel means FLOPs).
 
     ``widths(s) = clip(round(s * ratios * W to multiples of the divisor), min, W)``; returns
@@ -97,9 +97,10 @@ def project_to_budget(space: WidthSpace, cost: CostModel | Measure, ratios: np.n
     evaluates ``grid`` scales per row in one ``measure.many`` call and keeps the bracket
     around the feasibility boundary (the measure grows monotonically with ``s``). A direction that
     fits entirely gives the full widths; one that cannot meet the target (even at ``s = 0``)
-    falls back to the minimal widths.
+    falls back to the floor widths (`low`, legal widths per group; default: the groups' minimum widths), or to
+    the minimum widths where the floor itself does not fit.
     """
-    return project_with_scale(space, cost, ratios, target, iterations=iterations, grid=grid)[0]
+    return project_with_scale(space, cost, ratios, target, iterations=iterations, grid=grid, low=low)[0]
 
 
 def next_queued(queue: list) -> "tuple[np.ndarray, dict] | str":
@@ -111,7 +112,8 @@ def next_queued(queue: list) -> "tuple[np.ndarray, dict] | str":
 
 
 def project_with_scale(space: WidthSpace, cost: CostModel | Measure, ratios: np.ndarray, target: float,
-                       *, iterations: int = 6, grid: int = 33) -> tuple[np.ndarray, np.ndarray | float]:
+                       *, iterations: int = 6, grid: int = 33,
+                       low: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | float]:
     """`project_to_budget` that also returns the scale(s) ``s`` found."""
     ratios = np.asarray(ratios, dtype=np.float64)
     single = ratios.ndim == 1
@@ -121,7 +123,7 @@ def project_with_scale(space: WidthSpace, cost: CostModel | Measure, ratios: np.
     if not np.all(np.isfinite(r)) or np.any(r < 0):
         raise WidthSearchError("keep ratios must be finite and non-negative")
     full = space.widths.astype(np.float64)
-    low = space.min_widths.astype(np.float64)
+    low = (space.min_widths if low is None else np.maximum(low, space.min_widths)).astype(np.float64)
     div = np.array([g.divisor for g in space.groups], dtype=np.float64)
     measure = as_measure(cost)
     n = len(r)
@@ -144,10 +146,11 @@ def project_with_scale(space: WidthSpace, cost: CostModel | Measure, ratios: np.
         new_hi = np.where(last < grid - 1, scales[np.arange(n), nxt], hi)
         lo, hi = new_lo, new_hi
     widths = _widths_at(lo, r, full, low, div)
-    # Rows infeasible even at s = lo (only possible when the target is below the minimal
-    # profile's cost): fall back to the minimal widths.
+    # Rows infeasible even at s = lo (only possible when the target is below the floor profile's
+    # cost): fall back to the floor widths, or the minimal ones where the floor does not fit.
     bad = ~feasible(widths)
-    widths[bad] = space.min_widths
+    floor = low.astype(np.int64)
+    widths[bad] = floor if feasible(floor[None])[0] else space.min_widths
     lo = np.where(bad, 0.0, lo)
     return (widths[0], float(lo[0])) if single else (widths, lo)
 
@@ -240,9 +243,11 @@ class WidthSearcher(Searcher):
         """Measure ratio of a width vector (validated)."""
         return self._measure.ratio(self._space.vector(self._space.from_vector(widths)))
 
-    def project(self, ratios: np.ndarray, target: float | None = None) -> np.ndarray:
-        """project_to_budget on this searcher's space and measure (default target: the budget)."""
-        return project_to_budget(self._space, self._measure, ratios, self.budget if target is None else target)
+    def project(self, ratios: np.ndarray, target: float | None = None, low: np.ndarray | None = None) -> np.ndarray:
+        """project_to_budget on this searcher's space and measure (default target: the budget; `low`: floor
+        widths per group, default the groups' minimum widths)."""
+        return project_to_budget(self._space, self._measure, ratios, self.budget if target is None else target,
+                                 low=low)
 
     # -- Tune API ---------------------------------------------------------------------
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec) -> bool:

@@ -88,6 +88,7 @@ class OptunaWidthSearcher(WidthSearcher):
         super().__init__(space, cost, **kwargs)
         sampler = self.options["sampler"] or ("nsga2" if self.pareto else "tpe")
         self._basis = _basis(space, self.model, self.options["parameterization"], self.options["knots"])
+        self._floor = self._floor_widths()
         self._warm = self._warm_profiles() if self.options["warm_start"] else []
         trials = self.num_samples or 40
         startup = self.options["startup_trials"]
@@ -146,6 +147,17 @@ class OptunaWidthSearcher(WidthSearcher):
         """The `spread` option where it applies (budget mode: the budget then scales the sampled ratios)."""
         return None if self.pareto else self.options["spread"]
 
+    def _floor_widths(self) -> np.ndarray | None:
+        """Budget mode with `min_channels`: per group, the narrower of min_channels and its uniform width at the
+        budget (so the floor profile costs no more than the uniform one, which fits)."""
+        if self.pareto or self.options["min_channels"] is None:
+            return None
+        from .baselines import UniformSearcher
+
+        uniform = UniformSearcher(self.space, self.cost, budget=self.budget, measure=self.measure)
+        widths = np.asarray(uniform.suggest("floor")["widths"], dtype=np.int64)
+        return np.minimum(widths, [g.round(self.options["min_channels"]) for g in self.space.groups])
+
     def _params_of(self, ratios: np.ndarray) -> dict[str, float]:
         """Parameters whose expansion is closest (least squares) to per-group `ratios`, within bounds."""
         values = np.linalg.lstsq(self._basis, np.asarray(ratios, dtype=np.float64), rcond=None)[0]
@@ -183,7 +195,7 @@ class OptunaWidthSearcher(WidthSearcher):
         if self.pareto:
             widths = np.array([g.round(r * g.width) for g, r in zip(self.space.groups, ratios)], dtype=np.int64)
         else:
-            widths = self.project(ratios)
+            widths = self.project(ratios, low=None if "warm_index" in trial.user_attrs else self._floor)
         trial.set_user_attr("widths", [int(w) for w in widths])
         return trial, widths
 

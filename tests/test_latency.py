@@ -293,7 +293,7 @@ def test_under_onnxruntime_a_conv_has_a_grid_per_residue_of_its_input_channels(r
     from widthsearch.latency import ALIGN, _replica
 
     model, space = resnet
-    assert ALIGN == {"onnxruntime": 4}
+    assert ALIGN[("cpu", "onnxruntime")] == 4
     planned, modules = plan(space, model, 5, align=4), dict(model.named_modules())
     split = [p for p in planned if p.align == 4]
     assert split and all(p.unit.modules for p in split) and len(planned) == len(plan(space, model, 5)) + len(split) // 2

@@ -90,7 +90,8 @@ from .timing import time_ms
 
 FORMAT = 2                      # of the cached table; a change invalidates old tables
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # of target.DTYPES
-ALIGN = {"onnxruntime": 4}      # runtime -> the input-channel modulus whose multiples run other kernels (plan)
+# (device, runtime) -> the input-channel modulus whose multiples run other kernels (plan; see alignment)
+ALIGN = {("cpu", "onnxruntime"): 4, ("cpu", "eager"): 8}
 CALIBRATION_RATIOS = (1.0, 0.85, 0.7, 0.55, 0.4, 0.3, 0.2)
 ROUNDS = 3                      # interleaved passes over the whole-model timings (calibration, measure_profiles)
 SCALE_RANGE = (0.5, 2.0)        # the calibrated in-context scale of the summed units is clipped to this range
@@ -374,6 +375,12 @@ def _replica(model_modules: dict, unit: _Unit, c_in: int, c_out: int, batch: int
         return _Op(unit.op, unit.template, unit.kwargs), inputs
     layers = [_shrink(model_modules[name], c_in, c_out, name, head=i == 0) for i, name in enumerate(unit.modules)]
     return (layers[0] if len(layers) == 1 else nn.Sequential(*layers)), inputs
+
+
+def alignment(target: LatencyTarget) -> int:
+    """The input-channel modulus whose multiples run other kernels on `target` (0: none): a conv whose input widths
+    take both classes is timed on one grid per class (see ALIGN, :func:`plan`)."""
+    return ALIGN.get((target.device, target.runtime), 0)
 
 
 def plan(space: WidthSpace, model: nn.Module, grid: int = 7, align: int = 0) -> list[_Planned]:
@@ -723,7 +730,7 @@ def latency_model(space: WidthSpace, model: nn.Module, target: LatencyTarget = L
     `on_target(fn, *args, **kwargs)` runs the loading/measuring elsewhere (e.g. :func:`ray_task`, on the
     nodes that run the trials); default: here. `timer` replaces the real clock (tests).
     """
-    planned = plan(space, model, grid, ALIGN.get(target.runtime, 0))
+    planned = plan(space, model, grid, alignment(target))
     call = on_target or (lambda fn, *args, **kwargs: fn(*args, **kwargs))
     table = call(load_or_measure, space, model, target, planned, grid=grid, exp_dir=exp_dir, cache_dir=cache_dir,
                  timer=timer, progress=progress)
