@@ -16,7 +16,8 @@ machine's speed drifted since the table: a drift moves every measured ms, not th
 interpolated unit times and the whole model: the per-unit residuals (interpolation) and what the sum of
 exact units plus the overhead misses (composition: overhead, cache effects between layers).
 
-One JSON per cell, `OUT_DIR/{model}-b{batch}-{runtime}-{clock}.json` (a present cell is skipped unless
+One JSON per cell, `OUT_DIR/{model}-b{batch}-{runtime}-{clock}.json`, `...-a{N}.json` where the model times
+convs on one grid per input-channel residue mod N (widthsearch.latency.ALIGN; a present cell is skipped unless
 --force, so cells run one at a time and resume), and `OUT_DIR/latency.png` over all present cells.
 Untrained models (weights do not change the time).
 

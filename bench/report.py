@@ -82,7 +82,7 @@ def quality_section(folder: Path) -> list[str]:
     test accuracy over search and retrain seeds, its paired difference to uniform and to the best method that
     does not search, with 95% intervals, its compute against the base's, size and latency; the goals; what is
     missing."""
-    from bench.quality import NON_SEARCH, SEARCH, TUNED
+    from bench.quality import NON_SEARCH, OPTIONS_BEFORE, SEARCH, TUNED, VARIANTS
 
     cells = [c for c in _cells(folder / "quality") if "error" not in c]
     failed = [c for c in _cells(folder / "quality") if "error" in c]
@@ -99,8 +99,10 @@ def quality_section(folder: Path) -> list[str]:
               "'worst seed': the search seed that gained least against the best plain method. Compute: the search's "
               "trial CPU-seconds (trial wall x CPUs per trial) as a share of the base's training CPU-seconds, same "
               "machine. Trials: " + ", ".join(f"{m} {o['num_samples']}" for m, o in SEARCH.items())
-              + "; METHOD rows use widthsearch's defaults before this benchmark (50 fine-tune steps, no re-scoring), "
-              "METHOD-tuned rows " + (", ".join(f"{m}: {o}" for m, o in TUNED.items()) or "(none yet)") + ". "
+              + "; METHOD rows use widthsearch's defaults before this benchmark (50 fine-tune steps, no re-scoring)"
+              + "".join(f" with {m} options {o}" for m, o in OPTIONS_BEFORE.items()) + "; "
+              "METHOD-tuned rows " + (", ".join(f"{m}: {o}" for m, o in TUNED.items()) or "(none yet)") + "; "
+              + "; ".join(f"{v}: {s} with options {o}" for v, (s, o) in VARIANTS.items()) + ". "
               "Latency: CPU, 1 thread, batch 1, median of 20 runs, under the load shown.", ""]
     by = defaultdict(list)
     for c in cells:

@@ -47,7 +47,7 @@ OPTIONS: dict[str, dict[str, Option]] = {
                          "log-uniformly in [1/spread, 1] before the budget scales them (empty: each uniformly from "
                          "its group's minimum to 1)", low=1, optional=True, empty="for no limit"),
         "min_channels": Option(None, int, "budget mode: no group narrower than this many channels, or than its "
-                               "width in the uniform profile at the budget where that is fewer (empty: no floor)",
+                               "width in the uniform profile at the budget where that is fewer",
                                low=1, optional=True, empty="for no floor"),
         "warm_start": Option(True, bool, "first evaluate the uniform and global-ranking profiles"),
         "startup_trials": Option(None, int, "random trials before TPE models the results (default: a quarter of the "

@@ -39,6 +39,17 @@ or better on cifar_resnet20 at 0.1 and cifar_vgg16 at 0.05, and at cifar_resnet2
 seeds that starved a stage to one channel (worst seed 0.557 instead of 0.403 test). Warm-start profiles are
 evaluated as given; the study records them at the closest parameters within these bounds.
 
+Floor (option ``min_channels``, budget mode, default none): the budget projection keeps every group at or above
+the narrower of ``min_channels`` and its width in the uniform profile at the budget (the floor profile costs no
+more than the uniform one, so the budget can always be met), a prior against starved layers that, unlike
+``spread``, leaves wide groups free to shrink far (cifar_vgg16's winning profiles keep the 512-channel layers 4x
+narrower than the 64-channel ones, relative to their full widths). Measured as ``spread`` 8 with
+``min_channels`` 8 against the default (bench row optuna-floor8, 3 search seeds per cell, mean retrained
+validation accuracy, 2026-12-06): cifar_resnet20 0.1 0.640 vs 0.641, 0.05 0.569 vs 0.578; cifar_vgg16 0.05
+0.641 vs 0.660, 0.02 0.545 vs 0.540: not better, so not the default. In those searches the 50-step score did rank
+cifar_vgg16's early-wide profiles first where the search sampled them (seed 0 at 0.02: test 0.593 against
+uniform's 0.545), but two of three searches never sampled one in 16 trials.
+
 Deviations: in budget mode the sampled ratios are *repaired* with ``project_to_budget``
 (the largest feasible scale of the ratio vector), so an infeasible profile is never
 evaluated; the study is told the repaired profile's score for the sampled parameters

@@ -121,6 +121,18 @@ def test_project_to_budget_lands_just_under_the_budget(resnet):
     assert np.array_equal(project_to_budget(space, cost, np.ones(len(space)), 1e-9), space.min_widths)
 
 
+def test_project_to_budget_keeps_the_floor_widths(resnet):
+    _, space, cost = resnet
+    floor = np.minimum(space.widths, 6)
+    starved = np.ones(len(space))
+    starved[0] = 0.01  # a direction that would take group 0 down to its minimum
+    widths = project_to_budget(space, cost, starved, 0.2, low=floor)
+    assert np.all(widths >= floor) and 0.18 <= _ratio(space, cost, widths) <= 0.2
+    assert project_to_budget(space, cost, starved, 0.2)[0] < floor[0]  # without the floor it goes below
+    # a budget below the floor's own cost: the floor where it fits is no longer possible, the minimum widths are
+    assert np.array_equal(project_to_budget(space, cost, starved, 1e-9, low=floor), space.min_widths)
+
+
 def test_project_to_budget_respects_divisor():
     torch.manual_seed(0)
     model = load_model("small_cnn", 10, in_channels=1)
@@ -428,6 +440,23 @@ def test_optuna_spread_samples_log_uniform_ratios_within_the_factor(resnet):
     assert unlimited._low.min() < 0.1
     with pytest.raises(ConfigError, match="searcher 'optuna': option 'spread' must be .*>= 1.*got 0.5"):
         make_searcher("optuna", space, cost, budget=0.3, model=model, spread=0.5)
+
+
+def test_optuna_min_channels_floors_every_group_at_the_narrower_of_n_and_its_uniform_width(resnet):
+    model, space, cost = resnet
+    uniform = np.asarray(make_searcher("uniform", space, cost, budget=0.05).suggest("u")["widths"])
+    searcher = make_searcher("optuna", space, cost, budget=0.05, model=model, num_samples=16, spread=8.0,
+                             min_channels=8, warm_start=False, seed=0)
+    floor = np.minimum(uniform, 8)
+    assert np.array_equal(searcher._floor, floor) and floor.min() < 8 and floor.max() == 8
+    for config in _run(searcher, space, 12):
+        widths = np.array(config["widths"])
+        assert np.all(widths >= floor) and _ratio(space, cost, widths) <= 0.05
+    plain = make_searcher("optuna", space, cost, budget=0.05, model=model, num_samples=16, spread=8.0,
+                          warm_start=False, seed=0)
+    assert plain._floor is None and min(np.min(c["widths"]) for c in _run(plain, space, 12)) < floor.min()
+    with pytest.raises(ConfigError, match="searcher 'optuna': option 'min_channels' must be .*>= 1.*got 0"):
+        make_searcher("optuna", space, cost, budget=0.05, model=model, min_channels=0)
 
 
 def test_the_readme_lists_the_declared_options():

@@ -90,8 +90,11 @@ from .timing import time_ms
 
 FORMAT = 2                      # of the cached table; a change invalidates old tables
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # of target.DTYPES
-# (device, runtime) -> the input-channel modulus whose multiples run other kernels (plan; see alignment)
-ALIGN = {("cpu", "onnxruntime"): 4, ("cpu", "eager"): 8}
+# (device, runtime) -> the input-channel modulus whose multiples run other kernels (plan; see alignment). Eager
+# PyTorch on the CPU has none: oneDNN at batch 64 runs a 3x3 conv of 24 or 32 input channels 1.5x slower than one
+# of 28, yet a split by c_in % 8 (bench/latency.py, 2026-12-06) helped cifar_resnet20 at batch 64 (ratio within
+# 10%: 72% -> 90% of profiles) and hurt cifar_resnet56 (82% -> 48%; its small profiles predicted 15-20% fast).
+ALIGN = {("cpu", "onnxruntime"): 4}
 CALIBRATION_RATIOS = (1.0, 0.85, 0.7, 0.55, 0.4, 0.3, 0.2)
 ROUNDS = 3                      # interleaved passes over the whole-model timings (calibration, measure_profiles)
 SCALE_RANGE = (0.5, 2.0)        # the calibrated in-context scale of the summed units is clipped to this range

@@ -124,7 +124,12 @@ def check_options(searcher: str, declared: Mapping[str, Option], given: Mapping[
 
 def options_help(declared: Mapping[str, Option]) -> list[str]:
     """One line per option: ``key=default  help (valid values)``."""
-    return [f"{key}={value_text(o.default)}  {o.help_text()} ({o.describe()})" for key, o in declared.items()]
+    return [f"{key}={default_text(o)}  {o.help_text()} ({o.describe()})" for key, o in declared.items()]
+
+
+def default_text(option: Option) -> str:
+    """An option's default as a user writes it; a None default that does not mean "automatic" is written empty."""
+    return "" if option.default is None and option.empty != Option.empty else value_text(option.default)
 
 
 def value_text(value: Any) -> str:
