@@ -420,7 +420,7 @@ def latency_section(folder: Path) -> list[str]:
 
         for c in sorted(cells, key=lambda c: (c["runtime"], c["batch"], c["model"])):
             table_speed = part(c["ms_at_table_speed"]) if "ms_at_table_speed" in c else "-"
-            lines.append(f"| {c['model']} | {c['batch']} | {c['runtime']} | {c['clock']} | {c.get('align', '-')} | "
+            lines.append(f"| {c['model']} | {c['batch']} | {c['runtime']} | {c['clock']} | {c.get('align', 0)} | "
                          f"{len(c['rows'])} | {c['table_s']:.0f} ({c['table_cpu_s']:.0f}) | {part(c['ms'])} | "
                          f"{table_speed} | {part(c['ratio'])} | {c['flops_ratio']['median_abs_rel_err']:.1%} | "
                          f"{c['drift']:.3f} | {c['loadavg_after'].split()[0]} | {c['date']} |")
