@@ -163,11 +163,15 @@ class OptunaWidthSearcher(WidthSearcher):
         budget (so the floor profile costs no more than the uniform one, which fits)."""
         if self.pareto or self.options["min_channels"] is None:
             return None
+        return np.minimum(self._uniform_widths(self.budget),
+                          [g.round(self.options["min_channels"]) for g in self.space.groups])
+
+    def _uniform_widths(self, target: float) -> np.ndarray:
+        """The uniform searcher's profile at `target` (the floor's reference, a warm start)."""
         from .baselines import UniformSearcher
 
-        uniform = UniformSearcher(self.space, self.cost, budget=self.budget, measure=self.measure)
-        widths = np.asarray(uniform.suggest("floor")["widths"], dtype=np.int64)
-        return np.minimum(widths, [g.round(self.options["min_channels"]) for g in self.space.groups])
+        uniform = UniformSearcher(self.space, self.cost, budget=target, measure=self.measure)
+        return np.asarray(uniform.suggest("uniform")["widths"], dtype=np.int64)
 
     def _params_of(self, ratios: np.ndarray) -> dict[str, float]:
         """Parameters whose expansion is closest (least squares) to per-group `ratios`, within bounds."""
@@ -177,15 +181,12 @@ class OptunaWidthSearcher(WidthSearcher):
 
     def _warm_profiles(self) -> list[np.ndarray]:
         """Per-group keep ratios to evaluate first: uniform, and the global-ranking profiles (budget mode)."""
-        from .baselines import UniformSearcher
         from .global_ranking import GlobalRankingSearcher
 
         targets = [self.budget] if not self.pareto else [0.3, 0.5, 0.7]
         targets = [t for t in targets if t >= self.min_cost_ratio]
         profiles = [np.ones(len(self.space))] if self.pareto else []
-        for target in targets:
-            uniform = UniformSearcher(self.space, self.cost, budget=target, measure=self.measure)
-            profiles.append(np.asarray(uniform.suggest("warm")["widths"]) / self.space.widths)
+        profiles += [self._uniform_widths(target) / self.space.widths for target in targets]
         if not self.pareto and self.model is not None:
             ranking = GlobalRankingSearcher(self.space, self.cost, budget=self.budget, model=self.model,
                                             criterion=self.criterion, measure=self.measure, batches=self.batches,
@@ -199,14 +200,15 @@ class OptunaWidthSearcher(WidthSearcher):
         trial = self.study.ask()
         log = bool(self._spread)
         params = np.array([trial.suggest_float(f"r{i}", float(low), 1.0, log=log) for i, low in enumerate(self._low)])
-        if "warm_index" in trial.user_attrs:  # a warm start is evaluated as given (its parameters: the closest in bounds)
-            ratios = self._warm[int(trial.user_attrs["warm_index"])]
+        warm = trial.user_attrs.get("warm_index")
+        if warm is not None:  # a warm start is evaluated as given (its parameters: the closest in bounds), no floor
+            ratios = self._warm[int(warm)]
         else:
             ratios = np.clip(self._basis @ params, self.min_ratios, 1.0)
         if self.pareto:
             widths = np.array([g.round(r * g.width) for g, r in zip(self.space.groups, ratios)], dtype=np.int64)
         else:
-            widths = self.project(ratios, low=None if "warm_index" in trial.user_attrs else self._floor)
+            widths = self.project(ratios, low=None if warm is not None else self._floor)
         trial.set_user_attr("widths", [int(w) for w in widths])
         return trial, widths
 
