@@ -136,6 +136,28 @@ def peer_prune(model: torch.nn.Module, data, budget: float, importance: str, see
     return model
 
 
+def _trial_compute(rows: list[dict], cpus_per_trial: float) -> dict:
+    """A search's trial count and trial CPU-seconds (measured, else wall x CPUs per trial)."""
+    return {"trials": len(rows),
+            "trial_cpu_s": sum(r.get("cpu_s") or (r["wall_s"] or 0.0) * cpus_per_trial for r in rows),
+            "trial_wall_s": sum(r["wall_s"] or 0.0 for r in rows),
+            "cpu_measured": all(r.get("cpu_s") is not None for r in rows)}
+
+
+def failed_search_cost(args, method: str, budget: float, seed: int) -> dict:
+    """What a search that ended without a row within the budget spent and how close it came (for its failed
+    cell): its trials and trial CPU-seconds, the smallest cost ratio among its rows; {} where it never started."""
+    storage, name = search_dir(args, method, budget, seed)
+    exp, info_path = Path(storage, name), CACHE / "searches" / args.model / f"{name}.json"
+    if not Path(exp, "widthsearch", "experiment.json").is_file():
+        return {}
+    cost = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    rows = load_search(str(exp)).results().to_pylist()
+    ratios = [r["cost_ratio"] for r in rows if r.get("cost_ratio") is not None]
+    return {**cost, **_trial_compute(rows, method_config(method).get("cpus_per_trial", 1)),
+            "smallest_ratio": min(ratios) if ratios else None}
+
+
 def search_dir(args, method: str, budget: float, seed: int) -> tuple[str, str]:
     """(storage, name) of a cell's search, kept in bench/cache/searches/."""
     return str(CACHE / "searches" / args.model), f"{method}-b{budget}-s{seed}"
@@ -167,10 +189,7 @@ def search_cell(method: str, budget: float, seed: int, args, ckpt: Path, base, s
     row = run.best(budget)
     model = pruned_from_row(row, base, space, cfg.criterion)
     main = top_rows(table, budget)
-    info = {**cost, "trials": len(rows),
-            "trial_cpu_s": sum(r.get("cpu_s") or (r["wall_s"] or 0.0) * cfg.cpus_per_trial for r in rows),
-            "trial_wall_s": sum(r["wall_s"] or 0.0 for r in rows),
-            "cpu_measured": all(r.get("cpu_s") is not None for r in rows),
+    info = {**cost, **_trial_compute(rows, cfg.cpus_per_trial),
             "val_score": row["score"], "val_finetune_steps": row["steps_reached"], "trial_id": row["trial_id"],
             "search_config": load_metadata(exp)["config"], "options": method_config(method),
             "top_rows": main,
@@ -307,7 +326,10 @@ def main() -> None:
                     cell = run_cell(method, budget, seed, seeds, args, ckpt, info, base, space, cost, data, old)
                 except Exception as exc:  # a failed cell is recorded, not fatal: the table lists it
                     cell = {"method": method, "budget": budget, "seed": seed, "model": args.model,
-                            "error": f"{type(exc).__name__}: {exc}", "date": time.strftime("%Y-%m-%d")}
+                            "error": f"{type(exc).__name__}: {exc}", "date": time.strftime("%Y-%m-%d"),
+                            "base_info": info}
+                    if method not in NON_SEARCH:
+                        cell.update(failed_search_cost(args, method, budget, seed))
                 path.write_text(json.dumps(cell, indent=1))
                 print(f"{method} {budget} s{seed}: " + (cell.get("error") or
                       f"test {cell['test_acc']:.4f} over {len(cell['retrains'])} retrain(s), "

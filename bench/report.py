@@ -114,8 +114,8 @@ def quality_section(folder: Path) -> list[str]:
             if not group:
                 continue
             lines += _quality_table(model, budget, group, NON_SEARCH)
-    lines += _missing_cells(cells)
-    lines += [f"* failed: {c['model']} {c['method']} at {c['budget']}, seed {c['seed']}: {c['error']}" for c in failed]
+    lines += _missing_cells(cells, failed)
+    lines += [_failed_line(c) for c in failed]
     lines += _quality_plots(cells, folder)
     return lines
 
@@ -177,12 +177,26 @@ def _quality_table(model: str, budget: float, group: dict, non_search) -> list[s
     return lines + [""]
 
 
-def _missing_cells(cells: list[dict]) -> list[str]:
-    """Planned cells not finished yet, with the time each needs (from finished cells of the same method and model,
-    else of the same method on cifar_resnet20 scaled by the bases' training times)."""
+def _failed_line(cell: dict) -> str:
+    """A failed cell: its error, and for a search what it spent (against the base's training) and how close it came."""
+    line = f"* failed: {cell['model']} {cell['method']} at {cell['budget']}, seed {cell['seed']}: {cell['error']}"
+    if cell.get("trial_cpu_s") is not None:
+        info = cell.get("base_info") or {}
+        base_cpu = info.get("cpu_s") or info.get("train_s", 0.0) * info.get("threads", 1)
+        share = f" = {100 * cell['trial_cpu_s'] / base_cpu:.0f}% of the base's training" if base_cpu else ""
+        smallest = cell.get("smallest_ratio")
+        line += (f" (search: {cell['trials']} trials, {cell['trial_cpu_s']:,.0f} trial CPU-s{share}; smallest "
+                 f"cost ratio reached {'none' if smallest is None else f'{smallest:.3f}'}; "
+                 f"load {cell.get('loadavg_1m', float('nan')):.1f})")
+    return line
+
+
+def _missing_cells(cells: list[dict], failed: list[dict]) -> list[str]:
+    """Planned cells neither finished nor failed yet, with the time each needs (from finished cells of the same
+    method and model, else of the same method on cifar_resnet20 scaled by the bases' training times)."""
     from bench.quality import NON_SEARCH, SEARCHERS
 
-    done = {(c["model"], c["method"], c["budget"], c["seed"]) for c in cells}
+    done = {(c["model"], c["method"], c["budget"], c["seed"]) for c in (*cells, *failed)}
     cost, base_s = defaultdict(list), {}
     for c in cells:
         cost[(c["model"], c["method"])].append(c.get("prune_or_search_s", 0.0) + c["retrain_s"] * len(_accs(c)))
