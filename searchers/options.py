@@ -50,8 +50,9 @@ OPTIONS: dict[str, dict[str, Option]] = {
                                "width in the uniform profile at the budget where that is fewer",
                                low=1, optional=True, empty="for no floor"),
         "warm_start": Option(True, bool, "first evaluate the uniform and global-ranking profiles"),
-        "startup_trials": Option(None, int, "random trials before TPE models the results (default: a quarter of the "
-                                 "trials, 2 to 10)", low=0, optional=True),
+        "startup_trials": Option(None, int, "trials before TPE models the results, the warm starts included "
+                                 "(default: a quarter of the trials, 2 to 10, at least the warm starts)", low=0,
+                                 optional=True),
         "population_size": Option(None, int, "NSGA-II population (default: a quarter of the trials, 4 to 50)",
                                   low=2, optional=True),
         "max_cached": Option(20, int, "repaired repeats answered from the history in a row", low=0),
