@@ -148,19 +148,30 @@ def failed_search_cost(args, method: str, budget: float, seed: int) -> dict:
     """What a search that ended without a row within the budget spent and how close it came (for its failed
     cell): its trials and trial CPU-seconds, the smallest cost ratio among its rows; {} where it never started."""
     storage, name = search_dir(args, method, budget, seed)
-    exp, info_path = Path(storage, name), CACHE / "searches" / args.model / f"{name}.json"
-    if not Path(exp, "widthsearch", "experiment.json").is_file():
+    exp = Path(storage, name)
+    if not _started(exp):
         return {}
-    cost = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    cost_path = _cost_path(storage, name)
+    cost = json.loads(cost_path.read_text()) if cost_path.is_file() else {}
     rows = load_search(str(exp)).results().to_pylist()
     ratios = [r["cost_ratio"] for r in rows if r.get("cost_ratio") is not None]
-    return {**cost, **_trial_compute(rows, method_config(method).get("cpus_per_trial", 1)),
+    return {**cost, **_trial_compute(rows, method_config(method)["cpus_per_trial"]),
             "smallest_ratio": min(ratios) if ratios else None}
 
 
 def search_dir(args, method: str, budget: float, seed: int) -> tuple[str, str]:
     """(storage, name) of a cell's search, kept in bench/cache/searches/."""
     return str(CACHE / "searches" / args.model), f"{method}-b{budget}-s{seed}"
+
+
+def _cost_path(storage: str, name: str) -> Path:
+    """Where a finished search's wall time, driver CPU and load are kept, beside its experiment."""
+    return Path(storage, f"{name}.json")
+
+
+def _started(exp: str | Path) -> bool:
+    """Whether a search's experiment exists (so it can be loaded or resumed)."""
+    return Path(exp, "widthsearch", "experiment.json").is_file()
 
 
 def search_cell(method: str, budget: float, seed: int, args, ckpt: Path, base, space) -> tuple[torch.nn.Module, dict]:
@@ -173,11 +184,11 @@ def search_cell(method: str, budget: float, seed: int, args, ckpt: Path, base, s
     cfg = SearchConfig(name=name, storage=storage, model=args.model, checkpoint=str(ckpt), data=args.data,
                        val_fraction=VAL_FRACTION, split_seed=SPLIT_SEED, budget=budget, **options)
     exp = f"{cfg.resolved().storage}/{name}"
-    info_path = CACHE / "searches" / args.model / f"{name}.json"
+    info_path = _cost_path(storage, name)
     if info_path.is_file():
         cost = json.loads(info_path.read_text())
     else:
-        resume = Path(exp, "widthsearch", "experiment.json").is_file()
+        resume = _started(exp)
         start, cpu = time.time(), time.process_time()
         (load_search(exp) if resume else Search(cfg)).fit(progress=False)
         cost = {"search_s": time.time() - start, "driver_cpu_s": time.process_time() - cpu,

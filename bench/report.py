@@ -122,7 +122,7 @@ def quality_section(folder: Path) -> list[str]:
 
 def _quality_table(model: str, budget: float, group: dict, non_search) -> list[str]:
     info = next(iter(group.values()))[0]["base_info"]
-    base_cpu = info.get("cpu_s") or info["train_s"] * info.get("threads", 2)
+    base_cpu = _base_cpu_s(info)
 
     def mean(m):
         return statistics.fmean(a for c in group[m] for a in _accs(c))
@@ -177,12 +177,16 @@ def _quality_table(model: str, budget: float, group: dict, non_search) -> list[s
     return lines + [""]
 
 
+def _base_cpu_s(info: dict) -> float:
+    """The base's training CPU-seconds (measured, else its wall time x its threads)."""
+    return info.get("cpu_s") or info["train_s"] * info.get("threads", 2)
+
+
 def _failed_line(cell: dict) -> str:
     """A failed cell: its error, and for a search what it spent (against the base's training) and how close it came."""
     line = f"* failed: {cell['model']} {cell['method']} at {cell['budget']}, seed {cell['seed']}: {cell['error']}"
     if cell.get("trial_cpu_s") is not None:
-        info = cell.get("base_info") or {}
-        base_cpu = info.get("cpu_s") or info.get("train_s", 0.0) * info.get("threads", 1)
+        base_cpu = _base_cpu_s(cell["base_info"]) if cell.get("base_info") else None
         share = f" = {100 * cell['trial_cpu_s'] / base_cpu:.0f}% of the base's training" if base_cpu else ""
         smallest = cell.get("smallest_ratio")
         line += (f" (search: {cell['trials']} trials, {cell['trial_cpu_s']:,.0f} trial CPU-s{share}; smallest "

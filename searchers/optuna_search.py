@@ -21,8 +21,8 @@ of the trials (at least the warm-start trials, at most 10), NSGA-II's population
 on top of the warm starts (bench row optuna-startup7: 3 warm + 4 random before TPE at 16 trials, instead of 3 warm
 + 1 random; 3 search seeds per cell, mean retrained validation accuracy, 2026-12-06): cifar_resnet20 FLOPs 0.1
 0.637 vs 0.641, cifar_vgg16 0.02 0.546 vs 0.540: not better, so the warm starts still count as start-up trials.
-Warm start: the study first
-evaluates (enqueued trials) the uniform profile and the global-ranking profiles of the
+
+Warm start: the study first evaluates (enqueued trials) the uniform profile and the global-ranking profiles of the
 experiment's criterion (normalisers mean and max) in budget mode, uniform profiles at three
 ratios in Pareto mode. TPE runs with ``constant_liar`` so concurrent trials are not duplicates.
 
