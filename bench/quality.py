@@ -58,7 +58,8 @@ SEARCHERS = ("optuna", "gradient", "aofp", "metapruning", "random")
 # starts + 1 random), at the default spread 3.
 VARIANTS: dict[str, tuple[str, dict]] = {"optuna-spread3": ("optuna", {"spread": 3.0}),
                                          "optuna-floor8": ("optuna", {"spread": 8.0, "min_channels": 8}),
-                                         "optuna-startup7": ("optuna", {"spread": 3.0, "startup_trials": 7})}
+                                         "optuna-startup7": ("optuna", {"spread": 3.0, "startup_trials": 7}),
+                                         "optuna-widthexp": ("optuna", {"spread": 3.0, "width_exponents": [0.5, 1.0]})}
 METHODS = (*NON_SEARCH, *SEARCHERS, *(f"{s}-tuned" for s in SEARCHERS), *VARIANTS)
 TOP = 6  # the best distinct rows of a search kept in its cell (the choice study retrains them)
 

@@ -407,6 +407,27 @@ def test_optuna_warm_start_evaluates_uniform_and_global_profiles_first(resnet):
     assert searcher.suggest("next")["payload"]["warm_start"] is False
 
 
+def test_optuna_width_exponent_warm_starts_follow_full_width_to_the_budget(resnet):
+    model, space, cost = resnet
+    plain = make_searcher("optuna", space, cost, budget=0.3, model=model, num_samples=24)
+    searcher = make_searcher("optuna", space, cost, budget=0.3, model=model, num_samples=24,
+                             width_exponents=[1.0, 0.5])
+    assert len(searcher._warm) == len(plain._warm) + 2
+    configs = [searcher.suggest(f"t{i}") for i in range(len(searcher._warm))]
+    assert all(c["payload"]["warm_start"] for c in configs)
+    full = space.widths
+    equal, half = (np.array(c["widths"]) for c in configs[-2:])
+    for widths in (equal, half):
+        assert _ratio(space, cost, widths) <= 0.3
+    # exponent 1: as many channels in every group (where the full width allows); 0.5: in between
+    assert np.ptp(equal[full >= equal.max()]) <= 1
+    ratio_equal, ratio_half = equal / full, half / full
+    narrow, wide = np.argmin(full), np.argmax(full)
+    assert ratio_equal[narrow] / ratio_equal[wide] > ratio_half[narrow] / ratio_half[wide] > 1
+    with pytest.raises(ConfigError, match="width_exponents"):
+        make_searcher("optuna", space, cost, budget=0.3, width_exponents=[-1.0])
+
+
 @pytest.mark.parametrize("how, count", [("group", 12), ("stage", 6), ("depth", 6)])
 def test_optuna_parameterizations_cover_every_group_and_stay_in_budget(resnet, how, count):
     model, space, cost = resnet
