@@ -55,11 +55,14 @@ SEARCHERS = ("optuna", "gradient", "aofp", "metapruning", "random")
 # searcher options over the METHOD row's). "optuna-spread3": keep ratios sampled log-uniformly within a factor 3;
 # "optuna-floor8": within a factor 8, no group narrower than 8 channels or its uniform width where that is fewer.
 # "optuna-startup7": 7 trials before TPE models the results (the 3 warm starts + 4 random) instead of 4 (the warm
-# starts + 1 random), at the default spread 3.
+# starts + 1 random), at the default spread 3. "optuna-widthexp": two more warm starts, keep ratios proportional to
+# full width^-0.5 and ^-1 (as many channels in every group). "gradient-scaled": gradient's code after 2026-12-06 (a
+# gate profile above the budget scaled onto it as a whole; lam found by a secant search), default options.
 VARIANTS: dict[str, tuple[str, dict]] = {"optuna-spread3": ("optuna", {"spread": 3.0}),
                                          "optuna-floor8": ("optuna", {"spread": 8.0, "min_channels": 8}),
                                          "optuna-startup7": ("optuna", {"spread": 3.0, "startup_trials": 7}),
-                                         "optuna-widthexp": ("optuna", {"spread": 3.0, "width_exponents": [0.5, 1.0]})}
+                                         "optuna-widthexp": ("optuna", {"spread": 3.0, "width_exponents": [0.5, 1.0]}),
+                                         "gradient-scaled": ("gradient", {})}
 METHODS = (*NON_SEARCH, *SEARCHERS, *(f"{s}-tuned" for s in SEARCHERS), *VARIANTS)
 TOP = 6  # the best distinct rows of a search kept in its cell (the choice study retrains them)
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import WidthSearcher, next_queued, project_with_scale
+from widthsearch.budget import project_with_scale
+
+from .base import WidthSearcher, next_queued
 
 
 class UniformSearcher(WidthSearcher):

@@ -85,13 +85,13 @@ OPTIONS: dict[str, dict[str, Option]] = {
         "temp_end": _positive(0.1, "architecture temperature at the end"),
         "complexity": Option("budget", str, "penalised quantity: what the budget bounds (flops, params or latency), "
                              "or flops or params", choices=("budget", "flops", "params")),
-        "lam0": _positive(1.0, "first penalty weight of the bisection"),
-        "expand": Option(10.0, float, "bracketing factor of the bisection", low=1, low_open=True),
+        "lam0": _positive(1.0, "first penalty weight of the search"),
+        "expand": Option(10.0, float, "largest factor between two penalty weights before the budget is bracketed", low=1, low_open=True),
         "lam_min": _positive(0.01, "Pareto mode: smallest penalty weight"),
         "lam_max": _positive(100.0, "Pareto mode: largest penalty weight"),
         "points": Option(5, int, "Pareto mode: penalty weights tried", low=1),
         "tol": _positive(0.02, "stop when the ratio is within budget and this (relative) below it"),
-        "max_trials": Option(12, int, "most bisection trials", low=1),
+        "max_trials": Option(12, int, "most trials of the search for lam", low=1),
     },
     "metapruning": {
         "train_steps": Option(2000, int, "PruningNet training steps", low=1),

@@ -140,7 +140,7 @@ def fake_ratio(space, cost, lam: float) -> float:
 
 
 @pytest.mark.parametrize("budget", [0.3, 0.5, 0.75])
-def test_bisection_on_log_lambda_lands_within_three_percent_below_the_budget(budget, tmp_path):
+def test_the_search_on_log_lambda_lands_within_three_percent_below_the_budget(budget, tmp_path):
     model = Synthetic(128, 128)
     space = build_space(model, torch.randn(1, 3, 4, 4))
     cost = CostModel(space)
@@ -159,6 +159,25 @@ def test_bisection_on_log_lambda_lands_within_three_percent_below_the_budget(bud
         trial += 1
     within = [a for a in achieved if a <= budget]  # one-sided: only these count as meeting the budget
     assert within and max(within) >= budget * 0.97 and len(achieved) <= 20  # the fake moves in steps of ~2.8%
+
+
+def test_the_search_steps_by_secant_not_by_the_whole_expand_factor():
+    model = Synthetic(128, 128)
+    space = build_space(model, torch.randn(1, 3, 4, 4))
+    cost = CostModel(space)
+    searcher = make_searcher("gradient", space, cost, budget=0.1)
+    lams = []
+    for trial, gate_ratio in enumerate([0.82, 0.22, 0.03]):  # cifar_resnet20's gates at lam 1 and 10, then below
+        config = searcher.suggest(f"t{trial}")
+        lams.append(config["payload"]["lam"])
+        searcher.on_trial_complete(f"t{trial}", {"score": 0.5, "widths": space.widths.tolist(),
+                                                 "gate_ratio": gate_ratio})
+    lams.append(searcher.suggest("t3")["payload"]["lam"])
+    assert lams[:2] == [1.0, 10.0]
+    # through (1, 0.82) and (10, 0.22) the budget 0.1 lies at lam ~40, not at 10 x expand = 100
+    assert 30 < lams[2] < 50
+    # bracketed by 10 (0.22) and lams[2] (0.03): interpolation inside the bracket
+    assert 10 < lams[3] < lams[2]
 
 
 def test_a_result_above_the_budget_never_counts_as_meeting_it():
@@ -187,6 +206,20 @@ def test_extraction_trims_a_rounded_profile_back_within_the_budget():
     assert all(w % 4 == 0 and w >= 4 for w in widths.values())
     for name, p in zip(space.names, probs):  # the least probable channels went first
         assert keep[name] == sorted(np.argsort(-p, kind="stable")[: widths[name]].tolist())
+
+
+def test_extraction_scales_a_profile_far_above_the_budget_as_a_whole():
+    model = Synthetic(16, 16)
+    space = build_space(model, torch.randn(1, 3, 4, 4))
+    cost = CostModel(space)
+    probs = [np.full(16, 0.99), np.r_[np.full(8, 0.6), np.full(8, 0.1)]]  # widths 16 and 8; the second less sure
+    budget = 0.25 * cost.flops_ratio({space.names[0]: 16, space.names[1]: 8})
+    keep = extract(space, probs, cost.measure("flops"), budget)
+    widths = [len(keep[name]) for name in space.names]
+    assert cost.flops_ratio(dict(zip(space.names, widths))) <= budget
+    # both groups shrink by about the same factor (trimming by probability alone would empty the second one first)
+    assert widths[1] >= 2 and 1.5 <= widths[0] / widths[1] <= 2.5
+    assert keep[space.names[1]] == list(range(widths[1]))  # its most probable channels
 
 
 def test_pareto_mode_spreads_lambda_and_bad_options_are_named(synthetic):

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .budget import project_to_budget
 from .cost import Measure
 from .space import WidthSpace, dependency_graph, device_of, root_group
 
@@ -190,9 +191,9 @@ def extract(space: WidthSpace, probabilities: list[np.ndarray], measure: Measure
             budget: float | None = None) -> dict[str, list[int]]:
     """Kept channel indices per group: p > 0.5, at least the minimum width, rounded up to a legal width.
 
-    With a `measure` and a `budget`, a profile that this rounding pushed above the budget then
-    loses its least probable channels (one legal width step of the group whose step removes the
-    lowest probabilities) until it fits or no group can shrink.
+    With a `measure` and a `budget`, a profile above the budget is scaled onto it as a whole (project_to_budget of
+    its keep ratios: every group shrinks by the same factor, so the gates' allocation across groups is kept), and
+    each group keeps its most probable channels.
     """
     widths, orders = [], []
     for g, p in zip(space.groups, probabilities):
@@ -201,16 +202,6 @@ def extract(space: WidthSpace, probabilities: list[np.ndarray], measure: Measure
             width += 1
         widths.append(width)
         orders.append(np.argsort(-np.asarray(p), kind="stable"))
-    if measure is not None and budget is not None:
-        while measure.ratio(widths) > budget:
-            steps = []
-            for j, (g, p) in enumerate(zip(space.groups, probabilities)):
-                smaller = [w for w in range(widths[j] - 1, g.min_width - 1, -1) if g.allowed(w)]
-                if smaller:
-                    dropped = np.asarray(p)[orders[j][smaller[0]:widths[j]]]
-                    steps.append((float(dropped.max()), j, smaller[0]))
-            if not steps:
-                break
-            _, j, width = min(steps)
-            widths[j] = width
+    if measure is not None and budget is not None and measure.ratio(widths) > budget:
+        widths = project_to_budget(space, measure, np.asarray(widths) / space.widths, budget).tolist()
     return {g.name: sorted(int(c) for c in order[:w]) for g, order, w in zip(space.groups, orders, widths)}
