@@ -57,12 +57,15 @@ SEARCHERS = ("optuna", "gradient", "aofp", "metapruning", "random")
 # "optuna-startup7": 7 trials before TPE models the results (the 3 warm starts + 4 random) instead of 4 (the warm
 # starts + 1 random), at the default spread 3. "optuna-widthexp": two more warm starts, keep ratios proportional to
 # full width^-0.5 and ^-1 (as many channels in every group). "gradient-scaled": gradient's code after 2026-12-06 (a
-# gate profile above the budget scaled onto it as a whole; lam found by a secant search), default options.
+# gate profile above the budget scaled onto it as a whole; lam found by a secant search), default options, measured at
+# commit 38cb037; "gradient-ranked": the same with the channels ordered by their gate logits (after 38cb037 they were
+# ordered by float32 probabilities that tie at 1, so the lowest-numbered channels were kept).
 VARIANTS: dict[str, tuple[str, dict]] = {"optuna-spread3": ("optuna", {"spread": 3.0}),
                                          "optuna-floor8": ("optuna", {"spread": 8.0, "min_channels": 8}),
                                          "optuna-startup7": ("optuna", {"spread": 3.0, "startup_trials": 7}),
                                          "optuna-widthexp": ("optuna", {"spread": 3.0, "width_exponents": [0.5, 1.0]}),
-                                         "gradient-scaled": ("gradient", {})}
+                                         "gradient-scaled": ("gradient", {}),
+                                         "gradient-ranked": ("gradient", {})}
 METHODS = (*NON_SEARCH, *SEARCHERS, *(f"{s}-tuned" for s in SEARCHERS), *VARIANTS)
 TOP = 6  # the best distinct rows of a search kept in its cell (the choice study retrains them)
 
@@ -73,8 +76,9 @@ COMMON = dict(concurrency=1, cpus_per_trial=1, seed=0)
 # widthsearch's defaults before the FLOPs-0.1 benchmark (the "METHOD" rows), pinned so the rows keep their meaning.
 DEFAULTS_BEFORE = dict(finetune_steps=50, finetune_lr=0.01, bn_batches=20, score="val_acc", asha=False,
                        rescore_top=0)
-# ... and each searcher's options that changed since (optuna's spread became 3 after the optuna-spread3 row).
-OPTIONS_BEFORE = {"optuna": {"spread": None}}
+# ... and each searcher's options that changed since (optuna's spread became 3 after the optuna-spread3 row, its
+# width_exponents 0.5 and 1 after the optuna-widthexp row).
+OPTIONS_BEFORE = {"optuna": {"spread": None, "width_exponents": None}}
 # The trials each searcher gets with its default options, the same on every base (so the compute follows the
 # base's size): about 10% of the base's training compute where the default options allow it (16 scoring trials
 # of 50 steps; 3 gradient trials of 100 gate steps); aofp (one round of 2 x 250 batches costs about 30%) and

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.special import logit
 from torch import nn
 
 from searchers import make_searcher
@@ -108,7 +109,7 @@ def test_hard_gates_compute_exactly_the_pruned_model(synthetic):
 def test_gates_close_exactly_the_useless_channels(synthetic):
     model, space, cost, xy = synthetic
     result = optimize_gates(model, space, cost.measure("flops"), batches(xy), lam=0.05, schedule=SCHEDULE)
-    keep = extract(space, result.probabilities)
+    keep = extract(space, result.logits)
     assert keep == {n: [c for c in range(8) if c not in USELESS[n]] for n in ("c1", "c2")}
     assert result.expected_ratio == pytest.approx(cost.flops_ratio({"c1": 5, "c2": 6}), rel=0.01)
 
@@ -116,16 +117,16 @@ def test_gates_close_exactly_the_useless_channels(synthetic):
 def test_zero_penalty_keeps_everything_and_a_large_one_prunes_to_the_minimum(synthetic):
     model, space, cost, xy = synthetic
     free = optimize_gates(model, space, cost.measure("flops"), batches(xy), lam=0.0, schedule=SCHEDULE)
-    assert extract(space, free.probabilities) == {"c1": list(range(8)), "c2": list(range(8))}
+    assert extract(space, free.logits) == {"c1": list(range(8)), "c2": list(range(8))}
     heavy = optimize_gates(model, space, cost.measure("flops"), batches(xy), lam=1e3, schedule=SCHEDULE)
-    assert {n: len(k) for n, k in extract(space, heavy.probabilities).items()} == {"c1": 1, "c2": 1}
+    assert {n: len(k) for n, k in extract(space, heavy.logits).items()} == {"c1": 1, "c2": 1}
 
 
 def test_extraction_respects_minimum_width_and_divisor():
     model = Synthetic(16, 16)
     space = build_space(model, torch.randn(1, 3, 4, 4), min_width=4, divisor=4)
     probs = [np.r_[np.full(5, 0.9), np.full(11, 0.1)], np.linspace(0.0, 0.4, 16)]
-    keep = extract(space, probs)
+    keep = extract(space, [logit(p) for p in probs])
     assert keep["c1"] == [0, 1, 2, 3, 4, 5, 6, 7]     # 5 above 0.5, rounded up to a multiple of 4
     assert keep["c2"] == [12, 13, 14, 15]             # none above 0.5: the 4 most probable
 
@@ -198,9 +199,9 @@ def test_extraction_trims_a_rounded_profile_back_within_the_budget():
     space = build_space(model, torch.randn(1, 3, 4, 4), min_width=4, divisor=4)
     cost = CostModel(space)
     probs = [np.linspace(1.0, 0.0, 16), np.linspace(0.95, 0.05, 16)]  # 8 channels above 0.5 in each
-    loose = extract(space, probs)
+    loose = extract(space, [logit(p) for p in probs])
     budget = cost.flops_ratio({n: len(k) for n, k in loose.items()}) - 1e-6  # exactly at it would fit
-    keep = extract(space, probs, cost.measure("flops"), budget)
+    keep = extract(space, [logit(p) for p in probs], cost.measure("flops"), budget)
     widths = {n: len(k) for n, k in keep.items()}
     assert cost.flops_ratio(widths) <= budget
     assert all(w % 4 == 0 and w >= 4 for w in widths.values())
@@ -212,14 +213,19 @@ def test_extraction_scales_a_profile_far_above_the_budget_as_a_whole():
     model = Synthetic(16, 16)
     space = build_space(model, torch.randn(1, 3, 4, 4))
     cost = CostModel(space)
-    probs = [np.full(16, 0.99), np.r_[np.full(8, 0.6), np.full(8, 0.1)]]  # widths 16 and 8; the second less sure
+    rng = np.random.default_rng(0)
+    # group 1: every channel kept, logits 3-4 (float32 probabilities at T = 0.1 all exactly 1); group 2: 8 kept
+    logits = [3 + rng.random(16), np.r_[0.4 + 0.01 * rng.random(8), np.full(8, -2.0)]]
+    assert np.all(torch.sigmoid(torch.tensor(logits[0], dtype=torch.float32) / 0.1).numpy() == 1.0)
     budget = 0.25 * cost.flops_ratio({space.names[0]: 16, space.names[1]: 8})
-    keep = extract(space, probs, cost.measure("flops"), budget)
+    keep = extract(space, logits, cost.measure("flops"), budget)
     widths = [len(keep[name]) for name in space.names]
     assert cost.flops_ratio(dict(zip(space.names, widths))) <= budget
-    # both groups shrink by about the same factor (trimming by probability alone would empty the second one first)
+    # both groups shrink by about the same factor (trimming the least probable first would empty the second one)
     assert widths[1] >= 2 and 1.5 <= widths[0] / widths[1] <= 2.5
-    assert keep[space.names[1]] == list(range(widths[1]))  # its most probable channels
+    for name, a, w in zip(space.names, logits, widths):  # the channels of the largest logits, not the first ones
+        assert keep[name] == sorted(np.argsort(-a)[:w].tolist())
+    assert keep[space.names[0]] != list(range(widths[0]))
 
 
 def test_pareto_mode_spreads_lambda_and_bad_options_are_named(synthetic):
@@ -262,6 +268,6 @@ def test_the_penalty_is_whatever_measure_the_budget_bounds_latency_included(synt
     latency = latency_model(space, model, grid=2, cache_dir=tmp_path, progress=False,
                             timer=lambda module, inputs: 1e-3 * sum(p.numel() for p in module.parameters()) + 0.5)
     heavy = optimize_gates(model, space, latency, batches(xy), lam=1e3, schedule=SCHEDULE)
-    assert {n: len(k) for n, k in extract(space, heavy.probabilities).items()} == {"c1": 1, "c2": 1}
+    assert {n: len(k) for n, k in extract(space, heavy.logits).items()} == {"c1": 1, "c2": 1}
     expected = np.array([p.sum() for p in heavy.probabilities], dtype=np.float64)
     assert heavy.expected_ratio == pytest.approx(latency.of(expected) / latency.base, rel=1e-4)

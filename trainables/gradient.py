@@ -45,8 +45,8 @@ def _run(config: dict, job: ScoreJob) -> None:
     complexity = job.measure if request["complexity"] == "budget" else job.cost.measure(request["complexity"])
     gates = optimize_gates(work, job.space, complexity, stream, request["lam"], request["schedule"], seed)
     gate_s = time.time() - started
-    keep = extract(job.space, gates.probabilities, job.measure, request["budget"])
-    gate_widths = [int((p > 0.5).sum()) for p in gates.probabilities]
+    keep = extract(job.space, gates.logits, job.measure, request["budget"])
+    gate_widths = [int((a > 0).sum()) for a in gates.logits]
     profile = {name: len(idxs) for name, idxs in keep.items()}
     model = prune(job.model, job.space, keep=keep).to(device)
     payload = {**request, "keep": keep, "expected_ratio": gates.expected_ratio, "gate_task_loss": gates.task_loss,

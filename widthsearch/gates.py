@@ -10,7 +10,7 @@ multiplies its channel at the input of every conv/linear layer that consumes the
 `optimize_gates` minimises ``task loss(z) + lam * cost(E[widths]) / cost(dense)`` over the
 logits only (the weights are frozen), where ``E[width_g] = sum_c p_gc`` and ``cost`` is a
 `Measure` evaluated in torch (FLOPs, params or the latency model). `extract` keeps the
-channels with ``p > 0.5`` (at least the group's minimum width, rounded up to a legal width).
+channels with ``p > 0.5``, i.e. ``a > 0`` (at least the group's minimum width, rounded up to a legal width).
 """
 
 from __future__ import annotations
@@ -133,6 +133,7 @@ class GateResult:
     """Outcome of one gate optimisation."""
 
     probabilities: list[np.ndarray]   # per group, at the final architecture temperature
+    logits: list[np.ndarray]          # per group, the learnt a (p > 0.5 where a > 0; they order the channels)
     expected_ratio: float             # cost(E[widths]) / cost(dense) at the end
     task_loss: float                  # mean task loss over the last 10% of steps
 
@@ -184,24 +185,26 @@ def optimize_gates(model: nn.Module, space: WidthSpace, measure: Measure, batche
         p = gates.probabilities(schedule.temp_end)
         ratio = float(penalty(gates.expected_widths(p.double())))
     tail = losses[-max(1, len(losses) // 10):] or [math.nan]
-    return GateResult(gates.split(p), ratio, float(np.mean(tail)))
+    return GateResult(gates.split(p), gates.split(gates.logits), ratio, float(np.mean(tail)))
 
 
-def extract(space: WidthSpace, probabilities: list[np.ndarray], measure: Measure | None = None,
+def extract(space: WidthSpace, logits: list[np.ndarray], measure: Measure | None = None,
             budget: float | None = None) -> dict[str, list[int]]:
-    """Kept channel indices per group: p > 0.5, at least the minimum width, rounded up to a legal width.
+    """Kept channel indices per group from the learnt gate logits: a > 0 (keep probability above 0.5 at any
+    temperature), at least the minimum width, rounded up to a legal width; each group keeps its channels of the
+    largest logits. (The logits order the channels: at the final temperature the probabilities of most kept
+    channels round to exactly 1 in float32 and no longer tell them apart.)
 
     With a `measure` and a `budget`, a profile above the budget is scaled onto it as a whole (project_to_budget of
-    its keep ratios: every group shrinks by the same factor, so the gates' allocation across groups is kept), and
-    each group keeps its most probable channels.
+    its keep ratios: every group shrinks by the same factor, so the gates' allocation across groups is kept).
     """
     widths, orders = [], []
-    for g, p in zip(space.groups, probabilities):
-        width = max(int((np.asarray(p) > 0.5).sum()), g.min_width)
+    for g, a in zip(space.groups, logits):
+        width = max(int((np.asarray(a) > 0).sum()), g.min_width)
         while not g.allowed(width):
             width += 1
         widths.append(width)
-        orders.append(np.argsort(-np.asarray(p), kind="stable"))
+        orders.append(np.argsort(-np.asarray(a), kind="stable"))
     if measure is not None and budget is not None and measure.ratio(widths) > budget:
         widths = project_to_budget(space, measure, np.asarray(widths) / space.widths, budget).tolist()
     return {g.name: sorted(int(c) for c in order[:w]) for g, order, w in zip(space.groups, orders, widths)}
