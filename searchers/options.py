@@ -50,9 +50,9 @@ OPTIONS: dict[str, dict[str, Option]] = {
                                "width in the uniform profile at the budget where that is fewer",
                                low=1, optional=True, empty="for no floor"),
         "warm_start": Option(True, bool, "first evaluate the uniform and global-ranking profiles"),
-        "width_exponents": Option([], list, "budget mode, with warm_start: one more warm start per exponent a, keep "
+        "width_exponents": Option([0.5, 1.0], list, "budget mode, with warm_start: one more warm start per exponent a, keep "
                                   "ratios proportional to full width^-a before the budget scales them (1: every "
-                                  "group as many channels)", low=0),
+                                  "group as many channels)", low=0, optional=True, empty="for none"),
         "startup_trials": Option(None, int, "trials before TPE models the results, the warm starts included "
                                  "(default: a quarter of the trials, 2 to 10, at least the warm starts)", low=0,
                                  optional=True),
