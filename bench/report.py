@@ -103,7 +103,7 @@ def quality_section(folder: Path) -> list[str]:
               + "".join(f" with {m} options {o}" for m, o in OPTIONS_BEFORE.items()) + "; "
               "METHOD-tuned rows " + (", ".join(f"{m}: {o}" for m, o in TUNED.items()) or "(none yet)") + "; "
               + "; ".join(f"{v}: {s} with options {o}" if o else f"{v}: {s} at its defaults after a change of its code "
-                        f"(row {s}: before it)" for v, (s, o) in VARIANTS.items()) + ". "
+                        f"(row {s}: before it; bench/quality.py names each such row's commit)" for v, (s, o) in VARIANTS.items()) + ". "
               "Latency: CPU, 1 thread, batch 1, median of 20 runs, under the load shown.", ""]
     by = defaultdict(list)
     for c in cells:

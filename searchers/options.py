@@ -50,9 +50,9 @@ OPTIONS: dict[str, dict[str, Option]] = {
                                "width in the uniform profile at the budget where that is fewer",
                                low=1, optional=True, empty="for no floor"),
         "warm_start": Option(True, bool, "first evaluate the uniform and global-ranking profiles"),
-        "width_exponents": Option([0.5, 1.0], list, "budget mode, with warm_start: one more warm start per exponent a, keep "
-                                  "ratios proportional to full width^-a before the budget scales them (1: every "
-                                  "group as many channels)", low=0, optional=True, empty="for none"),
+        "width_exponents": Option([0.5, 1.0], list, "budget mode, with warm_start: one more warm start per "
+                                  "exponent a, keep ratios proportional to full width^-a before the budget scales "
+                                  "them (1: every group as many channels)", low=0, optional=True, empty="for none"),
         "startup_trials": Option(None, int, "trials before TPE models the results, the warm starts included "
                                  "(default: a quarter of the trials, 2 to 10, at least the warm starts)", low=0,
                                  optional=True),
@@ -86,7 +86,8 @@ OPTIONS: dict[str, dict[str, Option]] = {
         "complexity": Option("budget", str, "penalised quantity: what the budget bounds (flops, params or latency), "
                              "or flops or params", choices=("budget", "flops", "params")),
         "lam0": _positive(1.0, "first penalty weight of the search"),
-        "expand": Option(10.0, float, "largest factor between two penalty weights before the budget is bracketed", low=1, low_open=True),
+        "expand": Option(10.0, float, "largest factor between two penalty weights before the budget is bracketed",
+                         low=1, low_open=True),
         "lam_min": _positive(0.01, "Pareto mode: smallest penalty weight"),
         "lam_max": _positive(100.0, "Pareto mode: largest penalty weight"),
         "points": Option(5, int, "Pareto mode: penalty weights tried", low=1),
