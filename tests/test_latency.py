@@ -610,3 +610,39 @@ def test_the_best_profiles_within_the_budget_are_timed_after_the_search(resnet, 
     assert {t for t, r in again.items() if r["measured_ms"] is not None} == set(expected)
     first = next(r for r in rows if r["trial_id"] == expected[0])
     assert again[expected[0]]["measured_ratio"] == 0.5 and again[expected[0]]["score"] == first["score"]  # kept
+
+
+FAULTS_SCRIPT = """
+import resource, sys, torch
+from widthsearch import load_model
+from widthsearch.timing import steady_allocator, time_ms
+torch.set_num_threads(1)
+if sys.argv[1] == "timed":
+    time_ms(lambda: None, repeats=1, warmup=1)  # the clock makes the allocator steady itself
+model, x = load_model("cifar_resnet20", 10).eval(), torch.randn(64, 3, 32, 32)  # activations of 1 to 4 MB
+faults = []
+with torch.no_grad():
+    for _ in range(6):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        model(x)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(steady_allocator(), sum(faults[3:]))  # after a few calls: the steady state a timing samples
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "confstr") or "glibc" not in
+                    (__import__("os").confstr("CS_GNU_LIBC_VERSION") or ""), reason="glibc only")
+def test_timing_keeps_freed_memory_so_a_forward_pays_no_page_faults_again():
+    import subprocess
+    import sys
+
+    def run(mode: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True,
+                             check=True).stdout.split()
+        return out[0], int(out[1])
+
+    applied, steady = run("timed")
+    _, default = run("default")
+    pages = 4 * 2**20 // 4096  # of one 4 MB activation
+    assert applied == "True" and steady < pages // 10, (steady, pages)
+    assert default > 3 * pages, default  # without it large activations are mapped afresh: faults on every call

@@ -88,7 +88,7 @@ from .space import WidthSpace, eval_mode
 from .target import LatencyTarget
 from .timing import time_ms
 
-FORMAT = 2                      # of the cached table; a change invalidates old tables
+FORMAT = 3                      # of the cached table; a change invalidates old tables (3: timed with steady_allocator)
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # of target.DTYPES
 # (device, runtime) -> the input-channel modulus whose multiples run other kernels (plan; see alignment). Eager
 # PyTorch on the CPU has none: oneDNN at batch 64 runs a 3x3 conv of 24 or 32 input channels 1.5x slower than one

@@ -1,11 +1,41 @@
 """Timing a call: the one clock behind the latency model's tables (widthsearch.latency) and an export's
-latency figures (widthsearch.export)."""
+latency figures (widthsearch.export), with the allocator held steady while it runs (`steady_allocator`)."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import statistics
 import time
 from typing import Callable
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+@functools.cache
+def steady_allocator() -> bool:
+    """Make glibc's malloc keep the memory a forward frees, for the rest of this process; True where it applied
+    (glibc), False elsewhere (other C libraries: left as they are).
+
+    Why: glibc serves every block above its mmap threshold (128 KiB, raised by what the process freed before)
+    with a fresh mmap and returns it on free, so each large activation costs page faults on every call. A
+    cifar_resnet56 forward at batch 64 took ~34,000 minor faults per call under the default and none after
+    this; the same dense model timed 193 ms early in a process and 136 ms late in it (bench/latency.py,
+    2026-12-06: the table and the profiles it predicted were timed under different allocator states). The
+    steady state here is what a serving process reaches with jemalloc or tcmalloc (the allocators PyTorch's CPU
+    performance guide recommends) and what ONNX Runtime's arena gives: no mmap for heap blocks
+    (M_MMAP_MAX 0) and no trimming of the heap's top (M_TRIM_THRESHOLD 2 GiB). Cost: the process keeps its
+    peak heap instead of returning it to the system."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is None or not hasattr(libc, "gnu_get_libc_version"):
+            return False
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    except OSError:
+        return False
 
 
 def time_ms(call: Callable[[], object], sync: Callable[[], None] = lambda: None, *, clock: str = "wall",
@@ -17,7 +47,9 @@ def time_ms(call: Callable[[], object], sync: Callable[[], None] = lambda: None,
     clock "wall": the median sample of time.perf_counter (what a user of the device sees). clock "cpu": the
     fastest sample of this process's CPU time (time.process_time): other processes only add to it (by
     thrashing caches), never take from it, so the minimum is the forward's time on an idle core.
+    The allocator is made steady first (`steady_allocator`).
     """
+    steady_allocator()
     now = time.process_time if clock == "cpu" else time.perf_counter
     elapsed = 0.0
     for i in range(max(1, warmup)):  # a long call warms up in fewer calls
