@@ -207,6 +207,7 @@ def cell(name: str, batch: int, args) -> dict:
            "flops_ratio": errors([flops.ratio(w) for w in profiles], measured_ratio),
            "loadavg_before": before, "loadavg_after_table": after_table, "loadavg_after": loadavg(),
            "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
+           "cpu": target.environment()["device_name"],
            "rows": [{"flops_ratio": flops.ratio(w), "predicted_ms": p, "units_ms": u, "measured_ms": m,
                      "dense_beside_ms": d, "predicted_ratio": pr, "measured_ratio": r, "widths": w}
                     for w, p, u, m, d, pr, r in zip(profiles, predicted, units, measured, dense_beside,

@@ -430,7 +430,7 @@ def latency_section(folder: Path) -> list[str]:
                   "'align': the input-channel modulus whose multiples get their own grid (0: none).", "",
                   "| model | batch | runtime | clock | align | profiles | table s (CPU s) | ms: in 10% / in 5% / median "
                   "/ max | ms at table speed | ratio: in 10% / in 5% / median / max | FLOPs-proportional ratio median "
-                  "| drift | load | date |",
+                  "| drift | load | CPU | date |",
                   "|---" * 15 + "|"]
 
         def part(e: dict) -> str:
@@ -442,7 +442,7 @@ def latency_section(folder: Path) -> list[str]:
             lines.append(f"| {c['model']} | {c['batch']} | {c['runtime']} | {c['clock']} | {c.get('align', 0)} | "
                          f"{len(c['rows'])} | {c['table_s']:.0f} ({c['table_cpu_s']:.0f}) | {part(c['ms'])} | "
                          f"{table_speed} | {part(c['ratio'])} | {c['flops_ratio']['median_abs_rel_err']:.1%} | "
-                         f"{c['drift']:.3f} | {c['loadavg_after'].split()[0]} | {c['date']} |")
+                         f"{c['drift']:.3f} | {c['loadavg_after'].split()[0]} | {c.get('cpu', '-')} | {c['date']} |")
         lines += ["", f"![latency]({folder.name}/latency/latency.png)", ""]
     summary = _load(folder / "latency_search", "summary")
     if summary and summary["comparisons"]:
