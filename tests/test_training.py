@@ -198,9 +198,11 @@ def test_constant_schedule_keeps_the_rate_and_an_unknown_one_is_named():
         make_optimizer(model, TrainConfig(schedule="linear"), total_steps=4)
 
 
-def test_conv_models_train_in_channels_last_on_the_cpu_and_callers_keep_their_format(digits):
+def test_conv_models_train_in_channels_last_on_the_cpu_and_callers_keep_their_format(digits, monkeypatch):
+    from widthsearch import training
     from widthsearch.training import TrainConfig, evaluate, fast_format, recalibrate_bn
 
+    monkeypatch.setattr(training, "channels_last_safe", lambda: True)  # as on an AVX-512 CPU
     torch.manual_seed(0)
     model = load_model("small_cnn", digits.num_classes, in_channels=digits.in_channels)
     twin = copy.deepcopy(model)
@@ -216,3 +218,43 @@ def test_conv_models_train_in_channels_last_on_the_cpu_and_callers_keep_their_fo
         assert torch.allclose(p, q, atol=2e-3)
     with fast_format(nn.Linear(3, 2), "cpu") as fmt:  # no convolution: nothing to gain
         assert fmt == torch.contiguous_format
+
+
+def test_channels_last_only_on_avx512_cpus(monkeypatch):
+    from widthsearch.training import channels_last_safe, fast_format
+
+    model = load_model("small_cnn", 10, in_channels=1)
+    for capability, expected in (("AVX2", torch.contiguous_format), ("AVX512", torch.channels_last)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert channels_last_safe() == (capability == "AVX512")
+        with fast_format(model, "cpu") as fmt:
+            assert fmt == expected
+
+
+PRUNED_STEP = """
+import sys
+import numpy as np
+import torch
+from widthsearch import build_space, load_data, load_model, prune
+from widthsearch.training import TrainConfig, train
+torch.set_num_threads(1)
+rng = np.random.default_rng(0)
+np.savez(sys.argv[1], x_train=rng.integers(0, 256, (160, 3, 32, 32), dtype=np.uint8), y_train=rng.integers(0, 10, 160),
+         x_test=rng.integers(0, 256, (20, 3, 32, 32), dtype=np.uint8), y_test=rng.integers(0, 10, 20))
+data = load_data(f"npz:{sys.argv[1]}", val_fraction=0.2, seed=0)
+model = load_model("cifar_resnet20", 10)
+space = build_space(model, data.example_input)
+pruned = prune(model, space, space.from_vector([5, 5, 5, 5, 11, 11, 11, 11, 23, 23, 23, 23]))
+train(pruned, data, steps=2, config=TrainConfig(batch_size=128), seed=0)
+print("trained")
+"""
+
+
+def test_a_pruned_resnet_with_odd_residual_widths_trains_on_this_cpu(tmp_path):
+    # On an AVX2-only CPU, channels-last made this step corrupt the heap (the process died); a subprocess keeps
+    # such a crash out of the test run.
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", PRUNED_STEP, str(tmp_path / "tiny.npz")], capture_output=True, text=True)
+    assert out.returncode == 0 and "trained" in out.stdout, out.stderr[-2000:]
