@@ -427,11 +427,14 @@ def latency_section(folder: Path) -> list[str]:
                   "dense model's time during the profiles over its time at the table (a loaded machine's speed "
                   "moves every measured ms). 'ms at table speed': each measured ms scaled by the dense model's time in the "
                   "table over its time right beside the profile (the machine's speed when the table was timed). "
-                  "'align': the input-channel modulus whose multiples get their own grid (0: none).", "",
+                  "'align': the input-channel modulus whose multiples get their own grid (0: none). 'dense repeats "
+                  "in 10%': the share of the dense model's own timings (one beside each profile) within 10% of their "
+                  "median: how steady the machine measured, a ceiling on what any prediction can reach in 'ms in "
+                  "10%'.", "",
                   "| model | batch | runtime | clock | align | profiles | table s (CPU s) | ms: in 10% / in 5% / median "
-                  "/ max | ms at table speed | ratio: in 10% / in 5% / median / max | FLOPs-proportional ratio median "
-                  "| drift | load | CPU | date |",
-                  "|---" * 15 + "|"]
+                  "/ max | ms at table speed | dense repeats in 10% | ratio: in 10% / in 5% / median / max | "
+                  "FLOPs-proportional ratio median | drift | load | CPU | date |",
+                  "|---" * 16 + "|"]
 
         def part(e: dict) -> str:
             return (f"{e['within_10']:.0%} / {e['within_5']:.0%} / {e['median_abs_rel_err']:.1%} / "
@@ -439,9 +442,12 @@ def latency_section(folder: Path) -> list[str]:
 
         for c in sorted(cells, key=lambda c: (c["runtime"], c["batch"], c["model"])):
             table_speed = part(c["ms_at_table_speed"]) if "ms_at_table_speed" in c else "-"
+            dense = [r["dense_beside_ms"] for r in c["rows"] if "dense_beside_ms" in r]
+            mid = statistics.median(dense) if dense else 0.0
+            steady = f"{sum(abs(d / mid - 1) <= 0.10 for d in dense) / len(dense):.0%}" if dense else "-"
             lines.append(f"| {c['model']} | {c['batch']} | {c['runtime']} | {c['clock']} | {c.get('align', 0)} | "
                          f"{len(c['rows'])} | {c['table_s']:.0f} ({c['table_cpu_s']:.0f}) | {part(c['ms'])} | "
-                         f"{table_speed} | {part(c['ratio'])} | {c['flops_ratio']['median_abs_rel_err']:.1%} | "
+                         f"{table_speed} | {steady} | {part(c['ratio'])} | {c['flops_ratio']['median_abs_rel_err']:.1%} | "
                          f"{c['drift']:.3f} | {c['loadavg_after'].split()[0]} | {c.get('cpu', '-')} | {c['date']} |")
         lines += ["", f"![latency]({folder.name}/latency/latency.png)", ""]
     summary = _load(folder / "latency_search", "summary")

@@ -42,7 +42,9 @@ measured on the target platform, the network's latency being the sum of its laye
   unit's grid for points timed in under 50 ms (a burst of load slows one pass, not both), the faster kept.
   Whole models: samples of >= 10 ms (calibration: 3 to 10 in 0.25 s), 3 interleaved passes. `threads`
   threads, CUDA synchronised; runtime `eager` (PyTorch, no_grad) or `onnxruntime` (each unit and the model
-  exported to ONNX, one session each, CPU, inputs and outputs bound to buffers once).
+  exported to ONNX, one session each, CPU, inputs and outputs bound to buffers once). The C allocator is held
+  steady first (:func:`widthsearch.timing.steady_allocator`): under glibc's default a forward's large
+  activations were mapped afresh on every call, at a cost that moved with the process's history.
 
 Deviations from NetAdapt: interpolation between grid points instead of a table at every width (a full
 table costs hours), with the grid's ends doubled where kernels switch, and a grid per residue class of the
