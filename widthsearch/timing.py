@@ -4,7 +4,6 @@ latency figures (widthsearch.export), with the allocator held steady while it ru
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import statistics
 import time
@@ -28,10 +27,9 @@ def steady_allocator() -> bool:
     performance guide recommends) and what ONNX Runtime's arena gives: no mmap for heap blocks
     (M_MMAP_MAX 0) and no trimming of the heap's top (M_TRIM_THRESHOLD 2 GiB). Cost: the process keeps its
     peak heap instead of returning it to the system."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is None or not hasattr(libc, "gnu_get_libc_version"):
+        libc = ctypes.CDLL(None)  # the process's own symbols: its C library, without find_library's subprocess
+        if not hasattr(libc, "gnu_get_libc_version"):
             return False
         return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     except OSError:
