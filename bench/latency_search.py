@@ -14,6 +14,13 @@ retrained with bench/common.py `retrain_cell` (the bench recipe) and timed whole
 beside it, 3 passes). One JSON per cell under bench/results/latency_search/ (a present one is skipped; an
 interrupted search resumes from bench/cache/latency_search/).
 
+Each cell times its winner at the end of its own run, beside one dense timing; cells run minutes to days apart,
+and this VM's dense model times 10-20% apart between two processes, enough to reorder winners 5% apart. So
+after the cells (or with `--retime` alone) every winner in the folder is timed again in one process,
+interleaved with the dense model over `--retime-rounds` passes (widthsearch.latency.measure_profiles):
+`timing.json`, which the comparison uses where it holds a cell (the cells' own timings otherwise; the summary
+says which).
+
 The comparison (`summary.json`, `latency_search.png` in the same folder, rewritten after every cell or with
 `--summary`): per searcher, L and seed, the FLOPs front's test accuracy interpolated at the latency winner's
 measured latency ratio (linearly between the two FLOPs winners whose measured ratios bracket it, per test
@@ -21,6 +28,7 @@ image; none when the front does not bracket it), against the latency winner's; t
 seeds with a 95% interval (seeds and images resampled, paired), and the measured speed of both.
 
     python -m bench.latency_search [--quick] [--model cifar_resnet56] [--seeds 0 1 2] [--device cuda] [--summary]
+    python -m bench.latency_search --model cifar_resnet20 --retime     # time every winner again, together
 """
 
 from __future__ import annotations
@@ -104,12 +112,37 @@ def run_cell(searcher: str, constraint: str, latency_budget: float, budget: floa
             "loadavg_1m": machine_load(), "date": time.strftime("%Y-%m-%d")}
 
 
+def retime(folder: Path, model_name: str, ckpt: Path, data, rounds: int) -> dict:
+    """Time every winner in `folder` (cells of `model_name`) again in this one process, interleaved with the dense
+    model (`rounds` passes); written to `timing.json` as {cell name: {ms, ratio, dense_ms}} with the load."""
+    cells = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*-s*.json"))}
+    cells = {name: c for name, c in cells.items() if c["model"] == model_name}
+    settings = {(c["latency"]["batch"], c["latency"]["clock"]) for c in cells.values()}
+    if len(settings) != 1:
+        raise SystemExit(f"--retime: the cells of {model_name} were timed with {len(settings)} settings "
+                         f"(batch, clock) {sorted(settings)}; expected one")
+    ((batch, clock),) = settings
+    base = load_model(model_name, data.num_classes, checkpoint=str(ckpt), in_channels=data.in_channels)
+    space = build_space(base, data.example_input)
+    target = LatencyTarget(batch=batch, clock=clock)
+    before, start = Path("/proc/loadavg").read_text().strip(), time.time()
+    measured = measure_profiles(space, base, target, [c["widths"] for c in cells.values()], paired=True,
+                                rounds=rounds)
+    timing = {"model": model_name, "batch": batch, "clock": clock, "threads": 1, "rounds": rounds,
+              "seconds": time.time() - start, "loadavg_before": before,
+              "loadavg_after": Path("/proc/loadavg").read_text().strip(), "cpu": target.environment()["device_name"],
+              "date": time.strftime("%Y-%m-%d %H:%M"), "cells": dict(zip(cells, measured))}
+    (folder / "timing.json").write_text(json.dumps(timing, indent=1))
+    return timing
+
+
 def front_at(front: list[dict], ratio: float):
     """The FLOPs front (cells of one seed) at a measured latency ratio: (per-image correctness, accuracy)
-    interpolated linearly between the two cells whose measured ratios bracket `ratio`; None outside."""
-    points = sorted(front, key=lambda c: c["measured_latency_ratio"])
+    interpolated linearly between the two cells whose measured ratios (`ratio_used`) bracket `ratio`; None
+    outside."""
+    points = sorted(front, key=lambda c: c["ratio_used"])
     for lo, hi in zip(points, points[1:]):
-        a, b = lo["measured_latency_ratio"], hi["measured_latency_ratio"]
+        a, b = lo["ratio_used"], hi["ratio_used"]
         if a <= ratio <= b:
             t = 0.0 if b == a else (ratio - a) / (b - a)
             masks = [unpack_mask(c["test_correct"], c["test_images"]).astype(float) for c in (lo, hi)]
@@ -117,23 +150,43 @@ def front_at(front: list[dict], ratio: float):
     return None
 
 
+def front_ratio_at(front: list[dict], acc: float) -> float | None:
+    """The FLOPs front's measured latency ratio (`ratio_used`) at test accuracy `acc`: linear between the two
+    neighbouring cells (in ratio order) whose accuracies bracket it, the fastest such pair; None outside."""
+    points = sorted(front, key=lambda c: c["ratio_used"])
+    for lo, hi in zip(points, points[1:]):
+        a, b = lo["test_acc"], hi["test_acc"]
+        if min(a, b) <= acc <= max(a, b):
+            t = 0.0 if a == b else (acc - a) / (b - a)
+            return (1 - t) * lo["ratio_used"] + t * hi["ratio_used"]
+    return None
+
+
 def summarize(folder: Path) -> dict:
-    """Per (searcher, latency budget): the latency winners against the FLOPs front at their measured latency."""
+    """Per (searcher, latency budget): the latency winners against the FLOPs front at their measured latency (and
+    the front's latency at their accuracy)."""
     from bench.stats import paired_difference
 
-    cells = [json.loads(p.read_text()) for p in sorted(folder.glob("*-s*.json"))]
+    cells = [{**json.loads(p.read_text()), "name": p.stem} for p in sorted(folder.glob("*-s*.json"))]
+    timing_path = folder / "timing.json"
+    joint = json.loads(timing_path.read_text())["cells"] if timing_path.is_file() else {}
+    for c in cells:  # the joint re-timing where it holds the cell, else the cell's own timing
+        c["ratio_used"] = joint[c["name"]]["ratio"] if c["name"] in joint else c["measured_latency_ratio"]
+        c["timing_used"] = "joint" if c["name"] in joint else "own"
     out = []
     for searcher, budget in sorted({(c["searcher"], c["latency_budget"]) for c in cells}):
         group = [c for c in cells if c["searcher"] == searcher and c["latency_budget"] == budget]
         pairs, seeds = [], []
         for c in sorted((c for c in group if c["constraint"] == "latency"), key=lambda c: c["seed"]):
             front = [f for f in group if f["constraint"] == "flops" and f["seed"] == c["seed"]]
-            at = front_at(front, c["measured_latency_ratio"])
+            at = front_at(front, c["ratio_used"])
             seeds.append({"seed": c["seed"], "latency_test_acc": c["test_acc"],
-                          "latency_measured_ratio": c["measured_latency_ratio"],
-                          "flops_front": [(f["flops_factor"], f["measured_latency_ratio"], f["test_acc"])
+                          "latency_measured_ratio": c["ratio_used"],
+                          "timing": sorted({x["timing_used"] for x in [c, *front]}),
+                          "flops_front": [(f["flops_factor"], f["ratio_used"], f["test_acc"])
                                           for f in sorted(front, key=lambda f: f["flops_factor"])],
-                          "flops_test_acc_at_same_latency": None if at is None else float(at[1])})
+                          "flops_test_acc_at_same_latency": None if at is None else float(at[1]),
+                          "flops_ratio_at_same_accuracy": front_ratio_at(front, c["test_acc"])})
             if at is not None:
                 pairs.append((unpack_mask(c["test_correct"], c["test_images"]).astype(float), at[0]))
         diff = paired_difference([a for a, _ in pairs], [b for _, b in pairs]) if pairs else None
@@ -158,13 +211,13 @@ def plot(cells: list[dict], path: Path) -> None:
         group = [c for c in cells if c["searcher"] == searcher and c["latency_budget"] == budget]
         for k, seed in enumerate(sorted({c["seed"] for c in group})):
             front = sorted((c for c in group if c["constraint"] == "flops" and c["seed"] == seed),
-                           key=lambda c: c["measured_latency_ratio"])
+                           key=lambda c: c["ratio_used"])
             color = f"C{k}"
-            ax.plot([c["measured_latency_ratio"] for c in front], [c["test_acc"] for c in front], "o-", color=color,
+            ax.plot([c["ratio_used"] for c in front], [c["test_acc"] for c in front], "o-", color=color,
                     ms=4, label=f"FLOPs budgets, seed {seed}")
             for c in group:
                 if c["constraint"] == "latency" and c["seed"] == seed:
-                    ax.plot(c["measured_latency_ratio"], c["test_acc"], "*", color=color, ms=12,
+                    ax.plot(c["ratio_used"], c["test_acc"], "*", color=color, ms=12,
                             label=f"latency budget, seed {seed}")
         ax.axvline(budget, color="gray", linestyle=":")
         ax.set_title(f"{searcher}, latency budget {budget:g}", fontsize=9)
@@ -196,6 +249,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu",
                         help="cpu or cuda: base, search trials and retrains (latency is timed on the CPU regardless)")
     parser.add_argument("--summary", action="store_true", help="only rewrite summary.json and the plot")
+    parser.add_argument("--retime", action="store_true",
+                        help="only time every winner of --model again, together (timing.json), and summarize")
+    parser.add_argument("--retime-rounds", type=int, default=9, help="interleaved passes of the joint re-timing")
     args = parser.parse_args()
     folder = RESULTS / ("latency_search-quick" if args.quick else "latency_search")
     if args.summary:
@@ -215,7 +271,7 @@ def main() -> None:
     space = build_space(base, data.example_input)
     target = LatencyTarget(batch=args.latency_batch, clock=args.clock)
     folder.mkdir(parents=True, exist_ok=True)
-    for latency_budget in args.latency_budgets:
+    for latency_budget in [] if args.retime else args.latency_budgets:
         matched = flops_budget_for(space, base, target, latency_budget, args.grid)
         print(f"base {args.model} ({ckpt.name}): test {info['test_acc']:.4f}; latency budget {latency_budget:g} "
               f"<-> FLOPs budget {matched} (uniform profile)", flush=True)
@@ -233,6 +289,9 @@ def main() -> None:
                           f"latency {cell['measured_latency_ms']:.2f} ms ({cell['measured_latency_ratio']:.3f} of "
                           f"dense), FLOPs {cell['flops_ratio']:.3f}", flush=True)
                     summarize(folder)
+    timing = retime(folder, args.model, ckpt, data, args.retime_rounds)
+    print(f"timed {len(timing['cells'])} winners together in {timing['seconds']:.0f} s "
+          f"(load {timing['loadavg_before']})", flush=True)
     for c in summarize(folder)["comparisons"]:
         d = c["latency_minus_flops_at_same_latency"]
         print(f"{c['searcher']} L{c['latency_budget']:g}: latency minus FLOPs at the same measured latency: "

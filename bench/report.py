@@ -453,16 +453,29 @@ def latency_section(folder: Path) -> list[str]:
     summary = _load(folder / "latency_search", "summary")
     if summary and summary["comparisons"]:
         lines += ["## Latency- vs FLOPs-constrained search (bench/latency_search.py)", "",
-                  f"{summary['model']}: per searcher and latency budget, the latency-budget winner's test accuracy "
-                  "minus the FLOPs front's (FLOPs budgets around the uniform-matched one, accuracy interpolated at "
-                  "the latency winner's measured latency), paired by seed and test image, 95% interval.", "",
-                  "| searcher | latency budget | seeds | latency winners: measured ratio | accuracy difference, points |",
-                  "|---" * 5 + "|"]
+                  f"{summary['model']}: per searcher, latency budget and seed, the latency-budget winner against the "
+                  "FLOPs front (the same searcher at FLOPs budgets around the uniform-matched one): the front's test "
+                  "accuracy interpolated at the latency winner's measured latency ratio, and the front's measured "
+                  "ratio interpolated at the latency winner's accuracy ('-': the front does not bracket it). "
+                  "'timing': joint = every winner timed again together in one process (bench/latency_search.py "
+                  "--retime), own = each at the end of its own cell. Last row: the latency winners minus the front "
+                  "at the same latency, paired by seed and test image, 95% interval.", "",
+                  "| searcher | latency budget | seed | latency winner: ratio, test acc | FLOPs front (factor: ratio, "
+                  "acc) | front acc at same ratio | front ratio at same acc | timing |", "|---" * 8 + "|"]
         for c in summary["comparisons"]:
+            for s in c["seeds"]:
+                front = ", ".join(f"{k:g}: {r:.3f}, {a:.3f}" for k, r, a in s["flops_front"])
+                at_acc = s.get("flops_ratio_at_same_accuracy")
+                at_ratio = s["flops_test_acc_at_same_latency"]
+                lines.append(f"| {c['searcher']} | {c['latency_budget']:g} | {s['seed']} | "
+                             f"{s['latency_measured_ratio']:.3f}, {s['latency_test_acc']:.3f} | {front} | "
+                             f"{'-' if at_ratio is None else f'{at_ratio:.3f}'} | "
+                             f"{'-' if at_acc is None else f'{at_acc:.3f}'} | {', '.join(s.get('timing', ['own']))} |")
             d = c["latency_minus_flops_at_same_latency"]
-            ratios = ", ".join(f"{s['latency_measured_ratio']:.3f}" for s in c["seeds"])
-            diff = f"{100 * d['diff']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]" if d else "-"
-            lines.append(f"| {c['searcher']} | {c['latency_budget']:g} | {c['paired_seeds']} | {ratios} | {diff} |")
+            diff = (f"{100 * d['diff']:+.2f} points [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}] over "
+                    f"{c['paired_seeds']} seed(s)" if d else "no seed where the front brackets the latency winner")
+            lines.append(f"| {c['searcher']} | {c['latency_budget']:g} | all | latency minus FLOPs at the same "
+                         f"latency: {diff} | | | | |")
         lines += ["", f"![latency search]({folder.name}/latency_search/latency_search.png)", ""]
     return lines
 

@@ -393,16 +393,45 @@ def test_latency_search_compares_at_equal_measured_latency():
     """The FLOPs front's accuracy at the latency winner's measured latency: per image, linear between the two
     FLOPs winners that bracket it; none outside the front."""
     from bench.common import correct_mask  # noqa: F401  (the mask format)
-    from bench.latency_search import front_at
+    from bench.latency_search import front_at, front_ratio_at
 
     def mask(bits):
         return np.packbits(np.array(bits, dtype=bool)).tobytes().hex()
 
-    front = [{"measured_latency_ratio": 0.4, "test_acc": 0.5, "test_correct": mask([1, 0, 1, 0]), "test_images": 4},
-             {"measured_latency_ratio": 0.6, "test_acc": 1.0, "test_correct": mask([1, 1, 1, 1]), "test_images": 4}]
+    front = [{"ratio_used": 0.4, "test_acc": 0.5, "test_correct": mask([1, 0, 1, 0]), "test_images": 4},
+             {"ratio_used": 0.6, "test_acc": 1.0, "test_correct": mask([1, 1, 1, 1]), "test_images": 4}]
     per_image, acc = front_at(front, 0.45)
     assert per_image.tolist() == [1.0, 0.25, 1.0, 0.25] and acc == pytest.approx(0.625)
     assert front_at(front, 0.3) is None and front_at(front[:1], 0.4) is None  # no front to interpolate on
+    assert front_ratio_at(front, 0.75) == pytest.approx(0.5) and front_ratio_at(front, 0.4) is None
+
+
+def test_latency_search_summary_uses_the_joint_retiming_over_each_cells_own(tmp_path):
+    """Winners timed together (timing.json) replace the cells' own timings, which ran in other processes; a cell
+    the re-timing does not hold keeps its own, and the summary says which it used."""
+    from bench.latency_search import summarize
+
+    def cell(name, constraint, ratio, acc, factor=None):
+        bits = np.packbits(np.array([1] * int(acc * 4) + [0] * (4 - int(acc * 4)), dtype=bool)).tobytes().hex()
+        body = {"constraint": constraint, "seed": 0, "model": "m", "searcher": "optuna", "latency_budget": 0.5,
+                "flops_factor": factor, "measured_latency_ratio": ratio, "test_acc": acc, "test_correct": bits,
+                "test_images": 4}
+        (tmp_path / f"{name}.json").write_text(json.dumps(body))
+
+    cell("m-optuna-latency-L0.5-s0", "latency", 0.55, 0.75)  # own timing: outside the front's own timings
+    cell("m-optuna-flops-L0.5-f0.8-s0", "flops", 0.45, 0.5, 0.8)
+    cell("m-optuna-flops-L0.5-f1.25-s0", "flops", 0.50, 1.0, 1.25)
+    (seed,) = summarize(tmp_path)["comparisons"][0]["seeds"]
+    assert seed["flops_test_acc_at_same_latency"] is None and seed["timing"] == ["own"]
+    joint = {"m-optuna-latency-L0.5-s0": {"ratio": 0.5}, "m-optuna-flops-L0.5-f0.8-s0": {"ratio": 0.4},
+             "m-optuna-flops-L0.5-f1.25-s0": {"ratio": 0.6}}
+    (tmp_path / "timing.json").write_text(json.dumps({"cells": joint}))
+    comparison = summarize(tmp_path)["comparisons"][0]
+    (seed,) = comparison["seeds"]
+    assert seed["timing"] == ["joint"] and seed["latency_measured_ratio"] == 0.5
+    assert seed["flops_test_acc_at_same_latency"] == pytest.approx(0.75) and comparison["paired_seeds"] == 1
+    assert seed["flops_ratio_at_same_accuracy"] == pytest.approx(0.5)
+    assert (tmp_path / "latency_search.png").is_file()
 
 
 def test_time_ms_takes_the_median_wall_sample_or_the_fastest_cpu_sample():
