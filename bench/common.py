@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from widthsearch import load_data, load_model, save_checkpoint
+from widthsearch.target import device_name as target_device_name
 from widthsearch.training import TrainConfig, evaluate, train, train_base
 
 BENCH = Path(__file__).resolve().parent
@@ -71,7 +72,7 @@ def base_checkpoint(model: str, data: str, epochs: int | None = None, lr: float 
                      device=DEVICE, progress=f"base {model}")
     info = {"model": model, "data": data, "epochs": epochs, "lr": lr, "train_s": time.time() - start,
             "cpu_s": time.process_time() - cpu_start, "threads": torch.get_num_threads(),
-            "loadavg_1m": machine_load(), "device": device_name(),
+            "loadavg_1m": machine_load(), "device": device_name(), "cpu": target_device_name("cpu"),
             "val_acc": evaluate(net, splits, "val", device=DEVICE)[0],
             "test_acc": evaluate(net, splits, "test", device=DEVICE)[0], "split": splits.split}
     net.cpu()
@@ -79,6 +80,19 @@ def base_checkpoint(model: str, data: str, epochs: int | None = None, lr: float 
                     split=splits.split)
     info_path.write_text(json.dumps(info, indent=1))
     return ckpt, info
+
+
+def check_same_base(cell: dict, info: dict, path: Path) -> None:
+    """Refuse to resume or extend a cell (`path`, its JSON `cell`) measured on another base than `info`'s: cells of
+    two bases do not pair. A base trained again with the same recipe on another CPU is another model (other
+    kernels, other rounding), and bench/cache is not in git, so a new checkout trains its bases afresh."""
+    old = cell.get("base_info")
+    if not old or (old.get("val_acc"), old.get("test_acc")) == (info["val_acc"], info["test_acc"]):
+        return
+    raise SystemExit(f"{path} was measured on another {info['model']} base (val {old['val_acc']:.4f}, test "
+                     f"{old['test_acc']:.4f}, trained on {old.get('cpu') or 'an earlier machine'}) than the one in "
+                     f"{CACHE} (val {info['val_acc']:.4f}, test {info['test_acc']:.4f}): their cells do not pair. "
+                     f"Put that base's checkpoint in {CACHE}, or write this base's cells elsewhere (BENCH_RESULTS).")
 
 
 def bench_base(model: str, data: str):

@@ -43,6 +43,7 @@ from bench.common import (
     RESULTS,
     RETRAIN_EPOCHS,
     bench_base,
+    check_same_base,
     machine_load,
     profile_key,
     retrain_cell,
@@ -209,6 +210,8 @@ def main() -> None:
     done = 0
     for i, p in order(todo):
         path = folder / f"{args.model}-{profile_key(p['widths'], p.get('keep'))}.json"
+        if path.is_file():
+            check_same_base(json.loads(path.read_text()), info, path)
         if path.is_file() and args.fill:
             cell = json.loads(path.read_text())
             missing = [name for name, _, _ in variants() if name not in cell["scores"]]

@@ -51,6 +51,7 @@ from bench.common import (
     VAL_FRACTION,
     base_checkpoint,
     bench_data,
+    check_same_base,
     machine_load,
     retrain_cell,
     unpack_mask,
@@ -282,8 +283,10 @@ def main() -> None:
                 for constraint, budget, factor in plans:
                     path = folder / f"{cell_name(args, searcher, constraint, latency_budget, factor, seed)}.json"
                     if path.is_file():
+                        check_same_base(json.loads(path.read_text()), info, path)
                         continue
-                    cell = run_cell(searcher, constraint, latency_budget, budget, factor, seed, args, ckpt, data)
+                    cell = {**run_cell(searcher, constraint, latency_budget, budget, factor, seed, args, ckpt, data),
+                            "base_info": info}
                     path.write_text(json.dumps(cell, indent=1))
                     print(f"{searcher} {constraint} {budget:g} seed {seed}: test {cell['test_acc']:.4f}, measured "
                           f"latency {cell['measured_latency_ms']:.2f} ms ({cell['measured_latency_ratio']:.3f} of "

@@ -37,8 +37,8 @@ import torch
 import torch_pruning as tp
 
 from bench import common
-from bench.common import (CACHE, DEFAULT_DATA, RESULTS, SPLIT_SEED, VAL_FRACTION, bench_base, machine_load,
-                          retrain_cell)
+from bench.common import (CACHE, DEFAULT_DATA, RESULTS, SPLIT_SEED, VAL_FRACTION, bench_base, check_same_base,
+                          machine_load, retrain_cell)
 from widthsearch import Search, SearchConfig, load_search, prune
 from widthsearch.export import measure_latency
 from widthsearch.models import classifier_of
@@ -338,6 +338,8 @@ def main() -> None:
                     continue
                 path = folder / f"{args.model}-{method}-b{budget}-s{seed}.json"
                 old = json.loads(path.read_text()) if path.is_file() else None
+                if old is not None:
+                    check_same_base(old, info, path)
                 if old is not None and ("error" in old or set(args.retrain_seeds) <= set(old.get("retrain_seeds", []))):
                     continue
                 seeds = sorted(set(args.retrain_seeds) | set(old.get("retrain_seeds", []) if old else []))
