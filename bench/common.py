@@ -23,6 +23,9 @@ BENCH = Path(__file__).resolve().parent
 # Where cells go: bench/cache and bench/results of this checkout, unless BENCH_CACHE / BENCH_RESULTS name other
 # folders (a pinned worktree that runs cells while the main checkout changes writes into the main one's).
 CACHE = Path(os.environ.get("BENCH_CACHE", BENCH / "cache"))
+# Bases kept in git (`python -m bench.bases --keep`), found before CACHE: a base trained again on another CPU, or in
+# a new checkout's empty cache, is another model, whose cells would not pair with the ones already measured.
+KEPT = BENCH / "checkpoints"
 RESULTS = Path(os.environ.get("BENCH_RESULTS", BENCH / "results"))  # JSON figures bench/report.py turns into RESULTS.md
 DEFAULT_DATA = BENCH.parents[1] / "shared" / "datasets" / "cifar10-5k.npz"
 VAL_FRACTION = 0.2
@@ -56,16 +59,23 @@ def machine_load() -> float:
     return os.getloadavg()[0]
 
 
+def base_stem(model: str, data: str, epochs: int, seed: int = 0) -> str:
+    """The file name (without suffix) of a base's checkpoint and info."""
+    return f"{model}-{Path(data.split(':', 1)[-1]).stem}-v{VAL_FRACTION}-e{epochs}-s{seed}"
+
+
 def base_checkpoint(model: str, data: str, epochs: int | None = None, lr: float = BASE_LR,
                     seed: int = 0) -> tuple[Path, dict]:
     """Train (once) and cache a base model on the bench split; returns its checkpoint and its info
-    (val/test accuracy, training seconds, load average). The checkpoint records its split."""
+    (val/test accuracy, training seconds, load average). The checkpoint records its split. A base kept in git
+    (bench/checkpoints/) is used before the cache."""
     epochs = epochs or BASE_EPOCHS[model]
+    stem = base_stem(model, data, epochs, seed)
+    for folder in (KEPT, CACHE):
+        ckpt, info_path = folder / f"{stem}.pt", folder / f"{stem}.json"
+        if ckpt.is_file() and info_path.is_file():
+            return ckpt, json.loads(info_path.read_text())
     CACHE.mkdir(exist_ok=True)
-    stem = f"{model}-{Path(data.split(':', 1)[-1]).stem}-v{VAL_FRACTION}-e{epochs}-s{seed}"
-    ckpt, info_path = CACHE / f"{stem}.pt", CACHE / f"{stem}.json"
-    if ckpt.is_file() and info_path.is_file():
-        return ckpt, json.loads(info_path.read_text())
     splits = bench_data(data)
     start, cpu_start = time.time(), time.process_time()
     net = train_base(model, splits, epochs=epochs, config=TrainConfig(lr=lr, channels_last=False), seed=seed,
@@ -91,8 +101,8 @@ def check_same_base(cell: dict, info: dict, path: Path) -> None:
         return
     raise SystemExit(f"{path} was measured on another {info['model']} base (val {old['val_acc']:.4f}, test "
                      f"{old['test_acc']:.4f}, trained on {old.get('cpu') or 'an earlier machine'}) than the one in "
-                     f"{CACHE} (val {info['val_acc']:.4f}, test {info['test_acc']:.4f}): their cells do not pair. "
-                     f"Put that base's checkpoint in {CACHE}, or write this base's cells elsewhere (BENCH_RESULTS).")
+                     f"{KEPT} or {CACHE} (val {info['val_acc']:.4f}, test {info['test_acc']:.4f}): their cells do not pair. "
+                     f"Put that base's checkpoint there, or write this base's cells elsewhere (BENCH_RESULTS).")
 
 
 def bench_base(model: str, data: str):

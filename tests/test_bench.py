@@ -19,3 +19,24 @@ def test_bench_refuses_to_resume_a_cell_measured_on_another_base(tmp_path):
     with pytest.raises(SystemExit, match=r"cifar_resnet20-uniform-b0.1-s0.json was measured on another cifar_resnet20 "
                                          r"base \(val 0.7404, test 0.7473, trained on Intel Xeon\)"):
         check_same_base(old, info, path)
+
+
+def test_a_base_kept_in_git_is_found_before_the_cache(tmp_path, monkeypatch):
+    """bench/checkpoints/ (in git) comes before bench/cache/ (a new checkout's is empty): the bench reuses the kept
+    base instead of training another model on this machine."""
+    import json
+
+    from bench import common
+
+    kept, cache = tmp_path / "kept", tmp_path / "cache"
+    monkeypatch.setattr(common, "KEPT", kept)
+    monkeypatch.setattr(common, "CACHE", cache)
+    stem = common.base_stem("cifar_resnet20", "npz:/data/cifar10-5k.npz", 80)
+    for folder, acc in ((cache, 0.5), (kept, 0.7)):
+        folder.mkdir()
+        (folder / f"{stem}.pt").write_bytes(b"weights")
+        (folder / f"{stem}.json").write_text(json.dumps({"val_acc": acc}))
+    ckpt, info = common.base_checkpoint("cifar_resnet20", "npz:/data/cifar10-5k.npz")
+    assert ckpt == kept / f"{stem}.pt" and info == {"val_acc": 0.7}
+    (kept / f"{stem}.json").unlink()  # a checkpoint without its info is not a kept base
+    assert common.base_checkpoint("cifar_resnet20", "npz:/data/cifar10-5k.npz")[0] == cache / f"{stem}.pt"
