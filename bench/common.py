@@ -70,11 +70,11 @@ def base_checkpoint(model: str, data: str, epochs: int | None = None, lr: float 
     (val/test accuracy, training seconds, load average). The checkpoint records its split. A base kept in git
     (bench/checkpoints/) is used before the cache."""
     epochs = epochs or BASE_EPOCHS[model]
+    found = stored_base(base_stem(model, data, epochs, seed))
+    if found:
+        return found
     stem = base_stem(model, data, epochs, seed)
-    for folder in (KEPT, CACHE):
-        ckpt, info_path = folder / f"{stem}.pt", folder / f"{stem}.json"
-        if ckpt.is_file() and info_path.is_file():
-            return ckpt, json.loads(info_path.read_text())
+    ckpt, info_path = CACHE / f"{stem}.pt", CACHE / f"{stem}.json"
     CACHE.mkdir(exist_ok=True)
     splits = bench_data(data)
     start, cpu_start = time.time(), time.process_time()
@@ -89,7 +89,30 @@ def base_checkpoint(model: str, data: str, epochs: int | None = None, lr: float 
     save_checkpoint(net, ckpt, model_source=model, data=data, epochs=epochs, val_acc=info["val_acc"],
                     split=splits.split)
     info_path.write_text(json.dumps(info, indent=1))
-    return ckpt, info
+    return ckpt, {**info, "base_id": base_id(ckpt)}
+
+
+def base_id(ckpt: Path) -> str:
+    """A base's identity: the first 10 hex digits of its checkpoint file's SHA-256 (cells pair within one base)."""
+    import hashlib
+
+    return hashlib.sha256(ckpt.read_bytes()).hexdigest()[:10]
+
+
+def stored_base(stem: str) -> tuple[Path, dict] | None:
+    """The base `stem` kept in git or cached (checkpoint, info with its base_id), None where there is none."""
+    for folder in (KEPT, CACHE):
+        ckpt, info_path = folder / f"{stem}.pt", folder / f"{stem}.json"
+        if ckpt.is_file() and info_path.is_file():
+            return ckpt, {**json.loads(info_path.read_text()), "base_id": base_id(ckpt)}
+    return None
+
+
+def current_base_id(model: str) -> str | None:
+    """The base_id of the base the bench would use now for `model` (default data, epochs, seed), None where it
+    would have to train one."""
+    found = stored_base(base_stem(model, f"npz:{DEFAULT_DATA}", BASE_EPOCHS[model]))
+    return found[1]["base_id"] if found else None
 
 
 def check_same_base(cell: dict, info: dict, path: Path) -> None:
@@ -97,7 +120,8 @@ def check_same_base(cell: dict, info: dict, path: Path) -> None:
     two bases do not pair. A base trained again with the same recipe on another CPU is another model (other
     kernels, other rounding), and bench/cache is not in git, so a new checkout trains its bases afresh."""
     old = cell.get("base_info")
-    if not old or (old.get("val_acc"), old.get("test_acc")) == (info["val_acc"], info["test_acc"]):
+    if not old or (old.get("base_id", info["base_id"]) == info["base_id"]
+                   and (old.get("val_acc"), old.get("test_acc")) == (info["val_acc"], info["test_acc"])):
         return
     raise SystemExit(f"{path} was measured on another {info['model']} base (val {old['val_acc']:.4f}, test "
                      f"{old['test_acc']:.4f}, trained on {old.get('cpu') or 'an earlier machine'}) than the one in "

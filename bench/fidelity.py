@@ -98,10 +98,10 @@ def profiles(model, space, cost, quick: bool) -> list[dict]:
     return out
 
 
-def budget_profiles(model, space, cost, budget: float, n_random: int, model_name: str) -> list[dict]:
+def budget_profiles(model, space, cost, budget: float, n_random: int, model_name: str, base_id: str) -> list[dict]:
     """The profile set of the one-budget study, each once, in this order: uniform, the global candidates, every
-    quality search's best rows at `budget` (bench/results/quality/; every search's best first, then every
-    search's second, ...), then `n_random` random ones."""
+    quality search's best rows at `budget` on this base (bench/results/quality/BASE_ID/; every search's best
+    first, then every search's second, ...), then `n_random` random ones."""
     out, seen = [], set()
 
     def add(widths, source, keep=None, **extra):
@@ -114,7 +114,8 @@ def budget_profiles(model, space, cost, budget: float, n_random: int, model_name
     glob = make_searcher("global", space, cost, budget=budget, model=model, normalizers=["mean", "max"])
     while isinstance(config := glob.suggest("g"), dict):
         add(config["widths"], "global")
-    cells = [json.loads(p.read_text()) for p in sorted((RESULTS / "quality").glob(f"{model_name}-*-b{budget}-s*.json"))]
+    quality = RESULTS / "quality" / base_id  # the quality searches on this base (bench/quality.py)
+    cells = [json.loads(p.read_text()) for p in sorted(quality.glob(f"{model_name}-*-b{budget}-s*.json"))]
     ranked_rows = [(rank, cell, row) for cell in cells for rank, row in enumerate(cell.get("top_rows", []))]
     for rank, cell, row in sorted(ranked_rows, key=lambda item: item[0]):
         payload = json.loads(row["payload"]) if row.get("payload") else {}
@@ -199,12 +200,13 @@ def main() -> None:
     set_threads(args.threads)
     device = common.use_device(args.device)
     ckpt, info, data, base, space, cost = bench_base(args.model, args.data)
-    folder = RESULTS / ("fidelity-quick" if args.quick else "fidelity")
+    folder = RESULTS / ("fidelity-quick" if args.quick else "fidelity") / info["base_id"]  # one folder per base
     folder.mkdir(parents=True, exist_ok=True)
     if args.budget is None:
         todo, order, seeds, study = profiles(base, space, cost, args.quick), interleaved, [0], "mixed"
     else:
-        todo = budget_profiles(base, space, cost, args.budget, 2 if args.quick else args.random, args.model)
+        todo = budget_profiles(base, space, cost, args.budget, 2 if args.quick else args.random, args.model,
+                               info["base_id"])
         order, seeds, study = lambda items: list(enumerate(items)), args.retrain_seeds, f"b{args.budget}"
     print(f"base {args.model}: val {info['val_acc']:.4f}, test {info['test_acc']:.4f}; {len(todo)} profiles", flush=True)
     done = 0

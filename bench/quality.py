@@ -168,8 +168,8 @@ def failed_search_cost(args, method: str, budget: float, seed: int) -> dict:
 
 
 def search_dir(args, method: str, budget: float, seed: int) -> tuple[str, str]:
-    """(storage, name) of a cell's search, kept in bench/cache/searches/."""
-    return str(CACHE / "searches" / args.model), f"{method}-b{budget}-s{seed}"
+    """(storage, name) of a cell's search, kept in bench/cache/searches/MODEL/BASE_ID/."""
+    return str(CACHE / "searches" / args.model / args.base_id), f"{method}-b{budget}-s{seed}"
 
 
 def _cost_path(storage: str, name: str) -> Path:
@@ -327,9 +327,12 @@ def main() -> None:
     set_threads(args.threads)
     common.use_device(args.device)
     ckpt, info, data, base, space, cost = bench_base(args.model, args.data)
-    folder = RESULTS / ("quality-quick" if args.quick else "quality")
+    # one folder per base (bench/common.py base_id): cells of two bases do not pair; the first table's cells, of a
+    # base no checkout has any more, are the ones directly in quality/
+    folder = RESULTS / ("quality-quick" if args.quick else "quality") / info["base_id"]
     folder.mkdir(parents=True, exist_ok=True)
-    (CACHE / "searches" / args.model).mkdir(parents=True, exist_ok=True)
+    args.base_id = info["base_id"]
+    (CACHE / "searches" / args.model / args.base_id).mkdir(parents=True, exist_ok=True)
     print(f"base {args.model}: val {info['val_acc']:.4f}, test {info['test_acc']:.4f}", flush=True)
     for budget in args.budgets:
         for seed in args.seeds:

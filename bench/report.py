@@ -84,8 +84,9 @@ def quality_section(folder: Path) -> list[str]:
     missing."""
     from bench.quality import NON_SEARCH, OPTIONS_BEFORE, SEARCH, TUNED, VARIANTS
 
-    cells = [c for c in _cells(folder / "quality") if "error" not in c]
-    failed = [c for c in _cells(folder / "quality") if "error" in c]
+    every = _cells(folder / "quality") + [c for sub in sorted(_base_folders(folder / "quality")) for c in _cells(sub)]
+    cells = [c for c in every if "error" not in c]
+    failed = [c for c in every if "error" in c]
     lines = ["## The decisive benchmark: searchers vs uniform and torch-pruning (bench/quality.py)", ""]
     if not cells:
         return lines + ["No cell has finished yet.", ""]
@@ -107,18 +108,32 @@ def quality_section(folder: Path) -> list[str]:
               "Latency: CPU, 1 thread, batch 1, median of 20 runs, under the load shown.", ""]
     by = defaultdict(list)
     for c in cells:
-        by[(c["model"], c["budget"], c["method"])].append(c)
+        by[(c["model"], c["budget"], _base_key(c), c["method"])].append(c)
     budgets = sorted({c["budget"] for c in cells}, key=lambda b: (b in NO_HEADROOM, b != 0.1, -b))
+    bases = sorted({_base_key(c) for c in cells})  # "" (the first table's bases) first
     for budget in budgets:
         for model in QUALITY_MODELS:
-            group = {m: sorted(v, key=lambda c: c["seed"]) for (mo, b, m), v in by.items() if (mo, b) == (model, budget)}
-            if not group:
-                continue
-            lines += _quality_table(model, budget, group, NON_SEARCH)
+            for base in bases:
+                group = {m: sorted(v, key=lambda c: c["seed"]) for (mo, b, k, m), v in by.items()
+                         if (mo, b, k) == (model, budget, base)}
+                if group:
+                    lines += _quality_table(model, budget, group, NON_SEARCH)
     lines += _missing_cells(cells, failed)
     lines += [_failed_line(c) for c in failed]
-    lines += _quality_plots(cells, folder)
+    plotted = {m: max(bases, key=lambda k: sum(_base_key(c) == k for c in cells if c["model"] == m))
+               for m in QUALITY_MODELS}  # per model the base with the most cells
+    lines += _quality_plots([c for c in cells if _base_key(c) == plotted[c["model"]]], folder)
     return lines
+
+
+def _base_folders(folder: Path) -> list[Path]:
+    """bench/quality.py's folders of one base each (quality/BASE_ID/); the first table's cells lie in quality/."""
+    return [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
+
+
+def _base_key(cell: dict) -> str:
+    """Which base a quality cell was measured on: its base_id, "" for the first table's (which had none)."""
+    return (cell.get("base_info") or {}).get("base_id", "")
 
 
 def _quality_table(model: str, budget: float, group: dict, non_search) -> list[str]:
@@ -131,7 +146,8 @@ def _quality_table(model: str, budget: float, group: dict, non_search) -> list[s
     plain = [m for m in group if m in non_search]
     searched = [m for m in group if m not in non_search]
     best_plain = max(plain, key=mean) if plain else None
-    title = f"### {model} at FLOPs {budget}"
+    title = f"### {model} at FLOPs {budget}" + (f", base {info['base_id']} ({info.get('cpu', '-')})"
+                                                 if info.get("base_id") else "")
     if budget in NO_HEADROOM:
         title += (" (no headroom: every sound profile retrains to within about a point of every other, so no "
                   "search can show a win here)")
@@ -199,9 +215,12 @@ def _failed_line(cell: dict) -> str:
 def _missing_cells(cells: list[dict], failed: list[dict]) -> list[str]:
     """Planned cells neither finished nor failed yet, with the time each needs (from finished cells of the same
     method and model, else of the same method on cifar_resnet20 scaled by the bases' training times)."""
+    from bench.common import current_base_id
     from bench.quality import NON_SEARCH, SEARCHERS
 
-    done = {(c["model"], c["method"], c["budget"], c["seed"]) for c in (*cells, *failed)}
+    current = {model: current_base_id(model) for model in PLAN}  # cells of other bases cannot be extended
+    done = {(c["model"], c["method"], c["budget"], c["seed"]) for c in (*cells, *failed)
+            if current.get(c["model"]) and _base_key(c) == current[c["model"]]}
     cost, base_s = defaultdict(list), {}
     for c in cells:
         cost[(c["model"], c["method"])].append(c.get("prune_or_search_s", 0.0) + c["retrain_s"] * len(_accs(c)))
@@ -219,7 +238,10 @@ def _missing_cells(cells: list[dict], failed: list[dict]) -> list[str]:
             todo.append((model, method, n, statistics.fmean(known) if known else None))
     if not todo:
         return ["All planned cells are filled.", ""]
-    lines = ["Missing cells (budgets " + "; ".join(f"{m}: {', '.join(map(str, b))}" for m, b in PLAN.items())
+    lines = ["Missing cells on the bases the bench would use now (bench/checkpoints/ or bench/cache/: "
+             + "; ".join(f"{m} {current[m] or 'none yet, to be trained'}" for m in PLAN)
+             + "; cells of another base do not pair with them) (budgets "
+             + "; ".join(f"{m}: {', '.join(map(str, b))}" for m, b in PLAN.items())
              + "; time per cell from finished cells, 1 thread per cell on this 2-core CPU):", ""]
     lines += [f"* {model} {method}: {n} cell(s)" + (f", ~{each / 60:.0f} min each" if each else ", no estimate yet")
               for model, method, n, each in todo]
@@ -274,14 +296,18 @@ def _quality_plots(cells: list[dict], folder: Path) -> list[str]:
 FIDELITY_METRICS = (("val_acc", 1), ("val_loss", -1), ("val10_acc", 1), ("val10_loss", -1))
 
 
-def fidelity_budget_section(folder: Path, budget: float) -> list[str]:
-    """The one-budget fidelity study (bench/fidelity.py --budget): every score variant's rank correlation with the
-    retrained accuracy (test: the goal; val: what options are chosen on), its cost, and the final choice among
-    each quality search's best rows."""
+def fidelity_budget_section(folder: Path, budget: float, base: str = "") -> list[str]:
+    """The one-budget fidelity study (bench/fidelity.py --budget) on one base (`base`: its base_id, "" for the first
+    table's, whose cells lie directly in fidelity/): every score variant's rank correlation with the retrained
+    accuracy (test: the goal; val: what options are chosen on), its cost, and the final choice among each quality
+    search's best rows."""
     from bench.stats import rank_correlations
 
-    cells = [c for c in _cells(folder / "fidelity") if c.get("study") == f"b{budget}"]
-    lines = [f"## Does the trial score rank profiles at FLOPs {budget}? (bench/fidelity.py --budget {budget})", ""]
+    cells = [c for c in _cells(folder / "fidelity" / base) if c.get("study") == f"b{budget}"]
+    lines = [f"## Does the trial score rank profiles at FLOPs {budget}{f', base {base}' if base else ''}? "
+             f"(bench/fidelity.py --budget {budget})", ""]
+    if base and not cells:
+        return []
     if len(cells) < 4:
         return lines + [f"{len(cells)} profile(s) finished; the table needs at least 4.", ""]
     first = cells[0]
@@ -318,18 +344,18 @@ def fidelity_budget_section(folder: Path, budget: float) -> list[str]:
     lines += ["", ("Cheapest variant with Spearman >= 0.8 at <= 10% of a retrain: " if good else
                    "No variant reaches Spearman 0.8 at <= 10% of a retrain; the best: ")
               + f"{pick[0]} on {pick[1]} (Spearman {pick[2]['spearman'][0]:.3f}, cost {pick[4]:.1%}).", ""]
-    lines += _choice_lines(folder, cells, budget)
+    lines += _choice_lines(folder, cells, budget, base)
     return lines
 
 
-def _choice_lines(folder: Path, cells: list[dict], budget: float) -> list[str]:
+def _choice_lines(folder: Path, cells: list[dict], budget: float, base: str = "") -> list[str]:
     """Per quality search at `budget`: its six best rows retrained (the fidelity profiles), the one it chose, and
     how far the chosen one is from the best of the six (goal: within 1 point)."""
     from bench.common import profile_key
 
     by_key = {profile_key(c["widths"], c.get("keep")): c for c in cells}
     lines = []
-    for path in sorted((folder / "quality").glob(f"*-b{budget}-s*.json")):
+    for path in sorted((folder / "quality" / base).glob(f"*-b{budget}-s*.json")):
         cell = json.loads(path.read_text())
         tops = []
         for row in cell.get("top_rows", []):
@@ -360,6 +386,8 @@ def fidelity_section(folder: Path) -> list[str]:
 
     cells = [c for c in _cells(folder / "fidelity") if c.get("study", "mixed") == "mixed"]
     lines = ["## Does the trial score rank profiles over FLOPs 0.25-0.6? (bench/fidelity.py, the earlier study)", ""]
+    if base and not cells:
+        return []
     if len(cells) < 4:
         return lines + [f"{len(cells)} profile(s) finished; the table needs at least 4.", ""]
     first = cells[0]
@@ -561,7 +589,8 @@ def main() -> None:
              "commands are in bench/run_all.py. Figures from a --quick run are smoke-test sized, not conclusions.", ""]
     lines += quality_section(folder)
     for budget in HEADROOM:
-        lines += fidelity_budget_section(folder, budget)
+        for base in ["", *sorted(p.name for p in _base_folders(folder / "fidelity"))]:
+            lines += fidelity_budget_section(folder, budget, base)
     lines += fidelity_section(folder)
     lines += latency_section(folder)
     lines += trial_time_section(folder)

@@ -11,7 +11,7 @@ def test_bench_refuses_to_resume_a_cell_measured_on_another_base(tmp_path):
     passes."""
     from bench.common import check_same_base
 
-    info = {"model": "cifar_resnet20", "val_acc": 0.7662, "test_acc": 0.7532}
+    info = {"model": "cifar_resnet20", "val_acc": 0.7662, "test_acc": 0.7532, "base_id": "0123456789"}
     path = tmp_path / "cifar_resnet20-uniform-b0.1-s0.json"
     check_same_base({"base_info": dict(info)}, info, path)
     check_same_base({"method": "uniform"}, info, path)
@@ -19,11 +19,14 @@ def test_bench_refuses_to_resume_a_cell_measured_on_another_base(tmp_path):
     with pytest.raises(SystemExit, match=r"cifar_resnet20-uniform-b0.1-s0.json was measured on another cifar_resnet20 "
                                          r"base \(val 0.7404, test 0.7473, trained on Intel Xeon\)"):
         check_same_base(old, info, path)
+    with pytest.raises(SystemExit, match="measured on another cifar_resnet20 base"):  # same accuracy, other weights
+        check_same_base({"base_info": {**info, "base_id": "9876543210"}}, info, path)
 
 
 def test_a_base_kept_in_git_is_found_before_the_cache(tmp_path, monkeypatch):
     """bench/checkpoints/ (in git) comes before bench/cache/ (a new checkout's is empty): the bench reuses the kept
     base instead of training another model on this machine."""
+    import hashlib
     import json
 
     from bench import common
@@ -37,6 +40,40 @@ def test_a_base_kept_in_git_is_found_before_the_cache(tmp_path, monkeypatch):
         (folder / f"{stem}.pt").write_bytes(b"weights")
         (folder / f"{stem}.json").write_text(json.dumps({"val_acc": acc}))
     ckpt, info = common.base_checkpoint("cifar_resnet20", "npz:/data/cifar10-5k.npz")
-    assert ckpt == kept / f"{stem}.pt" and info == {"val_acc": 0.7}
+    digest = hashlib.sha256(b"weights").hexdigest()[:10]  # the base's identity: its checkpoint's digest
+    assert ckpt == kept / f"{stem}.pt" and info == {"val_acc": 0.7, "base_id": digest}
     (kept / f"{stem}.json").unlink()  # a checkpoint without its info is not a kept base
     assert common.base_checkpoint("cifar_resnet20", "npz:/data/cifar10-5k.npz")[0] == cache / f"{stem}.pt"
+
+
+def test_the_quality_report_keeps_each_base_in_its_own_table(tmp_path, monkeypatch):
+    """Cells of two bases never share a table (their paired differences would mix models), and the missing cells
+    are those of the base the bench would use now: the first table's cells, of a base no checkout has, do not
+    count as done."""
+    import json
+
+    import numpy as np
+
+    from bench import common, report
+
+    def cell(method, seed, base_id, acc):
+        bits = np.random.default_rng(seed).random(report.IMAGES) < acc
+        info = {"val_acc": 0.74, "test_acc": 0.75, "epochs": 80, "train_s": 1000.0, "cpu_s": 1000.0,
+                "loadavg_1m": 1.0, **({"base_id": base_id, "cpu": "AMD EPYC"} if base_id else {})}
+        return {"method": method, "budget": 0.1, "seed": seed, "model": "cifar_resnet20", "base_info": info,
+                "flops_ratio": 0.1, "params": 24000, "retrain_s": 100.0, "batch1_ms": 1.0, "loadavg_1m": 1.0,
+                "conv_widths": [5, 5], "retrains": [{"seed": 0, "test_acc": float(bits.mean())}], "retrain_seeds": [0],
+                "test_correct": [np.packbits(bits).tobytes().hex()]}
+
+    quality = tmp_path / "quality"
+    (quality / "abc").mkdir(parents=True)
+    (quality / "cifar_resnet20-uniform-b0.1-s0.json").write_text(json.dumps(cell("uniform", 0, None, 0.6)))
+    (quality / "abc" / "cifar_resnet20-uniform-b0.1-s0.json").write_text(json.dumps(cell("uniform", 0, "abc", 0.7)))
+    monkeypatch.setattr(common, "current_base_id", lambda model: "abc" if model == "cifar_resnet20" else None)
+    text = "\n".join(report.quality_section(tmp_path))
+    assert "### cifar_resnet20 at FLOPs 0.1\n" in text and "### cifar_resnet20 at FLOPs 0.1, base abc (AMD EPYC)" in text
+    assert "cifar_resnet20 abc" in text and "cifar_resnet56 none yet, to be trained" in text
+    # planned at FLOPs 0.1 and 0.05: uniform done at 0.1 on the current base only
+    assert "* cifar_resnet20 uniform: 1 cell(s)" in text and "* cifar_resnet20 global: 2 cell(s)" in text
+    monkeypatch.setattr(common, "current_base_id", lambda model: None)
+    assert "* cifar_resnet20 uniform: 2 cell(s)" in "\n".join(report.quality_section(tmp_path))
