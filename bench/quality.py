@@ -1,7 +1,9 @@
 """The decisive benchmark: every method at the same budget and the same retrain, per-image test results.
 
-Cells: base x method x budget x seed, one JSON each in bench/results/quality/ (resumable: a finished cell is
-skipped, a cell asked for more retrain seeds than it holds gets them; commit cells as they land).
+Cells: base x method x budget x seed, one JSON each in bench/results/quality/BASE_ID/ (BASE_ID: the digest of
+the base's checkpoint, bench/common.py base_id; cells of two bases do not pair; the first table's cells, of bases
+no checkout has any more, lie directly in quality/). Resumable: a finished cell is skipped, a cell asked for more
+retrain seeds than it holds gets them; commit cells as they land.
 
 Methods that do not search: `uniform` (the largest uniform keep ratio within the budget, L1 channels),
 widthsearch's `global` (one global L1 ranking, its candidates scored on val), and torch-pruning's own
@@ -18,7 +20,7 @@ not depend on it: they run seed 0 only); the chosen profile (the row `Search.bes
 `widthsearch retrain` prunes it) is retrained once per retrain seed with the bench recipe (bench/common.py
 `retrain_cell`: 20 epochs, SGD lr 0.05 cosine, from the pruned weights) and evaluated on the test split image
 by image (`test_correct`, one hex mask per retrain seed, for paired statistics). Searches are kept in
-bench/cache/searches/ (git-ignored), so more retrain seeds never rerun a search.
+bench/cache/searches/MODEL/BASE_ID/ (git-ignored), so more retrain seeds never rerun a search.
 
     python -m bench.quality [--model cifar_resnet20] [--methods ...] [--budgets 0.1] [--seeds 0 1 2]
                             [--retrain-seeds 0 1 2] [--threads 1] [--quick]
