@@ -70,10 +70,10 @@ def base_checkpoint(model: str, data: str, epochs: int | None = None, lr: float 
     (val/test accuracy, training seconds, load average). The checkpoint records its split. A base kept in git
     (bench/checkpoints/) is used before the cache."""
     epochs = epochs or BASE_EPOCHS[model]
-    found = stored_base(base_stem(model, data, epochs, seed))
+    stem = base_stem(model, data, epochs, seed)
+    found = stored_base(stem)
     if found:
         return found
-    stem = base_stem(model, data, epochs, seed)
     ckpt, info_path = CACHE / f"{stem}.pt", CACHE / f"{stem}.json"
     CACHE.mkdir(exist_ok=True)
     splits = bench_data(data)
@@ -125,8 +125,8 @@ def check_same_base(cell: dict, info: dict, path: Path) -> None:
         return
     raise SystemExit(f"{path} was measured on another {info['model']} base (val {old['val_acc']:.4f}, test "
                      f"{old['test_acc']:.4f}, trained on {old.get('cpu') or 'an earlier machine'}) than the one in "
-                     f"{KEPT} or {CACHE} (val {info['val_acc']:.4f}, test {info['test_acc']:.4f}): their cells do not pair. "
-                     f"Put that base's checkpoint there, or write this base's cells elsewhere (BENCH_RESULTS).")
+                     f"{KEPT} or {CACHE} (val {info['val_acc']:.4f}, test {info['test_acc']:.4f}): their cells do not "
+                     "pair. Put that base's checkpoint there, or write this base's cells elsewhere (BENCH_RESULTS).")
 
 
 def bench_base(model: str, data: str):

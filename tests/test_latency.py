@@ -675,4 +675,3 @@ def test_timing_keeps_freed_memory_so_a_forward_pays_no_page_faults_again():
     # without it large activations (4 MB) are mapped afresh: thousands of faults on every call (~14,000 seen); with
     # it a few hundred at most while the heap settles (0 to 1,536 seen over the three calls)
     assert applied == "True" and default > 3 * 1024 and steady * 10 < default, (steady, default)
-
