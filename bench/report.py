@@ -386,8 +386,6 @@ def fidelity_section(folder: Path) -> list[str]:
 
     cells = [c for c in _cells(folder / "fidelity") if c.get("study", "mixed") == "mixed"]
     lines = ["## Does the trial score rank profiles over FLOPs 0.25-0.6? (bench/fidelity.py, the earlier study)", ""]
-    if base and not cells:
-        return []
     if len(cells) < 4:
         return lines + [f"{len(cells)} profile(s) finished; the table needs at least 4.", ""]
     first = cells[0]
