@@ -113,9 +113,10 @@ def run_cell(searcher: str, constraint: str, latency_budget: float, budget: floa
             "loadavg_1m": machine_load(), "date": time.strftime("%Y-%m-%d")}
 
 
-def retime(folder: Path, model_name: str, ckpt: Path, data, rounds: int) -> dict:
-    """Time every winner in `folder` (cells of `model_name`) again in this one process, interleaved with the dense
-    model (`rounds` passes); written to `timing.json` as {cell name: {ms, ratio, dense_ms}} with the load."""
+def retime(folder: Path, model_name: str, base, space, rounds: int) -> dict:
+    """Time every winner in `folder` (cells of `model_name`, pruned from `base` over `space`) again in this one
+    process, interleaved with the dense model (`rounds` passes); written to `timing.json` as {cell name: {ms,
+    ratio, dense_ms}} with the load."""
     cells = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*-s*.json"))}
     cells = {name: c for name, c in cells.items() if c["model"] == model_name}
     settings = {(c["latency"]["batch"], c["latency"]["clock"]) for c in cells.values()}
@@ -123,8 +124,6 @@ def retime(folder: Path, model_name: str, ckpt: Path, data, rounds: int) -> dict
         raise SystemExit(f"--retime: the cells of {model_name} were timed with {len(settings)} settings "
                          f"(batch, clock) {sorted(settings)}; expected one")
     ((batch, clock),) = settings
-    base = load_model(model_name, data.num_classes, checkpoint=str(ckpt), in_channels=data.in_channels)
-    space = build_space(base, data.example_input)
     target = LatencyTarget(batch=batch, clock=clock)
     before, start = Path("/proc/loadavg").read_text().strip(), time.time()
     measured = measure_profiles(space, base, target, [c["widths"] for c in cells.values()], paired=True,
@@ -292,7 +291,7 @@ def main() -> None:
                           f"latency {cell['measured_latency_ms']:.2f} ms ({cell['measured_latency_ratio']:.3f} of "
                           f"dense), FLOPs {cell['flops_ratio']:.3f}", flush=True)
                     summarize(folder)
-    timing = retime(folder, args.model, ckpt, data, args.retime_rounds)
+    timing = retime(folder, args.model, base, space, args.retime_rounds)
     print(f"timed {len(timing['cells'])} winners together in {timing['seconds']:.0f} s "
           f"(load {timing['loadavg_before']})", flush=True)
     for c in summarize(folder)["comparisons"]:
