@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from widthsearch import load_model
-from widthsearch.training import TrainConfig, evaluate, pick_device, recalibrate_bn, set_threads, train
+from widthsearch.training import (TrainConfig, bn_statistics_share, evaluate, pick_device, recalibrate_bn, set_threads,
+                                  train)
 
 
 def small(digits, seed: int = 0) -> nn.Module:
@@ -112,6 +113,44 @@ def test_recalibrate_bn_noop_cases(digits):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     plain = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     assert recalibrate_bn(plain, digits) is plain
+
+
+def test_bn_statistics_share_is_what_train_mode_steps_leave_of_earlier_statistics(digits):
+    model = small(digits)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    bns[1].momentum = 0.3
+    assert bn_statistics_share(model, 0) == 1.0
+    assert bn_statistics_share(model, 50) == pytest.approx(0.9 ** 50)  # the slowest layer (momentum 0.1) counts
+    layer = nn.Sequential(model.features[0], bns[0]).train()
+    bns[0].running_mean.fill_(5.0)
+    x, _ = next(digits.stream("train", 64, seed=0, augment=False))
+    with torch.no_grad():
+        batch_mean = model.features[0](x).mean((0, 2, 3))
+        for _ in range(44):
+            layer(x)  # what 44 train-mode steps do to the statistics (the weights do not move them)
+    share = bn_statistics_share(model, 44)
+    assert 0.0095 < share < 0.01  # from 44 steps on the score's fine-tune leaves adaptive BN under 1%
+    torch.testing.assert_close(bns[0].running_mean, share * 5.0 + (1 - share) * batch_mean, atol=1e-5, rtol=1e-4)
+    bns[2].momentum = None  # a cumulative average keeps every earlier batch
+    assert bn_statistics_share(model, 1000) == 1.0
+    assert bn_statistics_share(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), 50) == 1.0
+
+
+def test_a_scoring_trial_skips_adaptive_bn_only_where_its_fine_tune_makes_it_moot(digits, monkeypatch):
+    from types import SimpleNamespace
+
+    import trainables.score as score
+
+    reports, recalibrated = [], []
+    monkeypatch.setattr(score.tune, "report", reports.append)
+    monkeypatch.setattr(score, "recalibrate_bn", lambda model, *a, **k: recalibrated.append(model))
+    for rungs, expect_bn in (([44], False), ([50], False), ([10, 50], True), ([0], True)):
+        recalibrated.clear()
+        job = SimpleNamespace(bn_batches=2, batch_size=64, seed=0, finetune_steps=rungs[-1], finetune_lr=0.01,
+                              rungs=rungs, score="val_acc")
+        score.finetune_and_report(small(digits), job, digits, torch.device("cpu"), {}, 0.0)
+        assert bool(recalibrated) == expect_bn, rungs
+        assert ("bn" in reports[-1]["phase_s"]) == expect_bn and reports[-1]["steps_reached"] == rungs[-1]
 
 
 def test_train_epochs_calls_on_epoch(digits):

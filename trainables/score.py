@@ -11,9 +11,16 @@ from ray import tune
 from torch import nn
 
 from widthsearch.data import DataSplits
-from widthsearch.training import StepTrainer, TrainConfig, evaluate, recalibrate_bn
+from widthsearch.training import StepTrainer, TrainConfig, bn_statistics_share, evaluate, recalibrate_bn
 
 from .common import Job, Phases, begin_trial, profile_fields, pruned_model, run_with_deadline
+
+
+# Adaptive BN is skipped where the fine-tune before the first evaluation leaves the re-estimated statistics less
+# than this share of the running ones (BatchNorm momentum 0.1: from 44 steps on; the default 50 steps leave 0.5%):
+# training normalises with each batch's own statistics, so there it would only cost time (13% of a trial's wall time
+# in a 50-step search on cifar_resnet20 at FLOPs 0.1, bench/RESULTS.md "Where a trial's time goes").
+STALE_BN_SHARE = 0.01
 
 
 @dataclass
@@ -58,7 +65,8 @@ def _score(config: dict, job: ScoreJob) -> None:
 
 def finetune_and_report(model: nn.Module, job: ScoreJob, data: DataSplits, device: torch.device, fields: dict,
                         started: float, phases: Phases | None = None) -> None:
-    """Adaptive BN, then one fine-tune of job.finetune_steps (one schedule), reporting val at each rung.
+    """Adaptive BN (unless the fine-tune to the first rung makes it moot: STALE_BN_SHARE), then one fine-tune of
+    job.finetune_steps (one schedule), reporting val at each rung.
 
     Every report carries the score at the current fidelity (`score`, `steps_reached`), the
     score at the first rung (`first_score`), which every trial reaches, for searchers that must
@@ -66,8 +74,9 @@ def finetune_and_report(model: nn.Module, job: ScoreJob, data: DataSplits, devic
     `phase_s`, the seconds spent so far in each phase (setup, prune, bn, finetune, eval).
     """
     phases = phases or Phases()
-    with phases("bn"):
-        recalibrate_bn(model, data, job.bn_batches, job.batch_size, seed=job.seed, device=device)
+    if bn_statistics_share(model, job.rungs[0]) >= STALE_BN_SHARE:
+        with phases("bn"):
+            recalibrate_bn(model, data, job.bn_batches, job.batch_size, seed=job.seed, device=device)
     trainer = StepTrainer(model, data, job.finetune_steps, TrainConfig(lr=job.finetune_lr, batch_size=job.batch_size),
                           seed=job.seed, device=device)
     first = None

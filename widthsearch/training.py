@@ -227,6 +227,19 @@ def evaluate(model: nn.Module, data: DataSplits, split: str = "val", batch_size:
     return correct / max(1, n), loss_sum / max(1, n)
 
 
+def bn_statistics_share(model: nn.Module, steps: int) -> float:
+    """The largest share that BatchNorm running statistics estimated now keep after `steps` train-mode steps.
+
+    Each train-mode step moves a BatchNorm layer's running statistics by its momentum m, so statistics set before
+    `steps` steps weigh (1 - m)^steps in them afterwards (1.0 for a cumulative average, momentum None, and for a
+    model without BatchNorm layers, whose evaluation nothing re-estimates). Training itself normalises with each
+    batch's own statistics, so the running ones matter only to the evaluations that follow.
+    """
+    shares = [1.0 if bn.momentum is None else (1.0 - bn.momentum) ** steps
+              for bn in model.modules() if isinstance(bn, nn.modules.batchnorm._BatchNorm)]
+    return max(shares, default=1.0)
+
+
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, data: DataSplits, num_batches: int = 20, batch_size: int = 128,
                    seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:

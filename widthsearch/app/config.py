@@ -122,7 +122,8 @@ class SearchConfig:
     rescore_steps: int = setting(200, "fine-tune steps of the re-scoring stage (more than --finetune-steps)", low=1)
     score: str = setting("val_acc", "the trial score (val_loss: score = -loss)", choices=SCORES)
     batch_size: int = setting(128, "batch size of base training, fine-tuning and BatchNorm recalibration", low=1)
-    bn_batches: int = setting(20, "train batches that re-estimate BatchNorm statistics after pruning (adaptive BN)",
+    bn_batches: int = setting(20, "train batches that re-estimate BatchNorm statistics after pruning (adaptive BN; "
+                              "skipped where the fine-tune before the first report leaves them under 1%)",
                               low=0)
     criterion: str = setting("l1", "which channels a pruned layer keeps", choices=_criteria)
     importance_batches: int = setting(4, "batches that score channels for the data-driven criteria (taylor, frs)",
