@@ -533,6 +533,43 @@ def optuna_params_section(folder: Path) -> list[str]:
     return lines + [""]
 
 
+def retrain_noise_section(folder: Path) -> list[str]:
+    """How far retrain seeds move one profile under each recipe (bench/retrain_noise.py), per base and budget."""
+    files = sorted((folder / "retrain_noise").glob("*/*.json"))
+    if not files:
+        return []
+    lines = ["## Retrain seed noise per recipe (bench/retrain_noise.py)", "",
+             "The same pruned profiles retrained once per seed with each recipe (EPOCHSxLR: SGD, cosine, from the "
+             "pruned weights, batch 128, 1 thread). 'pooled std': the within-profile std over seeds, pooled over "
+             "the profiles (the noise one retrain adds to a cell). Issue 20 asks for <= 1 point; choose on val.", ""]
+    for path in files:
+        d = json.loads(path.read_text())
+        b = d["base_info"]
+        lines += [f"### {d['model']} at FLOPs {d['budget']:g}, base {b['base_id']} ({b.get('cpu', '?')})", "",
+                  "| recipe | profile | seeds | val mean ± std | val min | test mean ± std | test min | retrain s "
+                  "| load | date |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for recipe, runs in d["runs"].items():
+            for profile, rs in runs.items():
+                val, test = [r["val_acc"] for r in rs], [r["test_acc"] for r in rs]
+                lines.append(f"| {recipe} | {profile} | {len(rs)} | {_pm(val)} | {min(val):.4f} | {_pm(test)} | "
+                             f"{min(test):.4f} | {statistics.mean(r['train_s'] for r in rs):.0f} | "
+                             f"{statistics.mean(r['loadavg_1m'] for r in rs):.1f} | {rs[-1]['date']} |")
+            pooled = d["summary"][recipe]
+            lines.append(f"| {recipe} | pooled std | | {_pct(pooled['val_acc']['pooled_std'])} | | "
+                         f"{_pct(pooled['test_acc']['pooled_std'])} | | | | |")
+        lines.append("")
+    return lines
+
+
+def _pm(values: list[float]) -> str:
+    mean, std = _mean_std(values)
+    return f"{mean:.4f} ± {std:.4f}"
+
+
+def _pct(std: float | None) -> str:
+    return "-" if std is None else f"{100 * std:.2f} points"
+
+
 def trial_time_section(folder: Path) -> list[str]:
     """Where a trial's wall time goes (bench/trial_time.py): per setting, the phases summed over a search's trials."""
     cells = _cells(folder / "trial_time")
@@ -586,6 +623,7 @@ def main() -> None:
     lines = ["# Benchmark results", "", "Written by `python -m bench.report` from `bench/results/*.json`; the "
              "commands are in bench/run_all.py. Figures from a --quick run are smoke-test sized, not conclusions.", ""]
     lines += quality_section(folder)
+    lines += retrain_noise_section(folder)
     for budget in HEADROOM:
         for base in ["", *sorted(p.name for p in _base_folders(folder / "fidelity"))]:
             lines += fidelity_budget_section(folder, budget, base)

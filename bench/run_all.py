@@ -41,6 +41,8 @@ def main() -> None:
     run("latency.py", *quick)
     for script in ("search_throughput.py", "quality.py", "fidelity.py", "latency_search.py"):
         run(script, *quick, "--data", args.data)
+    if not args.quick:  # after quality.py: it retrains that run's uniform profile with two recipes
+        run("retrain_noise.py", "--data", args.data)
     run("report.py")
     print(f"all benchmarks: {time.time() - start:.0f} s")
 
