@@ -542,19 +542,23 @@ def retrain_noise_section(folder: Path) -> list[str]:
              "The same pruned profiles retrained once per seed with each recipe (EPOCHSxLR: SGD, cosine, from the "
              "pruned weights, batch 128, 1 thread). 'pooled std': the within-profile std over seeds, pooled over "
              "the profiles (the noise one retrain adds to a cell). Issue 20 asks for <= 1 point; choose on val.", ""]
+    tables: dict[tuple, list[dict]] = defaultdict(list)  # one file per recipe; a table per base, model and budget
     for path in files:
         d = json.loads(path.read_text())
-        b = d["base_info"]
-        lines += [f"### {d['model']} at FLOPs {d['budget']:g}, base {b['base_id']} ({b.get('cpu', '?')})", "",
+        tables[d["base_info"]["base_id"], d["model"], d["budget"]].append(d)
+    for (base_id, model, budget), recipes in sorted(tables.items()):
+        cpu = recipes[0]["base_info"].get("cpu", "?")
+        lines += [f"### {model} at FLOPs {budget:g}, base {base_id} ({cpu})", "",
                   "| recipe | profile | seeds | val mean ± std | val min | test mean ± std | test min | retrain s "
                   "| load | date |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for recipe, runs in d["runs"].items():
-            for profile, rs in runs.items():
+        for d in sorted(recipes, key=lambda d: (d["epochs"], -d["lr"])):
+            recipe = d["recipe"]
+            for profile, rs in d["runs"].items():
                 val, test = [r["val_acc"] for r in rs], [r["test_acc"] for r in rs]
                 lines.append(f"| {recipe} | {profile} | {len(rs)} | {_pm(val)} | {min(val):.4f} | {_pm(test)} | "
                              f"{min(test):.4f} | {statistics.mean(r['train_s'] for r in rs):.0f} | "
                              f"{statistics.mean(r['loadavg_1m'] for r in rs):.1f} | {rs[-1]['date']} |")
-            pooled = d["summary"][recipe]
+            pooled = d["summary"]
             lines.append(f"| {recipe} | pooled std | | {_pct(pooled['val_acc']['pooled_std'])} | | "
                          f"{_pct(pooled['test_acc']['pooled_std'])} | | | | |")
         lines.append("")

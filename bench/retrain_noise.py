@@ -9,7 +9,8 @@ pooled within-profile std and the mean); test is shown for the record.
     python -m bench.retrain_noise [--model cifar_resnet20] [--budget 0.1] [--profiles uniform:0 optuna-widthexp:2]
                                   [--recipes 20x0.05 20x0.02] [--seeds 0 1 2 3 4]
 
-Writes bench/results/retrain_noise/BASE_ID/MODEL-bBUDGET.json after every retrain (resumable).
+Writes bench/results/retrain_noise/BASE_ID/MODEL-bBUDGET-RECIPE.json after every retrain (resumable; one file per
+recipe, so two processes may run two recipes at once).
 """
 
 from __future__ import annotations
@@ -62,11 +63,15 @@ def main() -> None:
     set_threads(args.threads)
     ckpt, info, data, base, space, cost = bench_base(args.model, args.data)
     args.base_id, args.concurrency = info["base_id"], 1
-    path = RESULTS / "retrain_noise" / info["base_id"] / f"{args.model}-b{args.budget}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    out = json.loads(path.read_text()) if path.is_file() else {"model": args.model, "budget": args.budget,
-                                                                "base_info": info, "runs": {}}
-    check_same_base(out, info, path)
+    folder = RESULTS / "retrain_noise" / info["base_id"]
+    folder.mkdir(parents=True, exist_ok=True)
+    outs = {}
+    for name, (epochs, lr) in recipes.items():
+        path = folder / f"{args.model}-b{args.budget}-{name}.json"
+        outs[name] = json.loads(path.read_text()) if path.is_file() else {
+            "model": args.model, "budget": args.budget, "recipe": name, "epochs": epochs, "lr": lr,
+            "base_info": info, "runs": {}}
+        check_same_base(outs[name], info, path)
     for profile in args.profiles:
         method, seed = profile.split(":")
         cell = RESULTS / "quality" / info["base_id"] / f"{args.model}-{method}-b{args.budget}-s{seed}.json"
@@ -74,18 +79,21 @@ def main() -> None:
             raise SystemExit(f"no quality cell {cell}: run bench/quality.py for {profile} first")
         model, _ = prune_cell(method, args.budget, int(seed), args, ckpt, base, space, cost, data)
         for name, (epochs, lr) in recipes.items():
-            runs = out["runs"].setdefault(name, {}).setdefault(profile, [])
+            out = outs[name]
+            runs = out["runs"].setdefault(profile, [])
             for s in args.seeds:
                 if any(r["seed"] == s for r in runs):
                     continue
                 r = retrain_cell(ckpt.stem, copy.deepcopy(model), data, seed=s, epochs=epochs, lr=lr,
                                  label=f"retrain_noise {profile} {name} r{s}")
                 runs.append({k: r[k] for k in ("seed", "val_acc", "test_acc", "train_s", "loadavg_1m", "date")})
-                out["summary"] = {n: summary(rs) for n, rs in out["runs"].items()}
-                path.write_text(json.dumps(out, indent=1))
+                out["summary"] = summary(out["runs"])
+                (folder / f"{args.model}-b{args.budget}-{name}.json").write_text(json.dumps(out, indent=1))
                 print(f"{profile} {name} r{s}: val {r['val_acc']:.4f} test {r['test_acc']:.4f}", flush=True)
-    for name, s in out.get("summary", {}).items():
-        print(name, "pooled val std", s["val_acc"]["pooled_std"], "test std", s["test_acc"]["pooled_std"])
+    for name, out in outs.items():
+        if "summary" in out:
+            print(name, "pooled std: val", out["summary"]["val_acc"]["pooled_std"],
+                  "test", out["summary"]["test_acc"]["pooled_std"])
 
 
 if __name__ == "__main__":

@@ -88,21 +88,25 @@ def test_retrain_noise_pools_each_profiles_seed_spread_and_the_report_shows_it(t
     from bench.report import retrain_noise_section
     from bench.retrain_noise import summary
 
-    runs = {"20x0.05": {"uniform:0": [{"seed": s, "val_acc": v, "test_acc": v - 0.01, "train_s": 100.0,
-                                       "loadavg_1m": 1.0, "date": "2026-12-07"} for s, v in enumerate((0.60, 0.62, 0.52))],
-                        "optuna:2": [{"seed": s, "val_acc": v, "test_acc": v, "train_s": 90.0, "loadavg_1m": 2.0,
-                                      "date": "2026-12-07"} for s, v in enumerate((0.70, 0.72))]}}
-    out = {n: summary(rs) for n, rs in runs.items()}
-    pooled = out["20x0.05"]["val_acc"]["pooled_std"]
+    runs = {"uniform:0": [{"seed": s, "val_acc": v, "test_acc": v - 0.01, "train_s": 100.0,
+                             "loadavg_1m": 1.0, "date": "2026-12-07"} for s, v in enumerate((0.60, 0.62, 0.52))],
+            "optuna:2": [{"seed": s, "val_acc": v, "test_acc": v, "train_s": 90.0, "loadavg_1m": 2.0,
+                          "date": "2026-12-07"} for s, v in enumerate((0.70, 0.72))]}
+    out = summary(runs)
+    pooled = out["val_acc"]["pooled_std"]
     expect = ((2 * statistics.variance([0.60, 0.62, 0.52]) + statistics.variance([0.70, 0.72])) / 3) ** 0.5
     assert pooled == pytest.approx(expect) and pooled < statistics.stdev([0.60, 0.62, 0.52, 0.70, 0.72])
-    assert out["20x0.05"]["val_acc"]["profiles"]["uniform:0"]["min"] == 0.52
+    assert out["val_acc"]["profiles"]["uniform:0"]["min"] == 0.52
     folder = tmp_path / "retrain_noise" / "0123456789"
     folder.mkdir(parents=True)
-    (folder / "cifar_resnet20-b0.1.json").write_text(json.dumps({
-        "model": "cifar_resnet20", "budget": 0.1, "base_info": {"base_id": "0123456789", "cpu": "AMD EPYC"},
-        "runs": runs, "summary": out}))
+    for recipe, epochs, lr, shift in (("20x0.05", 20, 0.05, 0.0), ("40x0.05", 40, 0.05, 0.01)):
+        moved = {p: [{**r, "val_acc": r["val_acc"] + shift} for r in rs] for p, rs in runs.items()}
+        (folder / f"cifar_resnet20-b0.1-{recipe}.json").write_text(json.dumps({
+            "model": "cifar_resnet20", "budget": 0.1, "recipe": recipe, "epochs": epochs, "lr": lr,
+            "base_info": {"base_id": "0123456789", "cpu": "AMD EPYC"}, "runs": moved, "summary": summary(moved)}))
     text = "\n".join(retrain_noise_section(tmp_path))
-    assert "### cifar_resnet20 at FLOPs 0.1, base 0123456789 (AMD EPYC)" in text
+    assert text.count("### cifar_resnet20 at FLOPs 0.1, base 0123456789 (AMD EPYC)") == 1  # both recipes, one table
     assert "| 20x0.05 | uniform:0 | 3 | 0.5800 ± 0.0529 | 0.5200 |" in text
+    assert "| 40x0.05 | uniform:0 | 3 | 0.5900 ± 0.0529 | 0.5300 |" in text
+    assert text.index("| 20x0.05 | uniform:0") < text.index("| 40x0.05 | uniform:0")
     assert f"| 20x0.05 | pooled std | | {100 * expect:.2f} points |" in text
