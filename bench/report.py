@@ -588,15 +588,23 @@ def trial_time_section(folder: Path) -> list[str]:
              "concurrency (the rest: the driver between trials). Goal: a trial spends >= 80% of its wall time "
              "fine-tuning and evaluating (CPU, cifar_resnet20 at FLOPs 0.1).", "",
              "| setting | trials | steps | " + " | ".join(phases) + " | train+eval (with bn) | slots used | median "
-             "trial s | load | date |", "|" + "---|" * (len(phases) + 8)]
+             "trial s | trial CPU-s (% of base) | load | date |", "|" + "---|" * (len(phases) + 9)]
     for c in sorted(cells, key=lambda c: c["setting"]):
         share = c["share"]
         lines.append(f"| {c['setting']} | {c['trials']} | {c['config']['finetune_steps']} | "
                      + " | ".join(f"{c['phase_s'].get(p, 0.0):.1f} ({100 * share.get(p, 0.0):.0f}%)" for p in phases)
                      + f" | {100 * c['train_and_eval_share']:.0f}% ({100 * c['with_bn_share']:.0f}%) | "
                      f"{100 * c.get('slot_use', float('nan')):.0f}% | {c['median_trial_wall_s']:.2f} | "
-                     f"{c['loadavg_1m']:.1f} | {c['date']} |")
+                     f"{_cpu_share(c)} | {c['loadavg_1m']:.1f} | {c['date']} |")
     return lines + [""]
+
+
+def _cpu_share(c: dict) -> str:
+    """A trial-time cell's trial CPU-seconds, and their share of the base's training CPU-seconds where known."""
+    if c.get("trial_cpu_s") is None:
+        return "-"
+    share = f" ({100 * c['trial_cpu_s'] / c['base_cpu_s']:.1f}%)" if c.get("base_cpu_s") else ""
+    return f"{c['trial_cpu_s']:.0f}{share}"
 
 
 def throughput_section(t: dict) -> list[str]:

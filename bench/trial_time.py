@@ -7,7 +7,9 @@ driver started the trial -> its body ran: actor start, job transfer), `setup` (t
 the search's wall time x concurrency against the trials' time. One JSON per setting in
 bench/results/trial_time/.
 
-    python -m bench.trial_time [--settings demo r20-0.1] [--trials 16] [--finetune-steps 50]
+    python -m bench.trial_time [--settings demo r20-0.1] [--trials 16] [--finetune-steps 50] [--tag -after]
+
+Also the trials' CPU-seconds, against the base's training CPU-seconds where the bench trained the base.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ from widthsearch import Search
 PHASES = ("start", "setup", "prune", "bn", "finetune", "eval", "finish")
 
 
-def settings(args) -> dict[str, dict]:
-    ckpt = None
-    out = {"demo": dict(model="small_cnn", data="digits", budget=0.5)}
+def settings(args) -> dict[str, tuple[dict, float | None]]:
+    """Per setting: the search's fields and its base's training CPU-seconds (None: the demo trains its own)."""
+    out = {"demo": (dict(model="small_cnn", data="digits", budget=0.5), None)}
     if "r20-0.1" in args.settings:
-        ckpt, _ = base_checkpoint("cifar_resnet20", args.data)
-        out["r20-0.1"] = dict(model="cifar_resnet20", checkpoint=str(ckpt), data=args.data, budget=0.1,
-                              val_fraction=VAL_FRACTION, split_seed=SPLIT_SEED)
+        ckpt, info = base_checkpoint("cifar_resnet20", args.data)
+        out["r20-0.1"] = (dict(model="cifar_resnet20", checkpoint=str(ckpt), data=args.data, budget=0.1,
+                               val_fraction=VAL_FRACTION, split_seed=SPLIT_SEED), info.get("cpu_s"))
     return {k: v for k, v in out.items() if k in args.settings}
 
 
@@ -55,6 +57,7 @@ def measure(name: str, fields: dict, args) -> dict:
             "train_and_eval_share": (phases["finetune"] + phases["eval"]) / trial_s,
             "with_bn_share": (phases["finetune"] + phases["eval"] + phases["bn"]) / trial_s,
             "median_trial_wall_s": sorted(r["wall_s"] for r in rows)[len(rows) // 2],
+            "trial_cpu_s": sum(r["cpu_s"] or 0.0 for r in rows),
             "loadavg_1m": machine_load(), "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
@@ -68,8 +71,8 @@ def main() -> None:
     args = parser.parse_args()
     folder = RESULTS / "trial_time"
     folder.mkdir(parents=True, exist_ok=True)
-    for name, fields in settings(args).items():
-        out = measure(name, fields, args)
+    for name, (fields, base_cpu_s) in settings(args).items():
+        out = {**measure(f"{name}{args.tag}", fields, args), "base_cpu_s": base_cpu_s}
         (folder / f"{name}{args.tag}.json").write_text(json.dumps(out, indent=1))
         print(name, json.dumps({k: round(v, 2) for k, v in out["phase_s"].items()}),
               f"train+eval share {out['train_and_eval_share']:.2f} (with bn {out['with_bn_share']:.2f}); "
