@@ -10,7 +10,7 @@ pooled within-profile std and the mean); test is shown for the record.
                                   [--recipes 20x0.05 20x0.02] [--seeds 0 1 2 3 4]
 
 Writes bench/results/retrain_noise/BASE_ID/MODEL-bBUDGET-RECIPE.json after every retrain (resumable; one file per
-recipe, so two processes may run two recipes at once).
+recipe; each write merges what another process added meanwhile, so two processes may run at once).
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
+from pathlib import Path
 
 from bench.common import DEFAULT_DATA, RESULTS, bench_base, check_same_base, retrain_cell
 from bench.quality import prune_cell
@@ -42,6 +44,26 @@ def summary(runs: dict[str, list[dict]]) -> dict:
         out[split] = {"pooled_std": pooled,
                       "profiles": {p: {"n": len(v), "mean": statistics.mean(v), "std": statistics.stdev(v),
                                        "min": min(v)} for p, v in per.items()}}
+    return out
+
+
+def add_run(path: Path, out: dict, profile: str, run: dict) -> dict:
+    """`out` with `run` added under `profile`, merged with what the file holds now (another process may have
+    added other seeds or profiles of the same recipe since it was read), written atomically; the merged dict."""
+    if path.is_file():
+        now = json.loads(path.read_text())
+        for p, runs in now["runs"].items():
+            mine = out["runs"].setdefault(p, [])
+            mine += [r for r in runs if all(r["seed"] != m["seed"] for m in mine)]
+    runs = out["runs"].setdefault(profile, [])
+    if all(r["seed"] != run["seed"] for r in runs):
+        runs.append(run)
+    for runs in out["runs"].values():
+        runs.sort(key=lambda r: r["seed"])
+    out["summary"] = summary(out["runs"])
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(path)
     return out
 
 
@@ -79,16 +101,14 @@ def main() -> None:
             raise SystemExit(f"no quality cell {cell}: run bench/quality.py for {profile} first")
         model, _ = prune_cell(method, args.budget, int(seed), args, ckpt, base, space, cost, data)
         for name, (epochs, lr) in recipes.items():
-            out = outs[name]
-            runs = out["runs"].setdefault(profile, [])
+            path = folder / f"{args.model}-b{args.budget}-{name}.json"
             for s in args.seeds:
-                if any(r["seed"] == s for r in runs):
+                if any(r["seed"] == s for r in outs[name]["runs"].get(profile, [])):
                     continue
                 r = retrain_cell(ckpt.stem, copy.deepcopy(model), data, seed=s, epochs=epochs, lr=lr,
                                  label=f"retrain_noise {profile} {name} r{s}")
-                runs.append({k: r[k] for k in ("seed", "val_acc", "test_acc", "train_s", "loadavg_1m", "date")})
-                out["summary"] = summary(out["runs"])
-                (folder / f"{args.model}-b{args.budget}-{name}.json").write_text(json.dumps(out, indent=1))
+                run = {k: r[k] for k in ("seed", "val_acc", "test_acc", "train_s", "loadavg_1m", "date")}
+                outs[name] = add_run(path, outs[name], profile, run)
                 print(f"{profile} {name} r{s}: val {r['val_acc']:.4f} test {r['test_acc']:.4f}", flush=True)
     for name, out in outs.items():
         if "summary" in out:

@@ -110,3 +110,29 @@ def test_retrain_noise_pools_each_profiles_seed_spread_and_the_report_shows_it(t
     assert "| 40x0.05 | uniform:0 | 3 | 0.5900 ± 0.0529 | 0.5300 |" in text
     assert text.index("| 20x0.05 | uniform:0") < text.index("| 40x0.05 | uniform:0")
     assert f"| 20x0.05 | pooled std | | {100 * expect:.2f} points |" in text
+
+
+def test_retrain_noise_writes_merge_what_another_process_added(tmp_path):
+    """Two processes running the same recipe read the file before either wrote: each write keeps the other's
+    seeds and profiles, and the summary covers all of them."""
+    import json
+
+    from bench.retrain_noise import add_run
+
+    path = tmp_path / "cifar_resnet20-b0.1-40x0.05.json"
+
+    def fresh():
+        return {"model": "cifar_resnet20", "budget": 0.1, "recipe": "40x0.05", "runs": {}}
+
+    def run(seed, val):
+        return {"seed": seed, "val_acc": val, "test_acc": val, "train_s": 1.0, "loadavg_1m": 1.0, "date": "d"}
+
+    a, b = fresh(), fresh()
+    a = add_run(path, a, "uniform:0", run(0, 0.60))
+    b = add_run(path, b, "uniform:0", run(3, 0.64))
+    a = add_run(path, a, "optuna:2", run(1, 0.70))
+    on_disk = json.loads(path.read_text())
+    assert [r["seed"] for r in on_disk["runs"]["uniform:0"]] == [0, 3]
+    assert [r["seed"] for r in on_disk["runs"]["optuna:2"]] == [1]
+    assert on_disk["summary"]["val_acc"]["profiles"]["uniform:0"]["n"] == 2
+    assert not list(tmp_path.glob("*.tmp"))
