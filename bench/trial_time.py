@@ -7,7 +7,9 @@ driver started the trial -> its body ran: actor start, job transfer), `setup` (t
 the search's wall time x concurrency against the trials' time. One JSON per setting in
 bench/results/trial_time/.
 
-    python -m bench.trial_time [--settings demo r20-0.1] [--trials 16] [--finetune-steps 50] [--tag -after]
+    python -m bench.trial_time [--settings demo r20-0.1] [--trials 16] [--finetune-steps 50] [--tag=-after]
+
+(`--tag=-x`, with the equals sign: argparse reads a separate `-x` as an option.)
 
 Also the trials' CPU-seconds, against the base's training CPU-seconds where the bench trained the base.
 """
