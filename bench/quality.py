@@ -146,7 +146,7 @@ def peer_prune(model: torch.nn.Module, data, budget: float, importance: str, see
     return model
 
 
-def _trial_compute(rows: list[dict], cpus_per_trial: float) -> dict:
+def trial_compute(rows: list[dict], cpus_per_trial: float) -> dict:
     """A search's trial count and trial CPU-seconds (measured, else wall x CPUs per trial)."""
     return {"trials": len(rows),
             "trial_cpu_s": sum(r.get("cpu_s") or (r["wall_s"] or 0.0) * cpus_per_trial for r in rows),
@@ -165,7 +165,7 @@ def failed_search_cost(args, method: str, budget: float, seed: int) -> dict:
     cost = json.loads(cost_path.read_text()) if cost_path.is_file() else {}
     rows = load_search(str(exp)).results().to_pylist()
     ratios = [r["cost_ratio"] for r in rows if r.get("cost_ratio") is not None]
-    return {**cost, **_trial_compute(rows, method_config(method)["cpus_per_trial"]),
+    return {**cost, **trial_compute(rows, method_config(method)["cpus_per_trial"]),
             "smallest_ratio": min(ratios) if ratios else None}
 
 
@@ -210,7 +210,7 @@ def search_cell(method: str, budget: float, seed: int, args, ckpt: Path, base, s
     row = run.best(budget)
     model = pruned_from_row(row, base, space, cfg.criterion)
     main = top_rows(table, budget)
-    info = {**cost, **_trial_compute(rows, cfg.cpus_per_trial),
+    info = {**cost, **trial_compute(rows, cfg.cpus_per_trial),
             "val_score": row["score"], "val_finetune_steps": row["steps_reached"], "trial_id": row["trial_id"],
             "search_config": load_metadata(exp)["config"], "options": method_config(method),
             "top_rows": main,

@@ -28,9 +28,15 @@ from widthsearch.training import set_threads
 
 
 def parse_recipe(text: str) -> tuple[int, float]:
-    """'20x0.05' -> (20 epochs, lr 0.05)."""
-    epochs, lr = text.split("x")
-    return int(epochs), float(lr)
+    """'20x0.05' -> (20 epochs, lr 0.05); a ValueError naming `text` unless epochs >= 1 and lr > 0."""
+    try:
+        epochs_text, lr_text = text.split("x")
+        epochs, lr = int(epochs_text), float(lr_text)
+    except ValueError:
+        epochs, lr = 0, 0.0
+    if epochs < 1 or not lr > 0:
+        raise ValueError(f"recipe {text!r}: expected EPOCHSxLR with EPOCHS >= 1 and LR > 0, like 20x0.05")
+    return epochs, lr
 
 
 def summary(runs: dict[str, list[dict]]) -> dict:
@@ -80,16 +86,17 @@ def main() -> None:
     args = parser.parse_args()
     try:  # a malformed recipe fails before the base loads
         recipes = {r: parse_recipe(r) for r in args.recipes}
-    except ValueError:
-        parser.error(f"--recipes: each EPOCHSxLR, like 20x0.05; got {' '.join(args.recipes)}")
+    except ValueError as exc:
+        parser.error(f"--recipes: {exc}")
     set_threads(args.threads)
     ckpt, info, data, base, space, cost = bench_base(args.model, args.data)
     args.base_id, args.concurrency = info["base_id"], 1
     folder = RESULTS / "retrain_noise" / info["base_id"]
     folder.mkdir(parents=True, exist_ok=True)
+    paths = {name: folder / f"{args.model}-b{args.budget}-{name}.json" for name in recipes}
     outs = {}
     for name, (epochs, lr) in recipes.items():
-        path = folder / f"{args.model}-b{args.budget}-{name}.json"
+        path = paths[name]
         outs[name] = json.loads(path.read_text()) if path.is_file() else {
             "model": args.model, "budget": args.budget, "recipe": name, "epochs": epochs, "lr": lr,
             "base_info": info, "runs": {}}
@@ -101,14 +108,13 @@ def main() -> None:
             raise SystemExit(f"no quality cell {cell}: run bench/quality.py for {profile} first")
         model, _ = prune_cell(method, args.budget, int(seed), args, ckpt, base, space, cost, data)
         for name, (epochs, lr) in recipes.items():
-            path = folder / f"{args.model}-b{args.budget}-{name}.json"
             for s in args.seeds:
                 if any(r["seed"] == s for r in outs[name]["runs"].get(profile, [])):
                     continue
                 r = retrain_cell(ckpt.stem, copy.deepcopy(model), data, seed=s, epochs=epochs, lr=lr,
                                  label=f"retrain_noise {profile} {name} r{s}")
                 run = {k: r[k] for k in ("seed", "val_acc", "test_acc", "train_s", "loadavg_1m", "date")}
-                outs[name] = add_run(path, outs[name], profile, run)
+                outs[name] = add_run(paths[name], outs[name], profile, run)
                 print(f"{profile} {name} r{s}: val {r['val_acc']:.4f} test {r['test_acc']:.4f}", flush=True)
     for name, out in outs.items():
         if "summary" in out:

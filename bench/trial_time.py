@@ -22,6 +22,7 @@ import tempfile
 import time
 
 from bench.common import DEFAULT_DATA, RESULTS, SPLIT_SEED, VAL_FRACTION, base_checkpoint, machine_load
+from bench.quality import trial_compute
 from widthsearch import Search
 
 PHASES = ("start", "setup", "prune", "bn", "finetune", "eval", "finish")
@@ -59,7 +60,7 @@ def measure(name: str, fields: dict, args) -> dict:
             "train_and_eval_share": (phases["finetune"] + phases["eval"]) / trial_s,
             "with_bn_share": (phases["finetune"] + phases["eval"] + phases["bn"]) / trial_s,
             "median_trial_wall_s": sorted(r["wall_s"] for r in rows)[len(rows) // 2],
-            "trial_cpu_s": sum(r["cpu_s"] or 0.0 for r in rows),
+            "trial_cpu_s": trial_compute(rows, run.config.cpus_per_trial)["trial_cpu_s"],
             "loadavg_1m": machine_load(), "date": time.strftime("%Y-%m-%d %H:%M")}
 
 

@@ -136,3 +136,12 @@ def test_retrain_noise_writes_merge_what_another_process_added(tmp_path):
     assert [r["seed"] for r in on_disk["runs"]["optuna:2"]] == [1]
     assert on_disk["summary"]["val_acc"]["profiles"]["uniform:0"]["n"] == 2
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_retrain_noise_refuses_a_malformed_recipe_naming_it():
+    from bench.retrain_noise import parse_recipe
+
+    assert parse_recipe("40x0.05") == (40, 0.05)
+    for bad in ("20-0.05", "0x0.05", "20x0", "20x-0.1", "twentyx0.05"):
+        with pytest.raises(ValueError, match=f"recipe '{bad}': expected EPOCHSxLR with EPOCHS >= 1 and LR > 0"):
+            parse_recipe(bad)
