@@ -48,6 +48,7 @@ from bench.common import (
     profile_key,
     retrain_cell,
 )
+from bench.quality import cells_of_base
 from searchers import make_searcher
 from widthsearch import prune
 from widthsearch.training import (
@@ -100,7 +101,7 @@ def profiles(model, space, cost, quick: bool) -> list[dict]:
 
 def budget_profiles(model, space, cost, budget: float, n_random: int, model_name: str, base_id: str) -> list[dict]:
     """The profile set of the one-budget study, each once, in this order: uniform, the global candidates, every
-    quality search's best rows at `budget` on this base (bench/results/quality/BASE_ID/; every search's best
+    quality search's best rows at `budget` on this base (bench/results/quality/BASE_ID/*/; every search's best
     first, then every search's second, ...), then `n_random` random ones."""
     out, seen = [], set()
 
@@ -114,8 +115,8 @@ def budget_profiles(model, space, cost, budget: float, n_random: int, model_name
     glob = make_searcher("global", space, cost, budget=budget, model=model, normalizers=["mean", "max"])
     while isinstance(config := glob.suggest("g"), dict):
         add(config["widths"], "global")
-    quality = RESULTS / "quality" / base_id  # the quality searches on this base (bench/quality.py)
-    cells = [json.loads(p.read_text()) for p in sorted(quality.glob(f"{model_name}-*-b{budget}-s*.json"))]
+    # the quality searches on this base (bench/quality.py), whatever recipe retrained their choice
+    cells = [json.loads(p.read_text()) for p in cells_of_base(base_id, f"{model_name}-*-b{budget}-s*.json")]
     ranked_rows = [(rank, cell, row) for cell in cells for rank, row in enumerate(cell.get("top_rows", []))]
     for rank, cell, row in sorted(ranked_rows, key=lambda item: item[0]):
         payload = json.loads(row["payload"]) if row.get("payload") else {}

@@ -1,9 +1,10 @@
 """The decisive benchmark: every method at the same budget and the same retrain, per-image test results.
 
-Cells: base x method x budget x seed, one JSON each in bench/results/quality/BASE_ID/ (BASE_ID: the digest of
-the base's checkpoint, bench/common.py base_id; cells of two bases do not pair; the first table's cells, of bases
-no checkout has any more, lie directly in quality/). Resumable: a finished cell is skipped, a cell asked for more
-retrain seeds than it holds gets them; commit cells as they land.
+Cells: base x method x budget x seed, one JSON each in bench/results/quality/BASE_ID/RECIPE/ (BASE_ID: the digest
+of the base's checkpoint, bench/common.py base_id; RECIPE: the retrain recipe, EPOCHSxLR; cells of two bases or two
+recipes do not pair; the first table's cells, of bases no checkout has any more, lie directly in quality/).
+Resumable: a finished cell is skipped, a cell asked for more retrain seeds than it holds gets them (with its own
+recipe: a cell is never extended with another); commit cells as they land.
 
 Methods that do not search: `uniform` (the largest uniform keep ratio within the budget, L1 channels),
 widthsearch's `global` (one global L1 ranking, its candidates scored on val), and torch-pruning's own
@@ -17,13 +18,14 @@ training CPU-seconds.
 
 A cell's `seed` is its search seed (the pruning seed for the methods that do not search, whose profile does
 not depend on it: they run seed 0 only); the chosen profile (the row `Search.best` picks, pruned as
-`widthsearch retrain` prunes it) is retrained once per retrain seed with the bench recipe (bench/common.py
-`retrain_cell`: 20 epochs, SGD lr 0.05 cosine, from the pruned weights) and evaluated on the test split image
+`widthsearch retrain` prunes it) is retrained once per retrain seed with the recipe (bench/common.py
+`retrain_cell`, SGD cosine from the pruned weights; `--recipe`, by default QUALITY_RECIPE: 40 epochs at lr 0.05,
+chosen for its seed noise, see bench/common.py) and evaluated on the test split image
 by image (`test_correct`, one hex mask per retrain seed, for paired statistics). Searches are kept in
 bench/cache/searches/MODEL/BASE_ID/ (git-ignored), so more retrain seeds never rerun a search.
 
     python -m bench.quality [--model cifar_resnet20] [--methods ...] [--budgets 0.1] [--seeds 0 1 2]
-                            [--retrain-seeds 0 1 2] [--threads 1] [--quick]
+                            [--retrain-seeds 0 1 2] [--recipe 40x0.05] [--threads 1] [--quick]
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ import torch
 import torch_pruning as tp
 
 from bench import common
-from bench.common import (CACHE, DEFAULT_DATA, RESULTS, SPLIT_SEED, VAL_FRACTION, bench_base, check_same_base,
-                          machine_load, retrain_cell)
+from bench.common import (CACHE, DEFAULT_DATA, QUALITY_RECIPE, RESULTS, SPLIT_SEED, VAL_FRACTION, bench_base,
+                          check_same_base, machine_load, parse_recipe, recipe_name, retrain_cell)
 from widthsearch import Search, SearchConfig, load_search, prune
 from widthsearch.export import measure_latency
 from widthsearch.models import classifier_of
@@ -169,6 +171,25 @@ def failed_search_cost(args, method: str, budget: float, seed: int) -> dict:
             "smallest_ratio": min(ratios) if ratios else None}
 
 
+def cell_folder(base_id: str, recipe: str, quick: bool = False) -> Path:
+    """Where the quality cells of one base and one retrain recipe lie: bench/results/quality/BASE_ID/RECIPE/."""
+    return RESULTS / ("quality-quick" if quick else "quality") / base_id / recipe
+
+
+def cells_of_base(base_id: str, pattern: str) -> list[Path]:
+    """The quality cells of a base whose file names match `pattern`, in every recipe's folder (a search is the
+    same whatever recipe retrains its profile)."""
+    return sorted((RESULTS / "quality" / base_id).glob(f"*/{pattern}"))
+
+
+def check_same_recipe(cell: dict, epochs: int, lr: float, path: Path) -> None:
+    """Refuse to extend a cell (`path`, its JSON `cell`) retrained with another recipe: its seeds would not pair."""
+    old = (cell.get("retrain_epochs", common.RETRAIN_EPOCHS), cell.get("retrain_lr", common.RETRAIN_LR))
+    if "error" not in cell and old != (epochs, lr):
+        raise SystemExit(f"{path} was retrained with {recipe_name(*old)}, not {recipe_name(epochs, lr)}: a cell is "
+                         "never extended with another recipe (each recipe has its own folder)")
+
+
 def search_dir(args, method: str, budget: float, seed: int) -> tuple[str, str]:
     """(storage, name) of a cell's search, kept in bench/cache/searches/MODEL/BASE_ID/."""
     return str(CACHE / "searches" / args.model / args.base_id), f"{method}-b{budget}-s{seed}"
@@ -291,9 +312,8 @@ def run_cell(method: str, budget: float, seed: int, retrain_seeds: list[int], ar
     flops, params = tp.utils.count_ops_and_params(model, data.example_input)
     retrains = []
     for r in retrain_seeds:
-        cell = retrain_cell(ckpt.stem, copy.deepcopy(model), data, seed=r,
-                            label=f"quality {method} {budget} s{seed} r{r}",
-                            **({"epochs": args.retrain_epochs} if args.retrain_epochs else {}))
+        cell = retrain_cell(ckpt.stem, copy.deepcopy(model), data, seed=r, epochs=args.retrain_epochs,
+                            lr=args.retrain_lr, label=f"quality {method} {budget} s{seed} r{r}")
         retrains.append({k: cell[k] for k in ("seed", "key", "test_acc", "val_acc", "test_correct", "train_s",
                                               "loadavg_1m", "date")})
     accs = [r["test_acc"] for r in retrains]
@@ -301,7 +321,7 @@ def run_cell(method: str, budget: float, seed: int, retrain_seeds: list[int], ar
             "base_info": info, "flops_ratio": flops / cost.base_flops, "params": params,
             "group_widths": group_widths(model, space),
             "conv_widths": [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)],
-            **found, "retrain_epochs": args.retrain_epochs or common.RETRAIN_EPOCHS, "retrain_lr": common.RETRAIN_LR,
+            **found, "retrain_epochs": args.retrain_epochs, "retrain_lr": args.retrain_lr,
             "retrains": retrains, "retrain_seeds": [r["seed"] for r in retrains],
             "test_acc": sum(accs) / len(accs), "test_correct": [r["test_correct"] for r in retrains],
             "retrain_s": sum(r["train_s"] for r in retrains) / len(retrains), **latency,
@@ -318,20 +338,27 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
                         help="search seeds (methods that do not search: seed 0 only)")
     parser.add_argument("--retrain-seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--recipe", default=QUALITY_RECIPE, metavar="EPOCHSxLR",
+                        help="the retrain of every chosen profile (cells of each recipe in their own folder)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda: bases, retrains and search trials")
     parser.add_argument("--concurrency", type=int, default=4, help="trials at once on one GPU (--device cuda)")
     parser.add_argument("--quick", action="store_true", help="uniform and tp-l1 at 0.5, one seed, 1-epoch retrain")
     args = parser.parse_args()
+    try:  # a malformed recipe fails before the base loads
+        args.retrain_epochs, args.retrain_lr = parse_recipe(args.recipe)
+    except ValueError as exc:
+        parser.error(f"--recipe: {exc}")
     if args.quick:
         args.methods, args.budgets, args.seeds, args.retrain_seeds = ["uniform", "tp-l1"], [0.5], [0], [0]
-    args.retrain_epochs = 1 if args.quick else None
+        args.retrain_epochs = 1
+        args.recipe = recipe_name(args.retrain_epochs, args.retrain_lr)
     set_threads(args.threads)
     common.use_device(args.device)
     ckpt, info, data, base, space, cost = bench_base(args.model, args.data)
-    # one folder per base (bench/common.py base_id): cells of two bases do not pair; the first table's cells, of a
-    # base no checkout has any more, are the ones directly in quality/
-    folder = RESULTS / ("quality-quick" if args.quick else "quality") / info["base_id"]
+    # one folder per base (bench/common.py base_id) and recipe: cells of two bases or recipes do not pair; the first
+    # table's cells, of a base no checkout has any more, are the ones directly in quality/
+    folder = cell_folder(info["base_id"], args.recipe, args.quick)
     folder.mkdir(parents=True, exist_ok=True)
     args.base_id = info["base_id"]
     (CACHE / "searches" / args.model / args.base_id).mkdir(parents=True, exist_ok=True)
@@ -345,6 +372,7 @@ def main() -> None:
                 old = json.loads(path.read_text()) if path.is_file() else None
                 if old is not None:
                     check_same_base(old, info, path)
+                    check_same_recipe(old, args.retrain_epochs, args.retrain_lr, path)
                 if old is not None and ("error" in old or set(args.retrain_seeds) <= set(old.get("retrain_seeds", []))):
                     continue
                 seeds = sorted(set(args.retrain_seeds) | set(old.get("retrain_seeds", []) if old else []))

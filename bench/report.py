@@ -84,7 +84,8 @@ def quality_section(folder: Path) -> list[str]:
     missing."""
     from bench.quality import NON_SEARCH, OPTIONS_BEFORE, SEARCH, TUNED, VARIANTS
 
-    every = _cells(folder / "quality") + [c for sub in sorted(_base_folders(folder / "quality")) for c in _cells(sub)]
+    quality = folder / "quality"  # quality/ (the first table), quality/BASE_ID/RECIPE/ (bench/quality.py)
+    every = [json.loads(p.read_text()) for p in sorted(quality.rglob("*.json"))] if quality.is_dir() else []
     cells = [c for c in every if "error" not in c]
     failed = [c for c in every if "error" in c]
     lines = ["## The decisive benchmark: searchers vs uniform and torch-pruning (bench/quality.py)", ""]
@@ -92,8 +93,8 @@ def quality_section(folder: Path) -> list[str]:
         return lines + ["No cell has finished yet.", ""]
     lines += ["Protocol: bases trained once on the bench split (bench/common.py: 4,068 train / 1,017 val images of "
               "cifar10-5k, 80 epochs (cifar_vgg16: 30), SGD lr 0.1 cosine, 1 thread); test = the 1,017 CIFAR-10 test images, used only "
-              "here. Every pruned model gets the same retrain (20 epochs, SGD lr 0.05 cosine, batch 128, from the "
-              "pruned weights), once per retrain seed. Searchers choose on the validation split only. 'seeds' = search "
+              "here. Every pruned model of a table gets the same retrain (the recipe in its title, EPOCHSxLR: SGD "
+              "cosine, batch 128, from the pruned weights), once per retrain seed. Searchers choose on the validation split only. 'seeds' = search "
               "seeds x retrain seeds (methods that do not search: one profile). 'vs uniform' and 'vs best plain' (the "
               "best method that does not search): paired difference on the same test images and retrain seeds, "
               "in points, with a 95% three-level bootstrap interval (search seeds, retrain seeds, images). "
@@ -108,9 +109,9 @@ def quality_section(folder: Path) -> list[str]:
               "Latency: CPU, 1 thread, batch 1, median of 20 runs, under the load shown.", ""]
     by = defaultdict(list)
     for c in cells:
-        by[(c["model"], c["budget"], _base_key(c), c["method"])].append(c)
+        by[(c["model"], c["budget"], _table_key(c), c["method"])].append(c)
     budgets = sorted({c["budget"] for c in cells}, key=lambda b: (b in NO_HEADROOM, b != 0.1, -b))
-    bases = sorted({_base_key(c) for c in cells})  # "" (the first table's bases) first
+    bases = sorted({_table_key(c) for c in cells})  # "" (the first table's bases) first, then per base its recipes
     for budget in budgets:
         for model in QUALITY_MODELS:
             for base in bases:
@@ -120,20 +121,32 @@ def quality_section(folder: Path) -> list[str]:
                     lines += _quality_table(model, budget, group, NON_SEARCH)
     lines += _missing_cells(cells, failed)
     lines += [_failed_line(c) for c in failed]
-    plotted = {m: max(bases, key=lambda k: sum(_base_key(c) == k for c in cells if c["model"] == m))
-               for m in QUALITY_MODELS}  # per model the base with the most cells
-    lines += _quality_plots([c for c in cells if _base_key(c) == plotted[c["model"]]], folder)
+    plotted = {m: max(bases, key=lambda k: sum(_table_key(c) == k for c in cells if c["model"] == m))
+               for m in QUALITY_MODELS}  # per model the base and recipe with the most cells
+    lines += _quality_plots([c for c in cells if _table_key(c) == plotted[c["model"]]], folder)
     return lines
 
 
 def _base_folders(folder: Path) -> list[Path]:
-    """bench/quality.py's folders of one base each (quality/BASE_ID/); the first table's cells lie in quality/."""
+    """A bench script's folders of one base each (FOLDER/BASE_ID/); the first table's cells lie in FOLDER/."""
     return [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
 
 
 def _base_key(cell: dict) -> str:
     """Which base a quality cell was measured on: its base_id, "" for the first table's (which had none)."""
     return (cell.get("base_info") or {}).get("base_id", "")
+
+
+def _recipe(cell: dict) -> str:
+    """The retrain recipe of a quality cell, EPOCHSxLR (cells before the recipe became an option: 20x0.05)."""
+    from bench.common import RETRAIN_EPOCHS, RETRAIN_LR, recipe_name
+
+    return recipe_name(cell.get("retrain_epochs", RETRAIN_EPOCHS), cell.get("retrain_lr", RETRAIN_LR))
+
+
+def _table_key(cell: dict) -> tuple[str, str]:
+    """The cells that pair, one table each: same base and same retrain recipe."""
+    return _base_key(cell), _recipe(cell)
 
 
 def _quality_table(model: str, budget: float, group: dict, non_search) -> list[str]:
@@ -146,8 +159,9 @@ def _quality_table(model: str, budget: float, group: dict, non_search) -> list[s
     plain = [m for m in group if m in non_search]
     searched = [m for m in group if m not in non_search]
     best_plain = max(plain, key=mean) if plain else None
-    title = f"### {model} at FLOPs {budget}" + (f", base {info['base_id']} ({info.get('cpu', '-')})"
-                                                 if info.get("base_id") else "")
+    title = (f"### {model} at FLOPs {budget}" + (f", base {info['base_id']} ({info.get('cpu', '-')})"
+                                                  if info.get("base_id") else "")
+             + f", retrain {_recipe(next(iter(group.values()))[0])}")
     if budget in NO_HEADROOM:
         title += (" (no headroom: every sound profile retrains to within about a point of every other, so no "
                   "search can show a win here)")
@@ -215,12 +229,12 @@ def _failed_line(cell: dict) -> str:
 def _missing_cells(cells: list[dict], failed: list[dict]) -> list[str]:
     """Planned cells neither finished nor failed yet, with the time each needs (from finished cells of the same
     method and model, else of the same method on cifar_resnet20 scaled by the bases' training times)."""
-    from bench.common import current_base_id
+    from bench.common import QUALITY_RECIPE, current_base_id
     from bench.quality import NON_SEARCH, SEARCHERS
 
-    current = {model: current_base_id(model) for model in PLAN}  # cells of other bases cannot be extended
+    current = {model: current_base_id(model) for model in PLAN}  # cells of other bases or recipes cannot be extended
     done = {(c["model"], c["method"], c["budget"], c["seed"]) for c in (*cells, *failed)
-            if current.get(c["model"]) and _base_key(c) == current[c["model"]]}
+            if current.get(c["model"]) and _table_key(c) == (current[c["model"]], QUALITY_RECIPE)}
     cost, base_s = defaultdict(list), {}
     for c in cells:
         cost[(c["model"], c["method"])].append(c.get("prune_or_search_s", 0.0) + c["retrain_s"] * len(_accs(c)))
@@ -240,7 +254,7 @@ def _missing_cells(cells: list[dict], failed: list[dict]) -> list[str]:
         return ["All planned cells are filled.", ""]
     lines = ["Missing cells on the bases the bench would use now (bench/checkpoints/ or bench/cache/: "
              + "; ".join(f"{m} {current[m] or 'none yet, to be trained'}" for m in PLAN)
-             + "; cells of another base do not pair with them) (budgets "
+             + f"; retrain {QUALITY_RECIPE}; cells of another base or recipe do not pair with them) (budgets "
              + "; ".join(f"{m}: {', '.join(map(str, b))}" for m, b in PLAN.items())
              + "; time per cell from finished cells, 1 thread per cell on this 2-core CPU):", ""]
     lines += [f"* {model} {method}: {n} cell(s)" + (f", ~{each / 60:.0f} min each" if each else ", no estimate yet")
@@ -355,7 +369,10 @@ def _choice_lines(folder: Path, cells: list[dict], budget: float, base: str = ""
 
     by_key = {profile_key(c["widths"], c.get("keep")): c for c in cells}
     lines = []
-    for path in sorted((folder / "quality" / base).glob(f"*-b{budget}-s*.json")):
+    # a base's searches, in every recipe's folder (bench/quality.py), each once; the first table's: in quality/
+    paths = {p.name: p for p in sorted((folder / "quality" / base).glob(("*/" if base else "") + f"*-b{budget}-s*.json"),
+                                       reverse=True)}
+    for path in sorted(paths.values(), key=lambda p: p.name):
         cell = json.loads(path.read_text())
         tops = []
         for row in cell.get("top_rows", []):

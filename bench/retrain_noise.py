@@ -22,21 +22,9 @@ import os
 import statistics
 from pathlib import Path
 
-from bench.common import DEFAULT_DATA, RESULTS, bench_base, check_same_base, retrain_cell
-from bench.quality import prune_cell
+from bench.common import DEFAULT_DATA, RESULTS, bench_base, check_same_base, parse_recipe, retrain_cell
+from bench.quality import cells_of_base, prune_cell
 from widthsearch.training import set_threads
-
-
-def parse_recipe(text: str) -> tuple[int, float]:
-    """'20x0.05' -> (20 epochs, lr 0.05); a ValueError naming `text` unless epochs >= 1 and lr > 0."""
-    try:
-        epochs_text, lr_text = text.split("x")
-        epochs, lr = int(epochs_text), float(lr_text)
-    except ValueError:
-        epochs, lr = 0, 0.0
-    if epochs < 1 or not lr > 0:
-        raise ValueError(f"recipe {text!r}: expected EPOCHSxLR with EPOCHS >= 1 and LR > 0, like 20x0.05")
-    return epochs, lr
 
 
 def summary(runs: dict[str, list[dict]]) -> dict:
@@ -103,9 +91,10 @@ def main() -> None:
         check_same_base(outs[name], info, path)
     for profile in args.profiles:
         method, seed = profile.split(":")
-        cell = RESULTS / "quality" / info["base_id"] / f"{args.model}-{method}-b{args.budget}-s{seed}.json"
-        if not cell.is_file():
-            raise SystemExit(f"no quality cell {cell}: run bench/quality.py for {profile} first")
+        name = f"{args.model}-{method}-b{args.budget}-s{seed}.json"
+        if not cells_of_base(info["base_id"], name):
+            raise SystemExit(f"no quality cell {name} in {RESULTS / 'quality' / info['base_id']}/*/: run "
+                             f"bench/quality.py for {profile} first")
         model, _ = prune_cell(method, args.budget, int(seed), args, ckpt, base, space, cost, data)
         for name, (epochs, lr) in recipes.items():
             for s in args.seeds:

@@ -46,37 +46,67 @@ def test_a_base_kept_in_git_is_found_before_the_cache(tmp_path, monkeypatch):
     assert common.base_checkpoint("cifar_resnet20", "npz:/data/cifar10-5k.npz")[0] == cache / f"{stem}.pt"
 
 
-def test_the_quality_report_keeps_each_base_in_its_own_table(tmp_path, monkeypatch):
-    """Cells of two bases never share a table (their paired differences would mix models), and the missing cells
-    are those of the base the bench would use now: the first table's cells, of a base no checkout has, do not
-    count as done."""
+def test_the_quality_report_keeps_each_base_and_recipe_in_its_own_table(tmp_path, monkeypatch):
+    """Cells of two bases or two retrain recipes never share a table (their paired differences would mix models),
+    and the missing cells are those of the base and recipe the bench would use now: the first table's cells, of a
+    base no checkout has, and cells of another recipe do not count as done."""
     import json
 
     import numpy as np
 
     from bench import common, report
 
-    def cell(method, seed, base_id, acc):
+    def cell(method, seed, base_id, acc, epochs=20):
         bits = np.random.default_rng(seed).random(report.IMAGES) < acc
         info = {"val_acc": 0.74, "test_acc": 0.75, "epochs": 80, "train_s": 1000.0, "cpu_s": 1000.0,
                 "loadavg_1m": 1.0, **({"base_id": base_id, "cpu": "AMD EPYC"} if base_id else {})}
         return {"method": method, "budget": 0.1, "seed": seed, "model": "cifar_resnet20", "base_info": info,
                 "flops_ratio": 0.1, "params": 24000, "retrain_s": 100.0, "batch1_ms": 1.0, "loadavg_1m": 1.0,
                 "conv_widths": [5, 5], "retrains": [{"seed": 0, "test_acc": float(bits.mean())}], "retrain_seeds": [0],
-                "test_correct": [np.packbits(bits).tobytes().hex()]}
+                "test_correct": [np.packbits(bits).tobytes().hex()], "retrain_epochs": epochs, "retrain_lr": 0.05}
 
     quality = tmp_path / "quality"
-    (quality / "abc").mkdir(parents=True)
+    for recipe in ("20x0.05", "40x0.05"):
+        (quality / "abc" / recipe).mkdir(parents=True)
     (quality / "cifar_resnet20-uniform-b0.1-s0.json").write_text(json.dumps(cell("uniform", 0, None, 0.6)))
-    (quality / "abc" / "cifar_resnet20-uniform-b0.1-s0.json").write_text(json.dumps(cell("uniform", 0, "abc", 0.7)))
+    (quality / "abc" / "20x0.05" / "cifar_resnet20-uniform-b0.1-s0.json").write_text(
+        json.dumps(cell("uniform", 0, "abc", 0.7)))
+    (quality / "abc" / "40x0.05" / "cifar_resnet20-uniform-b0.1-s0.json").write_text(
+        json.dumps(cell("uniform", 0, "abc", 0.8, epochs=40)))
     monkeypatch.setattr(common, "current_base_id", lambda model: "abc" if model == "cifar_resnet20" else None)
+    monkeypatch.setattr(common, "QUALITY_RECIPE", "40x0.05")
     text = "\n".join(report.quality_section(tmp_path))
-    assert "### cifar_resnet20 at FLOPs 0.1\n" in text and "### cifar_resnet20 at FLOPs 0.1, base abc (AMD EPYC)" in text
+    assert "### cifar_resnet20 at FLOPs 0.1, retrain 20x0.05\n" in text  # the first table's cells
+    assert "### cifar_resnet20 at FLOPs 0.1, base abc (AMD EPYC), retrain 20x0.05\n" in text
+    assert "### cifar_resnet20 at FLOPs 0.1, base abc (AMD EPYC), retrain 40x0.05\n" in text
     assert "cifar_resnet20 abc" in text and "cifar_resnet56 none yet, to be trained" in text
-    # planned at FLOPs 0.1 and 0.05: uniform done at 0.1 on the current base only
+    # planned at FLOPs 0.1 and 0.05: uniform done at 0.1 on the current base and recipe only
     assert "* cifar_resnet20 uniform: 1 cell(s)" in text and "* cifar_resnet20 global: 2 cell(s)" in text
+    monkeypatch.setattr(common, "QUALITY_RECIPE", "60x0.05")
+    assert "* cifar_resnet20 uniform: 2 cell(s)" in "\n".join(report.quality_section(tmp_path))
+    monkeypatch.setattr(common, "QUALITY_RECIPE", "40x0.05")
     monkeypatch.setattr(common, "current_base_id", lambda model: None)
     assert "* cifar_resnet20 uniform: 2 cell(s)" in "\n".join(report.quality_section(tmp_path))
+
+
+def test_a_quality_cell_is_never_extended_with_another_recipe(tmp_path, monkeypatch, capsys):
+    """More retrain seeds for a cell come from its own recipe; a cell of another recipe (moved by hand into the
+    wrong folder) is refused with both recipes named, and a malformed --recipe fails before any base loads."""
+    import sys
+
+    from bench import quality
+
+    path = tmp_path / "cell.json"
+    quality.check_same_recipe({"retrain_epochs": 40, "retrain_lr": 0.05}, 40, 0.05, path)
+    quality.check_same_recipe({"error": "x"}, 40, 0.05, path)  # a failed cell holds no retrain
+    with pytest.raises(SystemExit, match="cell.json was retrained with 20x0.05, not 40x0.05"):
+        quality.check_same_recipe({}, 40, 0.05, path)  # cells before the option: 20 epochs at lr 0.05
+    assert quality.cell_folder("abc", "40x0.05").parts[-3:] == ("quality", "abc", "40x0.05")
+    monkeypatch.setattr(quality, "bench_base", lambda *a: pytest.fail("the base loaded before the check"))
+    monkeypatch.setattr(sys, "argv", ["quality", "--recipe", "40-0.05"])
+    with pytest.raises(SystemExit):
+        quality.main()
+    assert "--recipe: recipe '40-0.05': expected EPOCHSxLR" in capsys.readouterr().err
 
 
 def test_retrain_noise_pools_each_profiles_seed_spread_and_the_report_shows_it(tmp_path):
@@ -139,7 +169,7 @@ def test_retrain_noise_writes_merge_what_another_process_added(tmp_path):
 
 
 def test_retrain_noise_refuses_a_malformed_recipe_naming_it():
-    from bench.retrain_noise import parse_recipe
+    from bench.common import parse_recipe
 
     assert parse_recipe("40x0.05") == (40, 0.05)
     for bad in ("20-0.05", "0x0.05", "20x0", "20x-0.1", "twentyx0.05"):
