@@ -96,8 +96,9 @@ def quality_section(folder: Path) -> list[str]:
               "here. Every pruned model of a table gets the same retrain (the recipe in its title, EPOCHSxLR: SGD "
               "cosine, batch 128, from the pruned weights), once per retrain seed. Searchers choose on the validation split only. 'seeds' = search "
               "seeds x retrain seeds (methods that do not search: one profile). 'vs uniform' and 'vs best plain' (the "
-              "best method that does not search): paired difference on the same test images and retrain seeds, "
-              "in points, with a 95% three-level bootstrap interval (search seeds, retrain seeds, images). "
+              "best method that does not search): paired difference on the same test images (every retrain of "
+              "both sides, not only the retrain seeds they share), in points, with a 95% three-level bootstrap "
+              "interval (search seeds, retrain seeds of both, images). "
               "'worst seed': the search seed that gained least against the best plain method. Compute: the search's "
               "trial CPU-seconds (trial wall x CPUs per trial) as a share of the base's training CPU-seconds, same "
               "machine. Trials: " + ", ".join(f"{m} {o['num_samples']}" for m, o in SEARCH.items())

@@ -49,35 +49,34 @@ def paired_difference(a: list[np.ndarray], b: list[np.ndarray], reps: int = REPS
 
 
 def nested_paired_difference(a: dict, b: dict, reps: int = REPS, seed: int = 0) -> dict:
-    """Method a minus reference b on the same test images, paired by retrain seed, with a 95% interval.
+    """Method a minus reference b on the same test images, with a 95% interval.
 
     `a[search_seed][retrain_seed]` and `b[retrain_seed]` are per-image correctness arrays (a method that does
-    not search has one "search seed"). Only retrain seeds both have are paired. The interval is a three-level
-    bootstrap: search seeds resampled, then retrain seeds, then images (the same images for both), so it
-    carries the search-seed, retrain-seed and test-sampling noise. Also returns the mean difference per search
-    seed (`per_search_seed`: what a user running one search gets, on average over retrains).
+    not search has one "search seed"). Every retrain of both counts: the pairing is on the images, not on the
+    retrain seed, since seed r of one pruned model is not coupled to seed r of another, and pairing by seed
+    would drop the reference's extra retrains (a headline reference has 10, a search seed 3) and let the few
+    that happen to share a seed decide the difference. The interval is a three-level bootstrap: search seeds
+    resampled, then each one's retrains and the reference's retrains, then images (the same images for both),
+    so it carries the search-seed, retrain-seed and test-sampling noise of both sides. Also returns the mean
+    difference per search seed (`per_search_seed`: what a user running one search gets, on average over
+    retrains).
     """
-    searches = sorted(a)
-    pairs = {s: sorted(r for r in a[s] if r in b) for s in searches}
-    searches = [s for s in searches if pairs[s]]
-    if not searches:
-        raise ValueError("no retrain seed in common")
-    diffs = {s: np.stack([np.asarray(a[s][r], dtype=float) - np.asarray(b[r], dtype=float) for r in pairs[s]])
-             for s in searches}  # search seed -> retrains x images
-    images = next(iter(diffs.values())).shape[1]
+    searches = [s for s in sorted(a) if a[s]]
+    if not searches or not b:
+        raise ValueError("a method without retrains")
+    ours = {s: np.stack([np.asarray(m, dtype=float) for _, m in sorted(a[s].items())]) for s in searches}
+    ref = np.stack([np.asarray(m, dtype=float) for _, m in sorted(b.items())])  # retrains x images
+    images = ref.shape[1]
     rng = np.random.default_rng(seed)
     draws = np.empty(reps)
     for k in range(reps):
         chosen = rng.integers(0, len(searches), len(searches))
         idx = rng.integers(0, images, images)
-        total = 0.0
-        for c in chosen:
-            d = diffs[searches[c]]
-            rows = rng.integers(0, len(d), len(d))
-            total += d[np.ix_(rows, idx)].mean()
-        draws[k] = total / len(chosen)
+        mine = np.mean([ours[searches[c]][np.ix_(rng.integers(0, len(ours[searches[c]]), len(ours[searches[c]])),
+                                                  idx)].mean() for c in chosen])
+        draws[k] = mine - ref[np.ix_(rng.integers(0, len(ref), len(ref)), idx)].mean()
     low, high = np.percentile(draws, [2.5, 97.5])
-    per = {s: float(diffs[s].mean()) for s in searches}
+    per = {s: float(ours[s].mean() - ref.mean()) for s in searches}
     return {"diff": float(np.mean(list(per.values()))), "low": float(low), "high": float(high),
-            "search_seeds": len(searches), "retrains": sum(len(pairs[s]) for s in searches),
-            "per_search_seed": per}
+            "search_seeds": len(searches), "retrains": sum(len(ours[s]) for s in searches),
+            "reference_retrains": len(ref), "per_search_seed": per}

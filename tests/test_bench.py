@@ -175,3 +175,30 @@ def test_retrain_noise_refuses_a_malformed_recipe_naming_it():
     for bad in ("20-0.05", "0x0.05", "20x0", "20x-0.1", "twentyx0.05"):
         with pytest.raises(ValueError, match=f"recipe '{bad}': expected EPOCHSxLR with EPOCHS >= 1 and LR > 0"):
             parse_recipe(bad)
+
+
+def test_the_paired_difference_counts_every_retrain_of_both_sides():
+    """A reference with more retrains than a search seed is compared whole (its mean over all its retrains, image
+    by image), not only on the retrain seeds both share; the interval covers the true difference; a side without
+    retrains is refused."""
+    import numpy as np
+
+    from bench.stats import nested_paired_difference
+
+    rng = np.random.default_rng(0)
+    images = 4000
+
+    def retrain(p):
+        return rng.random(images) < p
+
+    # the reference's seeds 0-2 are lucky (0.70); its ten retrains average 0.64; the method's are all 0.66
+    ref = {r: retrain(0.70 if r < 3 else 0.614) for r in range(10)}
+    ours = {0: {r: retrain(0.66) for r in range(3)}, 1: {r: retrain(0.66) for r in range(3)}}
+    d = nested_paired_difference(ours, ref, reps=400)
+    expect = np.mean([m.mean() for s in ours.values() for m in s.values()]) - np.mean([m.mean() for m in ref.values()])
+    assert d["diff"] == pytest.approx(expect) and d["diff"] > 0.01  # seed-paired, it would be about -0.04
+    assert d["low"] < 0.66 - (3 * 0.70 + 7 * 0.614) / 10 < d["high"]  # the true difference, +2.0 points
+    assert d["search_seeds"] == 2 and d["retrains"] == 6 and d["reference_retrains"] == 10
+    assert set(d["per_search_seed"]) == {0, 1}
+    with pytest.raises(ValueError, match="a method without retrains"):
+        nested_paired_difference(ours, {})
