@@ -61,7 +61,8 @@ search replaced a bisection on log lam for the same reason: its fixed factor-10 
 exactly 1 in float32 for most kept channels (logit above ~1.7 at T = 0.1), so the scaled profile kept the
 lowest-numbered channels of each group (bench row gradient-scaled, 2026-12-06: one search seed retrained to 0.582
 against uniform's 0.632). With both fixes (bench row gradient-ranked, cifar_resnet20 FLOPs 0.1, 3 search seeds x 3
-retrains): 0.609, 0.642, 0.641 test, -0.6 points [-3.3, +2.0] against uniform (before them: -5.3 [-10.8, -0.6]).
+retrains): 0.609, 0.642, 0.641 test, -0.2 points [-2.9, +2.4] against uniform (before them: -4.9 [-10.7, +0.1];
+intervals of bench/stats.py since 2026-12-07, every retrain of both sides).
 """
 
 from __future__ import annotations
