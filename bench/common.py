@@ -168,6 +168,11 @@ def recipe_name(epochs: int, lr: float) -> str:
     return f"{epochs}x{lr:g}"
 
 
+def cell_recipe(cell: dict) -> tuple[int, float]:
+    """A quality cell's retrain (epochs, lr); cells from before the recipe became an option: 20 epochs at 0.05."""
+    return cell.get("retrain_epochs", RETRAIN_EPOCHS), cell.get("retrain_lr", RETRAIN_LR)
+
+
 def profile_key(widths, keep: dict | None = None) -> str:
     """A short stable id of a width profile (and of the exact channels kept, when given)."""
     import hashlib

@@ -42,7 +42,7 @@ import torch_pruning as tp
 
 from bench import common
 from bench.common import (CACHE, DEFAULT_DATA, QUALITY_RECIPE, RESULTS, SPLIT_SEED, VAL_FRACTION, bench_base,
-                          check_same_base, machine_load, parse_recipe, recipe_name, retrain_cell)
+                          cell_recipe, check_same_base, machine_load, parse_recipe, recipe_name, retrain_cell)
 from widthsearch import Search, SearchConfig, load_search, prune
 from widthsearch.export import measure_latency
 from widthsearch.models import classifier_of
@@ -184,7 +184,7 @@ def cells_of_base(base_id: str, pattern: str) -> list[Path]:
 
 def check_same_recipe(cell: dict, epochs: int, lr: float, path: Path) -> None:
     """Refuse to extend a cell (`path`, its JSON `cell`) retrained with another recipe: its seeds would not pair."""
-    old = (cell.get("retrain_epochs", common.RETRAIN_EPOCHS), cell.get("retrain_lr", common.RETRAIN_LR))
+    old = cell_recipe(cell)
     if "error" not in cell and old != (epochs, lr):
         raise SystemExit(f"{path} was retrained with {recipe_name(*old)}, not {recipe_name(epochs, lr)}: a cell is "
                          "never extended with another recipe (each recipe has its own folder)")

@@ -140,9 +140,9 @@ def _base_key(cell: dict) -> str:
 
 def _recipe(cell: dict) -> str:
     """The retrain recipe of a quality cell, EPOCHSxLR (cells before the recipe became an option: 20x0.05)."""
-    from bench.common import RETRAIN_EPOCHS, RETRAIN_LR, recipe_name
+    from bench.common import cell_recipe, recipe_name
 
-    return recipe_name(cell.get("retrain_epochs", RETRAIN_EPOCHS), cell.get("retrain_lr", RETRAIN_LR))
+    return recipe_name(*cell_recipe(cell))
 
 
 def _table_key(cell: dict) -> tuple[str, str]:
