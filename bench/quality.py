@@ -176,10 +176,10 @@ def cell_folder(base_id: str, recipe: str, quick: bool = False) -> Path:
     return RESULTS / ("quality-quick" if quick else "quality") / base_id / recipe
 
 
-def cells_of_base(base_id: str, pattern: str) -> list[Path]:
+def cells_of_base(base_id: str, pattern: str, results: Path | None = None) -> list[Path]:
     """The quality cells of a base whose file names match `pattern`, in every recipe's folder (a search is the
-    same whatever recipe retrains its profile)."""
-    return sorted((RESULTS / "quality" / base_id).glob(f"*/{pattern}"))
+    same whatever recipe retrains its profile), under `results` (default: the bench's RESULTS)."""
+    return sorted(((results or RESULTS) / "quality" / base_id).glob(f"*/{pattern}"))
 
 
 def check_same_recipe(cell: dict, epochs: int, lr: float, path: Path) -> None:

@@ -370,10 +370,14 @@ def _choice_lines(folder: Path, cells: list[dict], budget: float, base: str = ""
 
     by_key = {profile_key(c["widths"], c.get("keep")): c for c in cells}
     lines = []
-    # a base's searches, in every recipe's folder (bench/quality.py), each once; the first table's: in quality/
-    paths = {p.name: p for p in sorted((folder / "quality" / base).glob(("*/" if base else "") + f"*-b{budget}-s*.json"),
-                                       reverse=True)}
-    for path in sorted(paths.values(), key=lambda p: p.name):
+    from bench.quality import cells_of_base
+
+    # a base's searches, each once though every recipe's folder holds it; the first table's lie in quality/
+    pattern = f"*-b{budget}-s*.json"
+    paths: dict[str, Path] = {}
+    for p in (cells_of_base(base, pattern, folder) if base else sorted((folder / "quality").glob(pattern))):
+        paths.setdefault(p.name, p)
+    for _, path in sorted(paths.items()):
         cell = json.loads(path.read_text())
         tops = []
         for row in cell.get("top_rows", []):
