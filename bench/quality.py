@@ -14,7 +14,8 @@ global pruner (`MetaPruner`, `global_pruning=True`, stepped until its FLOPs coun
 in two rows: METHOD (the options widthsearch had as defaults before the FLOPs-0.1 benchmark, DEFAULTS_BEFORE)
 and METHOD-tuned (TUNED: the options chosen on the validation split, now the defaults). Every search of a
 row gets the same trial count on every base (SEARCH); its trial CPU-seconds are recorded next to the base's
-training CPU-seconds.
+training CPU-seconds. `uniform-fill` and `optuna-fill` (FILLED): rows uniform and optuna-widthexp (optuna's
+defaults) with `--fill-budget`, every profile widened into what rounding to whole channels left of the budget.
 
 A cell's `seed` is its search seed (the pruning seed for the methods that do not search, whose profile does
 not depend on it: they run seed 0 only); the chosen profile (the row `Search.best` picks, pruned as
@@ -70,7 +71,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {"optuna-spread3": ("optuna", {"spread":
                                          "optuna-widthexp": ("optuna", {"spread": 3.0, "width_exponents": [0.5, 1.0]}),
                                          "gradient-scaled": ("gradient", {}),
                                          "gradient-ranked": ("gradient", {})}
-METHODS = (*NON_SEARCH, *SEARCHERS, *(f"{s}-tuned" for s in SEARCHERS), *VARIANTS)
+# Rows with the budget fill (SearchConfig.fill_budget), measured before it becomes a default: METHOD-fill is row
+# METHOD with every profile widened into what rounding to whole channels left of the budget.
+FILLED = {"uniform-fill": "uniform", "optuna-fill": "optuna-widthexp"}
+PLAIN = (*NON_SEARCH, "uniform-fill")                 # every row that does not search
+METHODS = (*NON_SEARCH, *SEARCHERS, *(f"{s}-tuned" for s in SEARCHERS), *VARIANTS, *FILLED)
 TOP = 6  # the best distinct rows of a search kept in its cell (the choice study retrains them)
 
 # Trial settings every search of the bench shares (SearchConfig fields): one trial at a time on one core, so
@@ -117,6 +122,8 @@ TUNED: dict[str, dict] = {
 
 def method_config(method: str) -> dict:
     """SearchConfig fields of a method's searches: its searcher, trials and options."""
+    if method in FILLED:
+        return {**method_config(FILLED[method]), "fill_budget": True}
     searcher, variant = VARIANTS.get(method, (method.removesuffix("-tuned"), {}))
     options = {**COMMON, **DEFAULTS_BEFORE, **SEARCH.get(searcher, {})}
     if method.endswith("-tuned"):
@@ -288,10 +295,11 @@ def prune_cell(method: str, budget: float, seed: int, args, ckpt: Path, base, sp
     """The pruned model of a cell and what finding it cost."""
     start, cpu = time.time(), time.process_time()
     extra: dict = {}
-    if method == "uniform":
+    if method in ("uniform", "uniform-fill"):
         from searchers import make_searcher
 
-        widths = make_searcher("uniform", space, cost, budget=budget).suggest("u")["widths"]
+        widths = make_searcher("uniform", space, cost, budget=budget,
+                               fill_budget=method in FILLED).suggest("u")["widths"]
         model = prune(base, space, space.from_vector(widths), "l1")
     elif method in PEERS:
         model = peer_prune(base, data, budget, method, seed)
@@ -366,7 +374,7 @@ def main() -> None:
     for budget in args.budgets:
         for seed in args.seeds:
             for method in args.methods:
-                if method in NON_SEARCH and seed != 0:  # their profile does not depend on the seed
+                if method in PLAIN and seed != 0:  # their profile does not depend on the seed
                     continue
                 path = folder / f"{args.model}-{method}-b{budget}-s{seed}.json"
                 old = json.loads(path.read_text()) if path.is_file() else None
@@ -382,7 +390,7 @@ def main() -> None:
                     cell = {"method": method, "budget": budget, "seed": seed, "model": args.model,
                             "error": f"{type(exc).__name__}: {exc}", "date": time.strftime("%Y-%m-%d"),
                             "base_info": info}
-                    if method not in NON_SEARCH:
+                    if method not in PLAIN:
                         cell.update(failed_search_cost(args, method, budget, seed))
                 path.write_text(json.dumps(cell, indent=1))
                 print(f"{method} {budget} s{seed}: " + (cell.get("error") or

@@ -82,7 +82,7 @@ def quality_section(folder: Path) -> list[str]:
     test accuracy over search and retrain seeds, its paired difference to uniform and to the best method that
     does not search, with 95% intervals, its compute against the base's, size and latency; the goals; what is
     missing."""
-    from bench.quality import NON_SEARCH, OPTIONS_BEFORE, SEARCH, TUNED, VARIANTS
+    from bench.quality import FILLED, OPTIONS_BEFORE, PLAIN, SEARCH, TUNED, VARIANTS
 
     quality = folder / "quality"  # quality/ (the first table), quality/BASE_ID/RECIPE/ (bench/quality.py)
     every = [json.loads(p.read_text()) for p in sorted(quality.rglob("*.json"))] if quality.is_dir() else []
@@ -106,7 +106,8 @@ def quality_section(folder: Path) -> list[str]:
               + "".join(f" with {m} options {o}" for m, o in OPTIONS_BEFORE.items()) + "; "
               "METHOD-tuned rows " + (", ".join(f"{m}: {o}" for m, o in TUNED.items()) or "(none yet)") + "; "
               + "; ".join(f"{v}: {s} with options {o}" if o else f"{v}: {s} at its defaults after a change of its code "
-                        f"(row {s}: before it; bench/quality.py names each such row's commit)" for v, (s, o) in VARIANTS.items()) + ". "
+                        f"(row {s}: before it; bench/quality.py names each such row's commit)" for v, (s, o) in VARIANTS.items()) + "; "
+              + "; ".join(f"{v}: row {m} with --fill-budget" for v, m in FILLED.items()) + ". "
               "Latency: CPU, 1 thread, batch 1, median of 20 runs, under the load shown.", ""]
     by = defaultdict(list)
     for c in cells:
@@ -119,7 +120,7 @@ def quality_section(folder: Path) -> list[str]:
                 group = {m: sorted(v, key=lambda c: c["seed"]) for (mo, b, k, m), v in by.items()
                          if (mo, b, k) == (model, budget, base)}
                 if group:
-                    lines += _quality_table(model, budget, group, NON_SEARCH)
+                    lines += _quality_table(model, budget, group, PLAIN)
     lines += _missing_cells(cells, failed)
     lines += [_failed_line(c) for c in failed]
     plotted = {m: max(bases, key=lambda k: sum(_table_key(c) == k for c in cells if c["model"] == m))

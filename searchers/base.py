@@ -35,7 +35,7 @@ import numpy as np
 from ray.tune.search import Searcher
 from torch import nn
 
-from widthsearch.budget import project_to_budget
+from widthsearch.budget import fill_budget, project_to_budget
 from widthsearch.cost import CostModel, Measure
 from widthsearch.errors import ConfigError, WidthSearchError
 from widthsearch.importance import CRITERIA
@@ -94,7 +94,8 @@ class WidthSearcher(Searcher):
     def __init__(self, space: WidthSpace, cost: CostModel, *, budget: float | None = 0.5,
                  metric: str = "score", mode: str = "max", seed: int = 0, model: nn.Module | None = None,
                  criterion: str = "l1", measure: Measure | None = None, batches: list | None = None,
-                 num_samples: int | None = None, exp_dir: str | None = None, **options: Any):
+                 num_samples: int | None = None, exp_dir: str | None = None, fill_budget: bool = False,
+                 **options: Any):
         if not isinstance(metric, str) or not metric:
             raise ConfigError(f"metric must be a non-empty string, got {metric!r}")
         if mode not in ("min", "max"):
@@ -116,6 +117,7 @@ class WidthSearcher(Searcher):
         self.budget = None if budget is None else self._measure.check_budget(budget, space.min_widths)
         self.seed = int(seed)
         self.criterion = criterion
+        self.fill_budget = bool(fill_budget)  # widen each proposal into what rounding left of the budget
         self._live: dict[str, np.ndarray] = {}        # trial_id -> widths suggested, not yet complete
         self._seen: set[tuple[int, ...]] = set()       # every profile suggested
         self.history: list[dict[str, Any]] = []       # completed trials: widths, value, cost_ratio, error
@@ -208,7 +210,8 @@ class WidthSearcher(Searcher):
         return {"widths": [int(w) for w in widths], "payload": None if payload is None else Payload(payload)}
 
     def _checked(self, widths: np.ndarray) -> np.ndarray:
-        """Validate bounds and, in budget mode, the FLOPs budget (repairing if needed)."""
+        """Validate bounds and, in budget mode, the budget (repairing if needed); with `fill_budget`, then widen the
+        profile into what is left of the budget (:func:`fill_budget`)."""
         vector = self._space.vector(self._space.from_vector(widths))
         if self.enforce_budget and self.budget is not None and self.cost_ratio(vector) > self.budget:
             logger.warning("searcher %r proposed a profile over budget %g; projecting it onto the budget",
@@ -216,6 +219,8 @@ class WidthSearcher(Searcher):
             vector = self.project(vector / self._space.widths)
             if self.cost_ratio(vector) > self.budget:  # pragma: no cover - defensive
                 vector = self._space.min_widths.copy()
+        if self.fill_budget and self.enforce_budget and self.budget is not None:
+            vector = fill_budget(self._space, self._measure, vector, self.budget)
         return vector
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:

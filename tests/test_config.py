@@ -58,9 +58,11 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_cli_flags_are_typed_like_yaml():
     args = build_parser().parse_args(["search", "--budget", "0.25", "--num-samples", "3", "--pareto",
-                                      "--option", "startup_trials=2", "--frozen", "a.b,c", "--name", "007"])
+                                      "--option", "startup_trials=2", "--frozen", "a.b,c", "--name", "007",
+                                      "--fill-budget"])
     over = _search_settings(args)
     assert over["budget"] == 0.25 and over["num_samples"] == 3 and over["pareto"] is True
+    assert over["fill_budget"] is True and SearchConfig().fill_budget is False
     assert over["searcher_options"] == {"startup_trials": 2} and over["frozen"] == ["a.b", "c"]
     assert over["name"] == "007"  # strings stay strings
     assert load_config(None, over).budget == 0.25

@@ -10,10 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import torch
+
+from widthsearch import CostModel, build_space, load_model
 
 from .storage_check import artifacts_under_experiment
 
@@ -44,11 +47,15 @@ def base_ckpt(tmp_path_factory) -> Path:
 
 def test_search_results_retrain_export(base_ckpt, tmp_path):
     out = cli("search", "--name", "e2e", "--storage", str(tmp_path), "--checkpoint", str(base_ckpt),
-              "--searcher", "optuna", "--budget", "0.5", "--num-samples", "4", *FAST)
+              "--searcher", "optuna", "--budget", "0.5", "--num-samples", "4", "--fill-budget", *FAST)
     assert "next: widthsearch retrain e2e" in out.stdout
     table = rows(tmp_path / "e2e")  # plain Parquet, read without widthsearch
     assert len(table) == 4 and len({r["trial_id"] for r in table}) == 4
     assert all(r["status"] == "ok" and r["flops_ratio"] <= 0.5 and len(r["widths"]) == 3 for r in table)
+    space = build_space(load_model("small_cnn", 10, in_channels=1), torch.randn(1, 1, 8, 8))
+    for r in table:  # --fill-budget: no group of a profile can take one more channel within the budget
+        assert all(CostModel(space).measure("flops").ratio(np.add(r["widths"], np.eye(3, dtype=int)[i])) > 0.5
+                   for i in range(3) if r["widths"][i] < space.widths[i])
     assert all(0 <= r["val_acc"] <= 1 and r["steps_reached"] == 10 for r in table)
 
     listed = json.loads(cli("results", "e2e", "--storage", str(tmp_path), "--format", "json").stdout)

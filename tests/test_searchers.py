@@ -16,6 +16,7 @@ from searchers import (
     searchers_help,
 )
 from widthsearch import CostModel, build_space, load_model
+from widthsearch.budget import fill_budget
 from widthsearch.errors import ConfigError, WidthSearchError
 
 BUILTIN = ["uniform", "random", "global", "optuna", "aofp", "gradient", "metapruning"]
@@ -141,6 +142,61 @@ def test_project_to_budget_respects_divisor():
     widths = project_to_budget(space, cost, np.array([1.0, 0.7, 0.4]), 0.4)
     space.from_vector(widths)  # multiples of 8 or full
     assert _ratio(space, cost, widths) <= 0.4
+
+
+def _maximal(space, cost, widths, target):
+    """No group can take one more step of its divisor within `target`."""
+    for i, g in enumerate(space.groups):
+        if widths[i] < g.width:
+            wider = np.array(widths)
+            wider[i] = min(wider[i] + g.divisor, g.width)
+            if _ratio(space, cost, wider) <= target:
+                return False
+    return True
+
+
+@pytest.mark.parametrize("target", [0.1, 0.05])
+def test_fill_budget_spends_what_rounding_left_and_keeps_the_shape(resnet, target):
+    _, space, cost = resnet
+    uniform = project_to_budget(space, cost, np.ones(len(space)), target)
+    assert _ratio(space, cost, uniform) < 0.96 * target  # rounding to whole channels leaves > 4% unused
+    assert not _maximal(space, cost, uniform, target)
+    filled = fill_budget(space, cost, uniform, target)
+    assert filled.dtype == np.int64 and np.all(filled >= uniform)
+    assert 0.99 * target <= _ratio(space, cost, filled) <= target and _maximal(space, cost, filled, target)
+    assert np.all(filled - uniform <= 1)  # uniform's groups are widened by one channel each at most
+    rng = np.random.default_rng(0)
+    ratios = rng.uniform(1 / 3, 1.0, size=(6, len(space)))
+    ratios[:, 0] = 0.0  # a group the direction gives nothing is never widened
+    projected = project_to_budget(space, cost, ratios, target)
+    batch = fill_budget(space, cost, projected, target, ratios)
+    for row, before, after in zip(ratios, projected, batch):
+        assert np.array_equal(fill_budget(space, cost, before, target, row), after)  # 1-D = one row of 2-D
+        assert after[0] == before[0] and np.all(after >= before) and _ratio(space, cost, after) <= target
+    over = space.widths.copy()
+    assert np.array_equal(fill_budget(space, cost, over, target), over)  # over the target: returned as it is
+
+
+def test_fill_budget_respects_the_divisor():
+    torch.manual_seed(0)
+    model = load_model("small_cnn", 10, in_channels=1)
+    space = build_space(model, torch.randn(1, 1, 8, 8), divisor=8)
+    cost = CostModel(space)
+    widths = fill_budget(space, cost, project_to_budget(space, cost, np.array([1.0, 0.7, 0.4]), 0.4), 0.4)
+    space.from_vector(widths)  # multiples of 8 or full
+    assert _ratio(space, cost, widths) <= 0.4 and _maximal(space, cost, widths, 0.4)
+
+
+@pytest.mark.parametrize("name", ["uniform", "random", "optuna"])
+def test_a_searcher_with_fill_budget_proposes_profiles_no_step_can_widen(resnet, name):
+    model, space, cost = resnet
+    plain = _run(make_searcher(name, space, cost, budget=0.1, model=model, seed=1), space, 6)
+    filled = _run(make_searcher(name, space, cost, budget=0.1, model=model, seed=1, fill_budget=True), space, 6)
+    plain = [c["widths"] for c in plain if c != Searcher.FINISHED]
+    filled = [c["widths"] for c in filled if c != Searcher.FINISHED]
+    assert not all(_maximal(space, cost, w, 0.1) for w in plain)  # without it, budget is left unused
+    for widths in filled:
+        assert _ratio(space, cost, widths) <= 0.1 and _maximal(space, cost, widths, 0.1)
 
 
 # -- baselines -------------------------------------------------------------------------------

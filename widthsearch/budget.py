@@ -82,3 +82,41 @@ def project_with_scale(space: WidthSpace, cost: CostModel | Measure, ratios: np.
     widths[bad] = floor if feasible(floor[None])[0] else space.min_widths
     lo = np.where(bad, 0.0, lo)
     return (widths[0], float(lo[0])) if single else (widths, lo)
+
+
+def fill_budget(space: WidthSpace, cost: CostModel | Measure, widths: np.ndarray, target: float,
+                ratios: np.ndarray | None = None) -> np.ndarray:
+    """Spend what rounding left of the budget: widen one group by one step (its divisor) at a time while the
+    profile stays within `target`, each time the group furthest below its share of the direction `ratios`
+    (keep ratios; default the profile's own), so the profile keeps its shape.
+
+    `project_to_budget` scales a whole direction, so integer widths leave part of the budget unused (5-15% at
+    FLOPs 0.05 on cifar_resnet20, where groups keep 3 to 9 channels). A group of ratio 0 and a group at its
+    full width are never widened. Returns new int64 widths (one row per row of `widths` when 2-D); a profile
+    already over `target` is returned as it is.
+    """
+    widths = np.asarray(widths, dtype=np.int64)
+    single = widths.ndim == 1
+    rows = np.atleast_2d(widths).copy()
+    shares = np.atleast_2d(rows / space.widths if ratios is None else np.asarray(ratios, dtype=np.float64))
+    shares = np.broadcast_to(shares, rows.shape)
+    full = space.widths.astype(np.int64)
+    step = np.array([g.divisor for g in space.groups], dtype=np.int64)
+    measure = as_measure(cost)
+    eye = np.eye(len(space), dtype=np.int64)
+    for row, share in zip(rows, shares):
+        if measure.ratio(row) > target:
+            continue
+        while True:
+            grow = np.flatnonzero((share > 0) & (row < full))
+            if not len(grow):
+                break
+            candidates = np.minimum(row + eye[grow] * step[grow, None], full)
+            fits = measure.ratio_many(candidates) <= target
+            if not fits.any():
+                break
+            grow, candidates = grow[fits], candidates[fits]
+            # furthest below its share: the smallest width per unit of the direction (a ratio above 1 is capped)
+            behind = row[grow] / (np.minimum(share[grow], 1.0) * full[grow])
+            row[:] = candidates[int(np.argmin(behind))]
+    return rows[0] if single else rows

@@ -110,6 +110,8 @@ class SearchConfig:
                                 "fit)", low=2)
     latency_top: int = setting(5, "with --constraint latency: after the search, time the best N profiles whole "
                                "(0: none)", low=0)
+    fill_budget: bool = setting(False, "widen each proposal, one channel step at a time, into what rounding to "
+                                "integer widths left of the budget (the group furthest below its share first)")
     pareto: bool = setting(False, "search the front of score against the constraint's cost instead of one budget")
     num_samples: int = setting(16, "number of trials (for aofp and metapruning: the most trials)", low=1)
     concurrency: int = setting(2, "trials running at once", low=1)

@@ -133,7 +133,8 @@ def _searcher(exp: Experiment):
                                 seed=cfg.seed)
     return make_searcher(cfg.searcher, exp.space, exp.cost, budget=None if cfg.pareto else cfg.budget, seed=cfg.seed,
                          model=exp.model, criterion=cfg.criterion, measure=exp.measure, batches=batches,
-                         num_samples=cfg.num_samples, exp_dir=exp.exp_dir, **cfg.searcher_options)
+                         num_samples=cfg.num_samples, exp_dir=exp.exp_dir, fill_budget=cfg.fill_budget,
+                         **cfg.searcher_options)
 
 
 def _searcher_state(exp_dir: str, part: int) -> dict:
