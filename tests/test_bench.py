@@ -89,6 +89,38 @@ def test_the_quality_report_keeps_each_base_and_recipe_in_its_own_table(tmp_path
     assert "* cifar_resnet20 uniform: 2 cell(s)" in "\n".join(report.quality_section(tmp_path))
 
 
+def test_a_filled_row_is_its_row_with_the_budget_fill_and_a_filled_uniform_does_not_search(tmp_path, monkeypatch):
+    """uniform-fill and optuna-fill are rows uniform and optuna-widthexp with --fill-budget; uniform-fill is one of
+    the methods that do not search, so a search is held against it where it is the best of them."""
+    import json
+
+    import numpy as np
+
+    from bench import common, quality, report
+
+    assert quality.method_config("optuna-fill") == {**quality.method_config("optuna-widthexp"), "fill_budget": True}
+    assert "fill_budget" not in quality.method_config("optuna-widthexp")
+
+    def cell(method, acc):
+        bits = np.random.default_rng(len(method)).random(report.IMAGES) < acc
+        info = {"val_acc": 0.74, "test_acc": 0.75, "epochs": 80, "train_s": 1000.0, "cpu_s": 1000.0,
+                "loadavg_1m": 1.0, "base_id": "abc", "cpu": "AMD EPYC"}
+        return {"method": method, "budget": 0.1, "seed": 0, "model": "cifar_resnet20", "base_info": info,
+                "flops_ratio": 0.1, "params": 24000, "retrain_s": 100.0, "batch1_ms": 1.0, "loadavg_1m": 1.0,
+                "conv_widths": [5, 5], "retrains": [{"seed": 0, "test_acc": float(bits.mean())}], "retrain_seeds": [0],
+                "test_correct": [np.packbits(bits).tobytes().hex()], "retrain_epochs": 40, "retrain_lr": 0.05,
+                "trials": 16, "trial_cpu_s": 100.0}
+
+    folder = tmp_path / "quality" / "abc" / "40x0.05"
+    folder.mkdir(parents=True)
+    for method, acc in (("uniform", 0.5), ("uniform-fill", 0.7), ("optuna-fill", 0.6)):
+        (folder / f"cifar_resnet20-{method}-b0.1-s0.json").write_text(json.dumps(cell(method, acc)))
+    monkeypatch.setattr(common, "current_base_id", lambda model: "abc" if model == "cifar_resnet20" else None)
+    text = "\n".join(report.quality_section(tmp_path))
+    assert "best searcher optuna-fill, best plain uniform-fill:" in text
+    assert "| uniform-fill | 1 x 1 |" in text and "uniform-fill: row uniform with --fill-budget" in text
+
+
 def test_a_quality_cell_is_never_extended_with_another_recipe(tmp_path, monkeypatch, capsys):
     """More retrain seeds for a cell come from its own recipe; a cell of another recipe (moved by hand into the
     wrong folder) is refused with both recipes named, and a malformed --recipe fails before any base loads."""
