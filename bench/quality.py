@@ -75,7 +75,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {"optuna-spread3": ("optuna", {"spread":
 # 0.2 points of uniform at 0.05 and 0.1, 2026-12-07): METHOD-fill is row METHOD with every profile widened into what
 # rounding to whole channels left of the budget.
 FILLED = {"uniform-fill": "uniform", "optuna-fill": "optuna-widthexp"}
-PLAIN = (*NON_SEARCH, "uniform-fill")                 # every row that does not search
+PLAIN = (*NON_SEARCH, *(m for m, row in FILLED.items() if row in NON_SEARCH))  # every row that does not search
 METHODS = (*NON_SEARCH, *SEARCHERS, *(f"{s}-tuned" for s in SEARCHERS), *VARIANTS, *FILLED)
 TOP = 6  # the best distinct rows of a search kept in its cell (the choice study retrains them)
 
