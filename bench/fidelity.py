@@ -6,7 +6,9 @@ Two studies of the cifar_resnet20 bench base (or --model):
   profile, the `global` searcher's candidates (L1, normalisers mean and max), `--random N` random profiles
   (the `random` searcher) and the best rows the searches of bench/quality.py found at that budget (the
   `top_rows` of every quality cell; channels a searcher chose itself are kept as it chose them). Each is
-  retrained with `--retrain-seeds` (mean of at least 2 is the ground truth).
+  retrained with `--retrain-seeds` (mean of at least 2 is the ground truth) and `--recipe` (default the quality
+  table's, so that the ground truth is what the table reports; retrains the quality cells already ran are reused).
+  Cells go to fidelity/BASE_ID/RECIPE/; `--shard I/N` runs every N-th profile, to run N processes side by side.
 * without `--budget` (the earlier study): 30 profiles from FLOPs 0.25 to 0.6, at FLOPs 0.3 and 0.5 each the
   `uniform` profile, the `global` candidates and random profiles (10 per budget), plus uniform profiles at
   0.25, 0.35, 0.4, 0.45, 0.55, 0.6 and 4 random ones at random budgets in [0.25, 0.6]; one retrain seed.
@@ -18,14 +20,15 @@ Every profile is pruned (L1 channels, or the searcher's own), then:
   on the validation split (20% of train =
   1,017 images; and on its first half, 508 images, standing for a 10% split); during the longest
   fine-tune the model is also evaluated at the SNAPSHOTS (what a promotion scheduler sees mid-schedule);
-* retrained from the same pruned weights with the bench recipe (bench/common.py: 20 epochs, lr 0.05)
-  and evaluated on the test split: the ground truth.
+* retrained from the same pruned weights (the earlier study: bench/common.py's 20 epochs at lr 0.05; the one-budget
+  study: `--recipe`) and evaluated on the test split: the ground truth. Each cell also records the pruned model's
+  parameter count, a score that needs no training at all.
 
-One JSON per profile in bench/results/fidelity/ (resumable; rerun to continue); retrains are cached
+One JSON per profile in bench/results/fidelity/BASE_ID/[RECIPE/] (resumable; rerun to continue); retrains are cached
 in bench/results/retrain/. bench/report.py computes Spearman and Kendall with bootstrap intervals.
 
     python -m bench.fidelity [--model cifar_resnet20] [--budget 0.1] [--random 10] [--retrain-seeds 0 1]
-                             [--threads 1] [--limit N] [--quick]
+                             [--recipe 40x0.05] [--shard 0/2] [--threads 1] [--limit N] [--quick]
 """
 
 from __future__ import annotations
@@ -40,12 +43,16 @@ import numpy as np
 from bench import common
 from bench.common import (
     DEFAULT_DATA,
+    QUALITY_RECIPE,
     RESULTS,
     RETRAIN_EPOCHS,
+    RETRAIN_LR,
     bench_base,
     check_same_base,
     machine_load,
+    parse_recipe,
     profile_key,
+    recipe_name,
     retrain_cell,
 )
 from bench.quality import cells_of_base
@@ -176,6 +183,17 @@ def score_variants(base, space, profile: dict, data, seed: int, ks=KS, high_lr_k
     return out
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """'1/2' -> (1, 2): the second of two processes; a ValueError naming `text` unless 0 <= I < N."""
+    try:
+        shard, shards = (int(part) for part in text.split("/"))
+    except ValueError:
+        shard, shards = -1, 0
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {text!r}: expected I/N with 0 <= I < N, like 0/2")
+    return shard, shards
+
+
 def _half_view(data, n: int):
     """The same splits with val cut to its first n images (the 10% stand-in; a subset, so no leakage)."""
     import dataclasses
@@ -194,14 +212,23 @@ def main() -> None:
     parser.add_argument("--budget", type=float, help="the one-budget study at this FLOPs ratio (see above)")
     parser.add_argument("--random", type=int, default=10, help="random profiles of the one-budget study")
     parser.add_argument("--retrain-seeds", nargs="+", type=int, default=[0, 1], help="one-budget study's retrains")
+    parser.add_argument("--recipe", default=QUALITY_RECIPE,
+                        help=f"one-budget study's retrain, EPOCHSxLR (default {QUALITY_RECIPE}, the quality table's)")
+    parser.add_argument("--shard", default="0/1", type=parse_shard,
+                        help="I/N: only the profiles whose index is I modulo N (N processes side by side)")
     parser.add_argument("--limit", type=int, help="stop after this many new profiles")
     parser.add_argument("--fill", action="store_true", help="only add the score variants finished profiles lack")
     parser.add_argument("--quick", action="store_true", help="3 profiles, k in 0/25, a 1-epoch retrain (smoke test)")
     args = parser.parse_args()
+    epochs, lr = parse_recipe(args.recipe) if args.budget is not None else (RETRAIN_EPOCHS, RETRAIN_LR)
+    if args.quick:
+        epochs = 1
     set_threads(args.threads)
     device = common.use_device(args.device)
     ckpt, info, data, base, space, cost = bench_base(args.model, args.data)
     folder = RESULTS / ("fidelity-quick" if args.quick else "fidelity") / info["base_id"]  # one folder per base
+    if args.budget is not None:
+        folder = folder / recipe_name(epochs, lr)  # and per recipe: ground truths of two recipes do not mix
     folder.mkdir(parents=True, exist_ok=True)
     if args.budget is None:
         todo, order, seeds, study = profiles(base, space, cost, args.quick), interleaved, [0], "mixed"
@@ -211,7 +238,10 @@ def main() -> None:
         order, seeds, study = lambda items: list(enumerate(items)), args.retrain_seeds, f"b{args.budget}"
     print(f"base {args.model}: val {info['val_acc']:.4f}, test {info['test_acc']:.4f}; {len(todo)} profiles", flush=True)
     done = 0
+    shard, shards = args.shard
     for i, p in order(todo):
+        if i % shards != shard:
+            continue
         path = folder / f"{args.model}-{profile_key(p['widths'], p.get('keep'))}.json"
         if path.is_file():
             check_same_base(json.loads(path.read_text()), info, path)
@@ -230,13 +260,14 @@ def main() -> None:
             break
         scores = score_variants(base, space, p, data, seed=i, ks=(0, 25) if args.quick else KS,
                                 high_lr_ks=(25,) if args.quick else HIGH_LR_KS)
-        retrains = [retrain_cell(ckpt.stem, pruned(base, space, p), data, seed=r,
-                                 epochs=1 if args.quick else RETRAIN_EPOCHS, label=f"fidelity {p['source']} {p['target']}")
+        retrains = [retrain_cell(ckpt.stem, pruned(base, space, p), data, seed=r, epochs=epochs, lr=lr,
+                                 label=f"fidelity {p['source']} {p['target']}")
                     for r in seeds]
         accs = [r["test_acc"] for r in retrains]
         cell = {**p, "study": study, "index": i, "model": args.model, "base": ckpt.stem, "base_info": info,
                 "flops_ratio": cost.flops_ratio(space.from_vector(p["widths"])), "scores": scores,
-                "retrain_key": retrains[0]["key"], "retrain_epochs": retrains[0]["epochs"],
+                "params": sum(t.numel() for t in pruned(base, space, p).parameters()),
+                "retrain_key": retrains[0]["key"], "retrain_epochs": retrains[0]["epochs"], "retrain_lr": lr,
                 "retrain_s": sum(r["train_s"] for r in retrains) / len(retrains),
                 "retrain_seeds": seeds, "test_accs": accs, "test_acc": sum(accs) / len(accs),
                 "retrain_val_acc": sum(r["val_acc"] for r in retrains) / len(retrains),
