@@ -314,16 +314,17 @@ def _quality_plots(cells: list[dict], folder: Path) -> list[str]:
 FIDELITY_METRICS = (("val_acc", 1), ("val_loss", -1), ("val10_acc", 1), ("val10_loss", -1))
 
 
-def fidelity_budget_section(folder: Path, budget: float, base: str = "") -> list[str]:
+def fidelity_budget_section(folder: Path, budget: float, base: str = "", recipe: str = "") -> list[str]:
     """The one-budget fidelity study (bench/fidelity.py --budget) on one base (`base`: its base_id, "" for the first
-    table's, whose cells lie directly in fidelity/): every score variant's rank correlation with the retrained
-    accuracy (test: the goal; val: what options are chosen on), its cost, and the final choice among each quality
-    search's best rows."""
+    table's, whose cells lie directly in fidelity/) and ground-truth recipe (`recipe`: its folder under the base's,
+    "" for the cells from before the recipe became an option: 20x0.05): every score variant's rank correlation with
+    the retrained accuracy (test: the goal; val: what options are chosen on), its cost, and the final choice among
+    each quality search's best rows."""
     from bench.stats import rank_correlations
 
-    cells = [c for c in _cells(folder / "fidelity" / base) if c.get("study") == f"b{budget}"]
-    lines = [f"## Does the trial score rank profiles at FLOPs {budget}{f', base {base}' if base else ''}? "
-             f"(bench/fidelity.py --budget {budget})", ""]
+    cells = [c for c in _cells(folder / "fidelity" / base / recipe) if c.get("study") == f"b{budget}"]
+    lines = [f"## Does the trial score rank profiles at FLOPs {budget}{f', base {base}' if base else ''}"
+             f"{f', retrain {recipe}' if recipe else ''}? (bench/fidelity.py --budget {budget})", ""]
     if base and not cells:
         return []
     if len(cells) < 4:
@@ -357,6 +358,13 @@ def fidelity_budget_section(folder: Path, budget: float, base: str = "") -> list
             sp, kd = r["spearman"], r["kendall"]
             lines.append(f"| {variant} {metric} | {sp[0]:.3f} [{sp[1]:.2f}, {sp[2]:.2f}] | {rv['spearman'][0]:.3f} | "
                          f"{kd[0]:.3f} | {cost:.1%} |")
+    if all("params" in c for c in cells):  # the pruned model's parameter count: no training at all
+        r, rv = rank_correlations([c["params"] for c in cells], test), rank_correlations([c["params"] for c in cells],
+                                                                                          val, reps=0)
+        rows.append(("params", "(no training)", r, rv, 0.0))
+        sp, kd = r["spearman"], r["kendall"]
+        lines.append(f"| parameter count (no training) | {sp[0]:.3f} [{sp[1]:.2f}, {sp[2]:.2f}] | "
+                     f"{rv['spearman'][0]:.3f} | {kd[0]:.3f} | 0% |")
     good = [r for r in rows if r[2]["spearman"][0] >= 0.8 and r[4] <= 0.10]
     pick = min(good, key=lambda r: r[4]) if good else max(rows, key=lambda r: r[2]["spearman"][0])
     lines += ["", ("Cheapest variant with Spearman >= 0.8 at <= 10% of a retrain: " if good else
@@ -663,7 +671,8 @@ def main() -> None:
     lines += retrain_noise_section(folder)
     for budget in HEADROOM:
         for base in ["", *sorted(p.name for p in _base_folders(folder / "fidelity"))]:
-            lines += fidelity_budget_section(folder, budget, base)
+            for recipe in ["", *sorted(p.name for p in _base_folders(folder / "fidelity" / base) if base)]:
+                lines += fidelity_budget_section(folder, budget, base, recipe)
     lines += fidelity_section(folder)
     lines += latency_section(folder)
     lines += trial_time_section(folder)

@@ -234,3 +234,38 @@ def test_the_paired_difference_counts_every_retrain_of_both_sides():
     assert set(d["per_search_seed"]) == {0, 1}
     with pytest.raises(ValueError, match="a method without retrains"):
         nested_paired_difference(ours, {})
+
+
+def test_the_fidelity_report_keeps_each_ground_truth_recipe_apart_and_ranks_the_parameter_count(tmp_path):
+    """One-budget fidelity cells of a recipe (fidelity/BASE_ID/RECIPE/) get their own table, named by base and
+    recipe, with the parameter count as a score that costs nothing; a variant that ranks perfectly at <= 10% of a
+    retrain is named as the cheapest that meets Spearman 0.8."""
+    import json
+
+    from bench.report import fidelity_budget_section
+
+    folder = tmp_path / "fidelity" / "abc" / "40x0.05"
+    folder.mkdir(parents=True)
+    for i in range(6):
+        metrics = {"val_acc": 0.2 + 0.01 * i, "val_loss": 2.0 - 0.1 * i, "val10_acc": 0.3, "val10_loss": 2.0}
+        (folder / f"cifar_resnet20-{i}.json").write_text(json.dumps({
+            "study": "b0.1", "source": "random", "model": "cifar_resnet20", "widths": [i + 1, 2], "keep": None,
+            "base_info": {"val_acc": 0.74, "test_acc": 0.73}, "flops_ratio": 0.1, "retrain_epochs": 40,
+            "retrain_seeds": [0, 1], "retrain_s": 200.0, "test_acc": 0.6 + 0.01 * i, "retrain_val_acc": 0.6 + 0.005 * i,
+            "params": 30000 - 100 * i, "scores": {"k50": {**metrics, "seconds": 10.0}}}))
+    assert fidelity_budget_section(tmp_path, 0.1, "abc") == []  # the base's folder holds no cell itself
+    text = "\n".join(fidelity_budget_section(tmp_path, 0.1, "abc", "40x0.05"))
+    assert "## Does the trial score rank profiles at FLOPs 0.1, base abc, retrain 40x0.05?" in text
+    assert "(40 epochs from the pruned weights)" in text
+    assert "| parameter count (no training) | -1.000 [" in text and "| 0% |" in text
+    assert "| k50 val_acc | 1.000 [" in text
+    assert "Cheapest variant with Spearman >= 0.8 at <= 10% of a retrain: k50 on val_acc" in text
+
+
+def test_fidelity_shards_split_the_profiles_and_a_bad_shard_is_refused_naming_it():
+    from bench.fidelity import parse_shard
+
+    assert parse_shard("1/2") == (1, 2) and parse_shard("0/1") == (0, 1)
+    for bad in ("2/2", "-1/2", "1", "a/b", "0/0"):
+        with pytest.raises(ValueError, match=f"shard '{bad}': expected I/N with 0 <= I < N"):
+            parse_shard(bad)
