@@ -21,8 +21,10 @@ Every profile is pruned (L1 channels, or the searcher's own), then:
   1,017 images; and on its first half, 508 images, standing for a 10% split); during the longest
   fine-tune the model is also evaluated at the SNAPSHOTS (what a promotion scheduler sees mid-schedule);
 * retrained from the same pruned weights (the earlier study: bench/common.py's 20 epochs at lr 0.05; the one-budget
-  study: `--recipe`) and evaluated on the test split: the ground truth. Each cell also records the pruned model's
-  parameter count, a score that needs no training at all.
+  study: `--recipe`) and evaluated on the test split: the ground truth.
+
+Each one-budget cell also records scores that need no training (`proxies`, see `proxies`; `--fill` adds them to
+finished cells): the parameter count, NASWOT and synflow.
 
 One JSON per profile in bench/results/fidelity/BASE_ID/[RECIPE/] (resumable; rerun to continue); retrains are cached
 in bench/results/retrain/. bench/report.py computes Spearman and Kendall with bootstrap intervals.
@@ -183,6 +185,62 @@ def score_variants(base, space, profile: dict, data, seed: int, ks=KS, high_lr_k
     return out
 
 
+def proxies(base, space, profile: dict, data, seed: int) -> dict:
+    """Scores of the profile's pruned model that need no training, each higher = predicted better, and "seconds" (all
+    of them together):
+
+    * `params`: its parameter count;
+    * `naswot`, `naswot_init`: NASWOT (Mellor et al., "Neural Architecture Search without Training", ICML 2021; the
+      authors' BayesWatch/nas-without-training, score `hook_logdet`): log|det K| over one training batch of 128,
+      K = sum over ReLUs of c c^T + (1 - c)(1 - c)^T, c each image's binary code (input > 0) at that ReLU. The paper
+      scores untrained networks (`naswot_init`: the same architecture re-initialised with PyTorch's default init, BN
+      on batch statistics, as there); `naswot` scores the pruned weights after adaptive BN, since a trial's model is
+      not untrained (a deviation, recorded beside the paper's setting);
+    * `synflow_init`: synaptic flow (Tanaka et al., NeurIPS 2020) as a zero-cost proxy (Abdelfattah et al., "Zero-Cost
+      Proxies for Lightweight NAS", ICLR 2021): sum over conv and linear weights of |w * dR/dw|, R the sum of the
+      outputs of the re-initialised network with every weight made positive, on an all-ones input, in double
+      precision; BN in eval mode with fresh statistics (the identity), where the authors drop BN from the network.
+    """
+    import torch
+
+    start = time.time()
+    out = {"params": float(sum(t.numel() for t in pruned(base, space, profile).parameters()))}
+    x = next(iter(data.batches("train", 128, shuffle=True, augment=False, seed=seed, device=common.DEVICE)))[0]
+    trained = pruned(base, space, profile)
+    recalibrate_bn(trained, data, num_batches=BN_BATCHES, seed=seed, device=common.DEVICE)
+    fresh = pruned(base, space, profile)
+    torch.manual_seed(seed)
+    for m in fresh.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()  # conv/linear: PyTorch's default init; BN: running stats and affine reset
+    for name, model, train_mode in (("naswot", trained, False), ("naswot_init", fresh, True)):
+        kernel = torch.zeros(len(x), len(x), dtype=torch.float64)
+
+        def hook(module, inputs, output, kernel=kernel):
+            codes = (inputs[0].detach().flatten(1) > 0).double()
+            kernel += codes @ codes.T + (1 - codes) @ (1 - codes).T
+
+        model.train(train_mode)
+        handles = [m.register_forward_hook(hook) for m in model.modules()
+                   if isinstance(m, (torch.nn.ReLU, torch.nn.ReLU6))]
+        with torch.no_grad():
+            model(x)
+        for handle in handles:
+            handle.remove()
+        out[name] = float(torch.linalg.slogdet(kernel)[1])
+    fresh = fresh.double().eval()
+    with torch.no_grad():
+        for t in fresh.state_dict().values():
+            if t.is_floating_point():
+                t.abs_()
+    fresh.zero_grad()
+    fresh(torch.ones(1, *x.shape[1:], dtype=torch.float64)).sum().backward()
+    with torch.no_grad():
+        out["synflow_init"] = float(sum((m.weight * m.weight.grad).abs().sum() for m in fresh.modules()
+                                        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))))
+    return {**out, "seconds": time.time() - start}
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """'1/2' -> (1, 2): the second of two processes; a ValueError naming `text` unless 0 <= I < N."""
     try:
@@ -251,6 +309,10 @@ def main() -> None:
             if missing:
                 cell["scores"].update(score_variants(base, space, p, data, seed=cell["index"],
                                                      skip=set(cell["scores"])))
+            if args.budget is not None and "proxies" not in cell:
+                cell["proxies"] = proxies(base, space, p, data, seed=cell["index"])
+                missing.append("proxies")
+            if missing:
                 path.write_text(json.dumps(cell, indent=1))
                 print(f"{cell['index']}: added {', '.join(missing)}", flush=True)
             continue
@@ -266,7 +328,7 @@ def main() -> None:
         accs = [r["test_acc"] for r in retrains]
         cell = {**p, "study": study, "index": i, "model": args.model, "base": ckpt.stem, "base_info": info,
                 "flops_ratio": cost.flops_ratio(space.from_vector(p["widths"])), "scores": scores,
-                "params": sum(t.numel() for t in pruned(base, space, p).parameters()),
+                "proxies": proxies(base, space, p, data, seed=i) if args.budget is not None else {},
                 "retrain_key": retrains[0]["key"], "retrain_epochs": retrains[0]["epochs"], "retrain_lr": lr,
                 "retrain_s": sum(r["train_s"] for r in retrains) / len(retrains),
                 "retrain_seeds": seeds, "test_accs": accs, "test_acc": sum(accs) / len(accs),

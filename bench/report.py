@@ -358,13 +358,16 @@ def fidelity_budget_section(folder: Path, budget: float, base: str = "", recipe:
             sp, kd = r["spearman"], r["kendall"]
             lines.append(f"| {variant} {metric} | {sp[0]:.3f} [{sp[1]:.2f}, {sp[2]:.2f}] | {rv['spearman'][0]:.3f} | "
                          f"{kd[0]:.3f} | {cost:.1%} |")
-    if all("params" in c for c in cells):  # the pruned model's parameter count: no training at all
-        r, rv = rank_correlations([c["params"] for c in cells], test), rank_correlations([c["params"] for c in cells],
-                                                                                          val, reps=0)
-        rows.append(("params", "(no training)", r, rv, 0.0))
+    # scores with no training (bench/fidelity.py proxies): higher = predicted better; their cost is all of them
+    for proxy in [k for k in first.get("proxies", {}) if k != "seconds" and all(k in c.get("proxies", {})
+                                                                                 for c in cells)]:
+        score = [c["proxies"][proxy] for c in cells]
+        r, rv = rank_correlations(score, test), rank_correlations(score, val, reps=0)
+        cost = statistics.fmean(c["proxies"]["seconds"] / c["retrain_s"] for c in cells)
+        rows.append((proxy, "(no training)", r, rv, cost))
         sp, kd = r["spearman"], r["kendall"]
-        lines.append(f"| parameter count (no training) | {sp[0]:.3f} [{sp[1]:.2f}, {sp[2]:.2f}] | "
-                     f"{rv['spearman'][0]:.3f} | {kd[0]:.3f} | 0% |")
+        lines.append(f"| {proxy} (no training) | {sp[0]:.3f} [{sp[1]:.2f}, {sp[2]:.2f}] | {rv['spearman'][0]:.3f} | "
+                     f"{kd[0]:.3f} | {cost:.1%} |")
     good = [r for r in rows if r[2]["spearman"][0] >= 0.8 and r[4] <= 0.10]
     pick = min(good, key=lambda r: r[4]) if good else max(rows, key=lambda r: r[2]["spearman"][0])
     lines += ["", ("Cheapest variant with Spearman >= 0.8 at <= 10% of a retrain: " if good else

@@ -236,9 +236,9 @@ def test_the_paired_difference_counts_every_retrain_of_both_sides():
         nested_paired_difference(ours, {})
 
 
-def test_the_fidelity_report_keeps_each_ground_truth_recipe_apart_and_ranks_the_parameter_count(tmp_path):
+def test_the_fidelity_report_keeps_each_ground_truth_recipe_apart_and_ranks_the_scores_without_training(tmp_path):
     """One-budget fidelity cells of a recipe (fidelity/BASE_ID/RECIPE/) get their own table, named by base and
-    recipe, with the parameter count as a score that costs nothing; a variant that ranks perfectly at <= 10% of a
+    recipe, with a row per score that needs no training (the cell's proxies; their cost: their seconds); a variant that ranks perfectly at <= 10% of a
     retrain is named as the cheapest that meets Spearman 0.8."""
     import json
 
@@ -252,12 +252,12 @@ def test_the_fidelity_report_keeps_each_ground_truth_recipe_apart_and_ranks_the_
             "study": "b0.1", "source": "random", "model": "cifar_resnet20", "widths": [i + 1, 2], "keep": None,
             "base_info": {"val_acc": 0.74, "test_acc": 0.73}, "flops_ratio": 0.1, "retrain_epochs": 40,
             "retrain_seeds": [0, 1], "retrain_s": 200.0, "test_acc": 0.6 + 0.01 * i, "retrain_val_acc": 0.6 + 0.005 * i,
-            "params": 30000 - 100 * i, "scores": {"k50": {**metrics, "seconds": 10.0}}}))
+            "proxies": {"params": 30000.0 - 100 * i, "seconds": 2.0}, "scores": {"k50": {**metrics, "seconds": 10.0}}}))
     assert fidelity_budget_section(tmp_path, 0.1, "abc") == []  # the base's folder holds no cell itself
     text = "\n".join(fidelity_budget_section(tmp_path, 0.1, "abc", "40x0.05"))
     assert "## Does the trial score rank profiles at FLOPs 0.1, base abc, retrain 40x0.05?" in text
     assert "(40 epochs from the pruned weights)" in text
-    assert "| parameter count (no training) | -1.000 [" in text and "| 0% |" in text
+    assert "| params (no training) | -1.000 [" in text and "| 1.0% |" in text
     assert "| k50 val_acc | 1.000 [" in text
     assert "Cheapest variant with Spearman >= 0.8 at <= 10% of a retrain: k50 on val_acc" in text
 
