@@ -16,7 +16,8 @@ Two studies of the cifar_resnet20 bench base (or --model):
 Every profile is pruned (L1 channels, or the searcher's own), then:
 
 * scored like a trial: adaptive BN (20 batches of 128), a fine-tune of k steps (SGD lr 0.01, one
-  cosine schedule; the short ones also at lr 0.05, the retrain's) for each k in KS, then accuracy and loss
+  cosine schedule; also at lr 0.05, the retrain's, for each k in HIGH_LR_KS) for each k in KS, and 200 steps at lr
+  0.05 from re-initialised weights (what the architecture alone trains to), then accuracy and loss
   on the validation split (20% of train =
   1,017 images; and on its first half, 508 images, standing for a 10% split); during the longest
   fine-tune the model is also evaluated at the SNAPSHOTS (what a promotion scheduler sees mid-schedule);
@@ -71,7 +72,8 @@ from widthsearch.training import (
 KS = (0, 10, 25, 50, 100, 200)
 SNAPSHOTS = (25, 50, 100)          # evaluations inside the longest fine-tune
 HIGH_LR = 0.05                     # short fine-tunes also at the retrain's learning rate: "k25lr0.05", ...
-HIGH_LR_KS = (10, 25, 50, 100)
+HIGH_LR_KS = (10, 25, 50, 100, 200)
+SCRATCH_KS = (200,)                # from re-initialised weights, at HIGH_LR
 FOCUS = (0.3, 0.5)                 # budgets with 10 profiles each
 SPREAD = (0.25, 0.35, 0.4, 0.45, 0.55, 0.6)
 FINETUNE_LR = 0.01
@@ -154,28 +156,36 @@ def pruned(base, space, profile: dict):
     return prune(base, space, space.from_vector(profile["widths"]), "l1")
 
 
-def variants(ks=KS, high_lr_ks=HIGH_LR_KS) -> list[tuple[str, int, float]]:
-    """(name, steps, learning rate) of every score variant: k steps at FINETUNE_LR (the trials' default), and the
-    short ones again at HIGH_LR."""
-    return [(f"k{k}", k, FINETUNE_LR) for k in ks] + [(f"k{k}lr{HIGH_LR:g}", k, HIGH_LR) for k in high_lr_ks]
+def variants(ks=KS, high_lr_ks=HIGH_LR_KS, scratch_ks=SCRATCH_KS) -> list[tuple[str, int, float, bool]]:
+    """(name, steps, learning rate, from scratch) of every score variant: k steps at FINETUNE_LR (the trials'
+    default) from the pruned weights, again at HIGH_LR, and at HIGH_LR from re-initialised weights ("scratch200lr0.05":
+    the architecture's trainability alone, what a long retrain that forgets the inherited weights would reward)."""
+    return ([(f"k{k}", k, FINETUNE_LR, False) for k in ks]
+            + [(f"k{k}lr{HIGH_LR:g}", k, HIGH_LR, False) for k in high_lr_ks]
+            + [(f"scratch{k}lr{HIGH_LR:g}", k, HIGH_LR, True) for k in scratch_ks])
 
 
-def score_variants(base, space, profile: dict, data, seed: int, ks=KS, high_lr_ks=HIGH_LR_KS,
+def score_variants(base, space, profile: dict, data, seed: int, ks=KS, high_lr_ks=HIGH_LR_KS, scratch_ks=SCRATCH_KS,
                    skip: set = frozenset()) -> dict:
-    """Val accuracy/loss (full val and its first half) after adaptive BN + k fine-tune steps, and seconds, for every
-    variant not in `skip`."""
+    """Val accuracy/loss (full val and its first half) after adaptive BN + k fine-tune steps (from scratch: fresh
+    weights and BN, no recalibration), and seconds, for every variant not in `skip`; the longest schedule of each
+    kind is also evaluated at the SNAPSHOTS before its end ("k200@50")."""
     half = len(data.val) // 2
     halves = _half_view(data, half)
-    longest = max(ks)
+    kinds = variants(ks, high_lr_ks, scratch_ks)
+    longest = {(lr, scratch): max(k for _, k, *kind in kinds if kind == [lr, scratch]) for _, _, lr, scratch in kinds}
     out = {}
-    for name, k, lr in variants(ks, high_lr_ks):
+    for name, k, lr, scratch in kinds:
         if name in skip:
             continue
         start = time.time()
         model = pruned(base, space, profile)
-        recalibrate_bn(model, data, num_batches=BN_BATCHES, seed=seed, device=common.DEVICE)
+        if scratch:
+            _reinitialise(model, seed)
+        else:
+            recalibrate_bn(model, data, num_batches=BN_BATCHES, seed=seed, device=common.DEVICE)
         trainer = StepTrainer(model, data, k, TrainConfig(lr=lr), seed=seed, device=common.DEVICE)
-        stops = sorted({s for s in SNAPSHOTS if s < k} | {k}) if (k, lr) == (longest, FINETUNE_LR) else [k]
+        stops = sorted({s for s in SNAPSHOTS if s < k} | {k}) if k == longest[lr, scratch] else [k]
         for stop in stops:
             trainer.run(stop - trainer.done)
             acc, loss = evaluate(model, data, "val", device=common.DEVICE)
@@ -183,6 +193,18 @@ def score_variants(base, space, profile: dict, data, seed: int, ks=KS, high_lr_k
             out[name if stop == k else f"{name}@{stop}"] = {"val_acc": acc, "val_loss": loss, "val10_acc": acc_half,
                                                             "val10_loss": loss_half, "seconds": time.time() - start}
     return out
+
+
+def _reinitialise(model, seed: int):
+    """`model` with fresh weights: PyTorch's default init of every conv and linear layer, BN statistics and affine
+    reset (in place; the architecture stays)."""
+    import torch
+
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return model
 
 
 def proxies(base, space, profile: dict, data, seed: int) -> dict:
@@ -208,11 +230,7 @@ def proxies(base, space, profile: dict, data, seed: int) -> dict:
     x = next(iter(data.batches("train", 128, shuffle=True, augment=False, seed=seed, device=common.DEVICE)))[0]
     trained = pruned(base, space, profile)
     recalibrate_bn(trained, data, num_batches=BN_BATCHES, seed=seed, device=common.DEVICE)
-    fresh = pruned(base, space, profile)
-    torch.manual_seed(seed)
-    for m in fresh.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()  # conv/linear: PyTorch's default init; BN: running stats and affine reset
+    fresh = _reinitialise(pruned(base, space, profile), seed)
     for name, model, train_mode in (("naswot", trained, False), ("naswot_init", fresh, True)):
         kernel = torch.zeros(len(x), len(x), dtype=torch.float64)
 
@@ -305,7 +323,7 @@ def main() -> None:
             check_same_base(json.loads(path.read_text()), info, path)
         if path.is_file() and args.fill:
             cell = json.loads(path.read_text())
-            missing = [name for name, _, _ in variants() if name not in cell["scores"]]
+            missing = [name for name, *_ in variants() if name not in cell["scores"]]
             if missing:
                 cell["scores"].update(score_variants(base, space, p, data, seed=cell["index"],
                                                      skip=set(cell["scores"])))
@@ -321,7 +339,8 @@ def main() -> None:
         if args.limit is not None and done >= args.limit:
             break
         scores = score_variants(base, space, p, data, seed=i, ks=(0, 25) if args.quick else KS,
-                                high_lr_ks=(25,) if args.quick else HIGH_LR_KS)
+                                high_lr_ks=(25,) if args.quick else HIGH_LR_KS,
+                                scratch_ks=(25,) if args.quick else SCRATCH_KS)
         retrains = [retrain_cell(ckpt.stem, pruned(base, space, p), data, seed=r, epochs=epochs, lr=lr,
                                  label=f"fidelity {p['source']} {p['target']}")
                     for r in seeds]
