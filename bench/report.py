@@ -320,7 +320,7 @@ def fidelity_budget_section(folder: Path, budget: float, base: str = "", recipe:
     "" for the cells from before the recipe became an option: 20x0.05): every score variant's rank correlation with
     the retrained accuracy (test: the goal; val: what options are chosen on), its cost, and the final choice among
     each quality search's best rows."""
-    from bench.stats import rank_correlations
+    from bench.stats import correlation_ceiling, rank_correlations
 
     cells = [c for c in _cells(folder / "fidelity" / base / recipe) if c.get("study") == f"b{budget}"]
     lines = [f"## Does the trial score rank profiles at FLOPs {budget}{f', base {base}' if base else ''}"
@@ -373,6 +373,11 @@ def fidelity_budget_section(folder: Path, budget: float, base: str = "", recipe:
     lines += ["", ("Cheapest variant with Spearman >= 0.8 at <= 10% of a retrain: " if good else
                    "No variant reaches Spearman 0.8 at <= 10% of a retrain; the best: ")
               + f"{pick[0]} on {pick[1]} (Spearman {pick[2]['spearman'][0]:.3f}, cost {pick[4]:.1%}).", ""]
+    ceiling = correlation_ceiling([c.get("test_accs", []) for c in cells])
+    if ceiling is not None:
+        lines += [f"What the ground truth allows: its retrain seeds leave a perfect score a correlation of about "
+                  f"{ceiling:.2f} with the mean test accuracy (the square root of its reliability: 1 - seed variance "
+                  "of a mean / variance between profiles; bench/stats.py correlation_ceiling).", ""]
     lines += _choice_lines(folder, cells, budget, base)
     return lines
 

@@ -80,3 +80,16 @@ def nested_paired_difference(a: dict, b: dict, reps: int = REPS, seed: int = 0) 
     return {"diff": float(np.mean(list(per.values()))), "low": float(low), "high": float(high),
             "search_seeds": len(searches), "retrains": sum(len(ours[s]) for s in searches),
             "reference_retrains": len(ref), "per_search_seed": per}
+
+
+def correlation_ceiling(seed_accs: list[list[float]]) -> float | None:
+    """The highest correlation a perfect score can reach against a ground truth that is each profile's mean over noisy
+    retrain seeds (`seed_accs`: one list of seed accuracies per profile): the square root of the ground truth's
+    reliability, 1 - (retrain-seed variance of a profile's mean, averaged over profiles) / (variance of the means
+    between profiles); 0 where the noise exceeds the spread, None with fewer than 3 profiles of >= 2 seeds each."""
+    accs = [list(a) for a in seed_accs if len(a) >= 2]
+    if len(accs) < 3:
+        return None
+    noise = float(np.mean([np.var(a, ddof=1) / len(a) for a in accs]))
+    spread = float(np.var([np.mean(a) for a in accs], ddof=1))
+    return max(0.0, 1 - noise / spread) ** 0.5 if spread > 0 else 0.0
