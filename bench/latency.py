@@ -17,7 +17,8 @@ interpolated unit times and the whole model: the per-unit residuals (interpolati
 exact units plus the overhead misses (composition: overhead, cache effects between layers).
 
 One JSON per cell, `OUT_DIR/{model}-b{batch}-{runtime}-{clock}.json`, `...-a{N}.json` where the model times
-convs on one grid per input-channel residue mod N (widthsearch.latency.ALIGN; a present cell is skipped unless
+convs on one grid per input-channel residue mod N (widthsearch.latency.ALIGN), `...-d{D}.json` for `--divisor D`
+(every width a multiple of D, as a search with `--divisor D` proposes; a present cell is skipped unless
 --force, so cells run one at a time and resume), and `OUT_DIR/latency.png` over all present cells.
 Untrained models (weights do not change the time).
 
@@ -164,7 +165,7 @@ def residuals(space, model, latency, target: LatencyTarget, profiles, grid: int,
 def cell(name: str, batch: int, args) -> dict:
     torch.manual_seed(0)
     model = load_model(name).eval()
-    space = build_space(model, torch.randn(1, 3, 32, 32))
+    space = build_space(model, torch.randn(1, 3, 32, 32), divisor=args.divisor)
     cost = CostModel(space)
     flops = cost.measure("flops")
     target = LatencyTarget(threads=args.threads, batch=batch, clock=args.clock, runtime=args.runtime)
@@ -192,7 +193,8 @@ def cell(name: str, batch: int, args) -> dict:
     # over its time right beside the profile (a VM's speed drifts by 10-30% within minutes, idle or not)
     at_table_speed = [m * dense_table / d for m, d in zip(measured, dense_beside)]
     half = space.vector(space.uniform(0.5))
-    out = {"model": name, "batch": batch, "runtime": args.runtime, "threads": args.threads, "clock": args.clock,
+    out = {"model": name, "batch": batch, "runtime": args.runtime, "divisor": args.divisor, "threads": args.threads,
+           "clock": args.clock,
            "grid": args.grid, "align": alignment(target), "groups": len(space), "units": len(latency.unit_names),
            "table_s": table_s, "table_cpu_s": table_cpu_s, "measure_s": latency.table["measure_s"],
            "profiles_s": profiles_s, "overhead_ms": latency.overhead_ms,
@@ -267,6 +269,8 @@ def main() -> None:
     parser.add_argument("--profiles", type=int, default=50)
     parser.add_argument("--flops", nargs=2, type=float, default=[0.05, 0.9], metavar=("LOW", "HIGH"),
                         help="FLOPs budgets of the random profiles, evenly spread")
+    parser.add_argument("--divisor", type=int, default=1,
+                        help="widths are multiples of this (--divisor of a search): the profiles and the table's grid")
     parser.add_argument("--grid", type=int, default=7, help="grid points per channel axis (latency_grid)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", default="wall", choices=["cpu", "wall"],
@@ -285,7 +289,8 @@ def main() -> None:
     for batch in args.batches:  # batch 1 of every model first: the quick cells
         for name in args.models:
             align = alignment(LatencyTarget(batch=batch, runtime=args.runtime))
-            path = out / f"{name}-b{batch}-{args.runtime}-{args.clock}{f'-a{align}' if align else ''}.json"
+            path = out / (f"{name}-b{batch}-{args.runtime}-{args.clock}{f'-a{align}' if align else ''}"
+                          f"{f'-d{args.divisor}' if args.divisor > 1 else ''}.json")
             if path.is_file() and not args.force:
                 print(f"{path} is there (--force measures it again)")
                 continue

@@ -512,7 +512,8 @@ def latency_section(folder: Path) -> list[str]:
             dense = [r["dense_beside_ms"] for r in c["rows"] if "dense_beside_ms" in r]
             mid = statistics.median(dense) if dense else 0.0
             steady = f"{sum(abs(d / mid - 1) <= 0.10 for d in dense) / len(dense):.0%}" if dense else "-"
-            lines.append(f"| {c['model']} | {c['batch']} | {c['runtime']} | {c['clock']} | {c.get('align', 0)} | "
+            divisor = f" (divisor {c['divisor']})" if c.get("divisor", 1) > 1 else ""
+            lines.append(f"| {c['model']}{divisor} | {c['batch']} | {c['runtime']} | {c['clock']} | {c.get('align', 0)} | "
                          f"{len(c['rows'])} | {c['table_s']:.0f} ({c['table_cpu_s']:.0f}) | {part(c['ms'])} | "
                          f"{table_speed} | {steady} | {part(c['ratio'])} | {c['flops_ratio']['median_abs_rel_err']:.1%} | "
                          f"{c['drift']:.3f} | {c['loadavg_after'].split()[0]} | {c.get('cpu', '-')} | {c['date']} |")
