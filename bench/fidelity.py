@@ -71,7 +71,7 @@ from widthsearch.training import (
 
 KS = (0, 10, 25, 50, 100, 200)
 SNAPSHOTS = (25, 50, 100)          # evaluations inside the longest fine-tune
-HIGH_LR = 0.05                     # short fine-tunes also at the retrain's learning rate: "k25lr0.05", ...
+HIGH_LR = 0.05                     # fine-tunes also at the retrain's learning rate: "k25lr0.05", ...
 HIGH_LR_KS = (10, 25, 50, 100, 200)
 SCRATCH_KS = (200,)                # from re-initialised weights, at HIGH_LR
 FOCUS = (0.3, 0.5)                 # budgets with 10 profiles each
@@ -196,8 +196,9 @@ def score_variants(base, space, profile: dict, data, seed: int, ks=KS, high_lr_k
 
 
 def _reinitialise(model, seed: int):
-    """`model` with fresh weights: PyTorch's default init of every conv and linear layer, BN statistics and affine
-    reset (in place; the architecture stays)."""
+    """`model` with fresh weights (in place; the architecture stays): PyTorch's default init of every conv and linear
+    layer, as NASWOT's authors score their networks (not the model zoo's kaiming-normal init), BN statistics and
+    affine reset; seeds torch's global generator with `seed`."""
     import torch
 
     torch.manual_seed(seed)
@@ -207,56 +208,72 @@ def _reinitialise(model, seed: int):
     return model
 
 
+PROXIES = ("params", "naswot", "naswot_init", "synflow")
+
+
 def proxies(base, space, profile: dict, data, seed: int) -> dict:
-    """Scores of the profile's pruned model that need no training, each higher = predicted better, and "seconds" (all
-    of them together):
+    """Scores of the profile's pruned model that need no training, each {"score": higher = predicted better,
+    "seconds": its own cost}, one per name in PROXIES:
 
     * `params`: its parameter count;
     * `naswot`, `naswot_init`: NASWOT (Mellor et al., "Neural Architecture Search without Training", ICML 2021; the
       authors' BayesWatch/nas-without-training, score `hook_logdet`): log|det K| over one training batch of 128,
       K = sum over ReLUs of c c^T + (1 - c)(1 - c)^T, c each image's binary code (input > 0) at that ReLU. The paper
-      scores untrained networks (`naswot_init`: the same architecture re-initialised with PyTorch's default init, BN
-      on batch statistics, as there); `naswot` scores the pruned weights after adaptive BN, since a trial's model is
-      not untrained (a deviation, recorded beside the paper's setting);
-    * `synflow_init`: synaptic flow (Tanaka et al., NeurIPS 2020) as a zero-cost proxy (Abdelfattah et al., "Zero-Cost
+      scores untrained networks (`naswot_init`: the architecture re-initialised (`_reinitialise`), BN on batch
+      statistics, as there); `naswot` scores the pruned weights after adaptive BN, since a trial's model is not
+      untrained (a deviation, recorded beside the paper's setting);
+    * `synflow`: synaptic flow (Tanaka et al., NeurIPS 2020) as a zero-cost proxy (Abdelfattah et al., "Zero-Cost
       Proxies for Lightweight NAS", ICLR 2021): sum over conv and linear weights of |w * dR/dw|, R the sum of the
       outputs of the re-initialised network with every weight made positive, on an all-ones input, in double
       precision; BN in eval mode with fresh statistics (the identity), where the authors drop BN from the network.
     """
     import torch
 
-    start = time.time()
-    out = {"params": float(sum(t.numel() for t in pruned(base, space, profile).parameters()))}
-    x = next(iter(data.batches("train", 128, shuffle=True, augment=False, seed=seed, device=common.DEVICE)))[0]
-    trained = pruned(base, space, profile)
-    recalibrate_bn(trained, data, num_batches=BN_BATCHES, seed=seed, device=common.DEVICE)
-    fresh = _reinitialise(pruned(base, space, profile), seed)
-    for name, model, train_mode in (("naswot", trained, False), ("naswot_init", fresh, True)):
-        kernel = torch.zeros(len(x), len(x), dtype=torch.float64)
+    device = common.DEVICE
+    out = {}
 
-        def hook(module, inputs, output, kernel=kernel):
-            codes = (inputs[0].detach().flatten(1) > 0).double()
-            kernel += codes @ codes.T + (1 - codes) @ (1 - codes).T
+    def timed(name, fn):
+        start = time.time()
+        out[name] = {"score": float(fn()), "seconds": time.time() - start}
 
-        model.train(train_mode)
+    timed("params", lambda: sum(t.numel() for t in pruned(base, space, profile).parameters()))
+    x = next(iter(data.batches("train", 128, shuffle=True, augment=False, seed=seed, device=device)))[0]
+
+    def naswot(fresh: bool) -> float:
+        model = pruned(base, space, profile).to(device)
+        if fresh:
+            _reinitialise(model, seed).train()
+        else:
+            recalibrate_bn(model, data, num_batches=BN_BATCHES, seed=seed, device=device).eval()
+        kernel = torch.zeros(len(x), len(x), dtype=torch.float64, device=device)
+
+        def hook(module, inputs, output):
+            codes = (inputs[0].detach().flatten(1) > 0).double()  # inplace ReLU: relu(x) > 0 exactly where x > 0
+            kernel.add_(codes @ codes.T + (1 - codes) @ (1 - codes).T)
+
         handles = [m.register_forward_hook(hook) for m in model.modules()
                    if isinstance(m, (torch.nn.ReLU, torch.nn.ReLU6))]
         with torch.no_grad():
             model(x)
         for handle in handles:
             handle.remove()
-        out[name] = float(torch.linalg.slogdet(kernel)[1])
-    fresh = fresh.double().eval()
-    with torch.no_grad():
-        for t in fresh.state_dict().values():
-            if t.is_floating_point():
-                t.abs_()
-    fresh.zero_grad()
-    fresh(torch.ones(1, *x.shape[1:], dtype=torch.float64)).sum().backward()
-    with torch.no_grad():
-        out["synflow_init"] = float(sum((m.weight * m.weight.grad).abs().sum() for m in fresh.modules()
-                                        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))))
-    return {**out, "seconds": time.time() - start}
+        return torch.linalg.slogdet(kernel)[1].item()
+
+    def synflow() -> float:
+        model = _reinitialise(pruned(base, space, profile), seed).to(device).double().eval()
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                if t.is_floating_point():
+                    t.abs_()
+        model(torch.ones(1, *x.shape[1:], dtype=torch.float64, device=device)).sum().backward()
+        with torch.no_grad():
+            return sum((m.weight * m.weight.grad).abs().sum().item() for m in model.modules()
+                       if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+
+    timed("naswot", lambda: naswot(fresh=False))
+    timed("naswot_init", lambda: naswot(fresh=True))
+    timed("synflow", synflow)
+    return out
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -288,15 +305,18 @@ def main() -> None:
     parser.add_argument("--budget", type=float, help="the one-budget study at this FLOPs ratio (see above)")
     parser.add_argument("--random", type=int, default=10, help="random profiles of the one-budget study")
     parser.add_argument("--retrain-seeds", nargs="+", type=int, default=[0, 1], help="one-budget study's retrains")
-    parser.add_argument("--recipe", default=QUALITY_RECIPE,
+    parser.add_argument("--recipe",
                         help=f"one-budget study's retrain, EPOCHSxLR (default {QUALITY_RECIPE}, the quality table's)")
     parser.add_argument("--shard", default="0/1", type=parse_shard,
-                        help="I/N: only the profiles whose index is I modulo N (N processes side by side)")
+                        help="I/N: only the profiles whose index is I modulo N (N processes side by side, started "
+                             "together: an index is the profile's place in the list the quality cells on disk make)")
     parser.add_argument("--limit", type=int, help="stop after this many new profiles")
     parser.add_argument("--fill", action="store_true", help="only add the score variants finished profiles lack")
     parser.add_argument("--quick", action="store_true", help="3 profiles, k in 0/25, a 1-epoch retrain (smoke test)")
     args = parser.parse_args()
-    epochs, lr = parse_recipe(args.recipe) if args.budget is not None else (RETRAIN_EPOCHS, RETRAIN_LR)
+    if args.recipe and args.budget is None:
+        parser.error("--recipe is the one-budget study's (--budget); the earlier study retrains with 20x0.05")
+    epochs, lr = parse_recipe(args.recipe or QUALITY_RECIPE) if args.budget is not None else (RETRAIN_EPOCHS, RETRAIN_LR)
     if args.quick:
         epochs = 1
     set_threads(args.threads)
@@ -327,7 +347,7 @@ def main() -> None:
             if missing:
                 cell["scores"].update(score_variants(base, space, p, data, seed=cell["index"],
                                                      skip=set(cell["scores"])))
-            if args.budget is not None and "proxies" not in cell:
+            if args.budget is not None and set(cell.get("proxies", {})) != set(PROXIES):  # missing, or of an older set
                 cell["proxies"] = proxies(base, space, p, data, seed=cell["index"])
                 missing.append("proxies")
             if missing:

@@ -320,7 +320,7 @@ def fidelity_budget_section(folder: Path, budget: float, base: str = "", recipe:
     "" for the cells from before the recipe became an option: 20x0.05): every score variant's rank correlation with
     the retrained accuracy (test: the goal; val: what options are chosen on), its cost, and the final choice among
     each quality search's best rows."""
-    from bench.stats import correlation_ceiling, rank_correlations
+    from bench.stats import rank_correlations, spearman_ceiling
 
     cells = [c for c in _cells(folder / "fidelity" / base / recipe) if c.get("study") == f"b{budget}"]
     lines = [f"## Does the trial score rank profiles at FLOPs {budget}{f', base {base}' if base else ''}"
@@ -340,10 +340,12 @@ def fidelity_budget_section(folder: Path, budget: float, base: str = "", recipe:
               f"{max(c['flops_ratio'] for c in cells):.3f}. Ground truth: accuracy after the bench retrain "
               f"({first['retrain_epochs']} epochs from the pruned weights), mean of retrain seeds "
               f"{', '.join(map(str, first.get('retrain_seeds', [0])))}, on test (the goal) and on val (what options "
-              "are chosen on). Score: adaptive BN (20 batches) + k fine-tune steps (lr 0.01, one cosine schedule "
-              "over k) on val (1,017 images) or its first half (508, a 10% split); 'k200@25' is the model 25 steps "
-              "into the 200-step schedule. Intervals: 95% bootstrap over profiles. Cost: score seconds / retrain "
-              "seconds, same process.", "",
+              "are chosen on). Score: adaptive BN (20 batches) + k fine-tune steps (kK: lr 0.01, kKlr0.05: lr 0.05, "
+              "one cosine schedule over k; scratchKlr0.05: K steps at lr 0.05 from re-initialised weights, no "
+              "adaptive BN) on val (1,017 images) or its first half (508, a 10% split); 'k200@25' is the model 25 "
+              "steps into the 200-step schedule; '(no training)': scores of the pruned model alone (bench/fidelity.py "
+              "proxies). Intervals: 95% bootstrap over profiles. Cost: score seconds / the profile's retrain seconds "
+              "(a retrain reused from a quality cell: as timed there).", "",
               "| score variant | Spearman with test (95% CI) | Spearman with retrained val | Kendall with test | cost |",
               "|---|---|---|---|---|"]
     rows = []
@@ -358,12 +360,11 @@ def fidelity_budget_section(folder: Path, budget: float, base: str = "", recipe:
             sp, kd = r["spearman"], r["kendall"]
             lines.append(f"| {variant} {metric} | {sp[0]:.3f} [{sp[1]:.2f}, {sp[2]:.2f}] | {rv['spearman'][0]:.3f} | "
                          f"{kd[0]:.3f} | {cost:.1%} |")
-    # scores with no training (bench/fidelity.py proxies): higher = predicted better; their cost is all of them
-    for proxy in [k for k in first.get("proxies", {}) if k != "seconds" and all(k in c.get("proxies", {})
-                                                                                 for c in cells)]:
-        score = [c["proxies"][proxy] for c in cells]
+    # scores with no training (bench/fidelity.py proxies): higher = predicted better
+    for proxy in [k for k in first.get("proxies", {}) if all(k in c.get("proxies", {}) for c in cells)]:
+        score = [c["proxies"][proxy]["score"] for c in cells]
         r, rv = rank_correlations(score, test), rank_correlations(score, val, reps=0)
-        cost = statistics.fmean(c["proxies"]["seconds"] / c["retrain_s"] for c in cells)
+        cost = statistics.fmean(c["proxies"][proxy]["seconds"] / c["retrain_s"] for c in cells)
         rows.append((proxy, "(no training)", r, rv, cost))
         sp, kd = r["spearman"], r["kendall"]
         lines.append(f"| {proxy} (no training) | {sp[0]:.3f} [{sp[1]:.2f}, {sp[2]:.2f}] | {rv['spearman'][0]:.3f} | "
@@ -373,16 +374,22 @@ def fidelity_budget_section(folder: Path, budget: float, base: str = "", recipe:
     lines += ["", ("Cheapest variant with Spearman >= 0.8 at <= 10% of a retrain: " if good else
                    "No variant reaches Spearman 0.8 at <= 10% of a retrain; the best: ")
               + f"{pick[0]} on {pick[1]} (Spearman {pick[2]['spearman'][0]:.3f}, cost {pick[4]:.1%}).", ""]
-    ceiling = correlation_ceiling([c.get("test_accs", []) for c in cells])
+    ceiling = spearman_ceiling([c.get("test_accs", []) for c in cells])
     if ceiling is not None:
-        lines += [f"What the ground truth allows: its retrain seeds leave a perfect score a correlation of about "
-                  f"{ceiling:.2f} with the mean test accuracy (the square root of its reliability: 1 - seed variance "
-                  "of a mean / variance between profiles; bench/stats.py correlation_ceiling).", ""]
-    lines += _choice_lines(folder, cells, budget, base)
+        lines += [f"What the ground truth allows: with its retrain seeds' noise, a score that knew every profile's true "
+                  f"accuracy would reach a Spearman of about {ceiling:.2f} with the mean test accuracy "
+                  "(bench/stats.py spearman_ceiling).", ""]
+    skipped = sorted({v for c in cells for v in [*c["scores"], *c.get("proxies", {})]}
+                     - {v for v in first["scores"] if all(v in c["scores"] for c in cells)}
+                     - {k for k in first.get("proxies", {}) if all(k in c.get("proxies", {}) for c in cells)})
+    if skipped:
+        lines += [f"Left out, not measured on every profile yet (bench/fidelity.py --fill adds them): "
+                  f"{', '.join(skipped)}.", ""]
+    lines += _choice_lines(folder, cells, budget, base, recipe)
     return lines
 
 
-def _choice_lines(folder: Path, cells: list[dict], budget: float, base: str = "") -> list[str]:
+def _choice_lines(folder: Path, cells: list[dict], budget: float, base: str = "", recipe: str = "") -> list[str]:
     """Per quality search at `budget`: its six best rows retrained (the fidelity profiles), the one it chose, and
     how far the chosen one is from the best of the six (goal: within 1 point)."""
     from bench.common import profile_key
@@ -394,7 +401,8 @@ def _choice_lines(folder: Path, cells: list[dict], budget: float, base: str = ""
     # a base's searches, each once though every recipe's folder holds it; the first table's lie in quality/
     pattern = f"*-b{budget}-s*.json"
     paths: dict[str, Path] = {}
-    for p in (cells_of_base(base, pattern, folder) if base else sorted((folder / "quality").glob(pattern))):
+    found = cells_of_base(base, pattern, folder) if base else sorted((folder / "quality").glob(pattern))
+    for p in sorted(found, key=lambda p: p.parent.name != recipe):  # the ground truth's recipe first, where there
         paths.setdefault(p.name, p)
     for _, path in sorted(paths.items()):
         cell = json.loads(path.read_text())
@@ -680,7 +688,8 @@ def main() -> None:
     lines += retrain_noise_section(folder)
     for budget in HEADROOM:
         for base in ["", *sorted(p.name for p in _base_folders(folder / "fidelity"))]:
-            for recipe in ["", *sorted(p.name for p in _base_folders(folder / "fidelity" / base) if base)]:
+            recipes = sorted(p.name for p in _base_folders(folder / "fidelity" / base)) if base else []
+            for recipe in ["", *recipes]:
                 lines += fidelity_budget_section(folder, budget, base, recipe)
     lines += fidelity_section(folder)
     lines += latency_section(folder)

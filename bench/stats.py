@@ -82,14 +82,25 @@ def nested_paired_difference(a: dict, b: dict, reps: int = REPS, seed: int = 0) 
             "reference_retrains": len(ref), "per_search_seed": per}
 
 
-def correlation_ceiling(seed_accs: list[list[float]]) -> float | None:
-    """The highest correlation a perfect score can reach against a ground truth that is each profile's mean over noisy
-    retrain seeds (`seed_accs`: one list of seed accuracies per profile): the square root of the ground truth's
-    reliability, 1 - (retrain-seed variance of a profile's mean, averaged over profiles) / (variance of the means
-    between profiles); 0 where the noise exceeds the spread, None with fewer than 3 profiles of >= 2 seeds each."""
-    accs = [list(a) for a in seed_accs if len(a) >= 2]
+def spearman_ceiling(seed_accs: list[list[float]], reps: int = REPS, seed: int = 0) -> float | None:
+    """The Spearman a perfect score can reach against a ground truth that is each profile's mean over noisy retrain
+    seeds (`seed_accs`: one list of seed accuracies per profile), by simulation: true accuracies with the spread the
+    means have less what their seed noise adds (the means shrunk toward their average by the square root of the
+    reliability, 1 - seed variance of a mean / variance of the means), each observed again as the mean of as many
+    seeds with the pooled seed variance; the mean Spearman of truth and observation over `reps` draws. Rank-based:
+    one outlying profile counts as one rank. 0 where the noise exceeds the spread; None with fewer than 3 profiles of
+    >= 2 seeds each."""
+    accs = [np.asarray(a, dtype=float) for a in seed_accs if len(a) >= 2]
     if len(accs) < 3:
         return None
-    noise = float(np.mean([np.var(a, ddof=1) / len(a) for a in accs]))
-    spread = float(np.var([np.mean(a) for a in accs], ddof=1))
-    return max(0.0, 1 - noise / spread) ** 0.5 if spread > 0 else 0.0
+    seed_var = float(np.mean([np.var(a, ddof=1) for a in accs]))
+    sizes = np.array([len(a) for a in accs])
+    means = np.array([a.mean() for a in accs])
+    spread = float(np.var(means, ddof=1))
+    reliability = 1 - float(np.mean(seed_var / sizes)) / spread if spread > 0 else 0.0
+    if reliability <= 0:
+        return 0.0
+    truth = means.mean() + (means - means.mean()) * reliability ** 0.5
+    rng = np.random.default_rng(seed)
+    draws = truth + rng.normal(size=(reps, len(truth))) * (seed_var / sizes) ** 0.5
+    return float(np.mean([stats.spearmanr(truth, d).statistic for d in draws]))
