@@ -288,3 +288,32 @@ def test_the_spearman_ceiling_falls_with_the_retrain_seeds_noise():
     noisy = [[0.66 + 0.002 * i - 0.015, 0.66 + 0.002 * i + 0.015] for i in range(10)]
     low = spearman_ceiling(noisy + [[0.50, 0.50]], reps=200)
     assert low is not None and low < 0.6  # a linear ceiling (root of the reliability) would be above 0.9
+
+
+def test_the_scores_without_training_are_measured_on_the_pruned_model_and_leave_the_base_alone():
+    """bench/fidelity.py proxies on digits: every name in PROXIES with a finite score and its own seconds; the
+    parameter count is the pruned model's; a wider profile has more parameters and more synaptic flow; the base
+    model's weights and BN statistics are what they were."""
+    import math
+
+    import torch
+
+    from bench.fidelity import PROXIES, proxies
+    from widthsearch import build_space, load_model, prune
+    from widthsearch.data import load_data
+
+    data = load_data("digits")
+    torch.manual_seed(0)
+    base = load_model("small_cnn", in_channels=1)
+    space = build_space(base, torch.randn(1, *data.train.x.shape[1:]))
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    narrow, wide = ({"widths": [int(w) for w in space.widths * r]} for r in (0.25, 0.75))
+    scores = {name: proxies(base, space, p, data, seed=0) for name, p in (("narrow", narrow), ("wide", wide))}
+    for out in scores.values():
+        assert set(out) == set(PROXIES)
+        assert all(math.isfinite(v["score"]) and v["seconds"] >= 0 for v in out.values())
+    pruned = prune(base, space, space.from_vector(wide["widths"]), "l1")
+    assert scores["wide"]["params"]["score"] == sum(t.numel() for t in pruned.parameters())
+    assert scores["wide"]["params"]["score"] > scores["narrow"]["params"]["score"]
+    assert scores["wide"]["synflow"]["score"] > scores["narrow"]["synflow"]["score"] > 0
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
