@@ -351,24 +351,23 @@ def fidelity_budget_section(folder: Path, budget: float, base: str = "", recipe:
     rows = []
     test = [c["test_acc"] for c in cells]
     val = [c["retrain_val_acc"] for c in cells]
-    for variant in [v for v in first["scores"] if all(v in c["scores"] for c in cells)]:
-        for metric, sign in FIDELITY_METRICS:
-            score = [sign * c["scores"][variant][metric] for c in cells]
-            r, rv = rank_correlations(score, test), rank_correlations(score, val, reps=0)
-            cost = statistics.fmean(c["scores"][variant]["seconds"] / c["retrain_s"] for c in cells)
-            rows.append((variant, metric, r, rv, cost))
-            sp, kd = r["spearman"], r["kendall"]
-            lines.append(f"| {variant} {metric} | {sp[0]:.3f} [{sp[1]:.2f}, {sp[2]:.2f}] | {rv['spearman'][0]:.3f} | "
-                         f"{kd[0]:.3f} | {cost:.1%} |")
-    # scores with no training (bench/fidelity.py proxies): higher = predicted better
-    for proxy in [k for k in first.get("proxies", {}) if all(k in c.get("proxies", {}) for c in cells)]:
-        score = [c["proxies"][proxy]["score"] for c in cells]
+    variants = [v for v in first["scores"] if all(v in c["scores"] for c in cells)]
+    proxies = [k for k in first.get("proxies", {}) if all(k in c.get("proxies", {}) for c in cells)]
+
+    def add_row(name: str, label: str, score: list[float], cost: float) -> None:
         r, rv = rank_correlations(score, test), rank_correlations(score, val, reps=0)
-        cost = statistics.fmean(c["proxies"][proxy]["seconds"] / c["retrain_s"] for c in cells)
-        rows.append((proxy, "(no training)", r, rv, cost))
+        rows.append((name, label, r, rv, cost))
         sp, kd = r["spearman"], r["kendall"]
-        lines.append(f"| {proxy} (no training) | {sp[0]:.3f} [{sp[1]:.2f}, {sp[2]:.2f}] | {rv['spearman'][0]:.3f} | "
+        lines.append(f"| {name} {label} | {sp[0]:.3f} [{sp[1]:.2f}, {sp[2]:.2f}] | {rv['spearman'][0]:.3f} | "
                      f"{kd[0]:.3f} | {cost:.1%} |")
+
+    for variant in variants:
+        for metric, sign in FIDELITY_METRICS:
+            add_row(variant, metric, [sign * c["scores"][variant][metric] for c in cells],
+                    statistics.fmean(c["scores"][variant]["seconds"] / c["retrain_s"] for c in cells))
+    for proxy in proxies:  # scores with no training (bench/fidelity.py proxies): higher = predicted better
+        add_row(proxy, "(no training)", [c["proxies"][proxy]["score"] for c in cells],
+                statistics.fmean(c["proxies"][proxy]["seconds"] / c["retrain_s"] for c in cells))
     good = [r for r in rows if r[2]["spearman"][0] >= 0.8 and r[4] <= 0.10]
     pick = min(good, key=lambda r: r[4]) if good else max(rows, key=lambda r: r[2]["spearman"][0])
     lines += ["", ("Cheapest variant with Spearman >= 0.8 at <= 10% of a retrain: " if good else
@@ -379,9 +378,7 @@ def fidelity_budget_section(folder: Path, budget: float, base: str = "", recipe:
         lines += [f"What the ground truth allows: with its retrain seeds' noise, a score that knew every profile's true "
                   f"accuracy would reach a Spearman of about {ceiling:.2f} with the mean test accuracy "
                   "(bench/stats.py spearman_ceiling).", ""]
-    skipped = sorted({v for c in cells for v in [*c["scores"], *c.get("proxies", {})]}
-                     - {v for v in first["scores"] if all(v in c["scores"] for c in cells)}
-                     - {k for k in first.get("proxies", {}) if all(k in c.get("proxies", {}) for c in cells)})
+    skipped = sorted({v for c in cells for v in [*c["scores"], *c.get("proxies", {})]} - {*variants, *proxies})
     if skipped:
         lines += [f"Left out, not measured on every profile yet (bench/fidelity.py --fill adds them): "
                   f"{', '.join(skipped)}.", ""]
