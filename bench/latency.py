@@ -79,6 +79,11 @@ def errors(predicted, measured) -> dict:
             "mean_signed_rel_err": statistics.fmean(signed)}
 
 
+def weight_mb(model: torch.nn.Module) -> float:
+    """The bytes of `model`'s parameters in MiB: what a forward streams in when they do not fit in the caches."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+
+
 def _corners(grid: np.ndarray, x: float) -> list[tuple[int, float]]:
     """(index, weight) of the grid points that linear interpolation at x uses (x clipped to the grid's ends)."""
     if len(grid) == 1:
@@ -95,7 +100,9 @@ def residuals(space, model, latency, target: LatencyTarget, profiles, grid: int,
     table cancels out), and the whole model timed before, between and after those passes. Per unit:
     interpolation error (bilinear over the fresh grid points against the exact time: the grid's resolution)
     and drift (the table's value against the fresh one). Per profile: composition error (measured whole
-    against the sum of exact units plus the overhead: the overhead term, cache effects between layers)."""
+    against the sum of exact units plus the overhead: the overhead term, cache effects between layers) and the
+    pruned model's weight bytes (`weight_mb`: a unit timed alone keeps its weights in the caches, the whole model
+    streams them in once they outgrow the caches)."""
     planned = plan(space, model, grid, alignment(target))
     modules = dict(model.named_modules())
     timer, whole_timer = make_timer(target, **UNIT_TIMING), make_timer(target)
@@ -141,7 +148,7 @@ def residuals(space, model, latency, target: LatencyTarget, profiles, grid: int,
             per_unit.setdefault(name, []).append({"c_in": c_in, "c_out": c_out, "predicted_ms": pred,
                                                   "exact_ms": exact, "fresh_interp_ms": interp,
                                                   "table_interp_ms": float(table_interp)})
-        whole.append({"measured_ms": measured, "units_exact_ms": exact_sum, "units_fresh_interp_ms": interp_sum,
+        whole.append({"measured_ms": measured, "weight_mb": weight_mb(pruned), "units_exact_ms": exact_sum, "units_fresh_interp_ms": interp_sum,
                       "units_predicted_ms": float(table_ms.sum()),
                       "exact_plus_overhead_ms": latency.overhead_ms + weighted})
 

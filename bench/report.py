@@ -378,12 +378,33 @@ def fidelity_budget_section(folder: Path, budget: float, base: str = "", recipe:
         lines += [f"What the ground truth allows: with its retrain seeds' noise, a score that knew every profile's true "
                   f"accuracy would reach a Spearman of about {ceiling:.2f} with the mean test accuracy "
                   "(bench/stats.py spearman_ceiling).", ""]
+    lines += _headroom_lines(cells)
     skipped = sorted({v for c in cells for v in [*c["scores"], *c.get("proxies", {})]} - {*variants, *proxies})
     if skipped:
         lines += [f"Left out, not measured on every profile yet (bench/fidelity.py --fill adds them): "
                   f"{', '.join(skipped)}.", ""]
     lines += _choice_lines(folder, cells, budget, base, recipe)
     return lines
+
+
+def _headroom_lines(cells: list[dict]) -> list[str]:
+    """How much any profile of the study beats `uniform` by, on the same retrain seeds: the one a perfect score would
+    pick on validation (the best retrained val accuracy), and the best on test (an upper bound: chosen on test)."""
+    uniform = next((c for c in cells if c["source"] == "uniform"), None)
+    if uniform is None:
+        return []
+    by_val = max(cells, key=lambda c: c["retrain_val_acc"])
+    by_test = max(cells, key=lambda c: c["test_acc"])
+
+    def name(c: dict) -> str:
+        return c["source"] + (f" s{c['search_seed']} row {c['rank']}" if "rank" in c else "")
+
+    return [f"Room above uniform among these profiles (test, the same retrain seeds; uniform: "
+            f"{uniform['test_acc']:.3f}): the profile with the best retrained val accuracy ({name(by_val)}) "
+            f"retrains to {by_val['test_acc']:.3f} ({100 * (by_val['test_acc'] - uniform['test_acc']):+.2f} points), "
+            f"the best on test ({name(by_test)}; an upper bound, chosen on test) to {by_test['test_acc']:.3f} "
+            f"({100 * (by_test['test_acc'] - uniform['test_acc']):+.2f}). A searcher that ranked these profiles "
+            "perfectly on validation would gain the first figure.", ""]
 
 
 def _choice_lines(folder: Path, cells: list[dict], budget: float, base: str = "", recipe: str = "") -> list[str]:
@@ -523,6 +544,7 @@ def latency_section(folder: Path) -> list[str]:
                          f"{table_speed} | {steady} | {part(c['ratio'])} | {c['flops_ratio']['median_abs_rel_err']:.1%} | "
                          f"{c['drift']:.3f} | {c['loadavg_after'].split()[0]} | {c.get('cpu', '-')} | {c['date']} |")
         lines += ["", f"![latency]({folder.name}/latency/latency.png)", ""]
+    lines += composition_lines([c for sub in ("latency", "latency-residuals") for c in _cells(folder / sub)])
     summary = _load(folder / "latency_search", "summary")
     if summary and summary["comparisons"]:
         lines += ["## Latency- vs FLOPs-constrained search (bench/latency_search.py)", "",
@@ -551,6 +573,29 @@ def latency_section(folder: Path) -> list[str]:
                          f"latency: {diff} | | | | |")
         lines += ["", f"![latency search]({folder.name}/latency_search/latency_search.png)", ""]
     return lines
+
+
+def composition_lines(cells: list[dict]) -> list[str]:
+    """Per cell timed with --residuals: each such profile's whole-model time against the sum of its units timed
+    alone at its exact widths, beside its weight bytes (whether the composition misses where the weights outgrow
+    the caches)."""
+    cells = [c for c in cells if c.get("residuals")]
+    if not cells:
+        return []
+    lines = ["Composition (bench/latency.py --residuals): per profile, the whole model's time against the sum of "
+             "its units, each timed alone at the profile's exact widths in the same passes (so neither the grid nor "
+             "a drift of the machine's speed enters), beside the pruned model's weight bytes ('-': a cell timed "
+             "before they were recorded).", "",
+             "| model | batch | runtime | FLOPs ratio | weights MiB | units alone ms | whole ms | whole / units | "
+             "date |", "|---" * 9 + "|"]
+    for c in sorted(cells, key=lambda c: (c["runtime"], c["batch"], c["model"], c["date"])):
+        divisor = f" (divisor {c['divisor']})" if c.get("divisor", 1) > 1 else ""
+        for i, w in zip(c["residuals"]["profiles"], c["residuals"]["whole"]):
+            mb = f"{w['weight_mb']:.1f}" if "weight_mb" in w else "-"
+            lines.append(f"| {c['model']}{divisor} | {c['batch']} | {c['runtime']} | {c['rows'][i]['flops_ratio']:.2f} | "
+                         f"{mb} | {w['units_exact_ms']:.3f} | {w['measured_ms']:.3f} | "
+                         f"{w['measured_ms'] / w['units_exact_ms']:.2f} | {c['date']} |")
+    return lines + [""]
 
 
 def optuna_params_section(folder: Path) -> list[str]:

@@ -249,7 +249,7 @@ def test_the_fidelity_report_keeps_each_ground_truth_recipe_apart_and_ranks_the_
     for i in range(6):
         metrics = {"val_acc": 0.2 + 0.01 * i, "val_loss": 2.0 - 0.1 * i, "val10_acc": 0.3, "val10_loss": 2.0}
         (folder / f"cifar_resnet20-{i}.json").write_text(json.dumps({
-            "study": "b0.1", "source": "random", "model": "cifar_resnet20", "widths": [i + 1, 2], "keep": None,
+            "study": "b0.1", "source": "uniform" if i == 1 else "random", "model": "cifar_resnet20", "widths": [i + 1, 2], "keep": None,
             "base_info": {"val_acc": 0.74, "test_acc": 0.73}, "flops_ratio": 0.1, "retrain_epochs": 40,
             "retrain_seeds": [0, 1], "retrain_s": 200.0, "test_acc": 0.6 + 0.01 * i, "retrain_val_acc": 0.6 + 0.005 * i,
             "test_accs": [0.6 + 0.01 * i - 0.005, 0.6 + 0.01 * i + 0.005],
@@ -264,6 +264,9 @@ def test_the_fidelity_report_keeps_each_ground_truth_recipe_apart_and_ranks_the_
     assert "Cheapest variant with Spearman >= 0.8 at <= 10% of a retrain: k50 on val_acc" in text
     assert "would reach a Spearman of about 0." in text
     assert "Left out, not measured on every profile yet (bench/fidelity.py --fill adds them): k100." in text
+    assert ("Room above uniform among these profiles (test, the same retrain seeds; uniform: 0.610): the profile "
+            "with the best retrained val accuracy (random) retrains to 0.650 (+4.00 points), the best on test "
+            "(random; an upper bound, chosen on test) to 0.650 (+4.00).") in text
 
 
 def test_fidelity_shards_split_the_profiles_and_a_bad_shard_is_refused_naming_it():
@@ -317,3 +320,22 @@ def test_the_scores_without_training_are_measured_on_the_pruned_model_and_leave_
     assert scores["wide"]["params"]["score"] > scores["narrow"]["params"]["score"]
     assert scores["wide"]["synflow"]["score"] > scores["narrow"]["synflow"]["score"] > 0
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+def test_the_composition_table_sets_each_whole_model_against_its_units_and_weight_bytes():
+    import torch
+
+    from bench.latency import weight_mb
+    from bench.report import composition_lines
+
+    assert weight_mb(torch.nn.Linear(1024, 256)) == pytest.approx((1024 * 256 + 256) * 4 / 2**20)
+    cell = {"model": "cifar_vgg16", "batch": 1, "runtime": "onnxruntime", "divisor": 16, "date": "2026-12-07 21:00",
+            "rows": [{"flops_ratio": 0.05}, {"flops_ratio": 0.5}, {"flops_ratio": 0.9}],
+            "residuals": {"profiles": [0, 2],
+                          "whole": [{"measured_ms": 0.44, "units_exact_ms": 0.48, "weight_mb": 2.9},
+                                    {"measured_ms": 8.0, "units_exact_ms": 5.0}]}}
+    lines = composition_lines([cell, {**cell, "residuals": None}])
+    rows = [line for line in lines if line.startswith("| cifar_vgg16")]
+    assert rows == ["| cifar_vgg16 (divisor 16) | 1 | onnxruntime | 0.05 | 2.9 | 0.480 | 0.440 | 0.92 | 2026-12-07 21:00 |",
+                    "| cifar_vgg16 (divisor 16) | 1 | onnxruntime | 0.90 | - | 5.000 | 8.000 | 1.60 | 2026-12-07 21:00 |"]
+    assert composition_lines([{**cell, "residuals": None}]) == []
