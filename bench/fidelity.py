@@ -68,6 +68,7 @@ from widthsearch.training import (
     recalibrate_bn,
     set_threads,
 )
+from widthsearch.zero_cost import reinitialise, synflow
 
 KS = (0, 10, 25, 50, 100, 200)
 SNAPSHOTS = (25, 50, 100)          # evaluations inside the longest fine-tune
@@ -181,7 +182,7 @@ def score_variants(base, space, profile: dict, data, seed: int, ks=KS, high_lr_k
         start = time.time()
         model = pruned(base, space, profile)
         if scratch:
-            _reinitialise(model, seed)
+            reinitialise(model, seed)
         else:
             recalibrate_bn(model, data, num_batches=BN_BATCHES, seed=seed, device=common.DEVICE)
         trainer = StepTrainer(model, data, k, TrainConfig(lr=lr), seed=seed, device=common.DEVICE)
@@ -195,19 +196,6 @@ def score_variants(base, space, profile: dict, data, seed: int, ks=KS, high_lr_k
     return out
 
 
-def _reinitialise(model, seed: int):
-    """`model` with fresh weights (in place; the architecture stays): PyTorch's default init of every conv and linear
-    layer, as NASWOT's authors score their networks (not the model zoo's kaiming-normal init), BN statistics and
-    affine reset; seeds torch's global generator with `seed`."""
-    import torch
-
-    torch.manual_seed(seed)
-    for m in model.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-    return model
-
-
 PROXIES = ("params", "naswot", "naswot_init", "synflow")
 
 
@@ -219,13 +207,11 @@ def proxies(base, space, profile: dict, data, seed: int) -> dict:
     * `naswot`, `naswot_init`: NASWOT (Mellor et al., "Neural Architecture Search without Training", ICML 2021; the
       authors' BayesWatch/nas-without-training, score `hook_logdet`): log|det K| over one training batch of 128,
       K = sum over ReLUs of c c^T + (1 - c)(1 - c)^T, c each image's binary code (input > 0) at that ReLU. The paper
-      scores untrained networks (`naswot_init`: the architecture re-initialised (`_reinitialise`), BN on batch
+      scores untrained networks (`naswot_init`: the architecture re-initialised (`widthsearch.zero_cost.reinitialise`), BN on batch
       statistics, as there); `naswot` scores the pruned weights after adaptive BN, since a trial's model is not
       untrained (a deviation, recorded beside the paper's setting);
-    * `synflow`: synaptic flow (Tanaka et al., NeurIPS 2020) as a zero-cost proxy (Abdelfattah et al., "Zero-Cost
-      Proxies for Lightweight NAS", ICLR 2021): sum over conv and linear weights of |w * dR/dw|, R the sum of the
-      outputs of the re-initialised network with every weight made positive, on an all-ones input, in double
-      precision; BN in eval mode with fresh statistics (the identity), where the authors drop BN from the network.
+    * `synflow`: synaptic flow of the re-initialised architecture (`widthsearch.zero_cost.synflow`, which names its
+      sources and deviations).
     """
     import torch
 
@@ -242,7 +228,7 @@ def proxies(base, space, profile: dict, data, seed: int) -> dict:
     def naswot(fresh: bool) -> float:
         model = pruned(base, space, profile).to(device)
         if fresh:
-            _reinitialise(model, seed).train()
+            reinitialise(model, seed).train()
         else:
             recalibrate_bn(model, data, num_batches=BN_BATCHES, seed=seed, device=device).eval()
         kernel = torch.zeros(len(x), len(x), dtype=torch.float64, device=device)
@@ -259,20 +245,9 @@ def proxies(base, space, profile: dict, data, seed: int) -> dict:
             handle.remove()
         return torch.linalg.slogdet(kernel)[1].item()
 
-    def synflow() -> float:
-        model = _reinitialise(pruned(base, space, profile), seed).to(device).double().eval()
-        with torch.no_grad():
-            for t in model.state_dict().values():
-                if t.is_floating_point():
-                    t.abs_()
-        model(torch.ones(1, *x.shape[1:], dtype=torch.float64, device=device)).sum().backward()
-        with torch.no_grad():
-            return sum((m.weight * m.weight.grad).abs().sum().item() for m in model.modules()
-                       if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
-
     timed("naswot", lambda: naswot(fresh=False))
     timed("naswot_init", lambda: naswot(fresh=True))
-    timed("synflow", synflow)
+    timed("synflow", lambda: synflow(pruned(base, space, profile).to(device), x.shape[1:], seed))
     return out
 
 

@@ -64,11 +64,15 @@ SEARCHERS = ("optuna", "gradient", "aofp", "metapruning", "random")
 # full width^-0.5 and ^-1 (as many channels in every group). "gradient-scaled": gradient's code after 2026-12-06 (a
 # gate profile above the budget scaled onto it as a whole; lam found by a secant search), default options, measured at
 # commit 38cb037; "gradient-ranked": the same with the channels ordered by their gate logits (after 38cb037 they were
-# ordered by float32 probabilities that tie at 1, so the lowest-numbered channels were kept).
+# ordered by float32 probabilities that tie at 1, so the lowest-numbered channels were kept). "optuna-synflow": the
+# optuna-widthexp row with 3 more warm starts, the best by synflow of 32 random proposals (synflow ranked the 24
+# profiles of bench/fidelity.py at FLOPs 0.1 at Spearman 0.55 against 0.27 for the 50-step trial score).
 VARIANTS: dict[str, tuple[str, dict]] = {"optuna-spread3": ("optuna", {"spread": 3.0}),
                                          "optuna-floor8": ("optuna", {"spread": 8.0, "min_channels": 8}),
                                          "optuna-startup7": ("optuna", {"spread": 3.0, "startup_trials": 7}),
                                          "optuna-widthexp": ("optuna", {"spread": 3.0, "width_exponents": [0.5, 1.0]}),
+                                         "optuna-synflow": ("optuna", {"spread": 3.0, "width_exponents": [0.5, 1.0],
+                                                                       "synflow_warm_starts": 3}),
                                          "gradient-scaled": ("gradient", {}),
                                          "gradient-ranked": ("gradient", {})}
 # Rows with the budget fill (SearchConfig.fill_budget, off by default: uniform-fill on cifar_resnet20 retrained within

@@ -53,6 +53,9 @@ OPTIONS: dict[str, dict[str, Option]] = {
         "width_exponents": Option([0.5, 1.0], list, "budget mode, with warm_start: one more warm start per "
                                   "exponent a, keep ratios proportional to full width^-a before the budget scales "
                                   "them (1: every group as many channels)", low=0, optional=True, empty="for none"),
+        "synflow_warm_starts": Option(0, int, "budget mode, with warm_start: K more warm starts, the K profiles "
+                                      "of highest synflow (no training) among synflow_pool random proposals", low=0),
+        "synflow_pool": Option(32, int, "random proposals that synflow_warm_starts picks from", low=1),
         "startup_trials": Option(None, int, "trials before TPE models the results, the warm starts included "
                                  "(default: a quarter of the trials, 2 to 10, at least the warm starts)", low=0,
                                  optional=True),
@@ -160,6 +163,12 @@ def _gradient(options: dict, num_samples: int | None) -> None:
                           f"({options['lam_max']})")
 
 
+def _optuna(options: dict, num_samples: int | None) -> None:
+    if options["synflow_warm_starts"] > options["synflow_pool"]:
+        raise ConfigError(f"searcher 'optuna': option 'synflow_warm_starts' ({options['synflow_warm_starts']}) "
+                          f"exceeds 'synflow_pool' ({options['synflow_pool']}), the proposals it picks from")
+
+
 def _metapruning(options: dict, num_samples: int | None) -> None:
     if not options["train_flops_min"] < options["train_flops_max"]:
         raise ConfigError(f"searcher 'metapruning': option 'train_flops_min' ({options['train_flops_min']:g}) must "
@@ -168,7 +177,8 @@ def _metapruning(options: dict, num_samples: int | None) -> None:
 
 
 # Rules across a searcher's options and against the search's number of trials (None: not known); raise ConfigError.
-RULES: dict[str, Callable[[dict, int | None], None]] = {"gradient": _gradient, "metapruning": _metapruning}
+RULES: dict[str, Callable[[dict, int | None], None]] = {"gradient": _gradient, "metapruning": _metapruning,
+                                                        "optuna": _optuna}
 
 
 def check(searcher: str, given: Mapping[str, Any], num_samples: int | None = None) -> dict[str, Any]:

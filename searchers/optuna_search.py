@@ -35,6 +35,15 @@ cifar_resnet56 0.1 0.609 vs 0.607, cifar_vgg16 0.02 0.611 vs 0.540 (every search
 there, test 0.616 against uniform's 0.545): the default since. TPE runs with ``constant_liar`` so concurrent trials
 are not duplicates.
 
+Synflow warm starts (option ``synflow_warm_starts`` K, budget mode, default 0): K more warm starts, the K profiles
+of highest synaptic flow among ``synflow_pool`` random proposals from the study's own prior, each projected to the
+budget; synflow (widthsearch.zero_cost) scores an architecture without training in milliseconds. Source: the
+warm-up of Abdelfattah et al., "Zero-Cost Proxies for Lightweight NAS" (ICLR 2021), which seeds a search with the
+best of a pool ranked by synflow. Deviation: the pool comes from this study's prior over keep ratios instead of
+their search space's uniform sampling. Measured as a ranker of 24 pruned cifar_resnet20 profiles at FLOPs 0.1
+(bench/fidelity.py, 2026-12-07): Spearman 0.55 with the 40-epoch retrain's test accuracy, where the 50-step
+trial score had 0.27.
+
 Persistence: given the experiment (``exp_dir``), every trial the study is told is also recorded in an Optuna
 journal study named after the experiment, EXP/widthsearch/optuna/study.journal (JournalStorage), which
 ``optuna.load_study(study_name=EXP, storage=JournalStorage(JournalFileBackend(PATH)))`` and
@@ -210,7 +219,32 @@ class OptunaWidthSearcher(WidthSearcher):
         if not self.pareto:  # the budget scales these (project_to_budget), like every sampled ratio vector
             full = self.space.widths.astype(np.float64)
             profiles += [(full / full.max()) ** -float(a) for a in self.options["width_exponents"] or []]
+            if self.options["synflow_warm_starts"]:
+                profiles += self._synflow_profiles(int(self.options["synflow_warm_starts"]))
         return profiles
+
+    def _synflow_profiles(self, count: int) -> list[np.ndarray]:
+        """Per-group keep ratios of the `count` profiles of highest synflow (widthsearch.zero_cost: no training)
+        among `synflow_pool` proposals drawn from the study's own prior (each parameter in its bounds, log-uniform
+        with `spread`) and projected to the budget, floor included, like every proposal."""
+        from widthsearch.errors import ConfigError
+        from widthsearch.surgery import prune
+        from widthsearch.zero_cost import synflow
+
+        if self.model is None:
+            raise ConfigError("searcher 'optuna': option 'synflow_warm_starts' needs the model (synflow scores the "
+                              "architecture of each proposal's pruned copy)")
+        rng, low, shape = np.random.default_rng(self.seed), self._low, self.space.example_input.shape[1:]
+        scored: dict[tuple[int, ...], float] = {}
+        for _ in range(int(self.options["synflow_pool"])):
+            u = rng.random(len(low))
+            params = low ** (1.0 - u) if self._spread else low + u * (1.0 - low)
+            widths = self.project(np.clip(self._basis @ params, self.min_ratios, 1.0), low=self._floor)
+            key = tuple(int(w) for w in widths)
+            if key not in scored:  # the architecture alone counts: any channels will do
+                scored[key] = synflow(prune(self.model, self.space, self.space.from_vector(list(key))), shape)
+        best = sorted(scored, key=scored.__getitem__, reverse=True)[:count]
+        return [np.asarray(widths, dtype=np.float64) / self.space.widths for widths in best]
 
     # -- proposals ----------------------------------------------------------------------
     def _ask(self) -> tuple[optuna.Trial, np.ndarray]:

@@ -487,6 +487,60 @@ def test_optuna_width_exponent_warm_starts_follow_full_width_to_the_budget(resne
         make_searcher("optuna", space, cost, budget=0.3, width_exponents=[-1.0])
 
 
+def test_optuna_synflow_warm_starts_are_the_pools_highest_scoring_profiles(resnet, monkeypatch):
+    """synflow_warm_starts K: K more warm starts, the pool's K best by synflow (here a stand-in score that records
+    every architecture it sees: its parameter count), each within the budget, evaluated first."""
+    import widthsearch.zero_cost
+    from widthsearch import prune
+
+    model, space, cost = resnet
+    seen = []
+
+    def params(pruned):
+        return sum(p.numel() for p in pruned.parameters())
+
+    def stand_in(pruned, shape):
+        assert tuple(shape) == (3, 32, 32)
+        seen.append(params(pruned))
+        return float(seen[-1])
+
+    monkeypatch.setattr(widthsearch.zero_cost, "synflow", stand_in)
+    plain = make_searcher("optuna", space, cost, budget=0.3, model=model, num_samples=24, seed=2)
+    searcher = make_searcher("optuna", space, cost, budget=0.3, model=model, num_samples=24, seed=2,
+                             synflow_warm_starts=2, synflow_pool=12, parameterization="group")
+    assert 2 <= len(seen) <= 12 and len(set(seen)) >= 2  # the pool's distinct profiles, of differing widths
+    assert len(searcher._warm) == len(plain._warm) + 2
+    configs = [searcher.suggest(f"t{i}") for i in range(len(searcher._warm))]
+    assert all(c["payload"]["warm_start"] for c in configs)
+    picked = [c["widths"] for c in configs[-2:]]
+    assert sorted(params(prune(model, space, space.from_vector(w))) for w in picked) == sorted(seen)[-2:]
+    assert all(_ratio(space, cost, w) <= 0.3 for w in picked)
+    assert searcher.suggest("next")["payload"]["warm_start"] is False
+    with pytest.raises(ConfigError, match=r"'synflow_warm_starts' \(5\) exceeds 'synflow_pool' \(4\)"):
+        make_searcher("optuna", space, cost, budget=0.3, model=model, synflow_warm_starts=5, synflow_pool=4)
+    with pytest.raises(ConfigError, match="'synflow_warm_starts' needs the model"):
+        make_searcher("optuna", space, cost, budget=0.3, synflow_warm_starts=1)
+
+
+def test_synflow_scores_the_architecture_and_leaves_the_model_and_random_state_alone(resnet):
+    from widthsearch import prune
+    from widthsearch.zero_cost import synflow
+
+    model, space, cost = resnet
+    narrow, wide = (prune(model, space, space.uniform(r)) for r in (0.25, 0.5))
+    before = {k: v.clone() for k, v in narrow.state_dict().items()}
+    state = torch.random.get_rng_state()
+    score = synflow(narrow, (3, 32, 32))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(before[k], v) for k, v in narrow.state_dict().items())
+    assert np.isfinite(score) and 0 < score < synflow(wide, (3, 32, 32))
+    assert synflow(narrow, (3, 32, 32)) == score  # seeded: the same architecture, the same score
+    with torch.no_grad():  # the weights it was given do not count, only the architecture
+        for p in narrow.parameters():
+            p.mul_(3.0)
+    assert synflow(narrow, (3, 32, 32)) == pytest.approx(score)
+
+
 @pytest.mark.parametrize("how, count", [("group", 12), ("stage", 6), ("depth", 6)])
 def test_optuna_parameterizations_cover_every_group_and_stay_in_budget(resnet, how, count):
     model, space, cost = resnet
