@@ -10,7 +10,8 @@ score is the architecture's alone, not its inherited weights'.
 
 Measured as a ranker of pruned cifar_resnet20 profiles against their 40-epoch retrain (bench/fidelity.py, 24
 profiles per budget, 2026-12-07): Spearman 0.55 with test accuracy at FLOPs 0.1 (the 50-step trial score: 0.27),
-the best of the free scores there (parameter count 0.07, NASWOT negative).
+the best of the free scores there (parameter count 0.07, NASWOT negative); 0.27 at FLOPs 0.05 (parameter count 0.53,
+every trained score below 0).
 """
 
 from __future__ import annotations
