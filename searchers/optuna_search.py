@@ -45,7 +45,7 @@ their search space's uniform sampling. Measured as a ranker of 24 pruned cifar_r
 trial score had 0.27; at FLOPs 0.05 0.27, where every trained score ranked below 0. Measured as bench row
 optuna-synflow (optuna-widthexp + 3 synflow warm starts of a pool of 32; cifar_resnet20 FLOPs 0.05, 3 search seeds
 x 3 retrains): mean retrained val 0.613 against 0.610, test 0.616 against 0.607 (uniform 0.619), worst seed 0.605
-against 0.591, 3 s more driver CPU per search: not better enough to be the default.
+against 0.591, 3 s more driver CPU per search: too small a gain to be the default.
 
 Persistence: given the experiment (``exp_dir``), every trial the study is told is also recorded in an Optuna
 journal study named after the experiment, EXP/widthsearch/optuna/study.journal (JournalStorage), which
