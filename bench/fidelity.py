@@ -207,9 +207,9 @@ def proxies(base, space, profile: dict, data, seed: int) -> dict:
     * `naswot`, `naswot_init`: NASWOT (Mellor et al., "Neural Architecture Search without Training", ICML 2021; the
       authors' BayesWatch/nas-without-training, score `hook_logdet`): log|det K| over one training batch of 128,
       K = sum over ReLUs of c c^T + (1 - c)(1 - c)^T, c each image's binary code (input > 0) at that ReLU. The paper
-      scores untrained networks (`naswot_init`: the architecture re-initialised (`widthsearch.zero_cost.reinitialise`), BN on batch
-      statistics, as there); `naswot` scores the pruned weights after adaptive BN, since a trial's model is not
-      untrained (a deviation, recorded beside the paper's setting);
+      scores untrained networks (`naswot_init`: the architecture re-initialised
+      (`widthsearch.zero_cost.reinitialise`), BN on batch statistics, as there); `naswot` scores the pruned weights
+      after adaptive BN, since a trial's model is not untrained (a deviation, recorded beside the paper's setting);
     * `synflow`: synaptic flow of the re-initialised architecture (`widthsearch.zero_cost.synflow`, which names its
       sources and deviations).
     """

@@ -148,8 +148,8 @@ def residuals(space, model, latency, target: LatencyTarget, profiles, grid: int,
             per_unit.setdefault(name, []).append({"c_in": c_in, "c_out": c_out, "predicted_ms": pred,
                                                   "exact_ms": exact, "fresh_interp_ms": interp,
                                                   "table_interp_ms": float(table_interp)})
-        whole.append({"measured_ms": measured, "weight_mb": weight_mb(pruned), "units_exact_ms": exact_sum, "units_fresh_interp_ms": interp_sum,
-                      "units_predicted_ms": float(table_ms.sum()),
+        whole.append({"measured_ms": measured, "weight_mb": weight_mb(pruned), "units_exact_ms": exact_sum,
+                      "units_fresh_interp_ms": interp_sum, "units_predicted_ms": float(table_ms.sum()),
                       "exact_plus_overhead_ms": latency.overhead_ms + weighted})
 
     def rel(a, b):

@@ -506,6 +506,11 @@ def fidelity_section(folder: Path) -> list[str]:
     return lines + [f"![fidelity]({folder.name}/fidelity.png)", ""]
 
 
+def _model_label(cell: dict) -> str:
+    """A latency cell's model, with the divisor its widths are multiples of where that is above 1."""
+    return cell["model"] + (f" (divisor {cell['divisor']})" if cell.get("divisor", 1) > 1 else "")
+
+
 def latency_section(folder: Path) -> list[str]:
     """The latency model's error on random profiles (bench/latency.py: one JSON per model, batch and runtime under
     latency/) and latency- vs FLOPs-constrained winners at equal measured latency (bench/latency_search.py)."""
@@ -538,8 +543,7 @@ def latency_section(folder: Path) -> list[str]:
             dense = [r["dense_beside_ms"] for r in c["rows"] if "dense_beside_ms" in r]
             mid = statistics.median(dense) if dense else 0.0
             steady = f"{sum(abs(d / mid - 1) <= 0.10 for d in dense) / len(dense):.0%}" if dense else "-"
-            divisor = f" (divisor {c['divisor']})" if c.get("divisor", 1) > 1 else ""
-            lines.append(f"| {c['model']}{divisor} | {c['batch']} | {c['runtime']} | {c['clock']} | {c.get('align', 0)} | "
+            lines.append(f"| {_model_label(c)} | {c['batch']} | {c['runtime']} | {c['clock']} | {c.get('align', 0)} | "
                          f"{len(c['rows'])} | {c['table_s']:.0f} ({c['table_cpu_s']:.0f}) | {part(c['ms'])} | "
                          f"{table_speed} | {steady} | {part(c['ratio'])} | {c['flops_ratio']['median_abs_rel_err']:.1%} | "
                          f"{c['drift']:.3f} | {c['loadavg_after'].split()[0]} | {c.get('cpu', '-')} | {c['date']} |")
@@ -589,10 +593,9 @@ def composition_lines(cells: list[dict]) -> list[str]:
              "| model | batch | runtime | FLOPs ratio | weights MiB | units alone ms | whole ms | whole / units | "
              "date |", "|---" * 9 + "|"]
     for c in sorted(cells, key=lambda c: (c["runtime"], c["batch"], c["model"], c["date"])):
-        divisor = f" (divisor {c['divisor']})" if c.get("divisor", 1) > 1 else ""
         for i, w in zip(c["residuals"]["profiles"], c["residuals"]["whole"]):
             mb = f"{w['weight_mb']:.1f}" if "weight_mb" in w else "-"
-            lines.append(f"| {c['model']}{divisor} | {c['batch']} | {c['runtime']} | {c['rows'][i]['flops_ratio']:.2f} | "
+            lines.append(f"| {_model_label(c)} | {c['batch']} | {c['runtime']} | {c['rows'][i]['flops_ratio']:.2f} | "
                          f"{mb} | {w['units_exact_ms']:.3f} | {w['measured_ms']:.3f} | "
                          f"{w['measured_ms'] / w['units_exact_ms']:.2f} | {c['date']} |")
     return lines + [""]

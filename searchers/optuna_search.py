@@ -198,6 +198,10 @@ class OptunaWidthSearcher(WidthSearcher):
         uniform = UniformSearcher(self.space, self.cost, budget=target, measure=self.measure)
         return np.asarray(uniform.suggest("uniform")["widths"], dtype=np.int64)
 
+    def _ratios(self, params: np.ndarray) -> np.ndarray:
+        """Per-group keep ratios of parameter values: their expansion, within each group's bounds."""
+        return np.clip(self._basis @ params, self.min_ratios, 1.0)
+
     def _params_of(self, ratios: np.ndarray) -> dict[str, float]:
         """Parameters whose expansion is closest (least squares) to per-group `ratios`, within bounds."""
         values = np.linalg.lstsq(self._basis, np.asarray(ratios, dtype=np.float64), rcond=None)[0]
@@ -242,7 +246,7 @@ class OptunaWidthSearcher(WidthSearcher):
         for _ in range(int(self.options["synflow_pool"])):
             u = rng.random(len(low))
             params = low ** (1.0 - u) if self._spread else low + u * (1.0 - low)
-            widths = self.project(np.clip(self._basis @ params, self.min_ratios, 1.0), low=self._floor)
+            widths = self.project(self._ratios(params), low=self._floor)
             key = tuple(int(w) for w in widths)
             if key not in scored:  # the architecture alone counts: any channels will do
                 scored[key] = synflow(prune(self.model, self.space, self.space.from_vector(list(key))), shape)
@@ -258,7 +262,7 @@ class OptunaWidthSearcher(WidthSearcher):
         if warm is not None:  # a warm start is evaluated as given (its parameters: the closest in bounds), no floor
             ratios = self._warm[int(warm)]
         else:
-            ratios = np.clip(self._basis @ params, self.min_ratios, 1.0)
+            ratios = self._ratios(params)
         if self.pareto:
             widths = np.array([g.round(r * g.width) for g, r in zip(self.space.groups, ratios)], dtype=np.int64)
         else:
