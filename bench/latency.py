@@ -46,6 +46,8 @@ from widthsearch.latency import (
     LatencyTarget,
     _replica,
     alignment,
+    cold_extra,
+    cold_share,
     latency_model,
     make_timer,
     measure_profiles,
@@ -102,7 +104,9 @@ def residuals(space, model, latency, target: LatencyTarget, profiles, grid: int,
     and drift (the table's value against the fresh one). Per profile: composition error (measured whole
     against the sum of exact units plus the overhead: the overhead term, cache effects between layers) and the
     pruned model's weight bytes (`weight_mb`: a unit timed alone keeps its weights in the caches, the whole model
-    streams them in once they outgrow the caches)."""
+    streams them in once they outgrow the caches); where the table has cold timings (`cache_bytes`), every unit is
+    also timed cold at its exact widths and mixed by the profile's cold share, as the model predicts
+    (`units_mixed_ms`)."""
     planned = plan(space, model, grid, alignment(target))
     modules = dict(model.named_modules())
     timer, whole_timer = make_timer(target, **UNIT_TIMING), make_timer(target)
@@ -123,6 +127,9 @@ def residuals(space, model, latency, target: LatencyTarget, profiles, grid: int,
             for (i, j), _ in corners:
                 ci = int(p.grid_in[i])
                 points[i, j] = (ci, round(p.tied * ci) if p.tied is not None else int(p.grid_out[j]))
+            if latency.cache_bytes:  # the cold extra counts above the one at the unit's narrowest point
+                narrow = int(p.grid_in[0])
+                points["narrowest"] = (narrow, round(p.tied * narrow) if p.tied is not None else int(p.grid_out[0]))
             for key, (ci, co) in points.items():
                 jobs.setdefault((p.signature, ci, co), (p, ci, co))
             rows.append((p, f"{k}:{name}", float(pred), points, corners, round(c_in), round(c_out),
@@ -130,15 +137,22 @@ def residuals(space, model, latency, target: LatencyTarget, profiles, grid: int,
         runs = {k: timer.prepare(*_replica(modules, p.unit, ci, co, target.batch)) for k, (p, ci, co) in jobs.items()}
         pruned = prune(model, space, space.from_vector(list(w))).eval()
         whole_run = whole_timer.prepare(pruned, (torch.randn(target.batch, *space.example_input.shape[1:]),))
-        fresh = dict.fromkeys(runs, np.inf)
+        fresh, cold = dict.fromkeys(runs, np.inf), dict.fromkeys(runs, np.inf)
         measured = whole_run()
         for _ in range(passes):  # the whole model before, between and after the passes over the units
             for k, run in runs.items():
                 fresh[k] = min(fresh[k], run())
+                if latency.cache_bytes:
+                    cold[k] = min(cold[k], run(cold=True))
             measured = min(measured, whole_run())
-        exact_sum = interp_sum = weighted = 0.0
+        share = float(cold_share(torch.tensor(weight_mb(pruned) * 2**20), latency.cache_bytes))
+        exact_sum = interp_sum = weighted = mixed_sum = 0.0
         for p, name, pred, points, corners, c_in, c_out, weight in rows:
             exact = fresh[(p.signature, *points["exact"])]
+            if latency.cache_bytes:
+                narrowest = (p.signature, *points["narrowest"])
+                extra = cold_extra([cold[narrowest] - fresh[narrowest], cold[(p.signature, *points["exact"])] - exact])
+                mixed_sum += exact + share * float(extra[1])
             interp = sum(wt * fresh[(p.signature, *points[ij])] for ij, wt in corners)
             table = np.asarray(units_table[p.signature])
             table_interp = sum(wt * table[ij] for ij, wt in corners)
@@ -149,6 +163,7 @@ def residuals(space, model, latency, target: LatencyTarget, profiles, grid: int,
                                                   "exact_ms": exact, "fresh_interp_ms": interp,
                                                   "table_interp_ms": float(table_interp)})
         whole.append({"measured_ms": measured, "weight_mb": weight_mb(pruned), "units_exact_ms": exact_sum,
+                      **({"cold_share": share, "units_mixed_ms": mixed_sum} if latency.cache_bytes else {}),
                       "units_fresh_interp_ms": interp_sum, "units_predicted_ms": float(table_ms.sum()),
                       "exact_plus_overhead_ms": latency.overhead_ms + weighted})
 

@@ -582,7 +582,7 @@ def latency_section(folder: Path) -> list[str]:
 def composition_lines(cells: list[dict]) -> list[str]:
     """Per cell timed with --residuals: each such profile's whole-model time against the sum of its units timed
     alone at its exact widths, beside its weight bytes (whether the composition misses where the weights outgrow
-    the caches)."""
+    the caches), and against the units mixed with their cold timings where the table has them."""
     cells = [c for c in cells if c.get("residuals")]
     if not cells:
         return []
@@ -591,13 +591,15 @@ def composition_lines(cells: list[dict]) -> list[str]:
              "a drift of the machine's speed enters), beside the pruned model's weight bytes ('-': a cell timed "
              "before they were recorded).", "",
              "| model | batch | runtime | FLOPs ratio | weights MiB | units alone ms | whole ms | whole / units | "
-             "date |", "|---" * 9 + "|"]
+             "cold share | units mixed ms | whole / mixed | date |", "|---" * 12 + "|"]
     for c in sorted(cells, key=lambda c: (c["runtime"], c["batch"], c["model"], c["date"])):
         for i, w in zip(c["residuals"]["profiles"], c["residuals"]["whole"]):
             mb = f"{w['weight_mb']:.1f}" if "weight_mb" in w else "-"
+            mixed = (f"{w['cold_share']:.2f} | {w['units_mixed_ms']:.3f} | {w['measured_ms'] / w['units_mixed_ms']:.2f}"
+                     if "units_mixed_ms" in w else "- | - | -")
             lines.append(f"| {_model_label(c)} | {c['batch']} | {c['runtime']} | {c['rows'][i]['flops_ratio']:.2f} | "
                          f"{mb} | {w['units_exact_ms']:.3f} | {w['measured_ms']:.3f} | "
-                         f"{w['measured_ms'] / w['units_exact_ms']:.2f} | {c['date']} |")
+                         f"{w['measured_ms'] / w['units_exact_ms']:.2f} | {mixed} | {c['date']} |")
     return lines + [""]
 
 

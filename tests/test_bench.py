@@ -333,9 +333,12 @@ def test_the_composition_table_sets_each_whole_model_against_its_units_and_weigh
             "rows": [{"flops_ratio": 0.05}, {"flops_ratio": 0.5}, {"flops_ratio": 0.9}],
             "residuals": {"profiles": [0, 2],
                           "whole": [{"measured_ms": 0.44, "units_exact_ms": 0.48, "weight_mb": 2.9},
-                                    {"measured_ms": 8.0, "units_exact_ms": 5.0}]}}
+                                    {"measured_ms": 8.0, "units_exact_ms": 5.0, "cold_share": 1.0,
+                                     "units_mixed_ms": 7.6}]}}
     lines = composition_lines([cell, {**cell, "residuals": None}])
     rows = [line for line in lines if line.startswith("| cifar_vgg16")]
-    assert rows == ["| cifar_vgg16 (divisor 16) | 1 | onnxruntime | 0.05 | 2.9 | 0.480 | 0.440 | 0.92 | 2026-12-07 21:00 |",
-                    "| cifar_vgg16 (divisor 16) | 1 | onnxruntime | 0.90 | - | 5.000 | 8.000 | 1.60 | 2026-12-07 21:00 |"]
+    assert rows == ["| cifar_vgg16 (divisor 16) | 1 | onnxruntime | 0.05 | 2.9 | 0.480 | 0.440 | 0.92 | - | - | - | "
+                    "2026-12-07 21:00 |",
+                    "| cifar_vgg16 (divisor 16) | 1 | onnxruntime | 0.90 | - | 5.000 | 8.000 | 1.60 | 1.00 | 7.600 | "
+                    "1.05 | 2026-12-07 21:00 |"]
     assert composition_lines([{**cell, "residuals": None}]) == []

@@ -676,3 +676,72 @@ def test_timing_keeps_freed_memory_so_a_forward_pays_no_page_faults_again():
     # hundred at most while the heap settles. The median of three settled calls, not their sum: CI on 2026-12-07
     # saw one settling call of 1,610 faults against 8,064 over three calls without it
     assert applied == "True" and default > 256 and steady * 4 < default, (steady, default)
+
+
+def test_time_ms_runs_before_off_the_clock_once_per_sample_of_one_call():
+    calls, befores = [], []
+    ms = time_ms(lambda: calls.append(1), before=lambda: befores.append(time.sleep(0.01)), warmup=1, repeats=4,
+                 min_repeats=4)
+    assert len(befores) == 4 and len(calls) == 1 + 4  # one warm-up call, then one call per sample
+    assert ms < 5  # the 10 ms before each sample is not on the clock
+
+
+def test_units_are_timed_cold_only_on_onnxruntime_when_the_weights_outgrow_half_the_cache(resnet, monkeypatch):
+    from widthsearch.latency import cold_cache_bytes
+
+    model, _ = resnet
+    dense = 4 * sum(p.numel() for p in model.parameters())
+    for cache, runtime, expected in [(dense * 3 // 2, "onnxruntime", dense * 3 // 2), (dense * 4, "onnxruntime", 0),
+                                     (dense * 3 // 2, "eager", 0), (0, "onnxruntime", 0)]:
+        monkeypatch.setattr("widthsearch.latency.last_level_cache_bytes", lambda cache=cache: cache)
+        assert cold_cache_bytes(LatencyTarget(runtime=runtime), model) == expected
+
+
+class WarmCold:
+    """A prepared timer (like make_timer's): every unit 1 ms warm and 1 ms + 1 us per parameter cold; the whole
+    model 1 ms."""
+
+    def prepare(self, module, inputs):
+        return lambda cold=False: 1.0 + (1e-3 * sum(p.numel() for p in module.parameters()) if cold else 0.0)
+
+    def __call__(self, module, inputs) -> float:
+        return 1.0
+
+
+def test_with_cold_timings_a_unit_counts_the_profiles_share_of_its_cold_extra(resnet, tmp_path, monkeypatch):
+    """cold_share: 0 up to half the cache, 1 from the whole cache on, linear between, by the profile's weight
+    bytes (parameters x 4); the cold extra counts above the one at the unit's narrowest grid point; the
+    prediction is differentiable in the share. Cache = the dense model's weight bytes."""
+    from widthsearch.latency import LatencyModel, WeightBytes, cold_share
+
+    model, space = resnet
+    cost = CostModel(space, model)
+    dense = 4 * cost.params_many(space.widths[None])[0]
+    monkeypatch.setattr(LatencyTarget, "check_present", lambda self: None)
+    monkeypatch.setattr("widthsearch.latency.last_level_cache_bytes", lambda: int(dense))
+    target = LatencyTarget(runtime="onnxruntime")
+    measure = latency_model(space, model, target, grid=2, cache_dir=tmp_path, timer=WarmCold(), progress=False)
+    table = measure.table
+    assert table["key"]["cold_cache_bytes"] == int(dense) and table["cache_bytes"] == int(dense)
+    assert all(cold[0][0] == 1.0 for cold in table["cold_units"].values())  # the narrowest point's extra: the base
+    assert any(np.array(cold).max() > 1.0 for cold in table["cold_units"].values())
+    planned = plan(space, model, 2, align=4)
+    warm = LatencyModel(planned, {k: v for k, v in table.items() if k not in ("cold_units", "cache_bytes")},
+                        space.widths)
+    everything = LatencyModel(planned, {**table, "cache_bytes": 1}, space.widths, WeightBytes(space, model, target))
+    with pytest.raises(Exception, match="needs the profiles' weight bytes"):
+        LatencyModel(planned, table, space.widths)
+    small, middle = (np.array(space.vector(space.uniform(r)), dtype=np.float64) for r in (0.3, 0.85))
+    assert 4 * cost.params_many(small[None])[0] < dense / 2
+    assert np.allclose(measure.unit_ms(small), warm.unit_ms(small))  # all warm
+    full = space.widths.astype(np.float64)
+    assert np.allclose(measure.unit_ms(full), everything.unit_ms(full))  # all cold
+    assert (everything.unit_ms(full) > warm.unit_ms(full)).any()
+    share = float(cold_share(torch.tensor(4 * cost.params_many(middle[None])[0]), int(dense)))
+    assert 0 < share < 1
+    mixed = warm.unit_ms(middle) + share * (everything.unit_ms(middle) - warm.unit_ms(middle))
+    assert np.allclose(measure.unit_ms(middle), mixed)
+    widths = torch.tensor(middle, requires_grad=True)
+    measure.torch(widths).backward()
+    assert widths.grad.abs().sum() > 0
+    assert np.array_equal(pickle.loads(pickle.dumps(measure)).many(middle), measure.many(middle))

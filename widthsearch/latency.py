@@ -36,6 +36,13 @@ measured on the target platform, the network's latency being the sum of its laye
   (:func:`calibration_profiles`: widths of every kind, not only the round ones of uniform ratios), and
   (overhead, scale) fitted by Theil-Sen, robust to one disturbed timing (:func:`calibrate`); under onnxruntime
   the aligned entries get a scale of their own (:func:`calibrate_aligned`).
+* **Cold weights.** A unit timed alone finds its weights in the caches; a model whose weights outgrow the
+  last-level cache streams them from memory on every forward (ONNX Runtime, cifar_vgg16 at batch 1: the whole
+  model 1.4-1.6x its units' summed time from 35 MiB of weights on, with a 32 MiB L3; see COLD). On a (device,
+  runtime) of COLD, when the dense model's weights exceed half the cache (:func:`cold_cache_bytes`), every grid
+  point is also timed cold (each sample one call after `evict_caches`), and a profile counts each unit's warm time
+  plus :func:`cold_share` of its cold extra: 0 up to half the cache, 1 from the whole cache on, by the profile's
+  weight bytes (:class:`WeightBytes`), so smaller profiles keep the warm tables.
 * **Timing.** Warm-up, then samples of enough calls for a minimum duration each; clock `wall` takes the median
   sample, clock `cpu` (one thread on a CPU shared with other work) the fastest sample of the process's CPU
   time. Grid points: samples of >= 1 ms, 2 to 8 of them within 40 ms, and two interleaved passes over each
@@ -84,11 +91,11 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .cost import Measure, trace_slopes
+from .cost import CostModel, Measure, trace_slopes
 from .errors import ConfigError, WidthSearchError
 from .space import WidthSpace, eval_mode
 from .target import LatencyTarget
-from .timing import time_ms
+from .timing import evict_caches, last_level_cache_bytes, time_ms
 
 FORMAT = 3                      # of the cached table; a change invalidates old tables (3: timed with steady_allocator)
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # of target.DTYPES
@@ -97,12 +104,18 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 # of 28, yet a split by c_in % 8 (bench/latency.py, 2026-12-06) helped cifar_resnet20 at batch 64 (ratio within
 # 10%: 72% -> 90% of profiles) and hurt cifar_resnet56 (82% -> 48%; its small profiles predicted 15-20% fast).
 ALIGN = {("cpu", "onnxruntime"): 4}
+# (device, runtime) whose units are also timed with their weights out of the caches (see COLD and cold_cache_bytes):
+# ONNX Runtime at batch 1 ran cifar_vgg16 in 0.93-1.06x its units' summed time up to 12 MiB of weights, 1.15x at
+# 21.5 MiB and 1.41-1.58x at 35-55 MiB (L3: 32 MiB; bench/latency.py --residuals, 2026-12-07), while eager PyTorch
+# ran it in 1.10-1.26x at every size (oneDNN reorders the weights on each call, inside the model and alone).
+COLD = {("cpu", "onnxruntime")}
 CALIBRATION_RATIOS = (1.0, 0.85, 0.7, 0.55, 0.4, 0.3, 0.2)
 ROUNDS = 3                      # interleaved passes over the whole-model timings (calibration, measure_profiles)
 SCALE_RANGE = (0.5, 2.0)        # the calibrated in-context scale of the summed units is clipped to this range
 UNIT_PASSES = 2                 # interleaved passes over each unit's grid, for points timed in under REPASS_S
 REPASS_S = 0.05                 # a point whose timing spans longer is timed once (a burst of load hits few samples)
 UNIT_TIMING = {"warmup": 1, "min_sample_s": 0.001, "repeats": 8, "min_repeats": 2, "budget_s": 0.04}  # per point
+COLD_TIMING = {"warmup": 1, "repeats": 3, "min_repeats": 3}  # per point, each sample one call after evict_caches
 CALIBRATION_TIMING = {"repeats": 10, "min_repeats": 3, "budget_s": 0.25}  # per calibration profile and round
 Timer = Callable[[nn.Module, tuple], float]   # (module, inputs) -> milliseconds per forward
 
@@ -111,18 +124,26 @@ Timer = Callable[[nn.Module, tuple], float]   # (module, inputs) -> milliseconds
 def make_timer(target: LatencyTarget, repeats: int = 15, **timing) -> Timer:
     """The timer of `target`: (module, CPU fp32 inputs) -> ms per forward on the target (see time_ms; `timing`:
     its other sampling arguments). Its `prepare(module, inputs)` readies a module once (copied to the device;
-    for onnxruntime exported and loaded in a session) and returns a function that times it, for repeated timings."""
+    for onnxruntime exported and loaded in a session) and returns a function `run(cold=False)` that times it, for
+    repeated timings; `cold=True`: COLD_TIMING's samples, each one call after the caches were emptied
+    (`evict_caches`) and the inputs read back in, so the call streams its weights from memory as a layer inside a
+    model that outgrows the caches does."""
     device, dtype = torch.device(target.device), TORCH_DTYPES[target.dtype]
     sync = torch.cuda.synchronize if target.device == "cuda" else (lambda: None)
     sampling = {"clock": target.clock, "repeats": repeats, **timing}
+
+    def evicting(inputs: Sequence, cold: bool) -> dict:
+        if not cold:
+            return sampling
+        return {"clock": target.clock, **COLD_TIMING, "before": lambda: (evict_caches(), [x.sum() for x in inputs])}
 
     def eager(module: nn.Module, inputs: tuple) -> Callable[[], float]:
         module = copy.deepcopy(module).to(device=device, dtype=dtype).eval()
         xs = tuple(x.to(device=device, dtype=dtype) for x in inputs)
 
-        def run() -> float:
+        def run(cold: bool = False) -> float:
             with torch.no_grad():
-                return time_ms(lambda: module(*xs), sync, **sampling)
+                return time_ms(lambda: module(*xs), sync, **evicting(xs, cold))
 
         return run
 
@@ -151,9 +172,9 @@ def make_timer(target: LatencyTarget, repeats: int = 15, **timing) -> Timer:
         for o, buffer in zip(session.get_outputs(), outputs):
             binding.bind_output(o.name, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
 
-        def run() -> float:
+        def run(cold: bool = False) -> float:
             keep = (arrays, outputs)  # noqa: F841  (the bound buffers live as long as the timing)
-            return time_ms(lambda: session.run_with_iobinding(binding), **sampling)
+            return time_ms(lambda: session.run_with_iobinding(binding), **evicting(arrays, cold))
 
         return run
 
@@ -167,9 +188,9 @@ def make_timer(target: LatencyTarget, repeats: int = 15, **timing) -> Timer:
         finally:
             torch.set_num_threads(threads)
 
-    def prepare(module: nn.Module, inputs: tuple) -> Callable[[], float]:
+    def prepare(module: nn.Module, inputs: tuple) -> Callable[..., float]:
         run = threaded(ready, module, inputs)
-        return lambda: threaded(run)
+        return lambda cold=False: threaded(run, cold)
 
     def timed(module: nn.Module, inputs: tuple) -> float:
         return prepare(module, inputs)()
@@ -388,6 +409,47 @@ def alignment(target: LatencyTarget) -> int:
     return ALIGN.get((target.device, target.runtime), 0)
 
 
+def cold_cache_bytes(target: LatencyTarget, model: nn.Module) -> int:
+    """The last-level cache size where `model`'s units are also timed cold on `target` (see COLD), else 0: on a
+    (device, runtime) of COLD whose cache this machine reports, when the dense model's weights exceed half of it
+    (a smaller model's profiles all keep their weights in the cache, and the cold timings would change nothing)."""
+    cache = last_level_cache_bytes() if (target.device, target.runtime) in COLD else 0
+    size = TORCH_DTYPES[target.dtype].itemsize
+    weights = sum(p.numel() for p in model.parameters()) * size
+    return cache if cache and weights > cache / 2 else 0
+
+
+class WeightBytes:
+    """W (..., groups) -> the pruned model's weight bytes on `target` (parameters x element size; differentiable,
+    picklable: it travels with the LatencyModel to the trials)."""
+
+    def __init__(self, space: WidthSpace, model: nn.Module, target: LatencyTarget):
+        self.cost, self.size = CostModel(space, model), TORCH_DTYPES[target.dtype].itemsize
+
+    def __call__(self, widths: torch.Tensor) -> torch.Tensor:
+        return self.cost.params_torch(widths) * self.size
+
+
+def cold_extra(extra: np.ndarray) -> np.ndarray:
+    """A unit's cold extra time over its grid (cold - warm) less the extra at its narrowest point, never below 0:
+    emptying the caches slows any call by the runtime's own state and code read back in (ONNX Runtime on this
+    CPU: 0.07-0.19 ms even for a conv of 4 channels, whose weights are nothing), which a layer inside the model
+    does not pay; what remains grows with the weights (a 512 -> 512 3x3 conv, 9 MiB: 0.70 ms, ~17 GB/s)."""
+    extra = np.asarray(extra, dtype=np.float64)
+    return np.maximum(extra - extra.flat[0], 0.0)
+
+
+def cold_share(weights: torch.Tensor, cache_bytes: int) -> torch.Tensor:
+    """The share of each unit's cold time (against its warm time) in a profile with these weight bytes: 0 up to half
+    the last-level cache, 1 from the whole cache on, linear between (see COLD: the whole model ran at its units'
+    warm sum up to 12 MiB (0.4 of its L3), 1.15x at 21.5 MiB and 1.4-1.6x from 35 MiB on: the cache also holds
+    activations and code, and a victim L3 keeps part of a working set larger than itself). 0 where `cache_bytes` is
+    0."""
+    if not cache_bytes:
+        return torch.zeros_like(weights)
+    return torch.clamp((weights - cache_bytes / 2) / (cache_bytes / 2), 0.0, 1.0)
+
+
 def plan(space: WidthSpace, model: nn.Module, grid: int = 7, align: int = 0) -> list[_Planned]:
     """The units of `model` with their affine channel maps, grids and signatures (no timing). `align` > 1: a
     conv whose input channels take both multiples of `align` and other counts is planned as two entries, one
@@ -432,19 +494,21 @@ def architecture_signature(space: WidthSpace, model: nn.Module, planned: Sequenc
 
 # ----------------------------------------------------------------------------- measuring
 def measure_table(space: WidthSpace, model: nn.Module, target: LatencyTarget, planned: Sequence[_Planned], *,
-                  timer: Timer | None = None, progress: bool = True) -> dict:
-    """Time every distinct unit on its grid and the whole model at the calibration profiles (the table)."""
+                  timer: Timer | None = None, progress: bool = True, cache_bytes: int = 0) -> dict:
+    """Time every distinct unit on its grid and the whole model at the calibration profiles (the table);
+    `cache_bytes` > 0 (:func:`cold_cache_bytes`): every grid point also cold ("cold_units"), and the calibration
+    mixes each unit's warm and cold times by the profile's :func:`cold_share`."""
     from .training import Progress
 
     whole = timer or make_timer(target, **CALIBRATION_TIMING)
     unit_timer = timer or make_timer(target, **UNIT_TIMING)
-    prepare = getattr(unit_timer, "prepare", lambda module, inputs: lambda: unit_timer(module, inputs))
+    prepare = getattr(unit_timer, "prepare", lambda module, inputs: lambda cold=False: unit_timer(module, inputs))
     modules = dict(model.named_modules())
     distinct = {p.signature: p for p in planned}
     points = sum(len(p.grid_in) * len(p.grid_out) for p in distinct.values())
-    bar = Progress(points * UNIT_PASSES + len(CALIBRATION_RATIOS) * ROUNDS,
+    bar = Progress(points * (UNIT_PASSES + bool(cache_bytes)) + len(CALIBRATION_RATIOS) * ROUNDS,
                    f"latency table ({target.device}, batch {target.batch})", enabled=progress)
-    start, cpu_start, done, units = time.time(), time.process_time(), 0, {}
+    start, cpu_start, done, units, cold_units = time.time(), time.process_time(), 0, {}, {}
     for signature, p in distinct.items():
         what = p.unit.modules[0] if p.unit.modules else repr(_Op(p.unit.op, p.unit.template, {}))
         cells = [(i, j, int(c_in), int(round(p.tied * c_in) if p.tied is not None else c_out))
@@ -466,8 +530,15 @@ def measure_table(space: WidthSpace, model: nn.Module, target: LatencyTarget, pl
                 done += 1
                 bar.update(done)
         units[signature] = table.tolist()
+        if cache_bytes:  # one pass: each sample is a single call after the caches were emptied
+            cold = np.full_like(table, np.inf)
+            for i, j, c_in, c_out in cells:
+                cold[i, j] = runs[i, j](cold=True)
+                done += 1
+                bar.update(done)
+            cold_units[signature] = (table + cold_extra(cold - table)).tolist()
     units_cpu_s = time.process_time() - cpu_start
-    sums = _UnitSums(planned, units)
+    sums = _UnitSums(planned, units, cold_units or None)
 
     def step() -> None:
         nonlocal done
@@ -476,11 +547,14 @@ def measure_table(space: WidthSpace, model: nn.Module, target: LatencyTarget, pl
 
     profiles = calibration_profiles(space)
     measured = [m["ms"] for m in measure_profiles(space, model, target, profiles, timer=whole, step=step)]
-    per_entry = sums.units(torch.from_numpy(np.stack(profiles).astype(np.float64))).numpy()
+    widths = torch.from_numpy(np.stack(profiles).astype(np.float64))
+    share = cold_share(WeightBytes(space, model, target)(widths), cache_bytes) if cache_bytes else None
+    per_entry = sums.units(widths, share).numpy()
     aligned = np.array([p.align > 1 and p.aligned for p in planned])
     calibration = [{"ratio": r, "measured_ms": m, "units_ms": float(u.sum()),
-                    "aligned_units_ms": float(u[aligned].sum()), "widths": w.tolist()}
-                   for r, m, u, w in zip(CALIBRATION_RATIOS, measured, per_entry, profiles)]
+                    "aligned_units_ms": float(u[aligned].sum()), "widths": w.tolist(),
+                    **({"cold_share": float(share[k])} if cache_bytes else {})}
+                   for k, (r, m, u, w) in enumerate(zip(CALIBRATION_RATIOS, measured, per_entry, profiles))]
     if aligned.any():
         overhead, scale, aligned_scale = calibrate_aligned(
             [c["units_ms"] - c["aligned_units_ms"] for c in calibration], [c["aligned_units_ms"] for c in calibration],
@@ -489,7 +563,8 @@ def measure_table(space: WidthSpace, model: nn.Module, target: LatencyTarget, pl
         overhead, scale = calibrate([c["units_ms"] for c in calibration], [c["measured_ms"] for c in calibration])
         aligned_scale = scale
     return {"format": FORMAT, "units": units, "calibration": calibration, "overhead_ms": overhead, "scale": scale,
-            "aligned_scale": aligned_scale,
+            "aligned_scale": aligned_scale, **({"cold_units": cold_units, "cache_bytes": cache_bytes} if cache_bytes
+                                               else {}),
             "measure_s": time.time() - start, "measure_cpu_s": time.process_time() - cpu_start,
             "units_cpu_s": units_cpu_s,
             "loadavg": list(os.getloadavg()), "created_at": time.time(),
@@ -590,16 +665,21 @@ def _axis(grid: torch.Tensor, n: torch.Tensor, x: torch.Tensor) -> tuple[torch.T
 class _UnitSums:
     """W (..., groups) -> summed unit milliseconds (...): every unit bilinear in its (monotone) table, all units
     in one vectorised pass over padded grids and tables. In torch, so the same code serves `many` (float64, no
-    grad) and the differentiable `torch`."""
+    grad) and the differentiable `torch`. With `cold` tables (the units timed with their weights out of the
+    caches), each unit's time is its warm one plus a given share of the difference."""
 
-    def __init__(self, planned: Sequence[_Planned], units: dict):
-        tables = [monotone(units[p.signature]) for p in planned]
-        k_in, k_out = max(t.shape[0] for t in tables), max(t.shape[1] for t in tables)
-        tables = np.stack([np.pad(t, ((0, k_in - t.shape[0]), (0, k_out - t.shape[1])), mode="edge")
-                           for t in tables])
+    def __init__(self, planned: Sequence[_Planned], units: dict, cold: dict | None = None):
+        def stacked(times: dict) -> np.ndarray:
+            tables = [monotone(times[p.signature]) for p in planned]
+            k_in, k_out = max(t.shape[0] for t in tables), max(t.shape[1] for t in tables)
+            return np.stack([np.pad(t, ((0, k_in - t.shape[0]), (0, k_out - t.shape[1])), mode="edge")
+                             for t in tables])
+
+        tables = stacked(units)
+        extra = stacked(cold) - tables if cold else np.zeros_like(tables)
         tied = np.array([p.tied is not None for p in planned])
         arrays = {"grid_in": _padded([p.grid_in for p in planned]), "grid_out": _padded([p.grid_out for p in planned]),
-                  "table": tables, "a_in": np.array([p.c_in[0] for p in planned]),
+                  "table": tables, "extra": extra, "a_in": np.array([p.c_in[0] for p in planned]),
                   "s_in": np.stack([p.c_in[1] for p in planned]),
                   "a_out": np.where(tied, 0.0, [p.c_out[0] for p in planned]),  # tied: the 1-point axis, at 0
                   "s_out": np.where(tied[:, None], 0.0, np.stack([p.c_out[1] for p in planned])),
@@ -609,20 +689,24 @@ class _UnitSums:
         self.n_in = torch.tensor([len(p.grid_in) for p in planned])
         self.n_out = torch.tensor([len(p.grid_out) for p in planned])
 
-    def __call__(self, widths: torch.Tensor) -> torch.Tensor:
-        return self.units(widths).sum(-1)
-
-    def units(self, widths: torch.Tensor) -> torch.Tensor:
-        """W (..., groups) -> each unit's interpolated milliseconds (..., units)."""
+    def units(self, widths: torch.Tensor, cold_share: torch.Tensor | None = None) -> torch.Tensor:
+        """W (..., groups) -> each unit's interpolated milliseconds (..., units); `cold_share` (...): the share of
+        each unit's cold extra time added (none without cold tables)."""
         v = {k: t.to(widths) for k, t in self.values.items()}
         n_in, n_out = self.n_in.to(widths.device), self.n_out.to(widths.device)
         c_in = widths @ v["s_in"].T + v["a_in"]
         i, f = _axis(v["grid_in"], n_in, c_in)
         j, g = _axis(v["grid_out"], n_out, widths @ v["s_out"].T + v["a_out"])
         i1, j1 = torch.minimum(i + 1, n_in - 1), torch.minimum(j + 1, n_out - 1)
-        units, table = torch.arange(len(n_in), device=widths.device), v["table"]
-        value = ((1 - f) * (1 - g) * table[units, i, j] + f * (1 - g) * table[units, i1, j]
-                 + (1 - f) * g * table[units, i, j1] + f * g * table[units, i1, j1])
+        units = torch.arange(len(n_in), device=widths.device)
+
+        def bilinear(table: torch.Tensor) -> torch.Tensor:
+            return ((1 - f) * (1 - g) * table[units, i, j] + f * (1 - g) * table[units, i1, j]
+                    + (1 - f) * g * table[units, i, j1] + f * g * table[units, i1, j1])
+
+        value = bilinear(v["table"])
+        if cold_share is not None:  # interpolation is linear in the table: mix the interpolated times
+            value = value + cold_share[..., None] * bilinear(v["extra"])
         split = v["align"] > 1  # an entry of one residue class counts only where c_in is in its class
         aligned = torch.remainder(torch.round(c_in), torch.where(split, v["align"], 1.0)) == 0
         return value * torch.where(split, aligned == (v["aligned"] > 0), True).to(value.dtype)
@@ -634,20 +718,26 @@ class LatencyModel(Measure):
 
     `many(W)` predicts every row of W (group order) in one vectorised pass, `torch(W)` the same differentiably;
     `base` is the dense model's prediction; `table` is the measured table (its key, calibration, overhead and
-    `measure_s`).
+    `measure_s`). A table with cold timings ("cache_bytes") needs `weight_bytes` (:class:`WeightBytes`): each
+    unit then counts its warm time plus the profile's :func:`cold_share` of its cold extra.
     """
 
     name = "latency"
     unit = "ms"
 
-    def __init__(self, planned: Sequence[_Planned], table: dict, full_widths: Sequence[int]):
+    def __init__(self, planned: Sequence[_Planned], table: dict, full_widths: Sequence[int],
+                 weight_bytes: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.table = table
+        self.cache_bytes = int(table.get("cache_bytes", 0))
+        if self.cache_bytes and weight_bytes is None:
+            raise WidthSearchError("a latency table with cold timings needs the profiles' weight bytes")
+        self._weight_bytes = weight_bytes
         self.overhead_ms = float(table["overhead_ms"])
         self.scale = float(table.get("scale", 1.0))
         self.aligned_scale = float(table.get("aligned_scale", self.scale))
         self.weights = np.array([self.aligned_scale if p.align > 1 and p.aligned else self.scale for p in planned])
         self._weights = torch.tensor(self.weights, dtype=torch.float64)
-        self._sums = _UnitSums(planned, table["units"])
+        self._sums = _UnitSums(planned, table["units"], table.get("cold_units"))
         self.unit_names = [(p.unit.modules[0] if p.unit.modules else getattr(p.unit.op, "__name__", "op"))
                            + (f" [c_in % {p.align} {'=' if p.aligned else '!'}= 0]" if p.align > 1 else "")
                            for p in planned]
@@ -658,17 +748,22 @@ class LatencyModel(Measure):
         unit, or one residue class of a unit split by ALIGN (0 where the widths are in the other class); the
         prediction is overhead_ms + their sum weighted by `weights` (scale; aligned_scale for aligned entries)."""
         with torch.no_grad():
-            return self._sums.units(torch.from_numpy(np.asarray(widths, dtype=np.float64))).numpy()
+            return self._units(torch.from_numpy(np.asarray(widths, dtype=np.float64))).numpy()
+
+    def _units(self, widths: torch.Tensor) -> torch.Tensor:
+        share = cold_share(self._weight_bytes(widths), self.cache_bytes) if self.cache_bytes else None
+        return self._sums.units(widths, share)
 
     def many(self, widths: np.ndarray) -> np.ndarray:
         widths = torch.from_numpy(np.atleast_2d(np.asarray(widths, dtype=np.float64)))
         with torch.no_grad():
-            return (self.overhead_ms + self._sums.units(widths) @ self._weights).numpy()
+            return (self.overhead_ms + self._units(widths) @ self._weights).numpy()
 
     def torch(self, widths: torch.Tensor) -> torch.Tensor:
         """The prediction as a differentiable function of real-valued widths (group order, last dim):
-        piecewise bilinear, so its gradient is each unit's table slope (zero beyond a grid's ends)."""
-        return self.overhead_ms + self._sums.units(widths) @ self._weights.to(widths)
+        piecewise bilinear, so its gradient is each unit's table slope (zero beyond a grid's ends), plus the
+        cold share's slope in the weight bytes where the table has cold timings."""
+        return self.overhead_ms + self._units(widths) @ self._weights.to(widths)
 
     def budget_of(self, max_ms: float, smallest: Sequence[int]) -> float:
         """The budget ratio of an absolute latency bound; ConfigError when no profile (`smallest`) is that fast."""
@@ -681,7 +776,7 @@ class LatencyModel(Measure):
     def describe(self) -> dict:
         """Plain data for experiment metadata: the key, the overhead, the calibration, how long measuring took."""
         return {"key": self.table["key"], "base_ms": self.base, "overhead_ms": self.overhead_ms, "scale": self.scale,
-                "aligned_scale": self.aligned_scale,
+                "aligned_scale": self.aligned_scale, "cache_bytes": self.cache_bytes,
                 "calibration": self.table["calibration"], "measure_s": self.table["measure_s"],
                 "loadavg": self.table["loadavg"]}
 
@@ -700,12 +795,15 @@ def load_or_measure(space: WidthSpace, model: nn.Module, target: LatencyTarget, 
                     timer: Timer | None = None, progress: bool = True) -> dict:
     """The table of `planned` on `target`: from the experiment's storage or the user cache when its key matches,
     else measured here (then written to both); the experiment always keeps a copy of the table it used, so that it
-    explains its own numbers. Runs where the target is (a Ray task on a cluster)."""
+    explains its own numbers. Runs where the target is (a Ray task on a cluster), where it also decides whether the
+    units are timed cold too (:func:`cold_cache_bytes`: the target's cache against the model's weights)."""
     from .storage import Storage, write_atomic
 
     target.check_present()
+    cache_bytes = cold_cache_bytes(target, model)
     key = {"format": FORMAT, **target.environment(), "grid": grid,
-           "architecture": architecture_signature(space, model, planned)}
+           "architecture": architecture_signature(space, model, planned),
+           **({"cold_cache_bytes": cache_bytes} if cache_bytes else {})}
     name = f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]}.json"
     local = Path(cache_dir) / name if cache_dir is not None else cache_folder() / name
     storage = Storage(exp_dir) if exp_dir else None
@@ -716,7 +814,8 @@ def load_or_measure(space: WidthSpace, model: nn.Module, target: LatencyTarget, 
             if storage and data is not kept:  # from the user cache: the experiment keeps its copy
                 storage.write_bytes(f"latency/{name}", data)
             return table
-    table = {**measure_table(space, model, target, planned, timer=timer, progress=progress), "key": key}
+    table = {**measure_table(space, model, target, planned, timer=timer, progress=progress, cache_bytes=cache_bytes),
+             "key": key}
     data = json.dumps(table, indent=1).encode()
     if storage:
         storage.write_bytes(f"latency/{name}", data)
@@ -739,7 +838,8 @@ def latency_model(space: WidthSpace, model: nn.Module, target: LatencyTarget = L
     call = on_target or (lambda fn, *args, **kwargs: fn(*args, **kwargs))
     table = call(load_or_measure, space, model, target, planned, grid=grid, exp_dir=exp_dir, cache_dir=cache_dir,
                  timer=timer, progress=progress)
-    return LatencyModel(planned, table, space.widths)
+    return LatencyModel(planned, table, space.widths,
+                        WeightBytes(space, model, target) if table.get("cache_bytes") else None)
 
 
 def ray_task(cpus: float, gpus: float) -> Callable:

@@ -7,7 +7,10 @@ import ctypes
 import functools
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
@@ -36,11 +39,39 @@ def steady_allocator() -> bool:
         return False
 
 
+@functools.cache
+def last_level_cache_bytes() -> int:
+    """The size of this CPU's largest cache (Linux sysfs: the highest level's data or unified cache of cpu0); 0
+    where it cannot be read."""
+    best = (0, 0)
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level, kind, size = ((index / f).read_text().strip() for f in ("level", "type", "size"))
+        except OSError:
+            continue
+        if kind in ("Data", "Unified") and size[:-1].isdigit():
+            units = {"K": 2**10, "M": 2**20, "G": 2**30}
+            best = max(best, (int(level), int(size[:-1]) * units.get(size[-1], 1)))
+    return best[1]
+
+
+@functools.cache
+def _eviction_buffer() -> np.ndarray:
+    return np.ones(max(2 * last_level_cache_bytes(), 2**26) // 8, dtype=np.int64)
+
+
+def evict_caches() -> None:
+    """Push what the last calls left in this core's caches out to memory: read a buffer of twice the last-level
+    cache (at least 64 MiB), so the next call finds its weights where a model that outgrows the cache leaves them."""
+    _eviction_buffer().sum()
+
+
 def time_ms(call: Callable[[], object], sync: Callable[[], None] = lambda: None, *, clock: str = "wall",
             warmup: int = 3, repeats: int = 15, min_repeats: int = 5, budget_s: float = 1.0,
-            min_sample_s: float = 0.01) -> float:
+            min_sample_s: float = 0.01, before: Callable[[], object] | None = None) -> float:
     """Milliseconds per `call()`: up to `warmup` calls (0.1 s of them is enough), then samples of enough calls
     for >= min_sample_s each, `repeats` of them, or fewer (at least `min_repeats`) once they add up to `budget_s`.
+    `before`: run before every sample, off the clock, each sample then being one call (e.g. `evict_caches`).
 
     clock "wall": the median sample of time.perf_counter (what a user of the device sees). clock "cpu": the
     fastest sample of this process's CPU time (time.process_time): other processes only add to it (by
@@ -57,9 +88,12 @@ def time_ms(call: Callable[[], object], sync: Callable[[], None] = lambda: None,
         elapsed = now() - start
         if elapsed * (i + 1) >= 0.1:
             break
-    inner = max(1, min(1000, int(min_sample_s / max(elapsed, 1e-7))))
+    inner = 1 if before else max(1, min(1000, int(min_sample_s / max(elapsed, 1e-7))))
     samples: list[float] = []
     while len(samples) < repeats and (len(samples) < min_repeats or sum(samples) * inner < budget_s):
+        if before:
+            before()
+            sync()
         start = now()
         for _ in range(inner):
             call()
