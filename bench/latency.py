@@ -46,6 +46,7 @@ from widthsearch.latency import (
     LatencyTarget,
     _replica,
     alignment,
+    cold_cache_bytes,
     cold_extra,
     cold_share,
     latency_model,
@@ -217,7 +218,8 @@ def cell(name: str, batch: int, args) -> dict:
     half = space.vector(space.uniform(0.5))
     out = {"model": name, "batch": batch, "runtime": args.runtime, "divisor": args.divisor, "threads": args.threads,
            "clock": args.clock,
-           "grid": args.grid, "align": alignment(target), "groups": len(space), "units": len(latency.unit_names),
+           "grid": args.grid, "align": alignment(target), "cache_bytes": latency.cache_bytes, "groups": len(space),
+           "units": len(latency.unit_names),
            "table_s": table_s, "table_cpu_s": table_cpu_s, "measure_s": latency.table["measure_s"],
            "profiles_s": profiles_s, "overhead_ms": latency.overhead_ms,
            "scale": latency.scale, "aligned_scale": latency.aligned_scale, "calibration": latency.table["calibration"],
@@ -310,9 +312,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for batch in args.batches:  # batch 1 of every model first: the quick cells
         for name in args.models:
-            align = alignment(LatencyTarget(batch=batch, runtime=args.runtime))
+            target = LatencyTarget(batch=batch, runtime=args.runtime)
+            align, cold = alignment(target), cold_cache_bytes(target, load_model(name))
             path = out / (f"{name}-b{batch}-{args.runtime}-{args.clock}{f'-a{align}' if align else ''}"
-                          f"{f'-d{args.divisor}' if args.divisor > 1 else ''}.json")
+                          f"{f'-d{args.divisor}' if args.divisor > 1 else ''}{'-cold' if cold else ''}.json")
             if path.is_file() and not args.force:
                 print(f"{path} is there (--force measures it again)")
                 continue

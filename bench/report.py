@@ -507,8 +507,10 @@ def fidelity_section(folder: Path) -> list[str]:
 
 
 def _model_label(cell: dict) -> str:
-    """A latency cell's model, with the divisor its widths are multiples of where that is above 1."""
-    return cell["model"] + (f" (divisor {cell['divisor']})" if cell.get("divisor", 1) > 1 else "")
+    """A latency cell's model, with the divisor its widths are multiples of where that is above 1, and whether its
+    table has cold timings (widthsearch.latency.COLD)."""
+    return (cell["model"] + (f" (divisor {cell['divisor']})" if cell.get("divisor", 1) > 1 else "")
+            + (" (cold weights)" if cell.get("cache_bytes") else ""))
 
 
 def latency_section(folder: Path) -> list[str]:
@@ -528,7 +530,8 @@ def latency_section(folder: Path) -> list[str]:
                   "'align': the input-channel modulus whose multiples get their own grid (0: none). 'dense repeats "
                   "in 10%': the share of the dense model's own timings (one beside each profile) within 10% of their "
                   "median: how steady the machine measured, a ceiling on what any prediction can reach in 'ms in "
-                  "10%'.", "",
+                  "10%'. '(cold weights)': a table whose units were also timed with their weights out of the cache "
+                  "and mixed by each profile's weight bytes (widthsearch.latency, COLD).", "",
                   "| model | batch | runtime | clock | align | profiles | table s (CPU s) | ms: in 10% / in 5% / median "
                   "/ max | ms at table speed | dense repeats in 10% | ratio: in 10% / in 5% / median / max | "
                   "FLOPs-proportional ratio median | drift | load | CPU | date |",
