@@ -105,7 +105,7 @@ def residuals(space, model, latency, target: LatencyTarget, profiles, grid: int,
     and drift (the table's value against the fresh one). Per profile: composition error (measured whole
     against the sum of exact units plus the overhead: the overhead term, cache effects between layers) and the
     pruned model's weight bytes (`weight_mb`: a unit timed alone keeps its weights in the caches, the whole model
-    streams them in once they outgrow the caches); where the table has cold timings (`cache_bytes`), every unit is
+    streams them in once they outgrow the caches); where the table has cold timings (`cold_curve`), every unit is
     also timed cold at its exact widths and mixed by the profile's cold share, as the model predicts
     (`units_mixed_ms`)."""
     planned = plan(space, model, grid, alignment(target))
@@ -128,7 +128,7 @@ def residuals(space, model, latency, target: LatencyTarget, profiles, grid: int,
             for (i, j), _ in corners:
                 ci = int(p.grid_in[i])
                 points[i, j] = (ci, round(p.tied * ci) if p.tied is not None else int(p.grid_out[j]))
-            if latency.cache_bytes:  # the cold extra counts above the one at the unit's narrowest point
+            if latency.cold_curve:  # the cold extra counts above the one at the unit's narrowest point
                 narrow = int(p.grid_in[0])
                 points["narrowest"] = (narrow, round(p.tied * narrow) if p.tied is not None else int(p.grid_out[0]))
             for key, (ci, co) in points.items():
@@ -143,14 +143,14 @@ def residuals(space, model, latency, target: LatencyTarget, profiles, grid: int,
         for _ in range(passes):  # the whole model before, between and after the passes over the units
             for k, run in runs.items():
                 fresh[k] = min(fresh[k], run())
-                if latency.cache_bytes:
+                if latency.cold_curve:
                     cold[k] = min(cold[k], run(cold=True))
             measured = min(measured, whole_run())
-        share = float(cold_share(torch.tensor(weight_mb(pruned) * 2**20), latency.cache_bytes))
+        share = float(cold_share(torch.tensor(weight_mb(pruned) * 2**20), latency.cold_curve))
         exact_sum = interp_sum = weighted = mixed_sum = 0.0
         for p, name, pred, points, corners, c_in, c_out, weight in rows:
             exact = fresh[(p.signature, *points["exact"])]
-            if latency.cache_bytes:
+            if latency.cold_curve:
                 narrowest = (p.signature, *points["narrowest"])
                 extra = cold_extra([cold[narrowest] - fresh[narrowest], cold[(p.signature, *points["exact"])] - exact])
                 mixed_sum += exact + share * float(extra[1])
@@ -164,7 +164,7 @@ def residuals(space, model, latency, target: LatencyTarget, profiles, grid: int,
                                                   "exact_ms": exact, "fresh_interp_ms": interp,
                                                   "table_interp_ms": float(table_interp)})
         whole.append({"measured_ms": measured, "weight_mb": weight_mb(pruned), "units_exact_ms": exact_sum,
-                      **({"cold_share": share, "units_mixed_ms": mixed_sum} if latency.cache_bytes else {}),
+                      **({"cold_share": share, "units_mixed_ms": mixed_sum} if latency.cold_curve else {}),
                       "units_fresh_interp_ms": interp_sum, "units_predicted_ms": float(table_ms.sum()),
                       "exact_plus_overhead_ms": latency.overhead_ms + weighted})
 
@@ -218,7 +218,8 @@ def cell(name: str, batch: int, args) -> dict:
     half = space.vector(space.uniform(0.5))
     out = {"model": name, "batch": batch, "runtime": args.runtime, "divisor": args.divisor, "threads": args.threads,
            "clock": args.clock,
-           "grid": args.grid, "align": alignment(target), "cache_bytes": latency.cache_bytes, "groups": len(space),
+           "grid": args.grid, "align": alignment(target), "cache_bytes": latency.table["key"].get("cold_cache_bytes", 0),
+           "cold_curve": latency.cold_curve, "groups": len(space),
            "units": len(latency.unit_names),
            "table_s": table_s, "table_cpu_s": table_cpu_s, "measure_s": latency.table["measure_s"],
            "profiles_s": profiles_s, "overhead_ms": latency.overhead_ms,

@@ -708,27 +708,52 @@ class WarmCold:
         return 1.0
 
 
+def test_the_cold_curve_rises_from_the_fastest_size_to_the_largest_and_never_falls():
+    from widthsearch.latency import CURVE_MIB, cold_curve, cold_share
+
+    assert len(CURVE_MIB) == 13 and CURVE_MIB[-1] == 128
+    ns = [0.014, 0.012, 0.011, 0.011, 0.011, 0.012, 0.017, 0.02, 0.026, 0.035, 0.03, 0.035, 0.035]  # measured-like
+    curve = cold_curve(ns)
+    shares = [v for _, v in curve]
+    assert [b for b, _ in curve] == [m * 2**20 for m in CURVE_MIB]
+    assert shares[:5] == [0.0] * 5 and shares[-2:] == [1.0, 1.0]  # the 1 MiB bump and the 32 MiB peak are gone
+    assert all(a <= b for a, b in zip(shares, shares[1:])) and 0 < shares[7] < shares[8] < 1
+    assert all(v == 0 for _, v in cold_curve([0.011] * 12 + [0.012]))  # no cache to outgrow
+    weights = torch.tensor([0.0, 18 * 2**20, 1e12], requires_grad=True)
+    read = cold_share(weights, curve)
+    values = read.detach().tolist()
+    assert values[0] == 0 and values[2] == 1 and values[1] == pytest.approx((shares[6] + shares[7]) / 2)
+    read.sum().backward()
+    assert weights.grad[1] > 0 and weights.grad[0] == 0
+    assert cold_share(weights, None).tolist() == [0.0, 0.0, 0.0]
+    measured = cold_curve()  # this machine: a real reading of 1-128 MiB buffers
+    assert all(0 <= v <= 1 for _, v in measured)
+
+
 def test_with_cold_timings_a_unit_counts_the_profiles_share_of_its_cold_extra(resnet, tmp_path, monkeypatch):
-    """cold_share: 0 up to half the cache, 1 from the whole cache on, linear between, by the profile's weight
-    bytes (parameters x 4); the cold extra counts above the one at the unit's narrowest grid point; the
-    prediction is differentiable in the share. Cache = the dense model's weight bytes."""
+    """The cold curve read at the profile's weight bytes (parameters x 4) gives each unit's share of its cold extra,
+    counted above the extra at its narrowest grid point; the prediction is differentiable in the share. Curve: 0
+    up to half the dense model's weight bytes, 1 from all of them on."""
     from widthsearch.latency import LatencyModel, WeightBytes, cold_share
 
     model, space = resnet
     cost = CostModel(space, model)
     dense = 4 * cost.params_many(space.widths[None])[0]
+    curve = [[0.0, 0.0], [dense / 2, 0.0], [dense, 1.0]]
     monkeypatch.setattr(LatencyTarget, "check_present", lambda self: None)
     monkeypatch.setattr("widthsearch.latency.last_level_cache_bytes", lambda: int(dense))
+    monkeypatch.setattr("widthsearch.latency.cold_curve", lambda: curve)
     target = LatencyTarget(runtime="onnxruntime")
     measure = latency_model(space, model, target, grid=2, cache_dir=tmp_path, timer=WarmCold(), progress=False)
     table = measure.table
-    assert table["key"]["cold_cache_bytes"] == int(dense) and table["cache_bytes"] == int(dense)
+    assert table["key"]["cold_cache_bytes"] == int(dense) and table["cold_curve"] == curve
     assert all(cold[0][0] == 1.0 for cold in table["cold_units"].values())  # the narrowest point's extra: the base
     assert any(np.array(cold).max() > 1.0 for cold in table["cold_units"].values())
     planned = plan(space, model, 2, align=4)
-    warm = LatencyModel(planned, {k: v for k, v in table.items() if k not in ("cold_units", "cache_bytes")},
+    warm = LatencyModel(planned, {k: v for k, v in table.items() if k not in ("cold_units", "cold_curve")},
                         space.widths)
-    everything = LatencyModel(planned, {**table, "cache_bytes": 1}, space.widths, WeightBytes(space, model, target))
+    everything = LatencyModel(planned, {**table, "cold_curve": [[0.0, 1.0]]}, space.widths,
+                              WeightBytes(space, model, target))
     with pytest.raises(Exception, match="needs the profiles' weight bytes"):
         LatencyModel(planned, table, space.widths)
     small, middle = (np.array(space.vector(space.uniform(r)), dtype=np.float64) for r in (0.3, 0.85))
@@ -737,7 +762,7 @@ def test_with_cold_timings_a_unit_counts_the_profiles_share_of_its_cold_extra(re
     full = space.widths.astype(np.float64)
     assert np.allclose(measure.unit_ms(full), everything.unit_ms(full))  # all cold
     assert (everything.unit_ms(full) > warm.unit_ms(full)).any()
-    share = float(cold_share(torch.tensor(4 * cost.params_many(middle[None])[0]), int(dense)))
+    share = float(cold_share(torch.tensor(4 * cost.params_many(middle[None])[0]), curve))
     assert 0 < share < 1
     mixed = warm.unit_ms(middle) + share * (everything.unit_ms(middle) - warm.unit_ms(middle))
     assert np.allclose(measure.unit_ms(middle), mixed)

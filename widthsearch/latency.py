@@ -40,9 +40,11 @@ measured on the target platform, the network's latency being the sum of its laye
   last-level cache streams them from memory on every forward (ONNX Runtime, cifar_vgg16 at batch 1: the whole
   model 1.4-1.6x its units' summed time from 35 MiB of weights on, with a 32 MiB L3; see COLD). On a (device,
   runtime) of COLD, when the dense model's weights exceed half the cache (:func:`cold_cache_bytes`), every grid
-  point is also timed cold (each sample one call after `evict_caches`), and a profile counts each unit's warm time
-  plus :func:`cold_share` of its cold extra: 0 up to half the cache, 1 from the whole cache on, by the profile's
-  weight bytes (:class:`WeightBytes`), so smaller profiles keep the warm tables.
+  point is also timed cold (each sample one call after `evict_caches`; its extra over the warm time counted above
+  the one at the unit's narrowest point, :func:`cold_extra`), and a profile counts each unit's warm time plus
+  :func:`cold_share` of its cold extra: how cold a working set of the profile's weight bytes
+  (:class:`WeightBytes`) is on this machine, read from a curve measured with the table (:func:`cold_curve`: a
+  buffer of 1 to 128 MiB read again and again), so profiles that fit in the cache keep their warm tables.
 * **Timing.** Warm-up, then samples of enough calls for a minimum duration each; clock `wall` takes the median
   sample, clock `cpu` (one thread on a CPU shared with other work) the fastest sample of the process's CPU
   time. Grid points: samples of >= 1 ms, 2 to 8 of them within 40 ms, and two interleaved passes over each
@@ -95,7 +97,7 @@ from .cost import CostModel, Measure, trace_slopes
 from .errors import ConfigError, WidthSearchError
 from .space import WidthSpace, eval_mode
 from .target import LatencyTarget
-from .timing import evict_caches, last_level_cache_bytes, time_ms
+from .timing import evict_caches, last_level_cache_bytes, read_ns_per_byte, time_ms
 
 FORMAT = 3                      # of the cached table; a change invalidates old tables (3: timed with steady_allocator)
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # of target.DTYPES
@@ -116,6 +118,7 @@ UNIT_PASSES = 2                 # interleaved passes over each unit's grid, for 
 REPASS_S = 0.05                 # a point whose timing spans longer is timed once (a burst of load hits few samples)
 UNIT_TIMING = {"warmup": 1, "min_sample_s": 0.001, "repeats": 8, "min_repeats": 2, "budget_s": 0.04}  # per point
 COLD_TIMING = {"warmup": 1, "repeats": 3, "min_repeats": 3}  # per point, each sample one call after evict_caches
+CURVE_MIB = (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 48, 64, 128)  # buffer sizes of the cold curve (cold_curve)
 CALIBRATION_TIMING = {"repeats": 10, "min_repeats": 3, "budget_s": 0.25}  # per calibration profile and round
 Timer = Callable[[nn.Module, tuple], float]   # (module, inputs) -> milliseconds per forward
 
@@ -439,15 +442,32 @@ def cold_extra(extra: np.ndarray) -> np.ndarray:
     return np.maximum(extra - extra.flat[0], 0.0)
 
 
-def cold_share(weights: torch.Tensor, cache_bytes: int) -> torch.Tensor:
-    """The share of each unit's cold time (against its warm time) in a profile with these weight bytes: 0 up to half
-    the last-level cache, 1 from the whole cache on, linear between (see COLD: the whole model ran at its units'
-    warm sum up to 12 MiB (0.4 of its L3), 1.15x at 21.5 MiB and 1.4-1.6x from 35 MiB on: the cache also holds
-    activations and code, and a victim L3 keeps part of a working set larger than itself). 0 where `cache_bytes` is
-    0."""
-    if not cache_bytes:
+def cold_curve(ns_per_byte: Sequence[float] | None = None) -> list[list[float]]:
+    """[[bytes, share], ...] over CURVE_MIB: how cold a working set of that many bytes is when it is read again and
+    again on this machine now, from :func:`widthsearch.timing.read_ns_per_byte` (or the given timings): 0 at the
+    fastest size, 1 at the mean of the two largest, never falling with size (each share the lowest at its size or
+    above); all 0 where the largest sizes read under 1.2x the fastest (no cache to outgrow). Measured rather than
+    taken from the cache's nominal size: on this 2-core VM the reads slowed from 12-16 MiB on, with a 32 MiB L3
+    that the host's other guests share (2026-12-07)."""
+    sizes = [m * 2**20 for m in CURVE_MIB]
+    ns = np.asarray(read_ns_per_byte(sizes) if ns_per_byte is None else ns_per_byte, dtype=np.float64)
+    hot, cold = ns.min(), ns[-2:].mean()
+    share = np.clip((ns - hot) / (cold - hot), 0.0, 1.0) if cold > 1.2 * hot else np.zeros_like(ns)
+    share = np.flip(np.minimum.accumulate(np.flip(share)))
+    return [[float(b), float(v)] for b, v in zip(sizes, share)]
+
+
+def cold_share(weights: torch.Tensor, curve: Sequence[Sequence[float]] | None) -> torch.Tensor:
+    """The share of each unit's cold extra time that a profile with these weight bytes pays: the :func:`cold_curve`
+    read at its bytes, linear between its points, its end values beyond (differentiable; 0 without a curve). The
+    whole model keeps its weights in the cache between forwards while they fit, and streams them from memory once
+    they outgrow it (see COLD)."""
+    if not curve:
         return torch.zeros_like(weights)
-    return torch.clamp((weights - cache_bytes / 2) / (cache_bytes / 2), 0.0, 1.0)
+    points = torch.tensor(curve, dtype=weights.dtype, device=weights.device)
+    i, f = _axis(points[None, :, 0], torch.tensor([len(curve)], device=weights.device), weights[..., None])
+    i1 = torch.clamp(i + 1, max=len(curve) - 1)
+    return ((1 - f) * points[i, 1] + f * points[i1, 1])[..., 0]
 
 
 def plan(space: WidthSpace, model: nn.Module, grid: int = 7, align: int = 0) -> list[_Planned]:
@@ -494,10 +514,10 @@ def architecture_signature(space: WidthSpace, model: nn.Module, planned: Sequenc
 
 # ----------------------------------------------------------------------------- measuring
 def measure_table(space: WidthSpace, model: nn.Module, target: LatencyTarget, planned: Sequence[_Planned], *,
-                  timer: Timer | None = None, progress: bool = True, cache_bytes: int = 0) -> dict:
-    """Time every distinct unit on its grid and the whole model at the calibration profiles (the table);
-    `cache_bytes` > 0 (:func:`cold_cache_bytes`): every grid point also cold ("cold_units"), and the calibration
-    mixes each unit's warm and cold times by the profile's :func:`cold_share`."""
+                  timer: Timer | None = None, progress: bool = True, curve: list | None = None) -> dict:
+    """Time every distinct unit on its grid and the whole model at the calibration profiles (the table); with a
+    :func:`cold_curve` (where :func:`cold_cache_bytes`): every grid point also cold ("cold_units"), and each unit
+    counts its warm time plus the profile's :func:`cold_share` of its cold extra, in the calibration too."""
     from .training import Progress
 
     whole = timer or make_timer(target, **CALIBRATION_TIMING)
@@ -506,7 +526,7 @@ def measure_table(space: WidthSpace, model: nn.Module, target: LatencyTarget, pl
     modules = dict(model.named_modules())
     distinct = {p.signature: p for p in planned}
     points = sum(len(p.grid_in) * len(p.grid_out) for p in distinct.values())
-    bar = Progress(points * (UNIT_PASSES + bool(cache_bytes)) + len(CALIBRATION_RATIOS) * ROUNDS,
+    bar = Progress(points * (UNIT_PASSES + bool(curve)) + len(CALIBRATION_RATIOS) * ROUNDS,
                    f"latency table ({target.device}, batch {target.batch})", enabled=progress)
     start, cpu_start, done, units, cold_units = time.time(), time.process_time(), 0, {}, {}
     for signature, p in distinct.items():
@@ -530,7 +550,7 @@ def measure_table(space: WidthSpace, model: nn.Module, target: LatencyTarget, pl
                 done += 1
                 bar.update(done)
         units[signature] = table.tolist()
-        if cache_bytes:  # one pass: each sample is a single call after the caches were emptied
+        if curve:  # one pass: each sample is a single call after the caches were emptied
             cold = np.full_like(table, np.inf)
             for i, j, c_in, c_out in cells:
                 cold[i, j] = runs[i, j](cold=True)
@@ -548,12 +568,12 @@ def measure_table(space: WidthSpace, model: nn.Module, target: LatencyTarget, pl
     profiles = calibration_profiles(space)
     measured = [m["ms"] for m in measure_profiles(space, model, target, profiles, timer=whole, step=step)]
     widths = torch.from_numpy(np.stack(profiles).astype(np.float64))
-    share = cold_share(WeightBytes(space, model, target)(widths), cache_bytes) if cache_bytes else None
+    share = cold_share(WeightBytes(space, model, target)(widths), curve) if curve else None
     per_entry = sums.units(widths, share).numpy()
     aligned = np.array([p.align > 1 and p.aligned for p in planned])
     calibration = [{"ratio": r, "measured_ms": m, "units_ms": float(u.sum()),
                     "aligned_units_ms": float(u[aligned].sum()), "widths": w.tolist(),
-                    **({"cold_share": float(share[k])} if cache_bytes else {})}
+                    **({"cold_share": float(share[k])} if curve else {})}
                    for k, (r, m, u, w) in enumerate(zip(CALIBRATION_RATIOS, measured, per_entry, profiles))]
     if aligned.any():
         overhead, scale, aligned_scale = calibrate_aligned(
@@ -563,8 +583,7 @@ def measure_table(space: WidthSpace, model: nn.Module, target: LatencyTarget, pl
         overhead, scale = calibrate([c["units_ms"] for c in calibration], [c["measured_ms"] for c in calibration])
         aligned_scale = scale
     return {"format": FORMAT, "units": units, "calibration": calibration, "overhead_ms": overhead, "scale": scale,
-            "aligned_scale": aligned_scale, **({"cold_units": cold_units, "cache_bytes": cache_bytes} if cache_bytes
-                                               else {}),
+            "aligned_scale": aligned_scale, **({"cold_units": cold_units, "cold_curve": curve} if curve else {}),
             "measure_s": time.time() - start, "measure_cpu_s": time.process_time() - cpu_start,
             "units_cpu_s": units_cpu_s,
             "loadavg": list(os.getloadavg()), "created_at": time.time(),
@@ -718,7 +737,7 @@ class LatencyModel(Measure):
 
     `many(W)` predicts every row of W (group order) in one vectorised pass, `torch(W)` the same differentiably;
     `base` is the dense model's prediction; `table` is the measured table (its key, calibration, overhead and
-    `measure_s`). A table with cold timings ("cache_bytes") needs `weight_bytes` (:class:`WeightBytes`): each
+    `measure_s`). A table with cold timings ("cold_curve") needs `weight_bytes` (:class:`WeightBytes`): each
     unit then counts its warm time plus the profile's :func:`cold_share` of its cold extra.
     """
 
@@ -728,8 +747,8 @@ class LatencyModel(Measure):
     def __init__(self, planned: Sequence[_Planned], table: dict, full_widths: Sequence[int],
                  weight_bytes: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.table = table
-        self.cache_bytes = int(table.get("cache_bytes", 0))
-        if self.cache_bytes and weight_bytes is None:
+        self.cold_curve = table.get("cold_curve")
+        if self.cold_curve and weight_bytes is None:
             raise WidthSearchError("a latency table with cold timings needs the profiles' weight bytes")
         self._weight_bytes = weight_bytes
         self.overhead_ms = float(table["overhead_ms"])
@@ -751,7 +770,7 @@ class LatencyModel(Measure):
             return self._units(torch.from_numpy(np.asarray(widths, dtype=np.float64))).numpy()
 
     def _units(self, widths: torch.Tensor) -> torch.Tensor:
-        share = cold_share(self._weight_bytes(widths), self.cache_bytes) if self.cache_bytes else None
+        share = cold_share(self._weight_bytes(widths), self.cold_curve) if self.cold_curve else None
         return self._sums.units(widths, share)
 
     def many(self, widths: np.ndarray) -> np.ndarray:
@@ -776,7 +795,7 @@ class LatencyModel(Measure):
     def describe(self) -> dict:
         """Plain data for experiment metadata: the key, the overhead, the calibration, how long measuring took."""
         return {"key": self.table["key"], "base_ms": self.base, "overhead_ms": self.overhead_ms, "scale": self.scale,
-                "aligned_scale": self.aligned_scale, "cache_bytes": self.cache_bytes,
+                "aligned_scale": self.aligned_scale, "cold_curve": self.cold_curve,
                 "calibration": self.table["calibration"], "measure_s": self.table["measure_s"],
                 "loadavg": self.table["loadavg"]}
 
@@ -814,7 +833,8 @@ def load_or_measure(space: WidthSpace, model: nn.Module, target: LatencyTarget, 
             if storage and data is not kept:  # from the user cache: the experiment keeps its copy
                 storage.write_bytes(f"latency/{name}", data)
             return table
-    table = {**measure_table(space, model, target, planned, timer=timer, progress=progress, cache_bytes=cache_bytes),
+    curve = cold_curve() if cache_bytes else None
+    table = {**measure_table(space, model, target, planned, timer=timer, progress=progress, curve=curve),
              "key": key}
     data = json.dumps(table, indent=1).encode()
     if storage:
@@ -839,7 +859,7 @@ def latency_model(space: WidthSpace, model: nn.Module, target: LatencyTarget = L
     table = call(load_or_measure, space, model, target, planned, grid=grid, exp_dir=exp_dir, cache_dir=cache_dir,
                  timer=timer, progress=progress)
     return LatencyModel(planned, table, space.widths,
-                        WeightBytes(space, model, target) if table.get("cache_bytes") else None)
+                        WeightBytes(space, model, target) if table.get("cold_curve") else None)
 
 
 def ray_task(cpus: float, gpus: float) -> Callable:

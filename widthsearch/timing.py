@@ -66,6 +66,26 @@ def evict_caches() -> None:
     _eviction_buffer().sum()
 
 
+def read_ns_per_byte(sizes: list[int], min_s: float = 0.01, rounds: int = 3) -> list[float]:
+    """Nanoseconds per byte of reading a buffer of each size (bytes) again and again (the fastest of `rounds`
+    samples of >= `min_s` each): flat while the buffer stays in the caches, rising where it outgrows what the
+    caches hold for this process (on a shared VM, less than the cache's nominal size), flat again beyond."""
+    steady_allocator()
+    out = []
+    for size in sizes:
+        buffer = np.ones(max(1, size // 8), dtype=np.int64)
+        buffer.sum()
+        best = float("inf")
+        for _ in range(rounds):
+            calls, start = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - start) < min_s or calls == 0:
+                buffer.sum()
+                calls += 1
+            best = min(best, elapsed / calls)
+        out.append(best / buffer.nbytes * 1e9)
+    return out
+
+
 def time_ms(call: Callable[[], object], sync: Callable[[], None] = lambda: None, *, clock: str = "wall",
             warmup: int = 3, repeats: int = 15, min_repeats: int = 5, budget_s: float = 1.0,
             min_sample_s: float = 0.01, before: Callable[[], object] | None = None) -> float:
