@@ -695,7 +695,7 @@ class _UnitSums:
                              for t in tables])
 
         tables = stacked(units)
-        extra = stacked(cold) - tables if cold else np.zeros_like(tables)
+        extra = np.maximum(stacked(cold) - tables, 0.0) if cold else np.zeros_like(tables)  # each made monotone alone
         tied = np.array([p.tied is not None for p in planned])
         arrays = {"grid_in": _padded([p.grid_in for p in planned]), "grid_out": _padded([p.grid_out for p in planned]),
                   "table": tables, "extra": extra, "a_in": np.array([p.c_in[0] for p in planned]),
