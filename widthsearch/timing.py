@@ -62,7 +62,8 @@ def _eviction_buffer() -> np.ndarray:
 
 def evict_caches() -> None:
     """Push what the last calls left in this core's caches out to memory: read a buffer of twice the last-level
-    cache (at least 64 MiB), so the next call finds its weights where a model that outgrows the cache leaves them."""
+    cache (at least 64 MiB; allocated on the first call and kept), so the next call finds its weights where a model
+    that outgrows the cache leaves them."""
     _eviction_buffer().sum()
 
 
