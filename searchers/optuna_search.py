@@ -45,7 +45,10 @@ their search space's uniform sampling. Measured as a ranker of 24 pruned cifar_r
 trial score had 0.27; at FLOPs 0.05 0.27, where every trained score ranked below 0. Measured as bench row
 optuna-synflow (optuna-widthexp + 3 synflow warm starts of a pool of 32; cifar_resnet20 FLOPs 0.05, 3 search seeds
 x 3 retrains): mean retrained val 0.613 against 0.610, test 0.616 against 0.607 (uniform 0.619), worst seed 0.605
-against 0.591, 3 s more driver CPU per search: too small a gain to be the default.
+against 0.591, 3 s more driver CPU per search; at FLOPs 0.1 val 0.691 against 0.668, test 0.687 against 0.675
+(uniform 0.667); cifar_vgg16 at FLOPs 0.02 val 0.677 against 0.673, test 0.671 against 0.668 (uniform 0.650;
+2026-12-07/08, 40-epoch retrain). Ahead on every base and budget measured, yet still 0 by default: K needs the
+model, which not every caller passes.
 
 Persistence: given the experiment (``exp_dir``), every trial the study is told is also recorded in an Optuna
 journal study named after the experiment, EXP/widthsearch/optuna/study.journal (JournalStorage), which
