@@ -91,8 +91,9 @@ COMMON = dict(concurrency=1, cpus_per_trial=1, seed=0)
 DEFAULTS_BEFORE = dict(finetune_steps=50, finetune_lr=0.01, bn_batches=20, score="val_acc", asha=False,
                        rescore_top=0)
 # ... and each searcher's options that changed since (optuna's spread became 3 after the optuna-spread3 row, its
-# width_exponents 0.5 and 1 after the optuna-widthexp row).
-OPTIONS_BEFORE = {"optuna": {"spread": None, "width_exponents": None}}
+# width_exponents 0.5 and 1 after the optuna-widthexp row, its synflow_warm_starts 3 after the optuna-synflow row;
+# every variant row pins what it does not set).
+OPTIONS_BEFORE = {"optuna": {"spread": None, "width_exponents": None, "synflow_warm_starts": 0}}
 # The trials each searcher gets with its default options, the same on every base (so the compute follows the
 # base's size): about 10% of the base's training compute where the default options allow it (16 scoring trials
 # of 50 steps; 3 gradient trials of 100 gate steps); aofp (one round of 2 x 250 batches costs about 30%) and

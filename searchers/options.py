@@ -19,6 +19,7 @@ SAMPLERS = ("tpe", "nsga2", "random")                 # optuna
 PARAMETERIZATIONS = ("group", "stage", "depth")       # optuna
 NORMALIZERS = ("mean", "max", "sum", "none")          # global
 PAPER_POPULATION, PAPER_GENERATIONS = 50, 20          # metapruning: the authors' search.py (population_num, max_iters)
+SYNFLOW_WARM_STARTS = 3                               # optuna: the default K where the model is given
 
 
 def _positive(default: float, text: str) -> Option:
@@ -53,8 +54,10 @@ OPTIONS: dict[str, dict[str, Option]] = {
         "width_exponents": Option([0.5, 1.0], list, "budget mode, with warm_start: one more warm start per "
                                   "exponent a, keep ratios proportional to full width^-a before the budget scales "
                                   "them (1: every group as many channels)", low=0, optional=True, empty="for none"),
-        "synflow_warm_starts": Option(0, int, "budget mode, with warm_start: K more warm starts, the K profiles "
-                                      "of highest synflow (no training) among synflow_pool random proposals", low=0),
+        "synflow_warm_starts": Option(None, int, "budget mode, with warm_start: K more warm starts, the K profiles "
+                                      "of highest synflow (no training) among synflow_pool random proposals "
+                                      f"(automatic: {SYNFLOW_WARM_STARTS} where the searcher has the model, as the "
+                                      "application always gives it, else 0)", low=0, optional=True),
         "synflow_pool": Option(32, int, "random proposals that synflow_warm_starts picks from", low=1),
         "startup_trials": Option(None, int, "trials before TPE models the results, the warm starts included "
                                  "(default: a quarter of the trials, 2 to 10, at least the warm starts)", low=0,
@@ -164,7 +167,7 @@ def _gradient(options: dict, num_samples: int | None) -> None:
 
 
 def _optuna(options: dict, num_samples: int | None) -> None:
-    if options["synflow_warm_starts"] > options["synflow_pool"]:
+    if (options["synflow_warm_starts"] or 0) > options["synflow_pool"]:
         raise ConfigError(f"searcher 'optuna': option 'synflow_warm_starts' ({options['synflow_warm_starts']}) "
                           f"exceeds 'synflow_pool' ({options['synflow_pool']}), the proposals it picks from")
 

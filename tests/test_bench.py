@@ -89,6 +89,21 @@ def test_the_quality_report_keeps_each_base_and_recipe_in_its_own_table(tmp_path
     assert "* cifar_resnet20 uniform: 2 cell(s)" in "\n".join(report.quality_section(tmp_path))
 
 
+def test_optuna_rows_keep_their_meaning_when_a_default_changes():
+    """Each optuna row pins the options that became defaults after it: the synflow warm starts only where the row
+    names them (optuna-synflow), the width exponents only from optuna-widthexp on."""
+    from bench import quality
+
+    def options(method):
+        return quality.method_config(method)["searcher_options"]
+
+    for method in ("optuna", "optuna-tuned", "optuna-spread3", "optuna-widthexp", "optuna-fill"):
+        assert options(method)["synflow_warm_starts"] == 0, method
+    assert options("optuna-synflow")["synflow_warm_starts"] == 3
+    assert options("optuna")["width_exponents"] is None and options("optuna")["spread"] is None
+    assert options("optuna-widthexp")["width_exponents"] == [0.5, 1.0]
+
+
 def test_a_filled_row_is_its_row_with_the_budget_fill_and_a_filled_uniform_does_not_search(tmp_path, monkeypatch):
     """uniform-fill and optuna-fill are rows uniform and optuna-widthexp with --fill-budget; uniform-fill is one of
     the methods that do not search, so a search is held against it where it is the best of them."""

@@ -440,7 +440,9 @@ def test_restore_refuses_another_searchers_checkpoint(small, tmp_path):
 def test_optuna_sizes_its_startup_and_population_from_the_trial_count(resnet):
     model, space, cost = resnet
     small = make_searcher("optuna", space, cost, budget=0.5, model=model, num_samples=16)
-    assert small.options["startup_trials"] == 5 and small.study.sampler._n_startup_trials == 5  # the warm starts
+    # the warm starts: uniform, 2 global-ranking, 2 width exponents, 3 synflow
+    assert len(small._warm) == 8
+    assert small.options["startup_trials"] == 8 and small.study.sampler._n_startup_trials == 8
     big = make_searcher("optuna", space, cost, budget=0.5, model=model, num_samples=400)
     assert big.options["startup_trials"] == 10
     pareto = make_searcher("optuna", space, cost, budget=None, model=model, num_samples=40)
@@ -455,7 +457,7 @@ def test_optuna_warm_start_evaluates_uniform_and_global_profiles_first(resnet):
     ranking = make_searcher("global", space, cost, budget=0.3, model=model, normalizers=["mean", "max"])
     expected = [uniform] + [c["widths"] for c in iter(lambda: ranking.suggest("g"), "FINISHED")]
     searcher = make_searcher("optuna", space, cost, budget=0.3, model=model, num_samples=24, seed=3,
-                             parameterization="group", width_exponents=None)
+                             parameterization="group", width_exponents=None, synflow_warm_starts=0)
     first = [searcher.suggest(f"t{i}") for i in range(len(expected))]
     for config, widths in zip(first, expected):
         assert config["payload"]["warm_start"] is True
@@ -466,11 +468,12 @@ def test_optuna_warm_start_evaluates_uniform_and_global_profiles_first(resnet):
 
 def test_optuna_width_exponent_warm_starts_follow_full_width_to_the_budget(resnet):
     model, space, cost = resnet
-    plain = make_searcher("optuna", space, cost, budget=0.3, model=model, num_samples=24, width_exponents=None)
-    searcher = make_searcher("optuna", space, cost, budget=0.3, model=model, num_samples=24)
+    plain = make_searcher("optuna", space, cost, budget=0.3, model=model, num_samples=24, width_exponents=None,
+                          synflow_warm_starts=0)
+    searcher = make_searcher("optuna", space, cost, budget=0.3, model=model, num_samples=24, synflow_warm_starts=0)
     assert searcher.options["width_exponents"] == [0.5, 1.0]  # the default
     searcher = make_searcher("optuna", space, cost, budget=0.3, model=model, num_samples=24,
-                             width_exponents=[1.0, 0.5])
+                             width_exponents=[1.0, 0.5], synflow_warm_starts=0)
     assert len(searcher._warm) == len(plain._warm) + 2
     configs = [searcher.suggest(f"t{i}") for i in range(len(searcher._warm))]
     assert all(c["payload"]["warm_start"] for c in configs)
@@ -505,7 +508,9 @@ def test_optuna_synflow_warm_starts_are_the_pools_highest_scoring_profiles(resne
         return float(seen[-1])
 
     monkeypatch.setattr(widthsearch.zero_cost, "synflow", stand_in)
-    plain = make_searcher("optuna", space, cost, budget=0.3, model=model, num_samples=24, seed=2)
+    plain = make_searcher("optuna", space, cost, budget=0.3, model=model, num_samples=24, seed=2,
+                          synflow_warm_starts=0)
+    assert seen == []  # K = 0: no pool scored
     searcher = make_searcher("optuna", space, cost, budget=0.3, model=model, num_samples=24, seed=2,
                              synflow_warm_starts=2, synflow_pool=12, parameterization="group")
     assert 2 <= len(seen) <= 12 and len(set(seen)) >= 2  # the pool's distinct profiles, of differing widths
@@ -520,6 +525,57 @@ def test_optuna_synflow_warm_starts_are_the_pools_highest_scoring_profiles(resne
         make_searcher("optuna", space, cost, budget=0.3, model=model, synflow_warm_starts=5, synflow_pool=4)
     with pytest.raises(ConfigError, match="'synflow_warm_starts' needs the model"):
         make_searcher("optuna", space, cost, budget=0.3, synflow_warm_starts=1)
+
+
+def test_optuna_synflow_warm_starts_default_to_three_where_the_model_is_given(resnet, monkeypatch):
+    """synflow_warm_starts unset: SYNFLOW_WARM_STARTS (3) warm starts from a pool of synflow_pool where the searcher
+    has the model (as the application always builds it); without the model none, and no error (only an explicit K
+    needs the model); Pareto mode has none."""
+    import widthsearch.zero_cost
+    from searchers.options import SYNFLOW_WARM_STARTS
+
+    model, space, cost = resnet
+    calls = []
+    monkeypatch.setattr(widthsearch.zero_cost, "synflow", lambda pruned, shape: calls.append(1) or float(len(calls)))
+    assert SYNFLOW_WARM_STARTS == 3
+    off = make_searcher("optuna", space, cost, budget=0.3, model=model, num_samples=24, synflow_warm_starts=0)
+    assert calls == []
+    default = make_searcher("optuna", space, cost, budget=0.3, model=model, num_samples=24, synflow_pool=8)
+    assert 3 <= len(calls) <= 8  # the pool's distinct profiles scored
+    assert len(default._warm) == len(off._warm) + SYNFLOW_WARM_STARTS
+    calls.clear()
+    bare = make_searcher("optuna", space, cost, budget=0.3, num_samples=24)
+    pareto = make_searcher("optuna", space, cost, budget=None, model=model, num_samples=24)
+    assert calls == []
+    assert len(bare._warm) == len(off._warm) - 2  # neither the two global-ranking warm starts nor synflow's
+    assert len(pareto._warm) == 4  # the dense profile and uniform at three ratios
+
+
+def test_optuna_synflow_ranks_an_overflowing_score_last(resnet, monkeypatch):
+    """A synflow that overflows (inf or nan in a very deep model) is no evidence of a good architecture: such a
+    profile is picked only after every finite one."""
+    import math
+
+    import widthsearch.zero_cost
+    from widthsearch import prune
+
+    model, space, cost = resnet
+    seen = []
+
+    def params(pruned):
+        return sum(p.numel() for p in pruned.parameters())
+
+    def stand_in(pruned, shape):  # the two largest profiles overflow; otherwise smaller scores higher
+        seen.append(params(pruned))
+        return [math.inf, math.nan][len(seen) % 2] if len(seen) <= 2 else -float(seen[-1])
+
+    monkeypatch.setattr(widthsearch.zero_cost, "synflow", stand_in)
+    searcher = make_searcher("optuna", space, cost, budget=0.3, model=model, num_samples=24, seed=2,
+                             synflow_warm_starts=2, synflow_pool=12, parameterization="group")
+    assert len(set(seen)) >= 4
+    picked = [params(prune(model, space, space.from_vector(list(np.round(r * space.widths).astype(int)))))
+              for r in searcher._warm[-2:]]
+    assert sorted(picked) == sorted(seen[2:])[:2]
 
 
 def test_synflow_scores_the_architecture_and_leaves_the_model_and_random_state_alone(resnet):
