@@ -75,6 +75,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {"optuna-spread3": ("optuna", {"spread":
                                                                        "synflow_warm_starts": 3}),
                                          "gradient-scaled": ("gradient", {}),
                                          "gradient-ranked": ("gradient", {})}
+# The row that measures each searcher as users get it today (its searcher's current defaults; a test keeps this
+# true): optuna's synflow warm starts became the default after the optuna-synflow row (2026-12-08).
+DEFAULT_ROWS = {"optuna": "optuna-synflow"}
 # Rows with the budget fill (SearchConfig.fill_budget, off by default: uniform-fill on cifar_resnet20 retrained within
 # 0.2 points of uniform at 0.05 and 0.1, 2026-12-07): METHOD-fill is row METHOD with every profile widened into what
 # rounding to whole channels left of the budget.

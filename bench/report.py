@@ -84,7 +84,7 @@ def quality_section(folder: Path) -> list[str]:
     test accuracy over search and retrain seeds, its paired difference to uniform and to the best method that
     does not search, with 95% intervals, its compute against the base's, size and latency; the goals; what is
     missing."""
-    from bench.quality import FILLED, OPTIONS_BEFORE, PLAIN, SEARCH, TUNED, VARIANTS
+    from bench.quality import DEFAULT_ROWS, FILLED, OPTIONS_BEFORE, PLAIN, SEARCH, TUNED, VARIANTS
 
     quality = folder / "quality"  # quality/ (the first table), quality/BASE_ID/RECIPE/ (bench/quality.py)
     every = [json.loads(p.read_text()) for p in sorted(quality.rglob("*.json"))] if quality.is_dir() else []
@@ -109,7 +109,9 @@ def quality_section(folder: Path) -> list[str]:
               "METHOD-tuned rows " + (", ".join(f"{m}: {o}" for m, o in TUNED.items()) or "(none yet)") + "; "
               + "; ".join(f"{v}: {s} with options {o}" if o else f"{v}: {s} at its defaults after a change of its code "
                         f"(row {s}: before it; bench/quality.py names each such row's commit)" for v, (s, o) in VARIANTS.items()) + "; "
-              + "; ".join(f"{v}: row {m} with --fill-budget" for v, m in FILLED.items()) + ". "
+              + "; ".join(f"{v}: row {m} with --fill-budget" for v, m in FILLED.items()) + "; "
+              + "; ".join(f"{s} as users get it today (its current defaults): row {r}" for s, r in DEFAULT_ROWS.items())
+              + ". "
               "Latency: CPU, 1 thread, batch 1, median of 20 runs, under the load shown.", ""]
     by = defaultdict(list)
     for c in cells:

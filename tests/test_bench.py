@@ -104,6 +104,29 @@ def test_optuna_rows_keep_their_meaning_when_a_default_changes():
     assert options("optuna-widthexp")["width_exponents"] == [0.5, 1.0]
 
 
+def test_each_default_row_runs_its_searcher_with_todays_defaults():
+    """bench/quality.DEFAULT_ROWS names the row that measures a searcher as users get it: its trial settings are
+    SearchConfig's defaults and its searcher options the searcher's declared defaults (optuna's automatic synflow
+    warm starts resolved as the application resolves them, the model being given); a default that changes without
+    a new row fails here."""
+    import dataclasses
+
+    from bench import quality
+    from searchers.options import SYNFLOW_WARM_STARTS, check
+    from widthsearch.app.config import SearchConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(SearchConfig)}
+    for searcher, row in quality.DEFAULT_ROWS.items():
+        config = quality.method_config(row)
+        assert config["searcher"] == searcher
+        for field in ("finetune_steps", "finetune_lr", "bn_batches", "score", "asha", "rescore_top", "num_samples"):
+            assert config[field] == defaults[field], (row, field)
+        declared = check(searcher, {})
+        if searcher == "optuna" and declared["synflow_warm_starts"] is None:
+            declared["synflow_warm_starts"] = SYNFLOW_WARM_STARTS
+        assert check(searcher, config.get("searcher_options", {})) == declared, row
+
+
 def test_a_filled_row_is_its_row_with_the_budget_fill_and_a_filled_uniform_does_not_search(tmp_path, monkeypatch):
     """uniform-fill and optuna-fill are rows uniform and optuna-widthexp with --fill-budget; uniform-fill is one of
     the methods that do not search, so a search is held against it where it is the best of them."""
