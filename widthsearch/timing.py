@@ -67,24 +67,24 @@ def evict_caches() -> None:
     _eviction_buffer().sum()
 
 
-def read_ns_per_byte(sizes: list[int], min_s: float = 0.01, rounds: int = 3) -> list[float]:
-    """Nanoseconds per byte of reading a buffer of each size (bytes) again and again (the fastest of `rounds`
-    samples of >= `min_s` each): flat while the buffer stays in the caches, rising where it outgrows what the
-    caches hold for this process (on a shared VM, less than the cache's nominal size), flat again beyond."""
+def read_ns_per_byte(sizes: list[int], min_s: float = 0.01, rounds: int = 9) -> list[float]:
+    """Nanoseconds per byte of reading a buffer of each size (bytes) again and again (the median of `rounds`
+    samples of >= `min_s` each, the sizes taken in turn within each round, so that a burst of other work on a
+    shared machine touches every size alike instead of bending the curve at one): flat while the buffer stays in
+    the caches, rising where it outgrows what the caches hold for this process (on a shared VM, less than the
+    cache's nominal size), flat again beyond."""
     steady_allocator()
-    out = []
-    for size in sizes:
-        buffer = np.ones(max(1, size // 8), dtype=np.int64)
-        buffer.sum()
-        best = float("inf")
-        for _ in range(rounds):
+    buffers = [np.ones(max(1, size // 8), dtype=np.int64) for size in sizes]
+    samples: list[list[float]] = [[] for _ in sizes]
+    for _ in range(rounds):
+        for buffer, out in zip(buffers, samples):
+            buffer.sum()
             calls, start = 0, time.perf_counter()
             while (elapsed := time.perf_counter() - start) < min_s or calls == 0:
                 buffer.sum()
                 calls += 1
-            best = min(best, elapsed / calls)
-        out.append(best / buffer.nbytes * 1e9)
-    return out
+            out.append(elapsed / calls / buffer.nbytes * 1e9)
+    return [float(np.median(out)) for out in samples]
 
 
 def time_ms(call: Callable[[], object], sync: Callable[[], None] = lambda: None, *, clock: str = "wall",
