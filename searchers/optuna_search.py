@@ -46,8 +46,9 @@ their search space's uniform sampling. Measured as a ranker of 24 pruned cifar_r
 trial score had 0.27; at FLOPs 0.05 0.27, where every trained score ranked below 0. Measured as bench row
 optuna-synflow (optuna-widthexp + 3 synflow warm starts of a pool of 32; cifar_resnet20 FLOPs 0.05, 3 search seeds
 x 3 retrains): mean retrained val 0.613 against 0.610, test 0.616 against 0.607 (uniform 0.619), worst seed 0.605
-against 0.591, 3 s more driver CPU per search; at FLOPs 0.1 val 0.691 against 0.668, test 0.687 against 0.675
-(uniform 0.667); cifar_vgg16 at FLOPs 0.02 val 0.677 against 0.673, test 0.671 against 0.668 (uniform 0.650;
+against 0.591, 3 s more driver CPU per search; at FLOPs 0.1 (10 search seeds) val 0.677 against 0.668, test 0.679
+against 0.675 (uniform 0.667); cifar_resnet56 at FLOPs 0.02 val 0.540 against 0.524, test 0.551 against 0.535
+(uniform 0.544); cifar_vgg16 at FLOPs 0.02 val 0.677 against 0.673, test 0.671 against 0.668 (uniform 0.650;
 2026-12-07/08, 40-epoch retrain). Ahead of the row without them on every base and budget measured, on the mean
 and on the worst search seed: the default since 2026-12-08 (bench rows optuna and optuna-widthexp pin K = 0).
 
