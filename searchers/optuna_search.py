@@ -40,8 +40,8 @@ which the application always gives; 0 without it, since synflow scores a pruned 
 the K profiles of highest synaptic flow among ``synflow_pool`` random proposals from the study's own prior, each
 projected to the budget; synflow (widthsearch.zero_cost) scores an architecture without training in milliseconds.
 Source: the warm-up of Abdelfattah et al., "Zero-Cost Proxies for Lightweight NAS" (ICLR 2021), which seeds a
-search with the best of a pool ranked by synflow. Deviation: the pool comes from this study's prior over keep ratios instead of
-their search space's uniform sampling. Measured as a ranker of 24 pruned cifar_resnet20 profiles at FLOPs 0.1
+search with the best of a pool ranked by synflow. Deviation: the pool comes from this study's prior over keep
+ratios instead of their search space's uniform sampling. Measured as a ranker of 24 pruned cifar_resnet20 profiles at FLOPs 0.1
 (bench/fidelity.py, 2026-12-07): Spearman 0.55 with the 40-epoch retrain's test accuracy, where the 50-step
 trial score had 0.27; at FLOPs 0.05 0.27, where every trained score ranked below 0. Measured as bench row
 optuna-synflow (optuna-widthexp + 3 synflow warm starts of a pool of 32; cifar_resnet20 FLOPs 0.05, 3 search seeds
