@@ -36,21 +36,21 @@ there, test 0.616 against uniform's 0.545): the default since. TPE runs with ``c
 are not duplicates.
 
 Synflow warm starts (option ``synflow_warm_starts`` K, budget mode, default 3 where the searcher has the model,
-which the application always gives; 0 without it, since synflow scores a pruned copy of it): K more warm starts,
-the K profiles of highest synaptic flow among ``synflow_pool`` random proposals from the study's own prior, each
+which the application always gives; 0 without it, since synflow scores a pruned copy of it): K more warm starts, the
+K profiles of highest synaptic flow among ``synflow_pool`` random proposals from the study's own prior, each
 projected to the budget; synflow (widthsearch.zero_cost) scores an architecture without training in milliseconds.
-Source: the warm-up of Abdelfattah et al., "Zero-Cost Proxies for Lightweight NAS" (ICLR 2021), which seeds a
-search with the best of a pool ranked by synflow. Deviation: the pool comes from this study's prior over keep
-ratios instead of their search space's uniform sampling. Measured as a ranker of 24 pruned cifar_resnet20 profiles at FLOPs 0.1
-(bench/fidelity.py, 2026-12-07): Spearman 0.55 with the 40-epoch retrain's test accuracy, where the 50-step
+Source: the warm-up of Abdelfattah et al., "Zero-Cost Proxies for Lightweight NAS" (ICLR 2021), which seeds a search
+with the best of a pool ranked by synflow. Deviation: the pool comes from this study's prior over keep ratios
+instead of their search space's uniform sampling. Measured as a ranker of 24 pruned cifar_resnet20 profiles at FLOPs
+0.1 (bench/fidelity.py, 2026-12-07): Spearman 0.55 with the 40-epoch retrain's test accuracy, where the 50-step
 trial score had 0.27; at FLOPs 0.05 0.27, where every trained score ranked below 0. Measured as bench row
-optuna-synflow (optuna-widthexp + 3 synflow warm starts of a pool of 32; cifar_resnet20 FLOPs 0.05, 3 search seeds
-x 3 retrains): mean retrained val 0.613 against 0.610, test 0.616 against 0.607 (uniform 0.619), worst seed 0.605
+optuna-synflow (optuna-widthexp + 3 synflow warm starts of a pool of 32; cifar_resnet20 FLOPs 0.05, 3 search seeds x
+3 retrains): mean retrained val 0.613 against 0.610, test 0.616 against 0.607 (uniform 0.619), worst seed 0.605
 against 0.591, 3 s more driver CPU per search; at FLOPs 0.1 (10 search seeds) val 0.677 against 0.668, test 0.679
 against 0.675 (uniform 0.667); cifar_resnet56 at FLOPs 0.02 val 0.540 against 0.524, test 0.551 against 0.535
 (uniform 0.544); cifar_vgg16 at FLOPs 0.02 val 0.677 against 0.673, test 0.671 against 0.668 (uniform 0.650;
-2026-12-07/08, 40-epoch retrain). Ahead of the row without them on every base and budget measured, on the mean
-and on the worst search seed: the default since 2026-12-08 (bench rows optuna and optuna-widthexp pin K = 0).
+2026-12-07/08, 40-epoch retrain). Ahead of the row without them on every base and budget measured, on the mean and
+on the worst search seed: the default since 2026-12-08 (bench rows optuna and optuna-widthexp pin K = 0).
 
 Persistence: given the experiment (``exp_dir``), every trial the study is told is also recorded in an Optuna
 journal study named after the experiment, EXP/widthsearch/optuna/study.journal (JournalStorage), which
