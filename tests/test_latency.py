@@ -708,6 +708,29 @@ class WarmCold:
         return 1.0
 
 
+def test_a_burst_of_other_work_bends_no_size_of_the_buffer_reading(monkeypatch):
+    """read_ns_per_byte takes the sizes in turn within each round and keeps each size's median: a burst that slows
+    nine samples in a row (on a fake clock, every sample one call) reaches each size in only a third of its nine
+    rounds, so every size reads the undisturbed time (taken size after size, the burst would cover every sample
+    of the first sizes)."""
+    import types
+
+    import widthsearch.timing as timing
+
+    ticks = {"calls": 0, "now": 0.0}
+
+    def perf_counter():  # 3 readings per sample (start, one check before the call, one after); burst: samples 0-8
+        ticks["calls"] += 1
+        ticks["now"] += 10.0 if (ticks["calls"] - 1) // 3 < 9 else 1.0
+        return ticks["now"]
+
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    sizes = [2**10, 2**12, 2**14]
+    ns = timing.read_ns_per_byte(sizes, min_s=0.5)
+    assert ticks["calls"] == 3 * 9 * len(sizes)
+    assert [v * size / 1e9 for v, size in zip(ns, sizes)] == pytest.approx([2.0] * len(sizes))  # 2 ticks a sample
+
+
 def test_the_cold_curve_rises_from_the_fastest_size_to_the_largest_and_never_falls():
     from widthsearch.latency import CURVE_MIB, cold_curve, cold_share
 
